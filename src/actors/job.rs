@@ -1,0 +1,693 @@
+//! Job: one per job. Launches its ranks through their Workers, checks heartbeat tokens,
+//! decides restarts (backoff, budget, scope), aggregates progress into the summary, and
+//! records every transition through the recorder.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::Utc;
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::worker::{Beat, LaunchRank, Shutdown, Terminate, Worker, WorkerExited, WorkerStarted};
+use super::{JobState, Runtime, hash_token};
+use crate::actors::job_manager::JobEnded;
+use crate::launcher::local::Launch;
+use crate::progress::{Progress, RankView, Summary, SummaryInput};
+use crate::spec::{JobSpec, RestartScope};
+use crate::store::history::{HistoryOp, Outcome};
+use crate::store::now;
+
+/// Where a rank stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankState {
+    Pending,
+    Starting,
+    Running,
+    Backoff,
+    Stopping,
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+impl RankState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankState::Pending => "pending",
+            RankState::Starting => "starting",
+            RankState::Running => "running",
+            RankState::Backoff => "backoff",
+            RankState::Stopping => "stopping",
+            RankState::Succeeded => "succeeded",
+            RankState::Failed => "failed",
+            RankState::Stopped => "stopped",
+        }
+    }
+
+    /// A process exists or is being spawned.
+    fn is_live(self) -> bool {
+        matches!(
+            self,
+            RankState::Starting | RankState::Running | RankState::Stopping
+        )
+    }
+}
+
+/// One rank's bookkeeping, restored from the history after a server restart.
+#[derive(Debug, Clone)]
+pub struct RankSlot {
+    pub state: RankState,
+    /// The attempt number the next launch uses; the current incarnation is `next_attempt - 1`.
+    pub next_attempt: u32,
+    /// Restarts of this rank that count against `max_restarts` (worker scope).
+    pub restarts: u32,
+    pub pid: Option<u32>,
+    pub token_hash: String,
+    /// Tokens of earlier incarnations: their heartbeats get 409.
+    pub past_tokens: HashSet<String>,
+    /// A restart is waiting for this rank's next launch (its `restarted_at` is recorded then).
+    pub restart_pending: bool,
+    pub progress: RankView,
+}
+
+impl RankSlot {
+    pub fn new() -> Self {
+        RankSlot {
+            state: RankState::Pending,
+            next_attempt: 0,
+            restarts: 0,
+            pid: None,
+            token_hash: String::new(),
+            past_tokens: HashSet::new(),
+            restart_pending: false,
+            progress: RankView::default(),
+        }
+    }
+}
+
+impl Default for RankSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the job as a whole is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// restart_scope = job: every rank is being stopped, then all relaunch after `backoff_ms`.
+    GroupRestart {
+        backoff_ms: u64,
+    },
+    Stopping,
+    Failing,
+    Done,
+}
+
+pub struct Job {
+    id: Uuid,
+    spec: Arc<JobSpec>,
+    rt: Arc<Runtime>,
+    manager: Recipient<JobEnded>,
+    state: JobState,
+    reason: Option<String>,
+    phase: Phase,
+    ranks: Vec<RankSlot>,
+    workers: Vec<Addr<Worker>>,
+    master_port: u16,
+    group_restarts: u32,
+    restart_events: u32,
+    created_at: String,
+    started_at: Option<String>,
+    progress: Progress,
+    state_tx: watch::Sender<JobState>,
+}
+
+/// How a job actor begins: fresh, or resumed after a server restart.
+pub struct JobInit {
+    pub id: Uuid,
+    pub spec: JobSpec,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub ranks: Vec<RankSlot>,
+    pub group_restarts: u32,
+    pub restart_events: u32,
+}
+
+impl Job {
+    pub fn start(
+        init: JobInit,
+        rt: Arc<Runtime>,
+        manager: Recipient<JobEnded>,
+    ) -> (Addr<Job>, watch::Receiver<JobState>) {
+        let initial = if init.started_at.is_some() {
+            JobState::Running
+        } else {
+            JobState::Pending
+        };
+        let (state_tx, state_rx) = watch::channel(initial);
+        rt.bus.open(init.id);
+        let addr = Job::create(move |ctx| {
+            let timeout = Duration::from_secs_f64(init.spec.heartbeat_timeout_s);
+            let workers = (0..init.spec.world_size)
+                .map(|rank| Worker::new(ctx.address(), init.id, rank, rt.clone(), timeout).start())
+                .collect();
+            Job {
+                id: init.id,
+                spec: Arc::new(init.spec),
+                rt,
+                manager,
+                state: initial,
+                reason: None,
+                phase: Phase::Running,
+                ranks: init.ranks,
+                workers,
+                master_port: 0,
+                group_restarts: init.group_restarts,
+                restart_events: init.restart_events,
+                created_at: init.created_at,
+                started_at: init.started_at,
+                progress: Progress::default(),
+                state_tx,
+            }
+        });
+        (addr, state_rx)
+    }
+
+    fn note(&self, rank: Option<u32>, attempt: Option<u32>, line: String) {
+        self.rt.recorder.note(self.id, rank, attempt, line);
+    }
+
+    fn ranks_to_launch(&self) -> Vec<u32> {
+        let all_restart = self.spec.restart_scope == RestartScope::Job;
+        (0..self.spec.world_size)
+            .filter(|&r| all_restart || self.ranks[r as usize].state != RankState::Succeeded)
+            .collect()
+    }
+
+    /// Launches every rank that must run, on a fresh MASTER_PORT.
+    fn launch_group(&mut self, ranks: Vec<u32>) {
+        self.master_port = free_port();
+        for rank in ranks {
+            self.launch(rank);
+        }
+    }
+
+    fn launch(&mut self, rank: u32) {
+        let token = new_token();
+        let slot = &mut self.ranks[rank as usize];
+        let attempt = slot.next_attempt;
+        slot.next_attempt += 1;
+        if !slot.token_hash.is_empty() {
+            let old = std::mem::take(&mut slot.token_hash);
+            slot.past_tokens.insert(old);
+        }
+        slot.token_hash = hash_token(&token);
+        slot.state = RankState::Starting;
+        slot.pid = None;
+        slot.progress.attempt = attempt;
+        let launch = Launch {
+            argv: self.argv(),
+            env: self.env(rank, attempt, &token),
+        };
+        self.workers[rank as usize].do_send(LaunchRank { attempt, launch });
+    }
+
+    fn argv(&self) -> Vec<String> {
+        match &self.spec.command {
+            Some(argv) => argv.clone(),
+            None => vec![
+                self.rt.settings.trainer_exe.to_string_lossy().into_owned(),
+                "worker".to_string(),
+            ],
+        }
+    }
+
+    /// The worker contract of DESIGN.md: torchrun's names plus trainvisor's own.
+    fn env(&self, rank: u32, attempt: u32, token: &str) -> Vec<(String, String)> {
+        let spec = &self.spec;
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let pairs = [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", spec.world_size.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("LOCAL_WORLD_SIZE", spec.world_size.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", self.master_port.to_string()),
+            ("JOB_ID", self.id.to_string()),
+            ("RESTART_COUNT", attempt.to_string()),
+            ("TORCHELASTIC_RESTART_COUNT", attempt.to_string()),
+            ("CHECKPOINT_DIR", spec.job_checkpoint_dir(&self.id)),
+            ("DATASET_DIR", spec.dataset.clone()),
+            ("CHECKPOINT_EVERY", spec.checkpoint_every.to_string()),
+            ("SLEEP_SEC", spec.sleep_sec.to_string()),
+            ("HEARTBEAT_TIMEOUT", spec.heartbeat_timeout_s.to_string()),
+            (
+                "TRAINVISOR_HEARTBEAT_URL",
+                format!(
+                    "{}/jobs/{}/workers/{rank}/heartbeat",
+                    self.rt.base_url, self.id
+                ),
+            ),
+            ("TRAINVISOR_SERVER_URL", self.rt.base_url.clone()),
+            ("TRAINVISOR_TOKEN", token.to_string()),
+            ("TRAINVISOR_INSTANCE", self.rt.instance.clone()),
+            (
+                "TRAINVISOR_SPEC",
+                serde_json::to_string(&**spec).unwrap_or_default(),
+            ),
+        ];
+        env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
+        env
+    }
+
+    fn set_state(&mut self, state: JobState, reason: Option<String>, summary: Option<String>) {
+        self.state = state;
+        self.reason = reason.clone();
+        if state == JobState::Running && self.started_at.is_none() {
+            self.started_at = Some(now());
+        }
+        self.rt.recorder.record(HistoryOp::JobState {
+            job_id: self.id,
+            state,
+            at: now(),
+            reason,
+            summary,
+        });
+        if !state.is_terminal() {
+            let _ = self.state_tx.send(state);
+        }
+    }
+
+    fn live_ranks(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.spec.world_size).filter(|&r| self.ranks[r as usize].state.is_live())
+    }
+
+    fn terminate_live(&mut self) {
+        let live: Vec<u32> = self.live_ranks().collect();
+        for rank in live {
+            self.ranks[rank as usize].state = RankState::Stopping;
+            self.workers[rank as usize].do_send(Terminate);
+        }
+    }
+
+    /// Called whenever a rank goes down while the job is winding down or restarting.
+    fn after_rank_down(&mut self, ctx: &mut Context<Self>) {
+        if self.live_ranks().next().is_some() {
+            return;
+        }
+        match self.phase {
+            Phase::Stopping => self.finish(JobState::Stopped, ctx),
+            Phase::Failing => self.finish(JobState::Failed, ctx),
+            Phase::GroupRestart { backoff_ms } => {
+                ctx.run_later(Duration::from_millis(backoff_ms), |act, _| {
+                    if matches!(act.phase, Phase::GroupRestart { .. }) {
+                        act.phase = Phase::Running;
+                        let ranks = act.ranks_to_launch();
+                        act.launch_group(ranks);
+                    }
+                });
+            }
+            Phase::Running | Phase::Done => {}
+        }
+    }
+
+    fn finish(&mut self, state: JobState, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        self.phase = Phase::Done;
+        let end_state = match state {
+            JobState::Succeeded => RankState::Succeeded,
+            JobState::Failed => RankState::Failed,
+            _ => RankState::Stopped,
+        };
+        for slot in &mut self.ranks {
+            if slot.state != RankState::Succeeded {
+                slot.state = end_state;
+            }
+        }
+        self.state = state;
+        let summary = serde_json::to_string(&self.summary()).ok();
+        let reason = self.reason.clone();
+        self.note(
+            None,
+            None,
+            match &reason {
+                Some(r) => format!("job {}: {r}", state.as_str()),
+                None => format!("job {}", state.as_str()),
+            },
+        );
+        let ack = self.rt.recorder.record_acked(HistoryOp::JobState {
+            job_id: self.id,
+            state,
+            at: now(),
+            reason,
+            summary,
+        });
+        self.rt.recorder.end_of_logs(self.id);
+        for worker in &self.workers {
+            worker.do_send(Shutdown);
+        }
+        // Announce the end only once it is in the database, so whoever waits on it reads
+        // the final state back.
+        ctx.spawn(
+            async move {
+                let _ = ack.await;
+            }
+            .into_actor(self)
+            .map(move |_, act, ctx| {
+                let _ = act.state_tx.send(state);
+                act.manager.do_send(JobEnded { id: act.id });
+                ctx.stop();
+            }),
+        );
+    }
+
+    fn fail(&mut self, reason: String, ctx: &mut Context<Self>) {
+        self.reason = Some(reason);
+        self.phase = Phase::Failing;
+        self.terminate_live();
+        self.after_rank_down(ctx);
+    }
+
+    fn on_failure(&mut self, msg: WorkerExited, ctx: &mut Context<Self>) {
+        let rank = msg.rank;
+        let cause = format!("rank {rank} (attempt {}): {}", msg.attempt, msg.detail);
+        let with_tail = if msg.tail.is_empty() {
+            cause.clone()
+        } else {
+            format!("{cause}; last lines:\n{}", msg.tail.join("\n"))
+        };
+        let scope = self.spec.restart_scope;
+        let spent = match scope {
+            RestartScope::Worker => self.ranks[rank as usize].restarts,
+            RestartScope::Job => self.group_restarts,
+        };
+        if spent >= self.spec.max_restarts {
+            self.ranks[rank as usize].state = RankState::Failed;
+            let reason = format!(
+                "{} after {spent} restart(s) (max_restarts {}): {with_tail}",
+                msg.outcome.as_str(),
+                self.spec.max_restarts
+            );
+            self.fail(reason, ctx);
+            return;
+        }
+        let n = spent + 1;
+        let mut backoff_ms = self.spec.backoff_ms(n);
+        if self.spec.backoff_jitter > 0.0 {
+            let cut = rand::rng().random_range(0.0..self.spec.backoff_jitter);
+            backoff_ms = (backoff_ms as f64 * (1.0 - cut)) as u64;
+        }
+        let slot = &mut self.ranks[rank as usize];
+        self.rt.recorder.record(HistoryOp::RestartDetected {
+            job_id: self.id,
+            rank,
+            attempt: slot.next_attempt,
+            scope: scope.as_str(),
+            reason: msg.outcome,
+            exit_code: msg.exit_code,
+            signal: msg.signal,
+            detail: with_tail,
+            detected_at: now(),
+            backoff_ms,
+        });
+        slot.restart_pending = true;
+        self.restart_events += 1;
+        self.rt.recorder.note(
+            self.id,
+            Some(rank),
+            Some(msg.attempt),
+            format!(
+                "{cause}; restart {n}/{} ({} scope) in {backoff_ms} ms",
+                self.spec.max_restarts,
+                scope.as_str()
+            ),
+        );
+        match scope {
+            RestartScope::Worker => {
+                slot.restarts = n;
+                slot.state = RankState::Backoff;
+                ctx.run_later(Duration::from_millis(backoff_ms), move |act, _| {
+                    let state = act.ranks[rank as usize].state;
+                    if act.phase == Phase::Running && state == RankState::Backoff {
+                        act.launch(rank);
+                    }
+                });
+            }
+            RestartScope::Job => {
+                self.group_restarts = n;
+                slot.state = RankState::Failed;
+                self.phase = Phase::GroupRestart { backoff_ms };
+                self.terminate_live();
+                self.after_rank_down(ctx);
+            }
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary::build(SummaryInput {
+            id: self.id,
+            spec: &self.spec,
+            state: self.state,
+            reason: self.reason.clone(),
+            created_at: &self.created_at,
+            started_at: self.started_at.clone(),
+            ranks: &self.ranks,
+            restarts: self.restart_events,
+            progress: &self.progress,
+        })
+    }
+}
+
+impl Actor for Job {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        let ranks = self.ranks_to_launch();
+        if ranks.is_empty() {
+            // Resumed after every rank had already succeeded.
+            self.phase = Phase::Running;
+        }
+        self.launch_group(ranks);
+    }
+}
+
+impl Handler<WorkerStarted> for Job {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkerStarted, _: &mut Context<Self>) {
+        let slot = &mut self.ranks[msg.rank as usize];
+        if msg.attempt + 1 != slot.next_attempt {
+            return;
+        }
+        if slot.state == RankState::Starting {
+            slot.state = RankState::Running;
+        }
+        slot.pid = Some(msg.pid);
+        slot.progress.pid = Some(msg.pid);
+        slot.progress.started_at = Some(now());
+        self.rt.recorder.record(HistoryOp::IncarnationStarted {
+            job_id: self.id,
+            rank: msg.rank,
+            attempt: msg.attempt,
+            pid: Some(msg.pid),
+            master_port: self.master_port,
+            token_hash: slot.token_hash.clone(),
+            started_at: now(),
+        });
+        if std::mem::take(&mut slot.restart_pending) {
+            self.rt.recorder.record(HistoryOp::RestartLaunched {
+                job_id: self.id,
+                rank: msg.rank,
+                attempt: msg.attempt,
+                restarted_at: now(),
+            });
+        }
+        if self.state == JobState::Pending {
+            self.set_state(JobState::Running, None, None);
+        }
+    }
+}
+
+impl Handler<WorkerExited> for Job {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkerExited, ctx: &mut Context<Self>) {
+        let rank = msg.rank;
+        let slot = &mut self.ranks[rank as usize];
+        if msg.attempt + 1 != slot.next_attempt || !slot.state.is_live() {
+            return;
+        }
+        if msg.outcome == Outcome::SpawnError {
+            // Never ran: still one incarnation in the history.
+            self.rt.recorder.record(HistoryOp::IncarnationStarted {
+                job_id: self.id,
+                rank,
+                attempt: msg.attempt,
+                pid: None,
+                master_port: self.master_port,
+                token_hash: slot.token_hash.clone(),
+                started_at: now(),
+            });
+        }
+        self.rt.recorder.record(HistoryOp::IncarnationEnded {
+            job_id: self.id,
+            rank,
+            attempt: msg.attempt,
+            ended_at: now(),
+            exit_code: msg.exit_code,
+            signal: msg.signal,
+            outcome: msg.outcome,
+        });
+        slot.pid = None;
+        slot.progress.pid = None;
+        match self.phase {
+            Phase::Running => match msg.outcome {
+                Outcome::Succeeded => {
+                    slot.state = RankState::Succeeded;
+                    if self.ranks.iter().all(|r| r.state == RankState::Succeeded) {
+                        self.finish(JobState::Succeeded, ctx);
+                    }
+                }
+                // Stopped while running only happens when the job is being stopped.
+                Outcome::Stopped => slot.state = RankState::Stopped,
+                _ => self.on_failure(msg, ctx),
+            },
+            Phase::GroupRestart { .. } | Phase::Stopping | Phase::Failing => {
+                if slot.state != RankState::Failed {
+                    slot.state = if msg.outcome == Outcome::Succeeded {
+                        RankState::Succeeded
+                    } else {
+                        RankState::Stopped
+                    };
+                }
+                self.after_rank_down(ctx);
+            }
+            Phase::Done => {}
+        }
+    }
+}
+
+/// A heartbeat from a worker, with the bearer token it presented.
+#[derive(Message)]
+#[rtype(result = "Result<(), HeartbeatRejected>")]
+pub struct Heartbeat {
+    pub rank: u32,
+    pub token: String,
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatRejected {
+    /// No such rank.
+    UnknownRank,
+    /// The token belongs to an earlier incarnation, or this one has ended: the worker must stop.
+    Stale,
+    /// The token belongs to no incarnation of this rank.
+    BadToken,
+}
+
+impl Handler<Heartbeat> for Job {
+    type Result = Result<(), HeartbeatRejected>;
+
+    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
+        let slot = self
+            .ranks
+            .get_mut(msg.rank as usize)
+            .ok_or(HeartbeatRejected::UnknownRank)?;
+        let hash = hash_token(&msg.token);
+        if hash != slot.token_hash {
+            return Err(if slot.past_tokens.contains(&hash) {
+                HeartbeatRejected::Stale
+            } else {
+                HeartbeatRejected::BadToken
+            });
+        }
+        if !matches!(slot.state, RankState::Starting | RankState::Running) {
+            return Err(HeartbeatRejected::Stale);
+        }
+        let attempt = slot.next_attempt - 1;
+        slot.progress.record_heartbeat(Utc::now(), msg.body);
+        self.workers[msg.rank as usize].do_send(Beat { attempt });
+        self.progress.observe(&self.ranks);
+        Ok(())
+    }
+}
+
+/// The live summary of the job.
+#[derive(Message)]
+#[rtype(result = "Summary")]
+pub struct GetSummary;
+
+impl Handler<GetSummary> for Job {
+    type Result = MessageResult<GetSummary>;
+
+    fn handle(&mut self, _: GetSummary, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.summary())
+    }
+}
+
+/// Stop every rank and end the job as `stopped`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopJob {
+    pub reason: String,
+}
+
+impl Handler<StopJob> for Job {
+    type Result = ();
+
+    fn handle(&mut self, msg: StopJob, ctx: &mut Context<Self>) {
+        if matches!(self.phase, Phase::Stopping | Phase::Done) {
+            return;
+        }
+        self.reason = Some(msg.reason);
+        self.phase = Phase::Stopping;
+        self.terminate_live();
+        self.after_rank_down(ctx);
+    }
+}
+
+/// Server shutdown: kill every rank's group now, leave the job `running` in the database so
+/// the next start resumes it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KillForShutdown;
+
+impl Handler<KillForShutdown> for Job {
+    type Result = ();
+
+    fn handle(&mut self, _: KillForShutdown, _: &mut Context<Self>) {
+        // No more decisions: the exits that follow are the server's doing, not the ranks'.
+        self.phase = Phase::Done;
+        for slot in &self.ranks {
+            if let Some(pid) = slot.pid {
+                crate::launcher::local::signal_group(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn new_token() -> String {
+    let bytes: [u8; 24] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A TCP port free right now on loopback, for MASTER_PORT.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(29500)
+}

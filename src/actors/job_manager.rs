@@ -1,0 +1,347 @@
+//! JobManager: one per server. Creates Job actors, resumes unfinished jobs after a server
+//! restart, and handles stop, delete and purge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::job::{Job, JobInit, KillForShutdown, RankSlot, RankState, StopJob};
+use super::{JobHandle, JobState, Runtime};
+use crate::spec::{JobSpec, RestartScope};
+use crate::store::history::{HistoryOp, Outcome};
+use crate::store::{self, jobs::JobRecord, now};
+
+pub struct JobManager {
+    rt: Arc<Runtime>,
+}
+
+impl JobManager {
+    pub fn new(rt: Arc<Runtime>) -> Self {
+        JobManager { rt }
+    }
+
+    fn start_job(&mut self, init: JobInit, ctx: &mut Context<Self>) {
+        let id = init.id;
+        let (addr, state) = Job::start(init, self.rt.clone(), ctx.address().recipient());
+        self.rt.registry.insert(id, JobHandle { addr, state });
+    }
+}
+
+impl Actor for JobManager {
+    type Context = Context<Self>;
+}
+
+/// Why a manager request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("no job with id {0}")]
+    NotFound(Uuid),
+    #[error("job {0} is still running; stop it first or pass ?force=true")]
+    Running(Uuid),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ManagerError {
+    fn from(e: sqlx::Error) -> Self {
+        ManagerError::Internal(e.into())
+    }
+}
+
+/// Create a job from a validated spec and start it.
+#[derive(Message)]
+#[rtype(result = "Result<Uuid, ManagerError>")]
+pub struct CreateJob(pub JobSpec);
+
+impl Handler<CreateJob> for JobManager {
+    type Result = ResponseActFuture<Self, Result<Uuid, ManagerError>>;
+
+    fn handle(&mut self, msg: CreateJob, _: &mut Context<Self>) -> Self::Result {
+        let pool = self.rt.pool.clone();
+        let id = Uuid::new_v4();
+        let created_at = now();
+        let spec = msg.0;
+        Box::pin(
+            async move {
+                store::jobs::insert(&pool, id, &spec, &created_at).await?;
+                Ok((spec, created_at))
+            }
+            .into_actor(self)
+            .map(move |res: Result<_, ManagerError>, act, ctx| {
+                let (spec, created_at) = res?;
+                let ranks = vec![RankSlot::new(); spec.world_size as usize];
+                act.start_job(
+                    JobInit {
+                        id,
+                        spec,
+                        created_at,
+                        started_at: None,
+                        ranks,
+                        group_restarts: 0,
+                        restart_events: 0,
+                    },
+                    ctx,
+                );
+                Ok(id)
+            }),
+        )
+    }
+}
+
+/// At boot: resume every job the database says is pending or running.
+#[derive(Message)]
+#[rtype(result = "Result<usize, ManagerError>")]
+pub struct Restore;
+
+impl Handler<Restore> for JobManager {
+    type Result = ResponseActFuture<Self, Result<usize, ManagerError>>;
+
+    fn handle(&mut self, _: Restore, _: &mut Context<Self>) -> Self::Result {
+        let pool = self.rt.pool.clone();
+        Box::pin(
+            async move {
+                let mut inits = Vec::new();
+                for record in store::jobs::unfinished(&pool).await? {
+                    inits.push(restore_plan(&pool, record).await?);
+                }
+                Ok(inits)
+            }
+            .into_actor(self)
+            .map(|res: Result<Vec<JobInit>, ManagerError>, act, ctx| {
+                let inits = res?;
+                let n = inits.len();
+                for init in inits {
+                    tracing::info!(job_id = %init.id, "resuming job after server restart");
+                    act.start_job(init, ctx);
+                }
+                Ok(n)
+            }),
+        )
+    }
+}
+
+/// Rebuilds a job's rank bookkeeping from its history, closes what the dead server left open
+/// and records a `server_restart` restart for every rank it will relaunch.
+async fn restore_plan(pool: &sqlx::SqlitePool, record: JobRecord) -> Result<JobInit, ManagerError> {
+    let id: Uuid = record
+        .job_id
+        .parse()
+        .map_err(|e| anyhow::anyhow!("bad job id in database: {e}"))?;
+    let spec: JobSpec = serde_json::from_value(record.spec)
+        .map_err(|e| anyhow::anyhow!("job {id}: stored spec unreadable: {e}"))?;
+    let at = now();
+    store::jobs::close_orphaned_incarnations(pool, id, &at).await?;
+    let incarnations = store::jobs::incarnations(pool, id).await?;
+    let restarts = store::jobs::restarts(pool, id).await?;
+    let mut ranks = vec![RankSlot::new(); spec.world_size as usize];
+    for inc in &incarnations {
+        let Some(slot) = ranks.get_mut(inc.rank as usize) else {
+            continue;
+        };
+        slot.next_attempt = slot.next_attempt.max(inc.attempt as u32 + 1);
+        slot.past_tokens.insert(inc.token_hash.clone());
+        slot.progress.attempt = inc.attempt as u32;
+        slot.state = if inc.outcome.as_deref() == Some(Outcome::Succeeded.as_str()) {
+            RankState::Succeeded
+        } else {
+            RankState::Pending
+        };
+    }
+    let mut group_restarts = 0;
+    for r in restarts
+        .iter()
+        .filter(|r| r.reason != Outcome::ServerRestart.as_str())
+    {
+        match (r.scope.as_str(), ranks.get_mut(r.rank as usize)) {
+            ("job", _) => group_restarts += 1,
+            (_, Some(slot)) => slot.restarts += 1,
+            _ => {}
+        }
+    }
+    let mut restart_events = restarts.len() as u32;
+    let started = !incarnations.is_empty();
+    if started {
+        let mut conn = pool.acquire().await?;
+        for (rank, slot) in ranks.iter_mut().enumerate() {
+            if spec.restart_scope == RestartScope::Worker && slot.state == RankState::Succeeded {
+                continue;
+            }
+            if spec.restart_scope == RestartScope::Job {
+                slot.state = RankState::Pending;
+            }
+            HistoryOp::RestartDetected {
+                job_id: id,
+                rank: rank as u32,
+                attempt: slot.next_attempt,
+                scope: spec.restart_scope.as_str(),
+                reason: Outcome::ServerRestart,
+                exit_code: None,
+                signal: None,
+                detail: "the trainvisor server restarted; relaunching the rank".to_string(),
+                detected_at: at.clone(),
+                backoff_ms: 0,
+            }
+            .apply(&mut conn)
+            .await?;
+            slot.restart_pending = true;
+            restart_events += 1;
+        }
+    }
+    Ok(JobInit {
+        id,
+        spec,
+        created_at: record.created_at,
+        started_at: record.started_at,
+        ranks,
+        group_restarts,
+        restart_events,
+    })
+}
+
+/// A Job actor has ended and its final state is in the database.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JobEnded {
+    pub id: Uuid,
+}
+
+impl Handler<JobEnded> for JobManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: JobEnded, _: &mut Context<Self>) {
+        self.rt.registry.remove(&msg.id);
+    }
+}
+
+/// Waits until a job's watched state is terminal (or the actor is gone).
+async fn until_terminal(mut state: watch::Receiver<JobState>) {
+    let _ = state.wait_for(|s| s.is_terminal()).await;
+}
+
+/// Stop a job; resolves once it is stopped (or had already ended).
+#[derive(Message)]
+#[rtype(result = "Result<(), ManagerError>")]
+pub struct Stop {
+    pub id: Uuid,
+}
+
+impl Handler<Stop> for JobManager {
+    type Result = ResponseFuture<Result<(), ManagerError>>;
+
+    fn handle(&mut self, msg: Stop, _: &mut Context<Self>) -> Self::Result {
+        let handle = self.rt.registry.get(&msg.id);
+        let pool = self.rt.pool.clone();
+        Box::pin(async move {
+            match handle {
+                Some(handle) => {
+                    handle.addr.do_send(StopJob {
+                        reason: "stopped by request".to_string(),
+                    });
+                    until_terminal(handle.state).await;
+                    Ok(())
+                }
+                None => match store::jobs::get(&pool, msg.id).await? {
+                    Some(_) => Ok(()),
+                    None => Err(ManagerError::NotFound(msg.id)),
+                },
+            }
+        })
+    }
+}
+
+/// Delete jobs and their records. A running job is refused unless `force`, which stops it
+/// first. With `ids: None`, every finished job is deleted.
+#[derive(Message)]
+#[rtype(result = "Result<DeleteReport, ManagerError>")]
+pub struct Delete {
+    pub ids: Option<Vec<Uuid>>,
+    pub force: bool,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct DeleteReport {
+    pub deleted: Vec<Uuid>,
+    /// Ids not deleted, each with why.
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Skipped {
+    pub job_id: Uuid,
+    pub reason: String,
+}
+
+impl Handler<Delete> for JobManager {
+    type Result = ResponseFuture<Result<DeleteReport, ManagerError>>;
+
+    fn handle(&mut self, msg: Delete, _: &mut Context<Self>) -> Self::Result {
+        let rt = self.rt.clone();
+        Box::pin(async move {
+            let mut report = DeleteReport::default();
+            let ids = match msg.ids {
+                Some(ids) => ids,
+                None => store::jobs::list(&rt.pool, None)
+                    .await?
+                    .into_iter()
+                    .filter(|j| JobState::parse(&j.state).is_some_and(JobState::is_terminal))
+                    .filter_map(|j| j.job_id.parse().ok())
+                    .collect(),
+            };
+            let mut doomed = Vec::new();
+            for id in ids {
+                if store::jobs::get(&rt.pool, id).await?.is_none() {
+                    report.skipped.push(Skipped {
+                        job_id: id,
+                        reason: "not_found".into(),
+                    });
+                    continue;
+                }
+                if let Some(handle) = rt.registry.get(&id) {
+                    if !msg.force {
+                        report.skipped.push(Skipped {
+                            job_id: id,
+                            reason: "running".into(),
+                        });
+                        continue;
+                    }
+                    handle.addr.do_send(StopJob {
+                        reason: "deleted".to_string(),
+                    });
+                    until_terminal(handle.state).await;
+                }
+                doomed.push(id);
+            }
+            // Everything the stopped jobs queued must land before their rows go.
+            rt.recorder.flush().await;
+            store::jobs::delete(&rt.pool, &doomed).await?;
+            for id in &doomed {
+                rt.bus.end(*id);
+            }
+            report.deleted = doomed;
+            Ok(report)
+        })
+    }
+}
+
+/// Server shutdown: kill every rank now; jobs stay `running` and resume on the next start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for JobManager {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        let jobs = self.rt.registry.all();
+        let recorder = self.rt.recorder.clone();
+        Box::pin(async move {
+            for (_, handle) in jobs {
+                let _ = handle.addr.send(KillForShutdown).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), recorder.flush()).await;
+        })
+    }
+}

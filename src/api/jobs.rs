@@ -1,0 +1,226 @@
+//! `/jobs`: create, list, inspect, stop, delete, purge.
+
+use actix_web::{HttpResponse, web};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::error::parse_json;
+use super::{ApiError, AppState, parse_job_id};
+use crate::actors::JobState;
+use crate::actors::job::GetSummary;
+use crate::actors::job_manager::{CreateJob, Delete, Stop};
+use crate::progress::Summary;
+use crate::spec::{JobRequest, JobSpec};
+use crate::store;
+use crate::store::jobs::JobRecord;
+
+async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
+    store::jobs::get(&state.rt.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(id))
+}
+
+pub async fn create(
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let request: JobRequest = parse_json(&body, false)?;
+    let spec = request
+        .resolve(&state.rt.settings.job_defaults)
+        .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
+    let id = state.manager.send(CreateJob(spec)).await??;
+    let job = record(&state, id).await?;
+    Ok(HttpResponse::Created().json(job))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<String>,
+}
+
+pub async fn list(
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(s) = &query.state
+        && JobState::parse(s).is_none()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "unknown state {s:?}; one of pending, running, succeeded, failed, stopped"
+        )));
+    }
+    let jobs = store::jobs::list(&state.rt.pool, query.state.as_deref()).await?;
+    Ok(HttpResponse::Ok().json(jobs))
+}
+
+pub async fn get(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    Ok(HttpResponse::Ok().json(record(&state, id).await?))
+}
+
+/// The live summary from the job's actor, or the one stored when it ended.
+async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiError> {
+    let id = parse_job_id(&job.job_id)?;
+    if let Some(handle) = state.rt.registry.get(&id)
+        && let Ok(summary) = handle.addr.send(GetSummary).await
+    {
+        return Ok(summary);
+    }
+    // Re-read: the job may have ended between the list and now.
+    let job = record(state, id).await?;
+    if let Some(stored) = job.summary.as_deref()
+        && let Ok(summary) = serde_json::from_str::<Summary>(stored)
+    {
+        return Ok(summary);
+    }
+    let spec: JobSpec = serde_json::from_value(job.spec.clone())
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored spec unreadable: {e}")))?;
+    Ok(Summary {
+        job_id: id,
+        name: job.name.clone(),
+        state: JobState::parse(&job.state).unwrap_or(JobState::Pending),
+        reason: job.reason.clone(),
+        world_size: spec.world_size,
+        restart_scope: spec.restart_scope.as_str().to_string(),
+        created_at: job.created_at.clone(),
+        started_at: job.started_at.clone(),
+        step: None,
+        total_steps: spec.total_steps,
+        progress: None,
+        steps_per_s: None,
+        eta_s: None,
+        loss: None,
+        restarts: job.restarts as u32,
+        workers: Vec::new(),
+    })
+}
+
+pub async fn summary(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    let job = record(&state, id).await?;
+    Ok(HttpResponse::Ok().json(summary_of(&state, &job).await?))
+}
+
+pub async fn summaries(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let jobs = store::jobs::list(&state.rt.pool, None).await?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        match summary_of(&state, job).await {
+            Ok(s) => out.push(s),
+            // Deleted between the list and now.
+            Err(ApiError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+pub async fn workers(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    record(&state, id).await?;
+    let incarnations = store::jobs::incarnations(&state.rt.pool, id).await?;
+    Ok(HttpResponse::Ok().json(incarnations))
+}
+
+pub async fn restarts(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    record(&state, id).await?;
+    Ok(HttpResponse::Ok().json(store::jobs::restarts(&state.rt.pool, id).await?))
+}
+
+pub async fn stop(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    state.manager.send(Stop { id }).await??;
+    Ok(HttpResponse::Ok().json(record(&state, id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn delete(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<DeleteQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    let job = record(&state, id).await?;
+    if state.rt.registry.get(&id).is_some() && !query.force {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is {}; stop it first or pass ?force=true",
+            job.state
+        )));
+    }
+    let report = state
+        .manager
+        .send(Delete {
+            ids: Some(vec![id]),
+            force: query.force,
+        })
+        .await??;
+    if report.deleted.contains(&id) {
+        Ok(HttpResponse::Ok().json(serde_json::json!({ "deleted": [id] })))
+    } else {
+        Err(ApiError::Conflict(format!("job {id} was not deleted")))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    /// Jobs to delete; without it, every finished job.
+    job_ids: Option<Vec<String>>,
+    /// Also stop and delete running jobs among `job_ids`.
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn purge(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let request: PurgeRequest = parse_json(&body, true)?;
+    let ids = match request.job_ids {
+        Some(raw) => {
+            let mut ids = Vec::with_capacity(raw.len());
+            for r in &raw {
+                ids.push(r.parse::<Uuid>().map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "job_ids: {r:?} is not a job id (a UUID); nothing was deleted"
+                    ))
+                })?);
+            }
+            Some(ids)
+        }
+        None if request.force => {
+            return Err(ApiError::BadRequest(
+                "force needs an explicit job_ids list; nothing was deleted".into(),
+            ));
+        }
+        None => None,
+    };
+    let report = state
+        .manager
+        .send(Delete {
+            ids,
+            force: request.force,
+        })
+        .await??;
+    Ok(HttpResponse::Ok().json(report))
+}

@@ -1,0 +1,113 @@
+//! Server settings (flags with env fallbacks) and the seed's environment names, which are
+//! the defaults of new jobs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Defaults for fields a job spec leaves out. Read from the seed's environment names.
+#[derive(Debug, Clone)]
+pub struct JobDefaults {
+    pub world_size: Option<u32>,
+    pub max_world_size: u32,
+    pub dataset: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_every: u64,
+    pub sleep_sec: f64,
+    pub heartbeat_timeout_s: f64,
+    pub max_restarts: u32,
+}
+
+impl JobDefaults {
+    /// Defaults that depend on nothing but the data dir (what tests use).
+    pub fn for_data_dir(data_dir: &Path) -> Self {
+        JobDefaults {
+            world_size: None,
+            max_world_size: 1024,
+            dataset: data_dir.join("datasets").join("demo"),
+            checkpoint_dir: data_dir.join("checkpoints"),
+            checkpoint_every: 5,
+            sleep_sec: 0.0,
+            heartbeat_timeout_s: 10.0,
+            max_restarts: 50,
+        }
+    }
+
+    /// Defaults with the seed's environment names applied over `for_data_dir`.
+    /// A variable that is set but does not parse is an error, not silently ignored.
+    pub fn from_env(data_dir: &Path) -> anyhow::Result<Self> {
+        let mut d = Self::for_data_dir(data_dir);
+        if let Some(v) = env_parse::<u32>("WORLD_SIZE")? {
+            d.world_size = Some(v);
+        }
+        if let Some(v) = env_string("DATASET_DIR") {
+            d.dataset = PathBuf::from(v);
+        }
+        if let Some(v) = env_string("CHECKPOINT_DIR") {
+            d.checkpoint_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env_parse("CHECKPOINT_EVERY")? {
+            d.checkpoint_every = v;
+        }
+        if let Some(v) = env_parse("SLEEP_SEC")? {
+            d.sleep_sec = v;
+        }
+        if let Some(v) = env_parse("HEARTBEAT_TIMEOUT")? {
+            d.heartbeat_timeout_s = v;
+        }
+        if let Some(v) = env_parse("MAX_RESTARTS")? {
+            d.max_restarts = v;
+        }
+        Ok(d)
+    }
+}
+
+fn env_string(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    match env_string(name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("environment variable {name}={v:?}: {e}")),
+    }
+}
+
+/// Everything `Application::build` needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Address to listen on; port 0 picks a free port.
+    pub bind: String,
+    /// Holds `trainvisor.db`, the default checkpoint dir and the demo dataset.
+    pub data_dir: PathBuf,
+    pub job_defaults: JobDefaults,
+    /// Time between SIGTERM and SIGKILL when a worker's process group is stopped.
+    pub kill_grace: Duration,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// HTTP worker threads.
+    pub http_workers: usize,
+    /// The program whose `worker` subcommand is the built-in trainer.
+    pub trainer_exe: PathBuf,
+}
+
+impl Settings {
+    /// Settings with every default, for a given data dir and bind address.
+    pub fn new(bind: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        Settings {
+            bind: bind.into(),
+            job_defaults: JobDefaults::for_data_dir(&data_dir),
+            data_dir,
+            kill_grace: Duration::from_secs(3),
+            max_body_bytes: 1 << 20,
+            http_workers: 2,
+            trainer_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("trainvisor")),
+        }
+    }
+}

@@ -1,0 +1,11 @@
+pub mod actors;
+pub mod api;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod launcher;
+pub mod progress;
+pub mod spec;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,204 @@
+//! Progress from heartbeats: per-rank views, throughput over a sliding window, and the job
+//! summary the API serves.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::actors::JobState;
+use crate::actors::job::RankSlot;
+use crate::spec::JobSpec;
+use crate::store::ts;
+
+/// What the last heartbeats of one rank said.
+#[derive(Debug, Clone, Default)]
+pub struct RankView {
+    pub attempt: u32,
+    pub pid: Option<u32>,
+    pub started_at: Option<String>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub step: Option<u64>,
+    pub heartbeat: Option<Value>,
+}
+
+impl RankView {
+    pub fn record_heartbeat(&mut self, at: DateTime<Utc>, body: Value) {
+        self.last_heartbeat = Some(at);
+        if let Some(step) = body.get("step").and_then(Value::as_u64) {
+            self.step = Some(step);
+        }
+        if body.as_object().is_some_and(|o| !o.is_empty()) {
+            self.heartbeat = Some(body);
+        }
+    }
+
+    fn loss(&self) -> Option<f64> {
+        self.heartbeat
+            .as_ref()?
+            .get("metrics")?
+            .get("loss")?
+            .as_f64()
+    }
+}
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+/// The global step (the slowest rank's) over time, for steps/s.
+#[derive(Debug, Default)]
+pub struct Progress {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl Progress {
+    pub fn observe(&mut self, ranks: &[RankSlot]) {
+        let Some(step) = ranks.iter().filter_map(|r| r.progress.step).min() else {
+            return;
+        };
+        let now = Instant::now();
+        if self.samples.back().is_some_and(|&(_, s)| s == step) {
+            return;
+        }
+        self.samples.push_back((now, step));
+        while self
+            .samples
+            .front()
+            .is_some_and(|&(t, _)| now.duration_since(t) > WINDOW)
+            && self.samples.len() > 2
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    pub fn steps_per_s(&self) -> Option<f64> {
+        let (t0, s0) = *self.samples.front()?;
+        let (_, s1) = *self.samples.back()?;
+        let dt = t0.elapsed().as_secs_f64();
+        (dt > 0.0 && s1 > s0).then(|| (s1 - s0) as f64 / dt)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSummary {
+    pub rank: u32,
+    pub state: String,
+    pub pid: Option<u32>,
+    pub attempt: u32,
+    /// How many times this rank was relaunched, for any reason.
+    pub restarts: u32,
+    pub started_at: Option<String>,
+    pub last_heartbeat_at: Option<String>,
+    pub heartbeat_age_s: Option<f64>,
+    pub step: Option<u64>,
+    /// The latest heartbeat body as the worker sent it.
+    pub heartbeat: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub job_id: Uuid,
+    pub name: Option<String>,
+    pub state: JobState,
+    pub reason: Option<String>,
+    pub world_size: u32,
+    pub restart_scope: String,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    /// The global step: the slowest rank's.
+    pub step: Option<u64>,
+    pub total_steps: Option<u64>,
+    pub progress: Option<f64>,
+    pub steps_per_s: Option<f64>,
+    pub eta_s: Option<f64>,
+    /// Mean of the ranks' last reported `metrics.loss`.
+    pub loss: Option<f64>,
+    /// Restart decisions recorded for this job (rows of `/jobs/{id}/restarts`).
+    pub restarts: u32,
+    pub workers: Vec<WorkerSummary>,
+}
+
+impl<'de> Deserialize<'de> for JobState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        JobState::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown state {s}")))
+    }
+}
+
+pub struct SummaryInput<'a> {
+    pub id: Uuid,
+    pub spec: &'a JobSpec,
+    pub state: JobState,
+    pub reason: Option<String>,
+    pub created_at: &'a str,
+    pub started_at: Option<String>,
+    pub ranks: &'a [RankSlot],
+    pub restarts: u32,
+    pub progress: &'a Progress,
+}
+
+impl Summary {
+    pub fn build(input: SummaryInput<'_>) -> Summary {
+        let now = Utc::now();
+        let ranks = input.ranks;
+        let step = ranks.iter().filter_map(|r| r.progress.step).min();
+        let steps_per_s = if input.state == JobState::Running {
+            input.progress.steps_per_s()
+        } else {
+            None
+        };
+        let total = input.spec.total_steps;
+        let eta_s = match (total, step, steps_per_s) {
+            (Some(total), Some(step), Some(rate)) if rate > 0.0 => {
+                Some(total.saturating_sub(step) as f64 / rate)
+            }
+            _ => None,
+        };
+        let losses: Vec<f64> = ranks.iter().filter_map(|r| r.progress.loss()).collect();
+        let loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+        let workers = ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, slot)| {
+                let p = &slot.progress;
+                WorkerSummary {
+                    rank: rank as u32,
+                    state: slot.state.as_str().to_string(),
+                    pid: p.pid,
+                    attempt: p.attempt,
+                    restarts: slot.next_attempt.saturating_sub(1),
+                    started_at: p.started_at.clone(),
+                    last_heartbeat_at: p.last_heartbeat.map(ts),
+                    heartbeat_age_s: p
+                        .last_heartbeat
+                        .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
+                    step: p.step,
+                    heartbeat: p.heartbeat.clone(),
+                }
+            })
+            .collect();
+        Summary {
+            job_id: input.id,
+            name: input.spec.name.clone(),
+            state: input.state,
+            reason: input.reason,
+            world_size: input.spec.world_size,
+            restart_scope: input.spec.restart_scope.as_str().to_string(),
+            created_at: input.created_at.to_string(),
+            started_at: input.started_at,
+            step,
+            total_steps: total,
+            progress: match (total, step) {
+                (Some(total), Some(step)) => Some((step as f64 / total as f64).min(1.0)),
+                _ => None,
+            },
+            steps_per_s,
+            eta_s,
+            loss,
+            restarts: input.restarts,
+            workers,
+        }
+    }
+}

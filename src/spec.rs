@@ -1,0 +1,373 @@
+//! The job spec: what `POST /jobs` accepts (`JobRequest`), and the resolved, validated
+//! `JobSpec` that is stored with the job and drives its actors.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::JobDefaults;
+
+/// What to restart when a rank fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartScope {
+    /// Only the failed rank (independent workers).
+    Worker,
+    /// Every rank, from the latest checkpoint, like torchrun (synchronous training).
+    Job,
+}
+
+impl RestartScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartScope::Worker => "worker",
+            RestartScope::Job => "job",
+        }
+    }
+}
+
+/// How the built-in trainer's ranks exchange gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Synchronous data parallelism: gradients averaged by an all-reduce every step.
+    Allreduce,
+    /// Independent ranks, no exchange (the seed's mode).
+    None,
+}
+
+/// The request body of `POST /jobs`. Every field but `world_size` is optional; unknown
+/// fields are refused so a typo never silently falls back to a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub world_size: Option<i64>,
+    pub name: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub dataset: Option<String>,
+    pub checkpoint_dir: Option<String>,
+    pub checkpoint_every: Option<i64>,
+    pub keep_last: Option<i64>,
+    pub total_steps: Option<i64>,
+    pub heartbeat_timeout_s: Option<f64>,
+    pub max_restarts: Option<i64>,
+    pub restart_scope: Option<RestartScope>,
+    pub backoff_initial_ms: Option<i64>,
+    pub backoff_multiplier: Option<f64>,
+    pub backoff_max_ms: Option<i64>,
+    pub backoff_jitter: Option<f64>,
+    pub batch_size: Option<i64>,
+    pub lr: Option<f64>,
+    pub seed: Option<i64>,
+    pub sync: Option<SyncMode>,
+    pub sleep_sec: Option<f64>,
+}
+
+/// A validated job spec with every default filled in. Stored as JSON in `jobs.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub world_size: u32,
+    pub name: Option<String>,
+    /// argv of each rank; `None` means the built-in trainer (`trainvisor worker`).
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub dataset: String,
+    pub checkpoint_dir: String,
+    pub checkpoint_every: u64,
+    pub keep_last: u32,
+    pub total_steps: Option<u64>,
+    pub heartbeat_timeout_s: f64,
+    pub max_restarts: u32,
+    pub restart_scope: RestartScope,
+    pub backoff_initial_ms: u64,
+    pub backoff_multiplier: f64,
+    pub backoff_max_ms: u64,
+    pub backoff_jitter: f64,
+    pub batch_size: u32,
+    pub lr: f64,
+    pub seed: u64,
+    pub sync: SyncMode,
+    pub sleep_sec: f64,
+}
+
+/// Names the runtime sets for every rank; a job's `env` may not override them.
+pub const RESERVED_ENV: &[&str] = &[
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "JOB_ID",
+    "RESTART_COUNT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "CHECKPOINT_DIR",
+    "DATASET_DIR",
+    "TRAINVISOR_HEARTBEAT_URL",
+    "TRAINVISOR_TOKEN",
+    "TRAINVISOR_INSTANCE",
+];
+
+/// Why a spec was refused; the message is shown to the client as is.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+fn invalid(msg: impl Into<String>) -> SpecError {
+    SpecError(msg.into())
+}
+
+fn in_range(name: &str, value: i64, min: i64, max: i64) -> Result<i64, SpecError> {
+    if value < min || value > max {
+        return Err(invalid(format!(
+            "{name} must be between {min} and {max}, got {value}"
+        )));
+    }
+    Ok(value)
+}
+
+fn finite_in(name: &str, value: f64, min: f64, max: f64) -> Result<f64, SpecError> {
+    if !value.is_finite() || value < min || value > max {
+        return Err(invalid(format!(
+            "{name} must be a number between {min} and {max}, got {value}"
+        )));
+    }
+    Ok(value)
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+impl JobRequest {
+    /// Checks every field and fills in the server's defaults.
+    pub fn resolve(self, defaults: &JobDefaults) -> Result<JobSpec, SpecError> {
+        let world_size = match self.world_size.or(defaults.world_size.map(i64::from)) {
+            Some(w) => in_range("world_size", w, 1, i64::from(defaults.max_world_size))? as u32,
+            None => return Err(invalid("world_size is required")),
+        };
+        if let Some(name) = &self.name
+            && name.chars().count() > 200
+        {
+            return Err(invalid("name must be at most 200 characters"));
+        }
+        if let Some(command) = &self.command {
+            if command.is_empty() || command[0].is_empty() {
+                return Err(invalid(
+                    "command must be a non-empty argv array, e.g. [\"python\", \"train.py\"]",
+                ));
+            }
+            if command.iter().any(|arg| arg.contains('\0')) {
+                return Err(invalid("command arguments may not contain NUL bytes"));
+            }
+        }
+        let env = self.env.unwrap_or_default();
+        for (key, value) in &env {
+            if !valid_env_name(key) {
+                return Err(invalid(format!(
+                    "env name {key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
+                )));
+            }
+            if RESERVED_ENV.contains(&key.as_str()) {
+                return Err(invalid(format!(
+                    "env name {key} is set by trainvisor for every rank and cannot be overridden"
+                )));
+            }
+            if value.contains('\0') {
+                return Err(invalid(format!("env value of {key} contains a NUL byte")));
+            }
+        }
+        let dataset = self
+            .dataset
+            .unwrap_or_else(|| defaults.dataset.to_string_lossy().into_owned());
+        let checkpoint_dir = self
+            .checkpoint_dir
+            .unwrap_or_else(|| defaults.checkpoint_dir.to_string_lossy().into_owned());
+        for (name, value) in [("dataset", &dataset), ("checkpoint_dir", &checkpoint_dir)] {
+            if value.is_empty() || value.contains('\0') {
+                return Err(invalid(format!("{name} must be a non-empty path or URL")));
+            }
+        }
+        let sync = self.sync.unwrap_or(SyncMode::Allreduce);
+        // Synchronous ranks cannot continue without their peers: restart them together.
+        let default_scope = if self.command.is_none() && sync == SyncMode::Allreduce {
+            RestartScope::Job
+        } else {
+            RestartScope::Worker
+        };
+        let backoff_initial_ms = in_range(
+            "backoff_initial_ms",
+            self.backoff_initial_ms.unwrap_or(500),
+            0,
+            3_600_000,
+        )? as u64;
+        let backoff_max_ms = in_range(
+            "backoff_max_ms",
+            self.backoff_max_ms.unwrap_or(30_000),
+            0,
+            3_600_000,
+        )? as u64;
+        if backoff_max_ms < backoff_initial_ms {
+            return Err(invalid(
+                "backoff_max_ms must be at least backoff_initial_ms",
+            ));
+        }
+        Ok(JobSpec {
+            world_size,
+            name: self.name,
+            command: self.command,
+            env,
+            dataset,
+            checkpoint_dir,
+            checkpoint_every: in_range(
+                "checkpoint_every",
+                self.checkpoint_every
+                    .unwrap_or(defaults.checkpoint_every as i64),
+                1,
+                i64::MAX,
+            )? as u64,
+            keep_last: in_range("keep_last", self.keep_last.unwrap_or(3), 1, 1_000_000)? as u32,
+            total_steps: self
+                .total_steps
+                .map(|s| in_range("total_steps", s, 1, i64::MAX).map(|s| s as u64))
+                .transpose()?,
+            heartbeat_timeout_s: finite_in(
+                "heartbeat_timeout_s",
+                self.heartbeat_timeout_s
+                    .unwrap_or(defaults.heartbeat_timeout_s),
+                0.01,
+                86_400.0,
+            )?,
+            max_restarts: in_range(
+                "max_restarts",
+                self.max_restarts
+                    .unwrap_or(i64::from(defaults.max_restarts)),
+                0,
+                1_000_000,
+            )? as u32,
+            restart_scope: self.restart_scope.unwrap_or(default_scope),
+            backoff_initial_ms,
+            backoff_multiplier: finite_in(
+                "backoff_multiplier",
+                self.backoff_multiplier.unwrap_or(2.0),
+                1.0,
+                100.0,
+            )?,
+            backoff_max_ms,
+            backoff_jitter: finite_in(
+                "backoff_jitter",
+                self.backoff_jitter.unwrap_or(0.0),
+                0.0,
+                1.0,
+            )?,
+            batch_size: in_range("batch_size", self.batch_size.unwrap_or(32), 1, 1_000_000)? as u32,
+            lr: finite_in("lr", self.lr.unwrap_or(0.1), 0.0, 1e6)?,
+            seed: in_range("seed", self.seed.unwrap_or(0), 0, i64::MAX)? as u64,
+            sync,
+            sleep_sec: finite_in(
+                "sleep_sec",
+                self.sleep_sec.unwrap_or(defaults.sleep_sec),
+                0.0,
+                3600.0,
+            )?,
+        })
+    }
+}
+
+impl JobSpec {
+    /// Exponential backoff before restart number `n` (1-based), without jitter.
+    pub fn backoff_ms(&self, n: u32) -> u64 {
+        let exp = self
+            .backoff_multiplier
+            .powi(n.saturating_sub(1).min(64) as i32);
+        let ms = self.backoff_initial_ms as f64 * exp;
+        ms.min(self.backoff_max_ms as f64) as u64
+    }
+
+    /// The checkpoint directory of one job: `<checkpoint_dir>/<job_id>`.
+    pub fn job_checkpoint_dir(&self, job_id: &uuid::Uuid) -> String {
+        if self.checkpoint_dir.contains("://") {
+            format!("{}/{job_id}", self.checkpoint_dir.trim_end_matches('/'))
+        } else {
+            PathBuf::from(&self.checkpoint_dir)
+                .join(job_id.to_string())
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> JobDefaults {
+        JobDefaults::for_data_dir(std::path::Path::new("/tmp/tv"))
+    }
+
+    #[test]
+    fn world_size_is_required_and_bounded() {
+        let d = defaults();
+        assert!(JobRequest::default().resolve(&d).is_err());
+        let req = |w| JobRequest {
+            world_size: Some(w),
+            ..Default::default()
+        };
+        assert!(req(0).resolve(&d).is_err());
+        assert!(req(1025).resolve(&d).is_err());
+        assert_eq!(req(4).resolve(&d).unwrap().world_size, 4);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let spec = JobRequest {
+            world_size: Some(1),
+            ..Default::default()
+        }
+        .resolve(&defaults())
+        .unwrap();
+        assert_eq!(spec.backoff_ms(1), 500);
+        assert_eq!(spec.backoff_ms(2), 1000);
+        assert_eq!(spec.backoff_ms(3), 2000);
+        assert_eq!(spec.backoff_ms(30), 30_000);
+    }
+
+    #[test]
+    fn scope_defaults_follow_the_workload() {
+        let d = defaults();
+        let trainer = JobRequest {
+            world_size: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            trainer.resolve(&d).unwrap().restart_scope,
+            RestartScope::Job
+        );
+        let shell = JobRequest {
+            world_size: Some(2),
+            command: Some(vec!["true".into()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            shell.resolve(&d).unwrap().restart_scope,
+            RestartScope::Worker
+        );
+    }
+
+    #[test]
+    fn env_names_are_checked() {
+        let d = defaults();
+        for bad in ["1X", "A-B", "", "RANK"] {
+            let req = JobRequest {
+                world_size: Some(1),
+                env: Some([(bad.to_string(), "v".to_string())].into()),
+                ..Default::default()
+            };
+            assert!(req.resolve(&d).is_err(), "{bad} accepted");
+        }
+    }
+}

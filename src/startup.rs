@@ -1,0 +1,172 @@
+//! Builds the application: data dir, database, recorder, actors, HTTP server. Tests and the
+//! binary run exactly this; binding port 0 works and `port()` tells which port was chosen.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+use actix_web::dev::Server;
+use actix_web::middleware::ErrorHandlers;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+
+use crate::actors::job_manager::{Restore, Shutdown};
+use crate::actors::{JobManager, Registry, Runtime};
+use crate::api::{self, ApiError, AppState};
+use crate::bus::LogBus;
+use crate::config::Settings;
+use crate::launcher::local;
+use crate::store::{self, Recorder};
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    manager: Addr<JobManager>,
+    _lock: std::fs::File,
+}
+
+impl Application {
+    /// Must be called inside an actix System (`#[actix_web::main]`, `#[actix_web::test]`).
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let data_dir = settings.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let lock = lock_data_dir(&data_dir)?;
+        let instance = instance_id(&data_dir)?;
+        let swept = local::sweep(&instance);
+        if swept > 0 {
+            tracing::warn!(swept, "killed worker processes left by a previous server");
+        }
+        let pool = store::open(&data_dir)
+            .await
+            .context("opening the database")?;
+        let bus = Arc::new(LogBus::default());
+        let recorder = Recorder::start(pool.clone(), bus.clone()).await?;
+
+        let listener = TcpListener::bind(&settings.bind)
+            .with_context(|| format!("binding {}", settings.bind))?;
+        let addr = listener.local_addr()?;
+        let reachable = if addr.ip().is_unspecified() {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        } else {
+            addr
+        };
+        let max_body = settings.max_body_bytes;
+        let http_workers = settings.http_workers;
+        let rt = Arc::new(Runtime {
+            pool,
+            recorder,
+            bus,
+            settings,
+            instance,
+            base_url: format!("http://{reachable}"),
+            registry: Registry::default(),
+        });
+        let manager = JobManager::new(rt.clone()).start();
+        let resumed = manager.send(Restore).await??;
+        if resumed > 0 {
+            tracing::info!(resumed, "resumed unfinished jobs");
+        }
+        let state = web::Data::new(AppState {
+            rt,
+            manager: manager.clone(),
+        });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(max_body))
+                .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                    ApiError::BadRequest(format!("invalid query string: {e}")).into()
+                }))
+                .app_data(
+                    web::PathConfig::default().error_handler(|e, _| {
+                        ApiError::NotFound(format!("invalid path: {e}")).into()
+                    }),
+                )
+                .wrap(ErrorHandlers::new().default_handler(api::error::json_errors))
+                .configure(api::routes)
+                .default_service(web::to(|| async {
+                    Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
+                }))
+        })
+        .workers(http_workers)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen(listener)?
+        .run();
+        tracing::info!(%addr, data_dir = %data_dir.display(), "trainvisor listening");
+        Ok(Application {
+            port: addr.port(),
+            server,
+            manager,
+            _lock: lock,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until the server is stopped (tests drop the runtime instead).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+
+    /// Serves until SIGINT or SIGTERM, then kills the worker groups and flushes the history.
+    /// Jobs stay `running` in the database and resume on the next start.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let server = self.server;
+        tokio::pin!(server);
+        tokio::select! {
+            res = &mut server => return Ok(res?),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        let stopping = handle.stop(true);
+        let _ = self.manager.send(Shutdown).await;
+        stopping.await;
+        Ok(())
+    }
+}
+
+/// One server per data dir: a second one would fight over the database and the workers.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("trainvisor.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        anyhow::bail!(
+            "data dir {} is in use by another trainvisor server",
+            dir.display()
+        );
+    }
+    Ok(file)
+}
+
+/// A random id kept in the data dir; it marks every worker this data dir's servers start.
+fn instance_id(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("instance-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let tmp = dir.join("instance-id.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(id.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
+}

@@ -1,0 +1,204 @@
+//! Writes of the job history (jobs, incarnations, restarts), as typed operations that the
+//! recorder applies in the order the actors issued them.
+
+use sqlx::SqliteConnection;
+use uuid::Uuid;
+
+use crate::actors::JobState;
+
+/// How an incarnation ended. Also the `reason` of a restart caused by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    ExitCode,
+    Signal,
+    HeartbeatTimeout,
+    SpawnError,
+    Stopped,
+    ServerRestart,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::ExitCode => "exit_code",
+            Outcome::Signal => "signal",
+            Outcome::HeartbeatTimeout => "heartbeat_timeout",
+            Outcome::SpawnError => "spawn_error",
+            Outcome::Stopped => "stopped",
+            Outcome::ServerRestart => "server_restart",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum HistoryOp {
+    JobState {
+        job_id: Uuid,
+        state: JobState,
+        at: String,
+        reason: Option<String>,
+        summary: Option<String>,
+    },
+    IncarnationStarted {
+        job_id: Uuid,
+        rank: u32,
+        attempt: u32,
+        pid: Option<u32>,
+        master_port: u16,
+        token_hash: String,
+        started_at: String,
+    },
+    IncarnationEnded {
+        job_id: Uuid,
+        rank: u32,
+        attempt: u32,
+        ended_at: String,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        outcome: Outcome,
+    },
+    RestartDetected {
+        job_id: Uuid,
+        rank: u32,
+        attempt: u32,
+        scope: &'static str,
+        reason: Outcome,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        detail: String,
+        detected_at: String,
+        backoff_ms: u64,
+    },
+    RestartLaunched {
+        job_id: Uuid,
+        rank: u32,
+        attempt: u32,
+        restarted_at: String,
+    },
+}
+
+impl HistoryOp {
+    pub async fn apply(&self, conn: &mut SqliteConnection) -> sqlx::Result<()> {
+        match self {
+            HistoryOp::JobState {
+                job_id,
+                state,
+                at,
+                reason,
+                summary,
+            } => {
+                sqlx::query(
+                    "UPDATE jobs SET state = ?1, reason = ?2, summary = COALESCE(?3, summary),
+                       started_at = CASE WHEN ?1 = 'running' THEN COALESCE(started_at, ?4)
+                                         ELSE started_at END,
+                       finished_at = CASE WHEN ?1 IN ('succeeded', 'failed', 'stopped') THEN ?4
+                                          ELSE finished_at END
+                     WHERE id = ?5",
+                )
+                .bind(state.as_str())
+                .bind(reason)
+                .bind(summary)
+                .bind(at)
+                .bind(job_id.to_string())
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::IncarnationStarted {
+                job_id,
+                rank,
+                attempt,
+                pid,
+                master_port,
+                token_hash,
+                started_at,
+            } => {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO incarnations
+                     (job_id, rank, attempt, pid, master_port, token_hash, started_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(job_id.to_string())
+                .bind(rank)
+                .bind(attempt)
+                .bind(pid)
+                .bind(master_port)
+                .bind(token_hash)
+                .bind(started_at)
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::IncarnationEnded {
+                job_id,
+                rank,
+                attempt,
+                ended_at,
+                exit_code,
+                signal,
+                outcome,
+            } => {
+                sqlx::query(
+                    "UPDATE incarnations SET ended_at = ?, exit_code = ?, signal = ?, outcome = ?
+                     WHERE job_id = ? AND rank = ? AND attempt = ? AND ended_at IS NULL",
+                )
+                .bind(ended_at)
+                .bind(exit_code)
+                .bind(signal)
+                .bind(outcome.as_str())
+                .bind(job_id.to_string())
+                .bind(rank)
+                .bind(attempt)
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::RestartDetected {
+                job_id,
+                rank,
+                attempt,
+                scope,
+                reason,
+                exit_code,
+                signal,
+                detail,
+                detected_at,
+                backoff_ms,
+            } => {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO restarts
+                     (job_id, rank, attempt, scope, reason, exit_code, signal, detail, detected_at, backoff_ms)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(job_id.to_string())
+                .bind(rank)
+                .bind(attempt)
+                .bind(scope)
+                .bind(reason.as_str())
+                .bind(exit_code)
+                .bind(signal)
+                .bind(detail)
+                .bind(detected_at)
+                .bind(*backoff_ms as i64)
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::RestartLaunched {
+                job_id,
+                rank,
+                attempt,
+                restarted_at,
+            } => {
+                sqlx::query(
+                    "UPDATE restarts SET restarted_at = ? WHERE job_id = ? AND rank = ? AND attempt = ?",
+                )
+                .bind(restarted_at)
+                .bind(job_id.to_string())
+                .bind(rank)
+                .bind(attempt)
+                .execute(conn)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}

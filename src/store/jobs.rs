@@ -1,0 +1,157 @@
+//! Reads of jobs, incarnations and restarts, and the writes made outside a job's actor
+//! (creation, deletion, closing a dead server's incarnations).
+
+use serde::Serialize;
+use sqlx::SqlitePool;
+use uuid::Uuid;
+
+use crate::spec::JobSpec;
+
+/// A job as `GET /jobs/{id}` shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct JobRecord {
+    #[sqlx(rename = "id")]
+    pub job_id: String,
+    pub name: Option<String>,
+    pub state: String,
+    pub world_size: i64,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub reason: Option<String>,
+    pub restarts: i64,
+    #[sqlx(json)]
+    pub spec: serde_json::Value,
+    #[serde(skip)]
+    pub summary: Option<String>,
+}
+
+const SELECT_JOB: &str = "SELECT id, name, state, world_size, created_at, started_at, finished_at,
+    reason, spec, summary,
+    (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id) AS restarts
+    FROM jobs";
+
+pub async fn insert(
+    pool: &SqlitePool,
+    id: Uuid,
+    spec: &JobSpec,
+    created_at: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, name, spec, state, world_size, created_at) VALUES (?, ?, ?, 'pending', ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(&spec.name)
+    .bind(serde_json::to_string(spec).expect("a spec always serializes"))
+    .bind(spec.world_size)
+    .bind(created_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn get(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Option<JobRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE id = ?")))
+        .bind(id.to_string())
+        .fetch_optional(pool)
+        .await
+}
+
+/// Jobs newest first, optionally only those in one state.
+pub async fn list(pool: &SqlitePool, state: Option<&str>) -> sqlx::Result<Vec<JobRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_JOB} WHERE ?1 IS NULL OR state = ?1 ORDER BY created_at DESC, id"
+    )))
+    .bind(state)
+    .fetch_all(pool)
+    .await
+}
+
+/// Jobs a server must resume when it starts.
+pub async fn unfinished(pool: &SqlitePool) -> sqlx::Result<Vec<JobRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_JOB} WHERE state IN ('pending', 'running') ORDER BY created_at"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+/// Deletes jobs and (by cascade) their incarnations, restarts and log lines, in one transaction.
+pub async fn delete(pool: &SqlitePool, ids: &[Uuid]) -> sqlx::Result<()> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    for id in ids {
+        sqlx::query("DELETE FROM jobs WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Incarnation {
+    pub rank: i64,
+    pub attempt: i64,
+    pub pid: Option<i64>,
+    pub master_port: i64,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub outcome: Option<String>,
+    #[serde(skip)]
+    pub token_hash: String,
+}
+
+pub async fn incarnations(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Incarnation>> {
+    sqlx::query_as(
+        "SELECT rank, attempt, pid, master_port, started_at, ended_at, exit_code, signal, outcome,
+                token_hash
+         FROM incarnations WHERE job_id = ? ORDER BY rank, attempt",
+    )
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Restart {
+    pub rank: i64,
+    pub attempt: i64,
+    pub scope: String,
+    pub reason: String,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub detail: Option<String>,
+    pub detected_at: String,
+    pub backoff_ms: i64,
+    pub restarted_at: Option<String>,
+}
+
+pub async fn restarts(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Restart>> {
+    sqlx::query_as(
+        "SELECT rank, attempt, scope, reason, exit_code, signal, detail, detected_at, backoff_ms,
+                restarted_at
+         FROM restarts WHERE job_id = ? ORDER BY id",
+    )
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks the incarnations a dead server left open as ended by the server restart.
+pub async fn close_orphaned_incarnations(
+    pool: &SqlitePool,
+    id: Uuid,
+    at: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE incarnations SET ended_at = ?, outcome = 'server_restart'
+         WHERE job_id = ? AND ended_at IS NULL",
+    )
+    .bind(at)
+    .bind(id.to_string())
+    .execute(pool)
+    .await?;
+    Ok(())
+}

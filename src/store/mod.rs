@@ -1,0 +1,44 @@
+//! SQLite access. Reads go through the pool from anywhere; every write a running job makes
+//! goes through the single `Recorder` task, in order and batched.
+
+pub mod history;
+pub mod jobs;
+pub mod logs;
+pub mod recorder;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+pub use recorder::Recorder;
+
+/// Opens (creating if needed) `<data_dir>/trainvisor.db` in WAL mode and applies migrations.
+pub async fn open(data_dir: &Path) -> anyhow::Result<SqlitePool> {
+    let path = data_dir.join("trainvisor.db");
+    let options = SqliteConnectOptions::from_str("sqlite://")?
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await?;
+    sqlx::migrate!("./migrations").run(&pool).await?;
+    Ok(pool)
+}
+
+/// The one timestamp format of the database and the API.
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn now() -> String {
+    ts(Utc::now())
+}

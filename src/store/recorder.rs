@@ -1,0 +1,192 @@
+//! The recorder: one task that owns every write a running job makes (history and log lines),
+//! applies them in order in batched `BEGIN IMMEDIATE` transactions, assigns log sequence ids,
+//! and publishes committed lines to the LogBus.
+//!
+//! Batching is adaptive: the task takes everything queued when it wakes up (up to a limit), so
+//! an idle server writes a line within a millisecond and a busy one writes thousands per
+//! transaction. Log lines hold a permit from a semaphore until committed, which bounds memory
+//! when workers print faster than the disk can take: readers wait, the actors never do.
+
+use std::sync::Arc;
+
+use sqlx::SqlitePool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::history::HistoryOp;
+use crate::bus::{LogBus, LogLine};
+
+/// A line as produced, before it has a sequence id.
+#[derive(Debug)]
+pub struct NewLine {
+    pub job_id: Uuid,
+    pub rank: Option<u32>,
+    pub attempt: Option<u32>,
+    pub stream: &'static str,
+    pub line: String,
+}
+
+enum Op {
+    History(HistoryOp, Option<oneshot::Sender<()>>),
+    /// The permit is released when the batch holding the line is done.
+    Log {
+        line: NewLine,
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+    /// Publish the end of a job's logs once everything before it is committed.
+    EndOfLogs(Uuid),
+    Flush(oneshot::Sender<()>),
+}
+
+const MAX_BATCH: usize = 4096;
+const LOG_PERMITS: usize = 65_536;
+
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::UnboundedSender<Op>,
+    permits: Arc<Semaphore>,
+}
+
+impl Recorder {
+    /// Starts the recorder task on the current runtime. `next_seq` is one past the largest
+    /// stored sequence id.
+    pub async fn start(pool: SqlitePool, bus: Arc<LogBus>) -> anyhow::Result<Self> {
+        let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM logs")
+            .fetch_one(&pool)
+            .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(pool, bus, rx, max.unwrap_or(0) + 1));
+        Ok(Recorder {
+            tx,
+            permits: Arc::new(Semaphore::new(LOG_PERMITS)),
+        })
+    }
+
+    pub fn record(&self, op: HistoryOp) {
+        let _ = self.tx.send(Op::History(op, None));
+    }
+
+    /// Records and resolves once the write is committed.
+    pub fn record_acked(&self, op: HistoryOp) -> oneshot::Receiver<()> {
+        let (ack, done) = oneshot::channel();
+        let _ = self.tx.send(Op::History(op, Some(ack)));
+        done
+    }
+
+    /// A worker's line; waits while too many lines are queued.
+    pub async fn log(&self, line: NewLine) {
+        let permit = self.permits.clone().acquire_owned().await.ok();
+        let _ = self.tx.send(Op::Log {
+            line,
+            _permit: permit,
+        });
+    }
+
+    /// A note of trainvisor's own (rare: not subject to the queue bound).
+    pub fn note(&self, job_id: Uuid, rank: Option<u32>, attempt: Option<u32>, line: String) {
+        let line = NewLine {
+            job_id,
+            rank,
+            attempt,
+            stream: "system",
+            line,
+        };
+        let _ = self.tx.send(Op::Log {
+            line,
+            _permit: None,
+        });
+    }
+
+    pub fn end_of_logs(&self, job_id: Uuid) {
+        let _ = self.tx.send(Op::EndOfLogs(job_id));
+    }
+
+    /// Resolves when everything queued before it is committed.
+    pub async fn flush(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Op::Flush(ack)).is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+async fn run(
+    pool: SqlitePool,
+    bus: Arc<LogBus>,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    mut next_seq: i64,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut published = Vec::new();
+        if let Err(e) = write_batch(&pool, &mut batch, &mut next_seq, &mut published).await {
+            tracing::error!(error = %e, "recorder: batch not written");
+            published.clear();
+        }
+        for (job_id, line) in published {
+            bus.publish(job_id, Arc::new(line));
+        }
+        for op in batch.drain(..) {
+            match op {
+                Op::History(_, Some(ack)) | Op::Flush(ack) => {
+                    let _ = ack.send(());
+                }
+                Op::EndOfLogs(job_id) => bus.end(job_id),
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn write_batch(
+    pool: &SqlitePool,
+    batch: &mut [Op],
+    next_seq: &mut i64,
+    published: &mut Vec<(Uuid, LogLine)>,
+) -> sqlx::Result<()> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    for op in batch.iter() {
+        match op {
+            Op::History(h, _) => {
+                // A failed statement does not abort the transaction; log it and go on so one
+                // bad row never loses the rest of the batch.
+                if let Err(e) = h.apply(&mut tx).await {
+                    tracing::error!(error = %e, op = ?h, "recorder: history write failed");
+                }
+            }
+            Op::Log { line: l, .. } => {
+                let line = LogLine {
+                    seq: *next_seq,
+                    rank: l.rank,
+                    attempt: l.attempt,
+                    stream: l.stream.to_string(),
+                    ts: super::now(),
+                    line: l.line.clone(),
+                };
+                let res = sqlx::query(
+                    "INSERT INTO logs (seq, job_id, rank, attempt, stream, ts, line)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(line.seq)
+                .bind(l.job_id.to_string())
+                .bind(line.rank)
+                .bind(line.attempt)
+                .bind(&line.stream)
+                .bind(&line.ts)
+                .bind(&line.line)
+                .execute(&mut *tx)
+                .await;
+                match res {
+                    Ok(_) => {
+                        *next_seq += 1;
+                        published.push((l.job_id, line));
+                    }
+                    // The job was deleted meanwhile: its lines have nowhere to go.
+                    Err(e) => tracing::debug!(error = %e, "recorder: log line dropped"),
+                }
+            }
+            Op::EndOfLogs(_) | Op::Flush(_) => {}
+        }
+    }
+    tx.commit().await
+}
