@@ -1,5 +1,5 @@
--- trainvisor history. Times are RFC 3339 UTC strings with milliseconds
--- ('2026-11-28T14:03:00.123Z'), so sqlite3's datetime() and plain string
+-- trainvisor history. Times are RFC 3339 UTC strings with microseconds
+-- ('2026-11-28T14:03:00.123456Z'), so sqlite3's datetime() and plain string
 -- comparison both work on them.
 
 CREATE TABLE jobs (

@@ -83,6 +83,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
     actix_web::rt::System::new().block_on(async move {
         let app = Application::build(settings).await?;
+        // One machine-readable line on stdout, for scripts that bind port 0.
+        println!("trainvisor listening on http://{}", app.local_addr());
         app.run_until_signal().await
     })
 }

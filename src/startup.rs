@@ -22,7 +22,7 @@ use crate::launcher::local;
 use crate::store::{self, Recorder};
 
 pub struct Application {
-    port: u16,
+    addr: SocketAddr,
     server: Server,
     manager: Addr<JobManager>,
     _lock: std::fs::File,
@@ -99,7 +99,7 @@ impl Application {
         .run();
         tracing::info!(%addr, data_dir = %data_dir.display(), "trainvisor listening");
         Ok(Application {
-            port: addr.port(),
+            addr: reachable,
             server,
             manager,
             _lock: lock,
@@ -107,7 +107,12 @@ impl Application {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
+    }
+
+    /// The address clients on this machine reach the server at.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Serves until the server is stopped (tests drop the runtime instead).
@@ -127,9 +132,10 @@ impl Application {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         }
-        let stopping = handle.stop(true);
         let _ = self.manager.send(Shutdown).await;
-        stopping.await;
+        // The server future processes the stop command, so keep polling it.
+        actix_web::rt::spawn(handle.stop(true));
+        server.await?;
         Ok(())
     }
 }

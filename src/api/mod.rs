@@ -35,22 +35,24 @@ async fn health() -> HttpResponse {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health))
-        .route("/metrics", web::get().to(metrics::metrics))
-        .route("/jobs", web::post().to(jobs::create))
-        .route("/jobs", web::get().to(jobs::list))
-        .route("/jobs/summaries", web::get().to(jobs::summaries))
-        .route("/jobs/purge", web::post().to(jobs::purge))
-        .route("/jobs/{job_id}", web::get().to(jobs::get))
-        .route("/jobs/{job_id}", web::delete().to(jobs::delete))
-        .route("/jobs/{job_id}/summary", web::get().to(jobs::summary))
-        .route("/jobs/{job_id}/workers", web::get().to(jobs::workers))
-        .route("/jobs/{job_id}/restarts", web::get().to(jobs::restarts))
-        .route("/jobs/{job_id}/stop", web::post().to(jobs::stop))
-        .route("/jobs/{job_id}/logs", web::get().to(logs::tail))
-        .route("/jobs/{job_id}/logs/stream", web::get().to(logs::stream))
-        .route(
-            "/jobs/{job_id}/workers/{rank}/heartbeat",
-            web::post().to(heartbeat::heartbeat),
+    // Resources (not bare routes) so a known path with the wrong method is a 405.
+    cfg.service(web::resource("/health").get(health))
+        .service(web::resource("/metrics").get(metrics::metrics))
+        .service(web::resource("/jobs").get(jobs::list).post(jobs::create))
+        .service(web::resource("/jobs/summaries").get(jobs::summaries))
+        .service(web::resource("/jobs/purge").post(jobs::purge))
+        .service(
+            web::resource("/jobs/{job_id}")
+                .get(jobs::get)
+                .delete(jobs::delete),
+        )
+        .service(web::resource("/jobs/{job_id}/summary").get(jobs::summary))
+        .service(web::resource("/jobs/{job_id}/workers").get(jobs::workers))
+        .service(web::resource("/jobs/{job_id}/restarts").get(jobs::restarts))
+        .service(web::resource("/jobs/{job_id}/stop").post(jobs::stop))
+        .service(web::resource("/jobs/{job_id}/logs").get(logs::tail))
+        .service(web::resource("/jobs/{job_id}/logs/stream").get(logs::stream))
+        .service(
+            web::resource("/jobs/{job_id}/workers/{rank}/heartbeat").post(heartbeat::heartbeat),
         );
 }

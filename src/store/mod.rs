@@ -34,9 +34,9 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<SqlitePool> {
     Ok(pool)
 }
 
-/// The one timestamp format of the database and the API.
+/// The one timestamp format of the database and the API: RFC 3339, UTC, microseconds.
 pub fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 pub fn now() -> String {

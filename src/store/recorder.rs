@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use sqlx::SqlitePool;
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -40,6 +40,8 @@ enum Op {
 
 const MAX_BATCH: usize = 4096;
 const LOG_PERMITS: usize = 65_536;
+/// SQLite allows 32,766 bound parameters per statement; 7 per row.
+const ROWS_PER_INSERT: usize = 500;
 
 #[derive(Clone)]
 pub struct Recorder {
@@ -145,6 +147,8 @@ async fn write_batch(
     published: &mut Vec<(Uuid, LogLine)>,
 ) -> sqlx::Result<()> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let ts = super::now();
+    let mut lines = Vec::new();
     for op in batch.iter() {
         match op {
             Op::History(h, _) => {
@@ -155,38 +159,59 @@ async fn write_batch(
                 }
             }
             Op::Log { line: l, .. } => {
-                let line = LogLine {
-                    seq: *next_seq,
-                    rank: l.rank,
-                    attempt: l.attempt,
-                    stream: l.stream.to_string(),
-                    ts: super::now(),
-                    line: l.line.clone(),
-                };
-                let res = sqlx::query(
-                    "INSERT INTO logs (seq, job_id, rank, attempt, stream, ts, line)
-                     VALUES (?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(line.seq)
-                .bind(l.job_id.to_string())
-                .bind(line.rank)
-                .bind(line.attempt)
-                .bind(&line.stream)
-                .bind(&line.ts)
-                .bind(&line.line)
-                .execute(&mut *tx)
-                .await;
-                match res {
-                    Ok(_) => {
-                        *next_seq += 1;
-                        published.push((l.job_id, line));
-                    }
-                    // The job was deleted meanwhile: its lines have nowhere to go.
-                    Err(e) => tracing::debug!(error = %e, "recorder: log line dropped"),
-                }
+                lines.push((
+                    l.job_id,
+                    LogLine {
+                        seq: *next_seq,
+                        rank: l.rank,
+                        attempt: l.attempt,
+                        stream: l.stream.to_string(),
+                        ts: ts.clone(),
+                        line: l.line.clone(),
+                    },
+                ));
+                *next_seq += 1;
             }
             Op::EndOfLogs(_) | Op::Flush(_) => {}
         }
+    }
+    for chunk in lines.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO logs (seq, job_id, rank, attempt, stream, ts, line) ",
+        );
+        insert.push_values(chunk, |mut row, (job_id, l)| {
+            row.push_bind(l.seq)
+                .push_bind(job_id.to_string())
+                .push_bind(l.rank)
+                .push_bind(l.attempt)
+                .push_bind(l.stream.clone())
+                .push_bind(l.ts.clone())
+                .push_bind(l.line.clone());
+        });
+        // Lines of a job deleted meanwhile have nowhere to go (foreign key): drop them.
+        if let Err(e) = insert.build().execute(&mut *tx).await {
+            tracing::debug!(error = %e, "recorder: log lines dropped, retrying row by row");
+            for (job_id, l) in chunk {
+                let one = sqlx::query(
+                    "INSERT INTO logs (seq, job_id, rank, attempt, stream, ts, line)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(l.seq)
+                .bind(job_id.to_string())
+                .bind(l.rank)
+                .bind(l.attempt)
+                .bind(&l.stream)
+                .bind(&l.ts)
+                .bind(&l.line)
+                .execute(&mut *tx)
+                .await;
+                if one.is_ok() {
+                    published.push((*job_id, l.clone()));
+                }
+            }
+            continue;
+        }
+        published.extend(chunk.iter().cloned());
     }
     tx.commit().await
 }

@@ -1,1 +1,8 @@
-fn main() {}
+//! The one integration-test binary: the real server, real SQLite, real child processes.
+
+mod bad_input;
+mod failures;
+mod helpers;
+mod lifecycle;
+mod logs;
+mod server_restart;

@@ -1,0 +1,250 @@
+//! Failure detection and the restart policy.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[actix_web::test]
+async fn killed_worker_is_restarted_and_the_job_succeeds() {
+    let app = spawn_app().await;
+    // Attempt 0 of every rank waits to be killed; later attempts finish at once.
+    let script = r#"if [ "$RESTART_COUNT" = 0 ]; then exec sleep 300; fi; echo "rank $RANK back""#;
+    let id = app
+        .create_job(
+            json!({"world_size": 2, "command": sh(script), "backoff_initial_ms": 0,
+                           "restart_scope": "worker"}),
+        )
+        .await;
+    let pids = app.running_pids(&id, 2).await;
+    kill(pids[1], libc::SIGKILL);
+    // Rank 1 restarts and finishes; rank 0 is untouched until we kill it too.
+    let restarted = wait_for(Duration::from_secs(20), || async {
+        let r = app.restarts(&id).await;
+        (!r.is_empty() && r[0]["restarted_at"].is_string()).then_some(r)
+    })
+    .await
+    .expect("a restart is recorded");
+    let r = &restarted[0];
+    assert_eq!(r["rank"], 1);
+    assert_eq!(r["reason"], "signal");
+    assert_eq!(r["signal"], 9);
+    assert_eq!(r["scope"], "worker");
+    assert_eq!(r["attempt"], 1);
+    assert_eq!(r["backoff_ms"], 0);
+    assert!(r["detail"].as_str().unwrap().contains("SIGKILL"));
+    let summary = app.summary(&id).await;
+    assert_eq!(
+        summary["workers"][0]["pid"], pids[0],
+        "rank 0 must not be restarted"
+    );
+
+    kill(pids[0], libc::SIGKILL);
+    let job = app.wait_finished(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["restarts"], 2);
+    let incs = app.incarnations(&id).await;
+    assert_eq!(incs.len(), 4);
+    let first = incs
+        .iter()
+        .find(|i| i["rank"] == 1 && i["attempt"] == 0)
+        .unwrap();
+    assert_eq!(first["signal"], 9);
+    assert_eq!(first["outcome"], "signal");
+}
+
+#[actix_web::test]
+async fn silent_worker_is_killed_for_heartbeat_timeout() {
+    let app = spawn_app().await;
+    // Attempt 0 heartbeats once and then hangs; attempt 1 succeeds.
+    let script = format!(
+        r#"if [ "$RESTART_COUNT" = 0 ]; then {}; sleep 300; fi; echo recovered"#,
+        beat(r#"{"step": 1}"#)
+    );
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": sh(&script), "heartbeat_timeout_s": 0.5,
+                           "backoff_initial_ms": 0}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let restarts = app.restarts(&id).await;
+    assert_eq!(restarts.len(), 1);
+    assert_eq!(restarts[0]["reason"], "heartbeat_timeout");
+    let incs = app.incarnations(&id).await;
+    assert_eq!(incs[0]["outcome"], "heartbeat_timeout");
+    // The hung group got SIGTERM first (sh dies of it).
+    assert_eq!(incs[0]["signal"], libc::SIGTERM);
+    let lines = app.log_lines(&id).await;
+    assert!(
+        lines.iter().any(|l| l["stream"] == "system"
+            && l["line"].as_str().unwrap().contains("sent no heartbeat"))
+    );
+}
+
+#[actix_web::test]
+async fn a_worker_that_never_heartbeats_is_not_timed_out() {
+    let app = spawn_app().await;
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": sh("sleep 1.5"), "heartbeat_timeout_s": 0.2}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded");
+    assert!(app.restarts(&id).await.is_empty());
+}
+
+#[actix_web::test]
+async fn exhausted_restart_budget_fails_the_job_with_the_cause() {
+    let app = spawn_app().await;
+    let script = r#"echo "boom from rank $RANK attempt $RESTART_COUNT"; [ "$RANK" = 1 ] && exit 3; sleep 300"#;
+    let id = app
+        .create_job(
+            json!({"world_size": 2, "command": sh(script), "max_restarts": 2,
+                           "backoff_initial_ms": 1, "restart_scope": "worker"}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(reason.contains("rank 1"), "{reason}");
+    assert!(reason.contains("exit_code"), "{reason}");
+    assert!(reason.contains("exited with code 3"), "{reason}");
+    assert!(reason.contains("boom from rank 1 attempt 2"), "{reason}");
+    let restarts = app.restarts(&id).await;
+    assert_eq!(restarts.len(), 2);
+    // Backoff grows exponentially: 1 ms, then 2 ms.
+    assert_eq!(restarts[0]["backoff_ms"], 1);
+    assert_eq!(restarts[1]["backoff_ms"], 2);
+    assert!(
+        restarts
+            .iter()
+            .all(|r| r["reason"] == "exit_code" && r["exit_code"] == 3)
+    );
+    // Rank 0 was stopped when the job failed.
+    let incs = app.incarnations(&id).await;
+    let rank0 = incs.iter().find(|i| i["rank"] == 0).unwrap();
+    assert_eq!(rank0["outcome"], "stopped");
+    assert!(group_gone(rank0["pid"].as_u64().unwrap() as u32).await);
+}
+
+#[actix_web::test]
+async fn job_scope_restarts_every_rank_on_a_fresh_master_port() {
+    let app = spawn_app().await;
+    let script = r#"
+        if [ "$RESTART_COUNT" = 0 ]; then
+            if [ "$RANK" = 1 ]; then sleep 0.5; exit 1; fi
+            sleep 300
+        fi
+        echo "rank $RANK restarted on $MASTER_PORT""#;
+    let id = app
+        .create_job(
+            json!({"world_size": 3, "command": sh(script), "restart_scope": "job",
+                           "backoff_initial_ms": 0}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let restarts = app.restarts(&id).await;
+    assert_eq!(restarts.len(), 1);
+    assert_eq!(restarts[0]["scope"], "job");
+    assert_eq!(restarts[0]["rank"], 1);
+    assert_eq!(restarts[0]["reason"], "exit_code");
+    let incs = app.incarnations(&id).await;
+    assert_eq!(incs.len(), 6, "every rank ran twice");
+    let port_of = |attempt: u64| -> Vec<u64> {
+        incs.iter()
+            .filter(|i| i["attempt"] == attempt)
+            .map(|i| i["master_port"].as_u64().unwrap())
+            .collect()
+    };
+    let (first, second) = (port_of(0), port_of(1));
+    assert_eq!(first.len(), 3);
+    assert_eq!(second.len(), 3);
+    assert!(first.iter().all(|p| *p == first[0]), "one port per launch");
+    assert!(second.iter().all(|p| *p == second[0]));
+    assert_ne!(
+        first[0], second[0],
+        "the relaunch must get a fresh MASTER_PORT"
+    );
+    for inc in incs.iter().filter(|i| i["attempt"] == 0 && i["rank"] != 1) {
+        assert_eq!(inc["outcome"], "stopped");
+    }
+}
+
+#[actix_web::test]
+async fn heartbeat_tokens_are_checked_per_incarnation() {
+    let app = spawn_app().await;
+    let token_dir = app.data_dir.path().join("tokens");
+    std::fs::create_dir_all(&token_dir).unwrap();
+    let script = format!(
+        r#"echo "$TRAINVISOR_TOKEN" > {dir}/$RESTART_COUNT; if [ "$RESTART_COUNT" = 0 ]; then exit 1; fi; sleep 300"#,
+        dir = token_dir.display()
+    );
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh(&script), "backoff_initial_ms": 0}))
+        .await;
+    app.running_pids(&id, 1).await;
+    let current = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(token_dir.join("1"))
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+    })
+    .await
+    .unwrap();
+    let stale = std::fs::read_to_string(token_dir.join("0")).unwrap();
+    let url = app.url(&format!("/jobs/{id}/workers/0/heartbeat"));
+    let send = |token: Option<String>| {
+        let mut req = app.client.post(&url).json(&json!({"step": 3}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t.trim());
+        }
+        req.send()
+    };
+    assert_eq!(send(Some(current.clone())).await.unwrap().status(), 200);
+    assert_json_error(send(Some(stale)).await.unwrap(), 409).await;
+    assert_json_error(send(Some("forged".into())).await.unwrap(), 401).await;
+    assert_json_error(send(None).await.unwrap(), 401).await;
+    let other_rank = app.url(&format!("/jobs/{id}/workers/5/heartbeat"));
+    let res = app
+        .client
+        .post(other_rank)
+        .bearer_auth(current.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_json_error(res, 404).await;
+    app.client
+        .post(app.url(&format!("/jobs/{id}/stop")))
+        .send()
+        .await
+        .unwrap();
+    // After the job ended every token is stale.
+    assert_json_error(send(Some(current)).await.unwrap(), 409).await;
+}
+
+#[actix_web::test]
+async fn a_command_that_cannot_start_is_a_spawn_error() {
+    let app = spawn_app().await;
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": ["/nonexistent/trainer"], "max_restarts": 1,
+                           "backoff_initial_ms": 0}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "failed");
+    assert!(
+        job["reason"].as_str().unwrap().contains("spawn_error"),
+        "{job}"
+    );
+    let restarts = app.restarts(&id).await;
+    assert_eq!(restarts[0]["reason"], "spawn_error");
+    let incs = app.incarnations(&id).await;
+    assert_eq!(incs.len(), 2);
+    assert!(incs[0]["pid"].is_null());
+    assert_eq!(incs[0]["outcome"], "spawn_error");
+}

@@ -1,0 +1,284 @@
+//! Test helpers: the real application on port 0 with a temp data dir, an HTTP client, an SSE
+//! reader, and small polling utilities. Worker commands are real `sh` processes.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use trainvisor::config::Settings;
+use trainvisor::startup::Application;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub data_dir: TempDir,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = Settings::new("127.0.0.1:0", data_dir.path());
+    settings.trainer_exe = env!("CARGO_BIN_EXE_trainvisor").into();
+    settings.kill_grace = Duration::from_millis(500);
+    tweak(&mut settings);
+    let app = Application::build(settings).await.expect("app builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    actix_web::rt::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        data_dir,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let res = self.get(path).await;
+        assert!(res.status().is_success(), "GET {path}: {}", res.status());
+        res.json().await.expect("JSON")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// Creates a job and returns its id.
+    pub async fn create_job(&self, spec: Value) -> String {
+        let res = self.post_json("/jobs", &spec).await;
+        assert_eq!(
+            res.status(),
+            201,
+            "create job: {}",
+            res.text().await.unwrap_or_default()
+        );
+        let job: Value = res.json().await.unwrap();
+        job["job_id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.get_json(&format!("/jobs/{id}")).await
+    }
+
+    pub async fn summary(&self, id: &str) -> Value {
+        self.get_json(&format!("/jobs/{id}/summary")).await
+    }
+
+    pub async fn restarts(&self, id: &str) -> Vec<Value> {
+        let v = self.get_json(&format!("/jobs/{id}/restarts")).await;
+        v.as_array().unwrap().clone()
+    }
+
+    pub async fn incarnations(&self, id: &str) -> Vec<Value> {
+        let v = self.get_json(&format!("/jobs/{id}/workers")).await;
+        v.as_array().unwrap().clone()
+    }
+
+    pub async fn log_lines(&self, id: &str) -> Vec<Value> {
+        let v = self.get_json(&format!("/jobs/{id}/logs?tail=100000")).await;
+        v["lines"].as_array().unwrap().clone()
+    }
+
+    /// Waits until the job is in a terminal state and returns it.
+    pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Value {
+        let job = wait_for(timeout, || async {
+            let job = self.job(id).await;
+            let state = job["state"].as_str().unwrap().to_string();
+            matches!(state.as_str(), "succeeded" | "failed" | "stopped").then_some(job)
+        })
+        .await;
+        job.unwrap_or_else(|| panic!("job {id} did not finish in {timeout:?}"))
+    }
+
+    /// Waits until every rank of the summary reports a pid, and returns the pids.
+    pub async fn running_pids(&self, id: &str, world_size: usize) -> Vec<u32> {
+        wait_for(Duration::from_secs(20), || async {
+            let s = self.summary(id).await;
+            let pids: Vec<u32> = s["workers"]
+                .as_array()?
+                .iter()
+                .filter(|w| w["state"] == "running")
+                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+                .collect();
+            (pids.len() == world_size).then_some(pids)
+        })
+        .await
+        .expect("all ranks running")
+    }
+}
+
+/// Polls `check` every 20 ms until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A shell worker: `sh -c SCRIPT`.
+pub fn sh(script: &str) -> Value {
+    json!(["sh", "-c", script])
+}
+
+/// Shell snippet: one heartbeat with the given JSON body.
+pub fn beat(body: &str) -> String {
+    format!(
+        "curl -s -o /dev/null -X POST -H \"Authorization: Bearer $TRAINVISOR_TOKEN\" -d '{body}' \"$TRAINVISOR_HEARTBEAT_URL\""
+    )
+}
+
+pub fn kill(pid: u32, signal: i32) {
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Whether a process group still has members.
+pub fn group_alive(pgid: u32) -> bool {
+    unsafe { libc::kill(-(pgid as i32), 0) == 0 }
+}
+
+/// Waits (up to 5 s: killed orphans are reaped by init asynchronously) until a group is gone.
+pub async fn group_gone(pgid: u32) -> bool {
+    wait_for(Duration::from_secs(5), || async {
+        (!group_alive(pgid)).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+/// Pids of live processes carrying `TRAINVISOR_INSTANCE=<instance>` (the workers of a data dir).
+pub fn marked_processes(instance: &str) -> Vec<u32> {
+    let marker = format!("TRAINVISOR_INSTANCE={instance}");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Zombies still show their environ; skip processes that are no longer running.
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        {
+            continue;
+        }
+        if let Ok(env) = std::fs::read(entry.path().join("environ"))
+            && env.split(|&b| b == 0).any(|v| v == marker.as_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+/// Reads SSE events from a streaming response.
+pub struct SseReader {
+    res: reqwest::Response,
+    buf: String,
+}
+
+impl SseReader {
+    pub fn new(res: reqwest::Response) -> Self {
+        SseReader {
+            res,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (keep-alive comments skipped), or None at the end of the stream.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(pos) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..pos + 2).collect();
+                let mut ev = SseEvent {
+                    id: None,
+                    event: "message".into(),
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = Some(v.trim().to_string());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim().to_string();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        ev.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                        any = true;
+                    }
+                }
+                if any {
+                    return Some(ev);
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.res.chunk())
+                .await
+                .expect("SSE stream stalled")
+                .ok()??;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// All events up to and including `end` (or the end of the stream).
+    pub async fn until_end(&mut self) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while let Some(ev) = self.next().await {
+            let end = ev.event == "end";
+            out.push(ev);
+            if end {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Asserts an error response is a 4xx with the JSON `{error, message}` body.
+pub async fn assert_json_error(res: reqwest::Response, status: u16) -> Value {
+    assert_eq!(res.status().as_u16(), status, "unexpected status");
+    let body: Value = res.json().await.expect("error body is JSON");
+    assert!(body["error"].is_string(), "no error code in {body}");
+    assert!(body["message"].is_string(), "no message in {body}");
+    body
+}

@@ -1,0 +1,176 @@
+//! The server itself killed with SIGKILL mid-job, then started again on the same data dir.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// The real binary as a child process; returns it and its base URL.
+fn start_server(data_dir: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--kill-grace-ms",
+            "500",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("server starts");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("trainvisor listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    (child, url)
+}
+
+fn app_at(url: String, data_dir: tempfile::TempDir) -> TestApp {
+    TestApp {
+        address: url,
+        client: reqwest::Client::new(),
+        data_dir,
+    }
+}
+
+#[actix_web::test]
+async fn jobs_resume_after_the_server_is_killed_and_nothing_is_left_over() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let path = data_dir.path().to_path_buf();
+    let (mut server, url) = start_server(&path);
+    let app = app_at(url, data_dir);
+    // Attempt 0 runs a grandchild that would outlive its shell; the relaunch finishes.
+    let script = r#"echo "rank $RANK attempt $RESTART_COUNT"; if [ "$RESTART_COUNT" = 0 ]; then sleep 300; fi"#;
+    let id = app
+        .create_job(json!({"world_size": 2, "command": sh(script), "restart_scope": "worker"}))
+        .await;
+    let old_pids = app.running_pids(&id, 2).await;
+    let instance = std::fs::read_to_string(path.join("instance-id")).unwrap();
+    assert_eq!(
+        marked_processes(&instance).len(),
+        4,
+        "2 shells and 2 sleeps"
+    );
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // The shells die with the server (PR_SET_PDEATHSIG)...
+    let shells_gone = wait_for(Duration::from_secs(5), || async {
+        old_pids
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}/environ")).exists() || !is_running(*p))
+            .then_some(())
+    })
+    .await;
+    assert!(shells_gone.is_some(), "worker shells outlived the server");
+
+    // ...and the next server sweeps the grandchildren, then resumes the job.
+    let (mut server, url) = start_server(&path);
+    let app = app_at(url, app.data_dir);
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let restarts = app.restarts(&id).await;
+    assert_eq!(restarts.len(), 2);
+    assert!(
+        restarts
+            .iter()
+            .all(|r| r["reason"] == "server_restart" && r["restarted_at"].is_string())
+    );
+    let incs = app.incarnations(&id).await;
+    assert_eq!(
+        incs.len(),
+        4,
+        "one incarnation per rank and launch, none duplicated"
+    );
+    for inc in &incs {
+        let expected = if inc["attempt"] == 0 {
+            "server_restart"
+        } else {
+            "succeeded"
+        };
+        assert_eq!(inc["outcome"], expected, "{inc}");
+    }
+    let lines = app.log_lines(&id).await;
+    assert!(
+        lines.iter().any(|l| l["line"] == "rank 1 attempt 0"),
+        "history from before the kill"
+    );
+    assert!(lines.iter().any(|l| l["line"] == "rank 1 attempt 1"));
+    assert!(
+        marked_processes(&instance).is_empty(),
+        "worker processes left over"
+    );
+
+    // SIGTERM: the server exits cleanly.
+    kill(server.id(), libc::SIGTERM);
+    let status = server.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[actix_web::test]
+async fn sigterm_kills_workers_and_the_next_start_resumes_them() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let path = data_dir.path().to_path_buf();
+    let (server, url) = start_server(&path);
+    let app = app_at(url, data_dir);
+    let script = r#"if [ "$RESTART_COUNT" = 0 ]; then sleep 300; fi; echo done"#;
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh(script)}))
+        .await;
+    app.running_pids(&id, 1).await;
+    let instance = std::fs::read_to_string(path.join("instance-id")).unwrap();
+    kill(server.id(), libc::SIGTERM);
+    let mut server = server;
+    assert!(server.wait().unwrap().success());
+    assert!(
+        marked_processes(&instance).is_empty(),
+        "workers outlived a graceful shutdown"
+    );
+
+    let (mut server, url) = start_server(&path);
+    let app = app_at(url, app.data_dir);
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(app.restarts(&id).await[0]["reason"], "server_restart");
+    kill(server.id(), libc::SIGTERM);
+    server.wait().unwrap();
+}
+
+#[actix_web::test]
+async fn a_second_server_on_the_same_data_dir_is_refused() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (mut server, _url) = start_server(data_dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another trainvisor server"));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+fn is_running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty()
+        && !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+}
