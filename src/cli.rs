@@ -27,6 +27,15 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve(ServeArgs),
+    /// Measure recovery, hang detection, start-up and memory against a fresh server.
+    Bench {
+        /// Fewer repetitions (for CI and a first look).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the figures as JSON.
+        #[arg(long, default_value = "bench-results/bench.json")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -68,6 +77,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Bench { quick, out }) => {
+            crate::bench::run(crate::bench::BenchArgs { quick, out })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

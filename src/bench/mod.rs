@@ -1,0 +1,237 @@
+//! `trainvisor bench`: end-to-end figures against a real server this command starts (the same
+//! binary, as a child process, on a temp data dir). Times come from the server's own history
+//! (microsecond timestamps) compared with the moment the bench sent the signal.
+
+mod recovery;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+pub struct BenchArgs {
+    pub quick: bool,
+    pub out: PathBuf,
+}
+
+/// Figures by name, e.g. `restart_worker_scope_p50_ms`.
+pub type Figures = BTreeMap<String, f64>;
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut figures = Figures::new();
+        let dir = tempfile_dir()?;
+        let server = Server::start(&dir)?;
+        figures.insert(
+            "server_startup_ms".into(),
+            server.startup.as_secs_f64() * 1e3,
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        figures.insert("idle_rss_mb".into(), rss_mb(server.child.id())?);
+        let client = Client::new(&server.url);
+        let kills = if args.quick { 10 } else { 50 };
+        recovery::worker_scope(&client, kills, &mut figures).await?;
+        for w in [4, 8] {
+            recovery::job_scope(&client, w, kills / 2, &mut figures).await?;
+        }
+        recovery::hang(&client, if args.quick { 5 } else { 20 }, &mut figures).await?;
+        figures.insert("server_rss_after_mb".into(), rss_mb(server.child.id())?);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+        report(&args, &figures)
+    })
+}
+
+fn report(args: &BenchArgs, figures: &Figures) -> anyhow::Result<()> {
+    let machine = machine();
+    let doc = json!({ "figures": figures, "machine": machine, "quick": args.quick,
+                      "at": crate::store::now() });
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)? + "\n")?;
+    println!("| figure | value |\n|---|---|");
+    for (k, v) in figures {
+        println!("| `{k}` | {v:.2} |");
+    }
+    println!("\nmachine: {machine}\nwritten to {}", args.out.display());
+    Ok(())
+}
+
+fn machine() -> Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "memory_gb": (mem_kb as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        "kernel": kernel.trim(),
+    })
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("trainvisor-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Resident set size of a process, in MiB.
+pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+/// The server under test: this binary's `serve`, on port 0.
+struct Server {
+    child: Child,
+    url: String,
+    startup: Duration,
+}
+
+impl Server {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        let t0 = Instant::now();
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--kill-grace-ms",
+                "200",
+                "--data-dir",
+            ])
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let startup = t0.elapsed();
+        let Some(url) = line.trim().strip_prefix("trainvisor listening on ") else {
+            bail!("server did not start: {line:?}");
+        };
+        Ok(Server {
+            url: url.to_string(),
+            child,
+            startup,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A small JSON client for the bench scenarios.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(base: &str) -> Self {
+        Client {
+            http: reqwest::Client::new(),
+            base: base.to_string(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let res = self.http.get(format!("{}{path}", self.base)).send().await?;
+        if !res.status().is_success() {
+            bail!("GET {path}: {}", res.status());
+        }
+        Ok(res.json().await?)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let res = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await?;
+        if !res.status().is_success() {
+            bail!("POST {path}: {} {}", res.status(), res.text().await?);
+        }
+        Ok(res.json().await?)
+    }
+
+    /// Polls `check` every millisecond until it yields a value (or 30 s pass).
+    pub async fn poll<T, F, Fut>(&self, mut check: F) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = check().await? {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// p-th percentile (0–100) of a sample, nearest rank.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+/// Milliseconds between two RFC 3339 timestamps.
+pub fn ms_between(from: &str, to: &str) -> anyhow::Result<f64> {
+    let a = chrono::DateTime::parse_from_rfc3339(from)?;
+    let b = chrono::DateTime::parse_from_rfc3339(to)?;
+    Ok((b - a).num_microseconds().context("overflow")? as f64 / 1000.0)
+}
+
+pub fn insert_percentiles(figures: &mut Figures, name: &str, values: &[f64]) {
+    figures.insert(format!("{name}_p50_ms"), percentile(values, 50.0));
+    figures.insert(format!("{name}_p99_ms"), percentile(values, 99.0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
+}
