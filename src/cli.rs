@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{JobDefaults, Settings};
 use crate::startup::Application;
+use crate::trainer::data::{DatasetParams, make_dataset};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,35 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve(ServeArgs),
+    /// The built-in trainer: run as a job's rank (a job's default command).
+    Worker,
+    /// Write a synthetic classification dataset (shard-00000.jsonl …, test.jsonl).
+    MakeDataset {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        shards: usize,
+        #[arg(long, default_value_t = 10_000)]
+        rows_per_shard: usize,
+        #[arg(long, default_value_t = 32)]
+        features: usize,
+        #[arg(long, default_value_t = 4)]
+        classes: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Fraction of labels replaced by a random class.
+        #[arg(long, default_value_t = 0.03)]
+        label_noise: f64,
+        #[arg(long, default_value_t = 5_000)]
+        test_rows: usize,
+    },
+    /// Print the accuracy of a model file (GET /jobs/{id}/model) on a JSON-lines file.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Measure recovery, hang detection, start-up and memory against a fresh server.
     Bench {
         /// Fewer repetitions (for CI and a first look).
@@ -77,6 +107,37 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Worker) => crate::trainer::run(),
+        Some(Command::MakeDataset {
+            out,
+            shards,
+            rows_per_shard,
+            features,
+            classes,
+            seed,
+            label_noise,
+            test_rows,
+        }) => {
+            let params = DatasetParams {
+                shards,
+                rows_per_shard,
+                features,
+                classes,
+                seed,
+                label_noise,
+                test_rows,
+            };
+            make_dataset(&out, &params).map(|()| {
+                println!(
+                    "wrote {} shards and test.jsonl to {}",
+                    shards,
+                    out.display()
+                )
+            })
+        }
+        Some(Command::Eval { model, data }) => crate::trainer::eval(&model, &data).map(|acc| {
+            println!("accuracy {acc:.4}");
+        }),
         Some(Command::Bench { quick, out }) => {
             crate::bench::run(crate::bench::BenchArgs { quick, out })
         }

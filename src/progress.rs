@@ -117,6 +117,9 @@ pub struct Summary {
     pub loss: Option<f64>,
     /// Restart decisions recorded for this job (rows of `/jobs/{id}/restarts`).
     pub restarts: u32,
+    pub last_checkpoint_step: Option<u64>,
+    pub last_checkpoint_at: Option<String>,
+    pub last_checkpoint_age_s: Option<f64>,
     pub workers: Vec<WorkerSummary>,
 }
 
@@ -137,6 +140,7 @@ pub struct SummaryInput<'a> {
     pub ranks: &'a [RankSlot],
     pub restarts: u32,
     pub progress: &'a Progress,
+    pub last_checkpoint: Option<(u64, String)>,
 }
 
 impl Summary {
@@ -198,6 +202,12 @@ impl Summary {
             eta_s,
             loss,
             restarts: input.restarts,
+            last_checkpoint_age_s: input.last_checkpoint.as_ref().and_then(|(_, at)| {
+                let at = DateTime::parse_from_rfc3339(at).ok()?;
+                Some((now - at.with_timezone(&Utc)).num_milliseconds() as f64 / 1000.0)
+            }),
+            last_checkpoint_step: input.last_checkpoint.as_ref().map(|(s, _)| *s),
+            last_checkpoint_at: input.last_checkpoint.map(|(_, at)| at),
             workers,
         }
     }

@@ -191,6 +191,11 @@ impl JobRequest {
             if value.is_empty() || value.contains('\0') {
                 return Err(invalid(format!("{name} must be a non-empty path or URL")));
             }
+            if value.contains("://") && !value.starts_with("file://") {
+                return Err(invalid(format!(
+                    "{name} {value:?}: only local paths are supported so far (object storage is planned)"
+                )));
+            }
         }
         let sync = self.sync.unwrap_or(SyncMode::Allreduce);
         // Synchronous ranks cannot continue without their peers: restart them together.

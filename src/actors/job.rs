@@ -10,15 +10,18 @@ use actix::prelude::*;
 use chrono::Utc;
 use rand::Rng;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
+use super::checkpoint::{Checkpoint, Committed, RegisterPart};
 use super::worker::{Beat, LaunchRank, Shutdown, Terminate, Worker, WorkerExited, WorkerStarted};
 use super::{JobState, Runtime, hash_token};
 use crate::actors::job_manager::JobEnded;
+use crate::checkpoint::PartInfo;
 use crate::launcher::local::Launch;
 use crate::progress::{Progress, RankView, Summary, SummaryInput};
 use crate::spec::{JobSpec, RestartScope};
+use crate::storage::Store;
 use crate::store::history::{HistoryOp, Outcome};
 use crate::store::now;
 
@@ -126,6 +129,25 @@ pub struct Job {
     started_at: Option<String>,
     progress: Progress,
     state_tx: watch::Sender<JobState>,
+    checkpoint: Addr<Checkpoint>,
+    last_checkpoint: Option<Committed>,
+    allreduce: AllReduce,
+}
+
+/// One all-reduce round: every rank's values for `step`, and the ranks waiting for the mean.
+#[derive(Default)]
+struct AllReduce {
+    step: u64,
+    values: Vec<Option<Vec<f64>>>,
+    waiters: Vec<oneshot::Sender<Arc<Vec<f64>>>>,
+}
+
+impl AllReduce {
+    /// Forget the round: the waiters' requests fail (409) and their ranks are being replaced.
+    fn reset(&mut self) {
+        self.values.clear();
+        self.waiters.clear();
+    }
 }
 
 /// How a job actor begins: fresh, or resumed after a server restart.
@@ -154,6 +176,19 @@ impl Job {
         rt.bus.open(init.id);
         let addr = Job::create(move |ctx| {
             let timeout = Duration::from_secs_f64(init.spec.heartbeat_timeout_s);
+            let location = init.spec.job_checkpoint_dir(&init.id);
+            // The spec was validated, so the location opens.
+            let store =
+                Store::open(&location).unwrap_or_else(|_| Store::open(".").expect("a path"));
+            let checkpoint = Checkpoint::new(
+                init.id,
+                init.spec.world_size,
+                init.spec.keep_last,
+                store,
+                rt.clone(),
+                ctx.address().recipient(),
+            )
+            .start();
             let workers = (0..init.spec.world_size)
                 .map(|rank| Worker::new(ctx.address(), init.id, rank, rt.clone(), timeout).start())
                 .collect();
@@ -174,6 +209,9 @@ impl Job {
                 started_at: init.started_at,
                 progress: Progress::default(),
                 state_tx,
+                checkpoint,
+                last_checkpoint: None,
+                allreduce: AllReduce::default(),
             }
         });
         (addr, state_rx)
@@ -193,6 +231,7 @@ impl Job {
     /// Launches every rank that must run, on a fresh MASTER_PORT.
     fn launch_group(&mut self, ranks: Vec<u32>) {
         self.master_port = free_port();
+        self.allreduce.reset();
         for rank in ranks {
             self.launch(rank);
         }
@@ -293,6 +332,7 @@ impl Job {
     }
 
     fn terminate_live(&mut self) {
+        self.allreduce.reset();
         let live: Vec<u32> = self.live_ranks().collect();
         for rank in live {
             self.ranks[rank as usize].state = RankState::Stopping;
@@ -466,6 +506,10 @@ impl Job {
             ranks: &self.ranks,
             restarts: self.restart_events,
             progress: &self.progress,
+            last_checkpoint: self
+                .last_checkpoint
+                .as_ref()
+                .map(|c| (c.step, c.at.clone())),
         })
     }
 }
@@ -579,49 +623,174 @@ impl Handler<WorkerExited> for Job {
     }
 }
 
-/// A heartbeat from a worker, with the bearer token it presented.
-#[derive(Message)]
-#[rtype(result = "Result<(), HeartbeatRejected>")]
-pub struct Heartbeat {
-    pub rank: u32,
-    pub token: String,
-    pub body: Value,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeartbeatRejected {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerRejected {
     /// No such rank.
     UnknownRank,
     /// The token belongs to an earlier incarnation, or this one has ended: the worker must stop.
     Stale,
     /// The token belongs to no incarnation of this rank.
     BadToken,
+    /// The request does not fit the job's state (e.g. all-reduce values of the wrong length).
+    Invalid(String),
 }
 
-impl Handler<Heartbeat> for Job {
-    type Result = Result<(), HeartbeatRejected>;
-
-    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
+impl Job {
+    /// Checks a worker's token; returns the attempt it belongs to.
+    fn authorize(&self, rank: u32, token: &str) -> Result<u32, WorkerRejected> {
         let slot = self
             .ranks
-            .get_mut(msg.rank as usize)
-            .ok_or(HeartbeatRejected::UnknownRank)?;
-        let hash = hash_token(&msg.token);
+            .get(rank as usize)
+            .ok_or(WorkerRejected::UnknownRank)?;
+        let hash = hash_token(token);
         if hash != slot.token_hash {
             return Err(if slot.past_tokens.contains(&hash) {
-                HeartbeatRejected::Stale
+                WorkerRejected::Stale
             } else {
-                HeartbeatRejected::BadToken
+                WorkerRejected::BadToken
             });
         }
         if !matches!(slot.state, RankState::Starting | RankState::Running) {
-            return Err(HeartbeatRejected::Stale);
+            return Err(WorkerRejected::Stale);
         }
-        let attempt = slot.next_attempt - 1;
+        Ok(slot.next_attempt - 1)
+    }
+}
+
+/// A heartbeat from a worker, with the bearer token it presented.
+#[derive(Message)]
+#[rtype(result = "Result<(), WorkerRejected>")]
+pub struct Heartbeat {
+    pub rank: u32,
+    pub token: String,
+    pub body: Value,
+}
+
+impl Handler<Heartbeat> for Job {
+    type Result = Result<(), WorkerRejected>;
+
+    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
+        let attempt = self.authorize(msg.rank, &msg.token)?;
+        let slot = &mut self.ranks[msg.rank as usize];
         slot.progress.record_heartbeat(Utc::now(), msg.body);
         self.workers[msg.rank as usize].do_send(Beat { attempt });
         self.progress.observe(&self.ranks);
         Ok(())
+    }
+}
+
+/// A rank's contribution to the all-reduce of `step`; answered with the mean of all ranks'.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<Vec<f64>>, WorkerRejected>")]
+pub struct AllReduceRequest {
+    pub rank: u32,
+    pub token: String,
+    pub step: u64,
+    pub values: Vec<f64>,
+}
+
+impl Handler<AllReduceRequest> for Job {
+    type Result = ResponseFuture<Result<Arc<Vec<f64>>, WorkerRejected>>;
+
+    fn handle(&mut self, msg: AllReduceRequest, _: &mut Context<Self>) -> Self::Result {
+        let result = self.contribute(msg);
+        Box::pin(async move {
+            match result? {
+                Ok(mean) => Ok(mean),
+                Err(waiting) => waiting.await.map_err(|_| WorkerRejected::Stale),
+            }
+        })
+    }
+}
+
+type Contribution = Result<Arc<Vec<f64>>, oneshot::Receiver<Arc<Vec<f64>>>>;
+
+impl Job {
+    fn contribute(&mut self, msg: AllReduceRequest) -> Result<Contribution, WorkerRejected> {
+        self.authorize(msg.rank, &msg.token)?;
+        let world = self.spec.world_size as usize;
+        let ar = &mut self.allreduce;
+        if ar.values.is_empty() {
+            ar.values = vec![None; world];
+            ar.step = msg.step;
+        }
+        if ar.step != msg.step {
+            return Err(WorkerRejected::Invalid(format!(
+                "all-reduce is at step {}, rank {} sent step {}",
+                ar.step, msg.rank, msg.step
+            )));
+        }
+        if let Some(len) = ar.values.iter().flatten().map(Vec::len).next()
+            && len != msg.values.len()
+        {
+            return Err(WorkerRejected::Invalid(format!(
+                "rank {} sent {} values, others {len}",
+                msg.rank,
+                msg.values.len()
+            )));
+        }
+        ar.values[msg.rank as usize] = Some(msg.values);
+        if ar.values.iter().all(Option::is_some) {
+            // Summed in rank order, so the mean is the same bits on every run.
+            let mut sum = vec![0.0; ar.values[0].as_ref().map_or(0, Vec::len)];
+            for v in ar.values.iter().flatten() {
+                for (s, x) in sum.iter_mut().zip(v) {
+                    *s += x;
+                }
+            }
+            for s in &mut sum {
+                *s /= world as f64;
+            }
+            let mean = Arc::new(sum);
+            for w in ar.waiters.drain(..) {
+                let _ = w.send(mean.clone());
+            }
+            ar.values.clear();
+            return Ok(Ok(mean));
+        }
+        let (tx, rx) = oneshot::channel();
+        ar.waiters.push(tx);
+        Ok(Err(rx))
+    }
+}
+
+/// A rank reports its checkpoint part of `step` as durable.
+#[derive(Message)]
+#[rtype(result = "Result<(), WorkerRejected>")]
+pub struct CheckpointPart {
+    pub rank: u32,
+    pub token: String,
+    pub step: u64,
+    pub part: PartInfo,
+}
+
+impl Handler<CheckpointPart> for Job {
+    type Result = ResponseFuture<Result<(), WorkerRejected>>;
+
+    fn handle(&mut self, msg: CheckpointPart, _: &mut Context<Self>) -> Self::Result {
+        let authorized = self.authorize(msg.rank, &msg.token);
+        let checkpoint = self.checkpoint.clone();
+        Box::pin(async move {
+            authorized?;
+            let register = RegisterPart {
+                rank: msg.rank,
+                step: msg.step,
+                part: msg.part,
+            };
+            match checkpoint.send(register).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(why)) => Err(WorkerRejected::Invalid(why)),
+                Err(_) => Err(WorkerRejected::Stale),
+            }
+        })
+    }
+}
+
+impl Handler<Committed> for Job {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, _: &mut Context<Self>) {
+        self.last_checkpoint = Some(msg);
     }
 }
 

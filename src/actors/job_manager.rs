@@ -13,6 +13,7 @@ use super::{JobHandle, JobState, Runtime};
 use crate::spec::{JobSpec, RestartScope};
 use crate::store::history::{HistoryOp, Outcome};
 use crate::store::{self, jobs::JobRecord, now};
+use crate::trainer::data;
 
 pub struct JobManager {
     rt: Arc<Runtime>,
@@ -64,8 +65,10 @@ impl Handler<CreateJob> for JobManager {
         let id = Uuid::new_v4();
         let created_at = now();
         let spec = msg.0;
+        let demo = self.rt.settings.job_defaults.dataset.clone();
         Box::pin(
             async move {
+                ensure_demo_dataset(&spec, &demo).await?;
                 store::jobs::insert(&pool, id, &spec, &created_at).await?;
                 Ok((spec, created_at))
             }
@@ -89,6 +92,25 @@ impl Handler<CreateJob> for JobManager {
             }),
         )
     }
+}
+
+/// A first run needs no preparation: the built-in trainer on the default dataset location
+/// gets the demo dataset made for it.
+async fn ensure_demo_dataset(spec: &JobSpec, demo: &std::path::Path) -> Result<(), ManagerError> {
+    static MAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    if spec.command.is_some() || std::path::Path::new(&spec.dataset) != demo {
+        return Ok(());
+    }
+    let _one_at_a_time = MAKING.lock().await;
+    if !data::is_empty(demo) {
+        return Ok(());
+    }
+    let dir = demo.to_path_buf();
+    tracing::info!(dir = %dir.display(), "making the demo dataset");
+    tokio::task::spawn_blocking(move || data::make_dataset(&dir, &data::DatasetParams::default()))
+        .await
+        .map_err(|e| ManagerError::Internal(e.into()))??;
+    Ok(())
 }
 
 /// At boot: resume every job the database says is pending or running.

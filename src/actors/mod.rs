@@ -1,5 +1,6 @@
 //! The actors: `JobManager` supervises `Job`s; a `Job` owns one `Worker` per rank.
 
+pub mod checkpoint;
 pub mod job;
 pub mod job_manager;
 pub mod worker;

@@ -9,8 +9,10 @@ use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobState;
 use crate::actors::job::GetSummary;
 use crate::actors::job_manager::{CreateJob, Delete, Stop};
+use crate::checkpoint::{FINAL_MODEL, sha256_hex};
 use crate::progress::Summary;
 use crate::spec::{JobRequest, JobSpec};
+use crate::storage::Store as Storage;
 use crate::store;
 use crate::store::jobs::JobRecord;
 
@@ -95,6 +97,9 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         eta_s: None,
         loss: None,
         restarts: job.restarts as u32,
+        last_checkpoint_step: None,
+        last_checkpoint_at: None,
+        last_checkpoint_age_s: None,
         workers: Vec::new(),
     })
 }
@@ -223,4 +228,44 @@ pub async fn purge(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
         })
         .await??;
     Ok(HttpResponse::Ok().json(report))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointsQuery {
+    /// Also list steps removed by retention.
+    #[serde(default)]
+    all: bool,
+}
+
+pub async fn checkpoints(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<CheckpointsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    record(&state, id).await?;
+    Ok(HttpResponse::Ok().json(store::jobs::checkpoints(&state.rt.pool, id, query.all).await?))
+}
+
+/// The final model the job wrote (`<checkpoint dir>/model.bin`), as bytes.
+pub async fn model(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    let job = record(&state, id).await?;
+    let spec: JobSpec = serde_json::from_value(job.spec)
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored spec unreadable: {e}")))?;
+    let store = Storage::open(&spec.job_checkpoint_dir(&id)).map_err(ApiError::Internal)?;
+    match store.get(FINAL_MODEL).await {
+        Ok(Some(bytes)) => Ok(HttpResponse::Ok()
+            .content_type("application/octet-stream")
+            .insert_header(("X-Model-Sha256", sha256_hex(&bytes)))
+            .body(bytes)),
+        Ok(None) => Err(ApiError::NotFound(format!(
+            "job {id} has no final model (it is written by rank 0 of the built-in trainer when training ends)"
+        ))),
+        Err(e) => Err(ApiError::Internal(e.into())),
+    }
 }

@@ -1,10 +1,10 @@
 //! HTTP routes, grouped by resource.
 
 pub mod error;
-mod heartbeat;
 mod jobs;
 mod logs;
 mod metrics;
+mod workers;
 
 use std::sync::Arc;
 
@@ -52,7 +52,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/jobs/{job_id}/stop").post(jobs::stop))
         .service(web::resource("/jobs/{job_id}/logs").get(logs::tail))
         .service(web::resource("/jobs/{job_id}/logs/stream").get(logs::stream))
+        .service(web::resource("/jobs/{job_id}/checkpoints").get(jobs::checkpoints))
+        .service(web::resource("/jobs/{job_id}/model").get(jobs::model))
+        .service(web::resource("/jobs/{job_id}/workers/{rank}/heartbeat").post(workers::heartbeat))
+        .service(web::resource("/jobs/{job_id}/workers/{rank}/allreduce").post(workers::allreduce))
         .service(
-            web::resource("/jobs/{job_id}/workers/{rank}/heartbeat").post(heartbeat::heartbeat),
+            web::resource("/jobs/{job_id}/workers/{rank}/checkpoint").post(workers::checkpoint),
         );
 }

@@ -77,6 +77,20 @@ pub enum HistoryOp {
         attempt: u32,
         restarted_at: String,
     },
+    CheckpointCommitted {
+        job_id: Uuid,
+        step: u64,
+        committed_at: String,
+        bytes: u64,
+        location: String,
+        manifest: String,
+        commit_ms: f64,
+    },
+    CheckpointPruned {
+        job_id: Uuid,
+        step: u64,
+        pruned_at: String,
+    },
 }
 
 impl HistoryOp {
@@ -197,6 +211,42 @@ impl HistoryOp {
                 .bind(attempt)
                 .execute(conn)
                 .await?;
+            }
+            HistoryOp::CheckpointCommitted {
+                job_id,
+                step,
+                committed_at,
+                bytes,
+                location,
+                manifest,
+                commit_ms,
+            } => {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO checkpoints
+                     (job_id, step, committed_at, bytes, location, manifest, commit_ms)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(job_id.to_string())
+                .bind(*step as i64)
+                .bind(committed_at)
+                .bind(*bytes as i64)
+                .bind(location)
+                .bind(manifest)
+                .bind(commit_ms)
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::CheckpointPruned {
+                job_id,
+                step,
+                pruned_at,
+            } => {
+                sqlx::query("UPDATE checkpoints SET pruned_at = ? WHERE job_id = ? AND step = ?")
+                    .bind(pruned_at)
+                    .bind(job_id.to_string())
+                    .bind(*step as i64)
+                    .execute(conn)
+                    .await?;
             }
         }
         Ok(())

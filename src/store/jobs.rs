@@ -155,3 +155,31 @@ pub async fn close_orphaned_incarnations(
     .await?;
     Ok(())
 }
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct CheckpointRow {
+    pub step: i64,
+    pub committed_at: String,
+    pub bytes: i64,
+    pub location: String,
+    pub commit_ms: f64,
+    pub pruned_at: Option<String>,
+    #[sqlx(json)]
+    pub manifest: serde_json::Value,
+}
+
+/// Committed checkpoints, newest first; pruned ones only when asked.
+pub async fn checkpoints(
+    pool: &SqlitePool,
+    id: Uuid,
+    include_pruned: bool,
+) -> sqlx::Result<Vec<CheckpointRow>> {
+    sqlx::query_as(
+        "SELECT step, committed_at, bytes, location, commit_ms, pruned_at, manifest
+         FROM checkpoints WHERE job_id = ? AND (? OR pruned_at IS NULL) ORDER BY step DESC",
+    )
+    .bind(id.to_string())
+    .bind(include_pruned)
+    .fetch_all(pool)
+    .await
+}

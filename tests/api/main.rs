@@ -5,4 +5,6 @@ mod failures;
 mod helpers;
 mod lifecycle;
 mod logs;
+mod python;
 mod server_restart;
+mod trainer;

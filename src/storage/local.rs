@@ -1,0 +1,162 @@
+//! The local filesystem backend. Each write goes to a temp file in the same directory, is
+//! fsynced, renamed over the final name, and the directory is fsynced, so a crash at any
+//! instant leaves either the old file or the complete new one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    pub async fn put(&self, key: &str, data: Vec<u8>) -> io::Result<()> {
+        let path = self.path(key);
+        blocking(move || write_durable(&path, &data)).await
+    }
+
+    pub async fn put_hint(&self, key: &str, data: Vec<u8>) -> io::Result<()> {
+        let path = self.path(key);
+        blocking(move || write_atomic(&path, &data, false)).await
+    }
+
+    pub async fn get(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        let path = self.path(key);
+        blocking(move || match fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    pub async fn size(&self, key: &str) -> io::Result<Option<u64>> {
+        let path = self.path(key);
+        blocking(move || match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    pub async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        blocking(move || {
+            let entries = match fs::read_dir(&root) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let mut names: Vec<String> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect();
+            names.sort();
+            Ok(names)
+        })
+        .await
+    }
+
+    pub async fn delete_all(&self, key: &str) -> io::Result<()> {
+        let path = self.path(key);
+        blocking(move || {
+            let res = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match res {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Creates `dir` and any missing parents, fsyncing each parent whose entry changed.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        create_dir_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Writes `data` to `path` via a temp file, fsync, rename, directory fsync.
+pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic(path, data, true)
+}
+
+/// Temp file and rename (readers see the old or the whole new file); with `durable`, the file
+/// and the directory are fsynced too.
+fn write_atomic(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    create_dir_durable(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad file name"))?;
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), unique()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(data)?;
+        if durable {
+            file.sync_all()?;
+        }
+        fs::rename(&tmp, path)?;
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,274 @@
+//! The built-in trainer (`trainvisor worker`): softmax regression with SGD over this rank's
+//! shards, synchronous data parallelism through the server's all-reduce (or independent
+//! ranks), heartbeats in the background, a checkpoint part every `checkpoint_every` steps,
+//! and exact resume from the newest valid checkpoint.
+
+pub mod client;
+pub mod data;
+pub mod model;
+pub mod rng;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::checkpoint::{self, FINAL_MODEL, PartInfo};
+use crate::spec::{JobSpec, SyncMode};
+use crate::storage::Store;
+use client::WorkerClient;
+use data::{Cursor, RankStream};
+use model::Model;
+
+/// What a part of the built-in trainer holds besides the model.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartHeader {
+    step: u64,
+    cursor: Cursor,
+    loss: f64,
+}
+
+/// A part: the header as one JSON line, then the model bytes.
+fn encode_part(header: &PartHeader, model: &Model) -> Vec<u8> {
+    let mut out = serde_json::to_vec(header).expect("header serializes");
+    out.push(b'\n');
+    out.extend_from_slice(&model.to_bytes());
+    out
+}
+
+fn decode_part(data: &[u8]) -> anyhow::Result<(PartHeader, Model)> {
+    let nl = data
+        .iter()
+        .position(|&b| b == b'\n')
+        .context("part has no header")?;
+    Ok((
+        serde_json::from_slice(&data[..nl])?,
+        Model::from_bytes(&data[nl + 1..])?,
+    ))
+}
+
+struct Env {
+    rank: u32,
+    world_size: u32,
+    job_id: String,
+    server: String,
+    token: String,
+    dataset: PathBuf,
+    checkpoint_dir: String,
+    spec: JobSpec,
+}
+
+fn var(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: run me as a trainvisor job"))
+}
+
+impl Env {
+    fn from_env() -> anyhow::Result<Self> {
+        Ok(Env {
+            rank: var("RANK")?.parse()?,
+            world_size: var("WORLD_SIZE")?.parse()?,
+            job_id: var("JOB_ID")?,
+            server: var("TRAINVISOR_SERVER_URL")?,
+            token: var("TRAINVISOR_TOKEN")?,
+            dataset: var("DATASET_DIR")?.into(),
+            checkpoint_dir: var("CHECKPOINT_DIR")?,
+            spec: serde_json::from_str(&var("TRAINVISOR_SPEC")?).context("TRAINVISOR_SPEC")?,
+        })
+    }
+}
+
+/// What the heartbeat thread reports.
+#[derive(Default, Clone)]
+struct Progress {
+    step: u64,
+    cursor: Cursor,
+    loss: Option<f64>,
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let env = Env::from_env()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(train(env))
+}
+
+async fn train(env: Env) -> anyhow::Result<()> {
+    let spec = &env.spec;
+    let (rank, world) = (env.rank, env.world_size);
+    let client = WorkerClient::new(&env.server, &env.job_id, rank, &env.token);
+    let store = Store::open(&env.checkpoint_dir)?;
+    let (features, classes) = data::shape(&env.dataset)?;
+    let mut stream = RankStream::load(&env.dataset, rank as usize, world as usize)?;
+    let total_steps = match spec.total_steps {
+        Some(n) => n,
+        None => one_epoch_steps(&env)?,
+    };
+
+    let mut model = Model::init(classes, features, spec.seed);
+    let mut step = 0u64;
+    let (resume, rejected) = checkpoint::find_resume(&store, rank, world).await?;
+    for r in &rejected {
+        println!("checkpoint step {} skipped: {}", r.step, r.why);
+    }
+    if let Some(resume) = resume {
+        let (header, m) = decode_part(&resume.part)?;
+        if m.classes != classes || m.features != features {
+            bail!("checkpoint model shape does not match the dataset");
+        }
+        model = m;
+        step = header.step;
+        stream.cursor = header.cursor;
+        println!(
+            "rank {rank}: resumed from step {step} (shard {} line {})",
+            header.cursor.shard_idx, header.cursor.line_idx
+        );
+    } else {
+        println!(
+            "rank {rank}: starting fresh, {total_steps} steps, {features} features, {classes} classes"
+        );
+    }
+
+    let progress = Arc::new(Mutex::new(Progress {
+        step,
+        cursor: stream.cursor,
+        loss: None,
+    }));
+    start_heartbeats(client.clone(), progress.clone(), spec.heartbeat_timeout_s);
+
+    let sleep = Duration::from_secs_f64(spec.sleep_sec);
+    // The previous checkpoint's write and registration, running while training goes on.
+    let mut saving: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    let batch_size = spec.batch_size as usize;
+    let mut loss = f64::NAN;
+    while step < total_steps {
+        let batch = stream.next_batch(batch_size);
+        for ex in &batch {
+            if ex.x.len() != features || ex.y >= classes {
+                bail!(
+                    "a record does not match the dataset shape ({features} features, {classes} classes)"
+                );
+            }
+        }
+        let (grad, batch_loss) = model.gradient(&batch);
+        let grad = match spec.sync {
+            SyncMode::Allreduce if world > 1 => client.allreduce(step + 1, &grad).await?,
+            _ => grad,
+        };
+        model.apply(&grad, spec.lr);
+        step += 1;
+        loss = batch_loss;
+        {
+            let mut p = progress.lock().unwrap();
+            p.step = step;
+            p.cursor = stream.cursor;
+            p.loss = Some(loss);
+        }
+        if step.is_multiple_of(spec.checkpoint_every) || step == total_steps {
+            let header = PartHeader {
+                step,
+                cursor: stream.cursor,
+                loss,
+            };
+            if let Some(previous) = saving.take() {
+                previous.await??;
+            }
+            let (store, client, model) = (store.clone(), client.clone(), model.clone());
+            saving = Some(tokio::spawn(async move {
+                write_part(&store, &client, rank, &header, &model).await
+            }));
+            if step.is_multiple_of(spec.checkpoint_every * 20) || step == total_steps {
+                println!("rank {rank}: step {step}/{total_steps} loss {loss:.4}");
+            }
+        }
+        if !sleep.is_zero() {
+            tokio::time::sleep(sleep).await;
+        }
+    }
+    if let Some(last) = saving.take() {
+        last.await??;
+    }
+    if rank == 0 {
+        store.put(FINAL_MODEL, model.to_bytes()).await?;
+    }
+    // A last heartbeat so the summary shows the final step.
+    let _ = client
+        .heartbeat(&json!({"step": step, "shard_idx": stream.cursor.shard_idx,
+                           "line_idx": stream.cursor.line_idx, "metrics": {"loss": loss}}))
+        .await;
+    println!("rank {rank}: done after {step} steps, loss {loss:.4}");
+    Ok(())
+}
+
+async fn write_part(
+    store: &Store,
+    client: &WorkerClient,
+    rank: u32,
+    header: &PartHeader,
+    model: &Model,
+) -> anyhow::Result<()> {
+    let data = encode_part(header, model);
+    let info = PartInfo {
+        rank,
+        name: checkpoint::part_name(rank),
+        bytes: data.len() as u64,
+        sha256: checkpoint::sha256_hex(&data),
+        shard_idx: Some(header.cursor.shard_idx as u64),
+        line_idx: Some(header.cursor.line_idx as u64),
+        metrics: Some(json!({"loss": header.loss})),
+    };
+    store
+        .put(&checkpoint::part_key(header.step, rank), data)
+        .await?;
+    client.register_part(header.step, &info).await
+}
+
+/// One pass over the smallest rank's data, in whole batches.
+fn one_epoch_steps(env: &Env) -> anyhow::Result<u64> {
+    let files = data::shard_files(&env.dataset)?;
+    let mut rows = vec![0usize; env.world_size as usize];
+    for (i, f) in files.iter().enumerate() {
+        rows[i % env.world_size as usize] += data::count_lines(f)?;
+    }
+    let min = rows.into_iter().min().unwrap_or(0);
+    Ok(((min / env.spec.batch_size as usize) as u64).max(1))
+}
+
+/// Heartbeats from their own thread, so a long step never looks like a hang.
+fn start_heartbeats(client: WorkerClient, progress: Arc<Mutex<Progress>>, timeout_s: f64) {
+    let interval = Duration::from_secs_f64((timeout_s / 4.0).clamp(0.01, 1.0));
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            loop {
+                let p = progress.lock().unwrap().clone();
+                let mut body = json!({"step": p.step, "shard_idx": p.cursor.shard_idx,
+                                      "line_idx": p.cursor.line_idx, "epoch": p.cursor.epoch});
+                if let Some(loss) = p.loss {
+                    body["metrics"] = json!({"loss": loss});
+                }
+                if let Err(e) = client.heartbeat(&body).await {
+                    eprintln!("heartbeat failed: {e}");
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+    });
+}
+
+/// `trainvisor eval`: accuracy of a model file on a JSON-lines file.
+pub fn eval(model: &std::path::Path, data: &std::path::Path) -> anyhow::Result<f64> {
+    let m = Model::from_bytes(
+        &std::fs::read(model).with_context(|| format!("reading {}", model.display()))?,
+    )?;
+    let examples = data::read_examples(data)?;
+    Ok(m.accuracy(&examples))
+}
