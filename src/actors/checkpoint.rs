@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::Runtime;
@@ -28,6 +29,9 @@ pub struct Checkpoint {
     committed: BTreeSet<u64>,
     committing: bool,
     notify: Recipient<Committed>,
+    /// Who waits for the commits in flight to finish (the Job, before it ends).
+    idle_waiters: Vec<oneshot::Sender<()>>,
+    last: Option<Committed>,
 }
 
 impl Checkpoint {
@@ -50,6 +54,8 @@ impl Checkpoint {
             committed: BTreeSet::new(),
             committing: false,
             notify,
+            idle_waiters: Vec::new(),
+            last: None,
         }
     }
 
@@ -60,6 +66,9 @@ impl Checkpoint {
         }
         // When commits fall behind, the newest complete step supersedes the older ones.
         let Some((&step, &since)) = self.ready.iter().next_back() else {
+            for waiter in self.idle_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
             return;
         };
         self.ready.clear();
@@ -145,7 +154,9 @@ impl Checkpoint {
         if !garbage.is_empty() {
             tracing::debug!(job_id = %self.job_id, ?garbage, "removed uncommitted steps");
         }
-        self.notify.do_send(Committed { step, at });
+        let committed = Committed { step, at };
+        self.last = Some(committed.clone());
+        self.notify.do_send(committed);
     }
 }
 
@@ -255,9 +266,34 @@ impl Handler<RegisterPart> for Checkpoint {
 }
 
 /// Sent to the Job after each commit (for the summary).
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Committed {
     pub step: u64,
     pub at: String,
+}
+
+/// Resolves once no commit is running or waiting, with the newest committed step.
+#[derive(Message)]
+#[rtype(result = "Option<Committed>")]
+pub struct WhenIdle;
+
+impl Handler<WhenIdle> for Checkpoint {
+    type Result = ResponseActFuture<Self, Option<Committed>>;
+
+    fn handle(&mut self, _: WhenIdle, _: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.committing || !self.ready.is_empty() {
+            self.idle_waiters.push(tx);
+        } else {
+            let _ = tx.send(());
+        }
+        Box::pin(
+            async move {
+                let _ = rx.await;
+            }
+            .into_actor(self)
+            .map(|_, act, _| act.last.clone()),
+        )
+    }
 }

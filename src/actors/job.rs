@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use super::checkpoint::{Checkpoint, Committed, RegisterPart};
+use super::checkpoint::{Checkpoint, Committed, RegisterPart, WhenIdle};
 use super::worker::{Beat, LaunchRank, Shutdown, Terminate, Worker, WorkerExited, WorkerStarted};
 use super::{JobState, Runtime, hash_token};
 use crate::actors::job_manager::JobEnded;
@@ -377,6 +377,21 @@ impl Job {
             }
         }
         self.state = state;
+        // Let the last checkpoints land first, so the final summary and the index agree.
+        ctx.spawn(
+            self.checkpoint
+                .send(WhenIdle)
+                .into_actor(self)
+                .map(move |last, act, ctx| {
+                    if let Ok(Some(last)) = last {
+                        act.last_checkpoint = Some(last);
+                    }
+                    act.record_end(state, ctx)
+                }),
+        );
+    }
+
+    fn record_end(&mut self, state: JobState, ctx: &mut Context<Self>) {
         let summary = serde_json::to_string(&self.summary()).ok();
         let reason = self.reason.clone();
         self.note(

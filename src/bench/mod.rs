@@ -3,6 +3,7 @@
 //! (microsecond timestamps) compared with the moment the bench sent the signal.
 
 mod recovery;
+mod training;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -42,6 +43,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             recovery::job_scope(&client, w, kills / 2, &mut figures).await?;
         }
         recovery::hang(&client, if args.quick { 5 } else { 20 }, &mut figures).await?;
+        training::run(&client, &dir, args.quick, &mut figures).await?;
         figures.insert("server_rss_after_mb".into(), rss_mb(server.child.id())?);
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
