@@ -96,13 +96,13 @@ impl Checkpoint {
         let store = self.store.clone();
         ctx.spawn(
             async move {
-                let res = commit(&store, &manifest, &prune).await;
-                (manifest, prune, res, since.elapsed())
+                let res = commit(&store, &manifest, &prune, since).await;
+                (manifest, prune, res)
             }
             .into_actor(self)
-            .map(|(manifest, prune, res, took), act, ctx| {
+            .map(|(manifest, prune, res), act, ctx| {
                 act.committing = false;
-                act.finish_commit(manifest, prune, res, took.as_secs_f64() * 1e3);
+                act.finish_commit(manifest, prune, res);
                 act.commit_next(ctx);
             }),
         );
@@ -112,12 +112,11 @@ impl Checkpoint {
         &mut self,
         manifest: Manifest,
         prune: Vec<u64>,
-        res: std::io::Result<Vec<u64>>,
-        commit_ms: f64,
+        res: std::io::Result<(f64, Vec<u64>)>,
     ) {
         let step = manifest.step;
-        let garbage = match res {
-            Ok(garbage) => garbage,
+        let (commit_ms, garbage) = match res {
+            Ok(done) => done,
             Err(e) => {
                 // The previous LATEST and its step are untouched; the next interval retries.
                 self.rt.recorder.note(
@@ -160,8 +159,14 @@ impl Checkpoint {
     }
 }
 
-/// Manifest, then LATEST, then retention and garbage. Returns the uncommitted steps removed.
-async fn commit(store: &Store, manifest: &Manifest, prune: &[u64]) -> std::io::Result<Vec<u64>> {
+/// Manifest, then LATEST, then retention and garbage. Returns the commit latency (from the
+/// last part's registration to LATEST written) and the uncommitted steps removed.
+async fn commit(
+    store: &Store,
+    manifest: &Manifest,
+    prune: &[u64],
+    since: Instant,
+) -> std::io::Result<(f64, Vec<u64>)> {
     let step = manifest.step;
     let body = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
     store.put(&checkpoint::manifest_key(step), body).await?;
@@ -173,6 +178,7 @@ async fn commit(store: &Store, manifest: &Manifest, prune: &[u64]) -> std::io::R
             format!("{}\n", checkpoint::step_dir(step)).into_bytes(),
         )
         .await?;
+    let commit_ms = since.elapsed().as_secs_f64() * 1e3;
     for s in prune {
         store.delete_all(&checkpoint::step_dir(*s)).await?;
     }
@@ -186,7 +192,7 @@ async fn commit(store: &Store, manifest: &Manifest, prune: &[u64]) -> std::io::R
             garbage.push(s);
         }
     }
-    Ok(garbage)
+    Ok((commit_ms, garbage))
 }
 
 impl Actor for Checkpoint {

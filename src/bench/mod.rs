@@ -38,12 +38,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         figures.insert("idle_rss_mb".into(), rss_mb(server.child.id())?);
         let client = Client::new(&server.url);
         let kills = if args.quick { 10 } else { 50 };
-        recovery::worker_scope(&client, kills, &mut figures).await?;
+        eprintln!("bench: kill -9, worker scope ({kills} kills)");
+        recovery::worker_scope(&client, kills, &mut figures)
+            .await
+            .context("worker-scope recovery")?;
         for w in [4, 8] {
-            recovery::job_scope(&client, w, kills / 2, &mut figures).await?;
+            eprintln!("bench: kill -9, job scope, W={w}");
+            recovery::job_scope(&client, w, kills / 2, &mut figures)
+                .await
+                .context("job-scope recovery")?;
         }
-        recovery::hang(&client, if args.quick { 5 } else { 20 }, &mut figures).await?;
-        training::run(&client, &dir, args.quick, &mut figures).await?;
+        eprintln!("bench: hang detection");
+        recovery::hang(&client, if args.quick { 5 } else { 20 }, &mut figures)
+            .await
+            .context("hang detection")?;
+        eprintln!("bench: training and checkpoints");
+        training::run(&client, &dir, args.quick, &mut figures)
+            .await
+            .context("training")?;
         figures.insert("server_rss_after_mb".into(), rss_mb(server.child.id())?);
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
