@@ -81,3 +81,52 @@ impl LogBus {
             .sum()
     }
 }
+
+/// A change of a job or one of its ranks, for `GET /events` (the browser page listens to it
+/// instead of polling).
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    pub seq: u64,
+    /// `job`, `worker`, `restart`, `checkpoint`, `progress` or `deleted`.
+    pub kind: &'static str,
+    pub job_id: Uuid,
+    pub at: String,
+    pub data: serde_json::Value,
+}
+
+/// Fan-out of job events to every `/events` subscriber. Nothing is kept: a subscriber that
+/// connects (or lags) re-reads the state it needs from the API.
+pub struct EventBus {
+    tx: broadcast::Sender<Arc<JobEvent>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus {
+            tx: broadcast::channel(1024).0,
+            seq: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+}
+
+impl EventBus {
+    pub fn publish(&self, kind: &'static str, job_id: Uuid, data: serde_json::Value) {
+        if self.tx.receiver_count() == 0 {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let event = JobEvent {
+            seq,
+            kind,
+            job_id,
+            at: crate::store::now(),
+            data,
+        };
+        let _ = self.tx.send(Arc::new(event));
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<JobEvent>> {
+        self.tx.subscribe()
+    }
+}

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use crate::actors::job_manager::{Restore, Shutdown};
 use crate::actors::{JobManager, Registry, Runtime};
 use crate::api::{self, ApiError, AppState};
-use crate::bus::LogBus;
+use crate::bus::{EventBus, LogBus};
 use crate::config::Settings;
 use crate::launcher::local;
 use crate::store::{self, Recorder};
@@ -60,6 +60,7 @@ impl Application {
             pool,
             recorder,
             bus,
+            events: EventBus::default(),
             settings,
             instance,
             base_url: format!("http://{reachable}"),

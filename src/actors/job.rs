@@ -132,7 +132,11 @@ pub struct Job {
     checkpoint: Addr<Checkpoint>,
     last_checkpoint: Option<Committed>,
     allreduce: AllReduce,
+    last_progress_event: Option<std::time::Instant>,
 }
+
+/// Progress events (for charts) at most this often per job.
+const PROGRESS_EVENT_EVERY: Duration = Duration::from_millis(500);
 
 /// One all-reduce round: every rank's values for `step`, and the ranks waiting for the mean.
 #[derive(Default)]
@@ -212,6 +216,7 @@ impl Job {
                 checkpoint,
                 last_checkpoint: None,
                 allreduce: AllReduce::default(),
+                last_progress_event: None,
             }
         });
         (addr, state_rx)
@@ -325,6 +330,21 @@ impl Job {
         if !state.is_terminal() {
             let _ = self.state_tx.send(state);
         }
+        self.publish_job();
+    }
+
+    fn publish_job(&self) {
+        let data = serde_json::json!({"state": self.state, "reason": self.reason,
+                                      "world_size": self.spec.world_size, "name": self.spec.name,
+                                      "restarts": self.restart_events});
+        self.rt.events.publish("job", self.id, data);
+    }
+
+    fn publish_rank(&self, rank: u32) {
+        let slot = &self.ranks[rank as usize];
+        let data = serde_json::json!({"rank": rank, "state": slot.state.as_str(), "pid": slot.pid,
+                                      "attempt": slot.progress.attempt});
+        self.rt.events.publish("worker", self.id, data);
     }
 
     fn live_ranks(&self) -> impl Iterator<Item = u32> + '_ {
@@ -422,6 +442,7 @@ impl Job {
             .into_actor(self)
             .map(move |_, act, ctx| {
                 let _ = act.state_tx.send(state);
+                act.publish_job();
                 act.manager.do_send(JobEnded { id: act.id });
                 ctx.stop();
             }),
@@ -479,6 +500,13 @@ impl Job {
         });
         slot.restart_pending = true;
         self.restart_events += 1;
+        self.rt.events.publish(
+            "restart",
+            self.id,
+            serde_json::json!({"rank": rank, "reason": msg.outcome.as_str(), "detail": cause,
+                               "scope": scope.as_str(), "backoff_ms": backoff_ms,
+                               "restarts": self.restart_events}),
+        );
         self.rt.recorder.note(
             self.id,
             Some(rank),
@@ -533,6 +561,7 @@ impl Actor for Job {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
+        self.publish_job();
         let ranks = self.ranks_to_launch();
         if ranks.is_empty() {
             // Resumed after every rank had already succeeded.
@@ -576,6 +605,7 @@ impl Handler<WorkerStarted> for Job {
         if self.state == JobState::Pending {
             self.set_state(JobState::Running, None, None);
         }
+        self.publish_rank(msg.rank);
     }
 }
 
@@ -690,6 +720,16 @@ impl Handler<Heartbeat> for Job {
         slot.progress.record_heartbeat(Utc::now(), msg.body);
         self.workers[msg.rank as usize].do_send(Beat { attempt });
         self.progress.observe(&self.ranks);
+        if self.last_progress_event.is_none_or(|t| t.elapsed() >= PROGRESS_EVENT_EVERY) {
+            self.last_progress_event = Some(std::time::Instant::now());
+            let s = self.summary();
+            self.rt.events.publish(
+                "progress",
+                self.id,
+                serde_json::json!({"step": s.step, "loss": s.loss, "steps_per_s": s.steps_per_s,
+                                   "progress": s.progress, "eta_s": s.eta_s}),
+            );
+        }
         Ok(())
     }
 }
@@ -805,6 +845,7 @@ impl Handler<Committed> for Job {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, _: &mut Context<Self>) {
+        self.rt.events.publish("checkpoint", self.id, serde_json::json!({"step": msg.step}));
         self.last_checkpoint = Some(msg);
     }
 }

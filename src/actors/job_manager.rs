@@ -341,6 +341,7 @@ impl Handler<Delete> for JobManager {
             store::jobs::delete(&rt.pool, &doomed).await?;
             for id in &doomed {
                 rt.bus.end(*id);
+                rt.events.publish("deleted", *id, serde_json::json!({}));
             }
             report.deleted = doomed;
             Ok(report)

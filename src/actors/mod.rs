@@ -14,7 +14,7 @@ use sqlx::SqlitePool;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::bus::LogBus;
+use crate::bus::{EventBus, LogBus};
 use crate::config::Settings;
 use crate::store::Recorder;
 
@@ -68,6 +68,7 @@ pub struct Runtime {
     pub pool: SqlitePool,
     pub recorder: Recorder,
     pub bus: Arc<LogBus>,
+    pub events: EventBus,
     pub settings: Settings,
     /// Marks every worker process of this data dir (see `launcher::local::sweep`).
     pub instance: String,

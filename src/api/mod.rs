@@ -1,9 +1,11 @@
 //! HTTP routes, grouped by resource.
 
 pub mod error;
+mod events;
 mod jobs;
 mod logs;
 mod metrics;
+mod page;
 mod workers;
 
 use std::sync::Arc;
@@ -36,8 +38,11 @@ async fn health() -> HttpResponse {
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     // Resources (not bare routes) so a known path with the wrong method is a 405.
-    cfg.service(web::resource("/health").get(health))
+    cfg.service(web::resource("/").get(page::index))
+        .service(web::resource("/static/{file}").get(page::file))
+        .service(web::resource("/health").get(health))
         .service(web::resource("/metrics").get(metrics::metrics))
+        .service(web::resource("/events").get(events::events))
         .service(web::resource("/jobs").get(jobs::list).post(jobs::create))
         .service(web::resource("/jobs/summaries").get(jobs::summaries))
         .service(web::resource("/jobs/purge").post(jobs::purge))

@@ -1,0 +1,31 @@
+//! The browser page, embedded in the binary: it works from the single binary and in a
+//! container, with no CDN and no internet.
+
+use actix_web::{HttpResponse, web};
+
+use super::ApiError;
+
+const FILES: &[(&str, &str, &str)] = &[
+    ("index.html", "text/html; charset=utf-8", include_str!("../../static/index.html")),
+    ("app.js", "text/javascript; charset=utf-8", include_str!("../../static/app.js")),
+    ("app.css", "text/css; charset=utf-8", include_str!("../../static/app.css")),
+];
+
+fn serve(name: &str) -> Result<HttpResponse, ApiError> {
+    let (_, mime, body) = FILES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .ok_or_else(|| ApiError::NotFound(format!("no static file {name:?}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type(*mime)
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(*body))
+}
+
+pub async fn index() -> Result<HttpResponse, ApiError> {
+    serve("index.html")
+}
+
+pub async fn file(path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    serve(&path)
+}
