@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::client;
 use crate::config::{JobDefaults, Settings};
 use crate::startup::Application;
 use crate::trainer::data::{DatasetParams, make_dataset};
@@ -57,6 +58,68 @@ enum Command {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Submit a job: the built-in trainer, or the command after `--`.
+    Submit {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        world_size: Option<u32>,
+        /// total_steps
+        #[arg(long)]
+        steps: Option<u64>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        checkpoint_every: Option<u64>,
+        /// worker or job
+        #[arg(long)]
+        restart_scope: Option<String>,
+        #[arg(long)]
+        max_restarts: Option<u32>,
+        /// More spec fields as a JSON object, e.g. '{"lr": 0.05}'.
+        #[arg(long)]
+        spec: Option<String>,
+        /// The argv of each rank.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List jobs.
+    Jobs {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// A job's summary: state, progress, per-rank table.
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
+        job: String,
+    },
+    /// Print a job's logs; -f follows them until the job ends.
+    Logs {
+        #[command(flatten)]
+        server: ServerArgs,
+        job: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        rank: Option<u32>,
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
+    /// Stop a job.
+    Stop {
+        #[command(flatten)]
+        server: ServerArgs,
+        job: String,
+    },
+    /// Show a progress bar until the job ends; exit 0 if it succeeded, 1 if it failed, 2 if stopped.
+    Wait {
+        #[command(flatten)]
+        server: ServerArgs,
+        job: String,
+    },
     /// Measure recovery, hang detection, start-up and memory against a fresh server.
     Bench {
         /// Fewer repetitions (for CI and a first look).
@@ -66,6 +129,20 @@ enum Command {
         #[arg(long, default_value = "bench-results/bench.json")]
         out: PathBuf,
     },
+}
+
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "TRAINVISOR_SERVER",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    server: String,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -138,6 +215,50 @@ pub fn main() -> ExitCode {
         Some(Command::Eval { model, data }) => crate::trainer::eval(&model, &data).map(|acc| {
             println!("accuracy {acc:.4}");
         }),
+        Some(Command::Submit {
+            server,
+            world_size,
+            steps,
+            name,
+            checkpoint_every,
+            restart_scope,
+            max_restarts,
+            spec,
+            command,
+        }) => with_client(&server, |c| async move {
+            let submit = client::Submit {
+                world_size,
+                steps,
+                name,
+                checkpoint_every,
+                restart_scope,
+                max_restarts,
+                spec,
+                command,
+            };
+            client::submit(&c, submit).await.map(|()| 0)
+        }),
+        Some(Command::Jobs { server, state }) => with_client(&server, |c| async move {
+            client::jobs(&c, state).await.map(|()| 0)
+        }),
+        Some(Command::Status { server, job }) => with_client(&server, |c| async move {
+            client::status(&c, &job).await.map(|()| 0)
+        }),
+        Some(Command::Logs {
+            server,
+            job,
+            follow,
+            rank,
+            tail,
+        }) => with_client(&server, |c| async move {
+            client::logs(&c, &job, follow, rank, tail).await.map(|()| 0)
+        }),
+        Some(Command::Stop { server, job }) => with_client(&server, |c| async move {
+            client::stop(&c, &job).await.map(|()| 0)
+        }),
+        Some(Command::Wait { server, job }) => {
+            with_client(&server, |c| async move { client::wait(&c, &job).await })
+        }
         Some(Command::Bench { quick, out }) => {
             crate::bench::run(crate::bench::BenchArgs { quick, out })
         }
@@ -149,6 +270,23 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a client command; its number becomes the process's exit code.
+fn with_client<F, Fut>(args: &ServerArgs, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(client::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<i32>>,
+{
+    let c = client::Client::new(&args.server, args.json);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let code = rt.block_on(f(c))?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bus;
 pub mod checkpoint;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod launcher;
 pub mod progress;

@@ -720,7 +720,10 @@ impl Handler<Heartbeat> for Job {
         slot.progress.record_heartbeat(Utc::now(), msg.body);
         self.workers[msg.rank as usize].do_send(Beat { attempt });
         self.progress.observe(&self.ranks);
-        if self.last_progress_event.is_none_or(|t| t.elapsed() >= PROGRESS_EVENT_EVERY) {
+        if self
+            .last_progress_event
+            .is_none_or(|t| t.elapsed() >= PROGRESS_EVENT_EVERY)
+        {
             self.last_progress_event = Some(std::time::Instant::now());
             let s = self.summary();
             self.rt.events.publish(
@@ -845,7 +848,9 @@ impl Handler<Committed> for Job {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, _: &mut Context<Self>) {
-        self.rt.events.publish("checkpoint", self.id, serde_json::json!({"step": msg.step}));
+        self.rt
+            .events
+            .publish("checkpoint", self.id, serde_json::json!({"step": msg.step}));
         self.last_checkpoint = Some(msg);
     }
 }

@@ -15,7 +15,11 @@ pub async fn events(state: web::Data<AppState>) -> impl Responder {
     let mut rx = state.rt.events.subscribe();
     let (tx, out) = mpsc::channel(256);
     actix_web::rt::spawn(async move {
-        if tx.send(sse::Event::Data(sse::Data::new("{}").event("hello"))).await.is_err() {
+        if tx
+            .send(sse::Event::Data(sse::Data::new("{}").event("hello")))
+            .await
+            .is_err()
+        {
             return;
         }
         loop {

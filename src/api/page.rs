@@ -6,9 +6,21 @@ use actix_web::{HttpResponse, web};
 use super::ApiError;
 
 const FILES: &[(&str, &str, &str)] = &[
-    ("index.html", "text/html; charset=utf-8", include_str!("../../static/index.html")),
-    ("app.js", "text/javascript; charset=utf-8", include_str!("../../static/app.js")),
-    ("app.css", "text/css; charset=utf-8", include_str!("../../static/app.css")),
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("../../static/index.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../static/app.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../static/app.css"),
+    ),
 ];
 
 fn serve(name: &str) -> Result<HttpResponse, ApiError> {

@@ -162,3 +162,34 @@ async fn a_slow_subscriber_is_told_it_lagged_and_loses_nothing() {
     assert_eq!(fast_lines, lines);
     assert_eq!(app.job(&id).await["state"], "succeeded");
 }
+
+#[actix_web::test]
+async fn job_events_report_state_changes_and_restarts() {
+    let app = spawn_app().await;
+    let res = app.client.get(app.url("/events")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut events = SseReader::new(res);
+    assert_eq!(events.next().await.unwrap().event, "hello");
+    let script = r#"[ "$RESTART_COUNT" = 0 ] && exit 7; echo ok"#;
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh(script), "backoff_initial_ms": 0}))
+        .await;
+    let mut seen = Vec::new();
+    loop {
+        let ev = events.next().await.expect("events keep coming");
+        let v: Value = serde_json::from_str(&ev.data).unwrap();
+        assert_eq!(v["job_id"], id.as_str());
+        assert_eq!(v["kind"], ev.event.as_str());
+        let done = ev.event == "job" && v["data"]["state"] == "succeeded";
+        seen.push((ev.event.clone(), v["data"].clone()));
+        if done {
+            break;
+        }
+    }
+    let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(kinds.contains(&"worker"), "{kinds:?}");
+    let restart = seen.iter().find(|(k, _)| k == "restart").expect("a restart event");
+    assert_eq!(restart.1["reason"], "exit_code");
+    assert_eq!(restart.1["rank"], 0);
+    assert!(seen.iter().any(|(k, d)| k == "job" && d["state"] == "running"));
+}

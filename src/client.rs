@@ -1,0 +1,385 @@
+//! The command-line client (`submit`, `jobs`, `status`, `logs`, `stop`, `wait`): a thin layer
+//! over the REST API. Readable output by default, `--json` for scripts. Errors from the
+//! server are shown as its `{error, message}`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    pub json: bool,
+}
+
+impl Client {
+    pub fn new(server: &str, json: bool) -> Self {
+        Client {
+            http: reqwest::Client::new(),
+            base: server.trim_end_matches('/').to_string(),
+            json,
+        }
+    }
+
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let res = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the trainvisor server at {}", self.base))?;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = body["message"].as_str().unwrap_or("request failed");
+            bail!("{message} ({status})");
+        }
+        Ok(body)
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.call(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    fn print(&self, value: &Value, readable: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            );
+        } else {
+            println!("{}", readable(value));
+        }
+    }
+}
+
+/// What `submit` sends.
+pub struct Submit {
+    pub world_size: Option<u32>,
+    pub steps: Option<u64>,
+    pub name: Option<String>,
+    pub checkpoint_every: Option<u64>,
+    pub restart_scope: Option<String>,
+    pub max_restarts: Option<u32>,
+    pub spec: Option<String>,
+    pub command: Vec<String>,
+}
+
+pub async fn submit(c: &Client, s: Submit) -> anyhow::Result<()> {
+    let mut spec: Value = match &s.spec {
+        Some(raw) => serde_json::from_str(raw).context("--spec must be a JSON object")?,
+        None => json!({}),
+    };
+    let obj = spec
+        .as_object_mut()
+        .context("--spec must be a JSON object")?;
+    let mut set = |k: &str, v: Value| {
+        obj.insert(k.to_string(), v);
+    };
+    if let Some(v) = s.world_size {
+        set("world_size", json!(v));
+    }
+    if let Some(v) = s.steps {
+        set("total_steps", json!(v));
+    }
+    if let Some(v) = s.name {
+        set("name", json!(v));
+    }
+    if let Some(v) = s.checkpoint_every {
+        set("checkpoint_every", json!(v));
+    }
+    if let Some(v) = s.restart_scope {
+        set("restart_scope", json!(v));
+    }
+    if let Some(v) = s.max_restarts {
+        set("max_restarts", json!(v));
+    }
+    if !s.command.is_empty() {
+        set("command", json!(s.command));
+    }
+    let job = c.post("/jobs", &spec).await?;
+    c.print(&job, |j| {
+        format!(
+            "{}\nsubmitted: {} ranks, {}",
+            j["job_id"].as_str().unwrap_or_default(),
+            j["world_size"],
+            match j["spec"]["command"].as_array() {
+                Some(argv) => format!("command {}", Value::Array(argv.clone())),
+                None => "the built-in trainer".to_string(),
+            }
+        )
+    });
+    Ok(())
+}
+
+pub async fn jobs(c: &Client, state: Option<String>) -> anyhow::Result<()> {
+    let path = match &state {
+        Some(s) => format!("/jobs?state={s}"),
+        None => "/jobs".to_string(),
+    };
+    let jobs = c.get(&path).await?;
+    c.print(&jobs, |jobs| {
+        let mut out = format!(
+            "{:<36}  {:<9}  {:>5}  {:>8}  {:<24}  NAME",
+            "JOB", "STATE", "RANKS", "RESTARTS", "CREATED"
+        );
+        for j in jobs.as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\n{:<36}  {:<9}  {:>5}  {:>8}  {:<24}  {}",
+                j["job_id"].as_str().unwrap_or_default(),
+                j["state"].as_str().unwrap_or_default(),
+                j["world_size"],
+                j["restarts"],
+                j["created_at"].as_str().unwrap_or_default(),
+                j["name"].as_str().unwrap_or("")
+            ));
+        }
+        out
+    });
+    Ok(())
+}
+
+fn fmt_opt(v: &Value, digits: usize) -> String {
+    match v.as_f64() {
+        Some(f) if v.is_f64() => format!("{f:.digits$}"),
+        Some(_) => v.to_string(),
+        None => "-".to_string(),
+    }
+}
+
+fn describe_summary(s: &Value) -> String {
+    let mut out = format!(
+        "job {}  {}\nstate {}{}\nstep {} / {}  steps/s {}  ETA {} s  loss {}  restarts {}  last checkpoint {}",
+        s["job_id"].as_str().unwrap_or_default(),
+        s["name"].as_str().unwrap_or(""),
+        s["state"].as_str().unwrap_or_default(),
+        s["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
+        fmt_opt(&s["step"], 0),
+        fmt_opt(&s["total_steps"], 0),
+        fmt_opt(&s["steps_per_s"], 1),
+        fmt_opt(&s["eta_s"], 0),
+        fmt_opt(&s["loss"], 4),
+        s["restarts"],
+        fmt_opt(&s["last_checkpoint_step"], 0),
+    );
+    out.push_str(&format!(
+        "\n{:>4}  {:<9}  {:>8}  {:>7}  {:>8}  {:>10}",
+        "RANK", "STATE", "PID", "ATTEMPT", "STEP", "HEARTBEAT"
+    ));
+    for w in s["workers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n{:>4}  {:<9}  {:>8}  {:>7}  {:>8}  {:>10}",
+            w["rank"],
+            w["state"].as_str().unwrap_or_default(),
+            fmt_opt(&w["pid"], 0),
+            w["attempt"],
+            fmt_opt(&w["step"], 0),
+            w["heartbeat_age_s"]
+                .as_f64()
+                .map(|a| format!("{a:.1}s ago"))
+                .unwrap_or("-".into())
+        ));
+    }
+    out
+}
+
+pub async fn status(c: &Client, job: &str) -> anyhow::Result<()> {
+    let s = c.get(&format!("/jobs/{job}/summary")).await?;
+    c.print(&s, describe_summary);
+    Ok(())
+}
+
+pub async fn stop(c: &Client, job: &str) -> anyhow::Result<()> {
+    let j = c.post(&format!("/jobs/{job}/stop"), &json!({})).await?;
+    c.print(&j, |j| {
+        format!(
+            "{} {}",
+            j["job_id"].as_str().unwrap_or_default(),
+            j["state"].as_str().unwrap_or_default()
+        )
+    });
+    Ok(())
+}
+
+fn print_line(c: &Client, line: &Value) {
+    if c.json {
+        println!("{line}");
+    } else {
+        let rank = line["rank"]
+            .as_u64()
+            .map(|r| format!("[{r}]"))
+            .unwrap_or_else(|| "[-]".into());
+        let stream = if line["stream"] == "stdout" {
+            ""
+        } else {
+            line["stream"].as_str().unwrap_or("")
+        };
+        println!(
+            "{rank}{}{} {}",
+            if stream.is_empty() { "" } else { " " },
+            stream,
+            line["line"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// Prints the tail, and with `follow` every new line until the job ends (SSE, resuming from
+/// the last seq seen if the connection drops).
+pub async fn logs(
+    c: &Client,
+    job: &str,
+    follow: bool,
+    rank: Option<u32>,
+    tail: u32,
+) -> anyhow::Result<()> {
+    let rank_q = rank.map(|r| format!("&rank={r}")).unwrap_or_default();
+    if !follow {
+        let res = c
+            .get(&format!("/jobs/{job}/logs?tail={tail}{rank_q}"))
+            .await?;
+        for line in res["lines"].as_array().into_iter().flatten() {
+            print_line(c, line);
+        }
+        return Ok(());
+    }
+    let mut last: Option<i64> = None;
+    loop {
+        let mut req = c.http.get(format!(
+            "{}/jobs/{job}/logs/stream?tail={tail}{rank_q}",
+            c.base
+        ));
+        if let Some(seq) = last {
+            req = req.header("Last-Event-ID", seq.to_string());
+        }
+        let mut res = match req.send().await {
+            Ok(res) if res.status().is_success() => res,
+            Ok(res) => {
+                let body: Value = res.json().await.unwrap_or(Value::Null);
+                bail!(
+                    "{}",
+                    body["message"].as_str().unwrap_or("cannot follow the logs")
+                );
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut buf = String::new();
+        loop {
+            let chunk = match res.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                // Dropped: reconnect from the last line printed.
+                _ => break,
+            };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find("\n\n") {
+                let block: String = buf.drain(..pos + 2).collect();
+                let (mut event, mut data) = ("message", String::new());
+                for l in block.lines() {
+                    if let Some(v) = l.strip_prefix("event:") {
+                        event = if v.trim() == "log" {
+                            "log"
+                        } else if v.trim() == "end" {
+                            "end"
+                        } else {
+                            "other"
+                        };
+                    } else if let Some(v) = l.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                match event {
+                    "log" => {
+                        let line: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+                        last = line["seq"].as_i64().or(last);
+                        print_line(c, &line);
+                    }
+                    "end" => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+}
+
+/// Shows a progress bar until the job ends; the exit code is the job's outcome.
+pub async fn wait(c: &Client, job: &str) -> anyhow::Result<i32> {
+    let tty = !c.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = String::new();
+    loop {
+        let s = c.get(&format!("/jobs/{job}/summary")).await?;
+        let state = s["state"].as_str().unwrap_or_default().to_string();
+        if !c.json {
+            let line = progress_line(&s);
+            if line != last_line {
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+                last_line = line;
+            }
+        }
+        if matches!(state.as_str(), "succeeded" | "failed" | "stopped") {
+            if tty {
+                eprintln!();
+            }
+            c.print(&s, |s| {
+                format!(
+                    "job {} {}{}",
+                    s["job_id"].as_str().unwrap_or_default(),
+                    state,
+                    s["reason"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                )
+            });
+            return Ok(match state.as_str() {
+                "succeeded" => 0,
+                "failed" => 1,
+                _ => 2,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn progress_line(s: &Value) -> String {
+    let step = s["step"].as_u64();
+    let total = s["total_steps"].as_u64();
+    let bar = match (step, total) {
+        (Some(step), Some(total)) if total > 0 => {
+            let width = 30;
+            let done = ((step.min(total) as f64 / total as f64) * width as f64) as usize;
+            format!(
+                "[{}{}] {step}/{total}",
+                "#".repeat(done),
+                "-".repeat(width - done)
+            )
+        }
+        (Some(step), _) => format!("step {step}"),
+        _ => "starting".to_string(),
+    };
+    format!(
+        "{} {bar}  {} steps/s  ETA {}  restarts {}",
+        s["state"].as_str().unwrap_or_default(),
+        fmt_opt(&s["steps_per_s"], 1),
+        s["eta_s"]
+            .as_f64()
+            .map(|e| format!("{e:.0}s"))
+            .unwrap_or("-".into()),
+        s["restarts"]
+    )
+}
