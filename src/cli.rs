@@ -140,6 +140,9 @@ struct ServerArgs {
         default_value = "http://127.0.0.1:8000"
     )]
     server: String,
+    /// The server's API token, if it has one.
+    #[arg(long, env = "TRAINVISOR_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Machine-readable JSON output.
     #[arg(long)]
     json: bool,
@@ -165,16 +168,46 @@ pub struct ServeArgs {
     /// HTTP worker threads.
     #[arg(long, env = "TRAINVISOR_HTTP_WORKERS", default_value_t = 2)]
     http_workers: usize,
+    /// Token the admin API requires (required when binding a non-loopback address).
+    #[arg(long, env = "TRAINVISOR_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Live jobs at once.
+    #[arg(long, env = "TRAINVISOR_MAX_JOBS", default_value_t = 256)]
+    max_jobs: usize,
+    /// Ranks of live jobs at once.
+    #[arg(long, env = "TRAINVISOR_MAX_WORKERS", default_value_t = 4096)]
+    max_workers: usize,
+    /// Open SSE streams at once.
+    #[arg(long, env = "TRAINVISOR_MAX_SSE_SUBSCRIBERS", default_value_t = 4096)]
+    max_sse_subscribers: usize,
+    /// Directory local dataset and checkpoint paths must lie in (repeatable; default: anywhere).
+    #[arg(
+        long = "allowed-root",
+        env = "TRAINVISOR_ALLOWED_ROOTS",
+        value_delimiter = ':'
+    )]
+    allowed_roots: Vec<PathBuf>,
 }
 
 impl ServeArgs {
     fn settings(self) -> anyhow::Result<Settings> {
-        let mut settings = Settings::new(self.bind, self.data_dir);
+        // Absolute, so the paths handed to workers and checked against roots are unambiguous.
+        let data_dir = std::path::absolute(&self.data_dir)?;
+        let mut settings = Settings::new(self.bind, data_dir);
         settings.job_defaults = JobDefaults::from_env(&settings.data_dir)?;
         settings.job_defaults.max_world_size = self.max_world_size;
         settings.kill_grace = Duration::from_millis(self.kill_grace_ms);
         settings.max_body_bytes = self.max_body_bytes;
         settings.http_workers = self.http_workers.max(1);
+        settings.api_token = self.api_token.filter(|t| !t.is_empty());
+        settings.max_jobs = self.max_jobs;
+        settings.max_workers = self.max_workers;
+        settings.max_sse_subscribers = self.max_sse_subscribers;
+        settings.allowed_roots = self.allowed_roots;
+        if !settings.allowed_roots.is_empty() {
+            // The defaults live in the data dir, so it is always allowed.
+            settings.allowed_roots.push(settings.data_dir.clone());
+        }
         Ok(settings)
     }
 }
@@ -278,7 +311,7 @@ where
     F: FnOnce(client::Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<i32>>,
 {
-    let c = client::Client::new(&args.server, args.json);
+    let c = client::Client::new(&args.server, args.api_token.as_deref(), args.json);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

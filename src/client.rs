@@ -15,9 +15,18 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(server: &str, json: bool) -> Self {
+    pub fn new(server: &str, api_token: Option<&str>, json: bool) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = api_token
+            && let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         Client {
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .expect("an HTTP client builds"),
             base: server.trim_end_matches('/').to_string(),
             json,
         }

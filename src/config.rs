@@ -94,6 +94,16 @@ pub struct Settings {
     pub http_workers: usize,
     /// The program whose `worker` subcommand is the built-in trainer.
     pub trainer_exe: PathBuf,
+    /// When set, the admin API needs it (see `api::auth`).
+    pub api_token: Option<String>,
+    /// Live jobs at once; more are refused with 429.
+    pub max_jobs: usize,
+    /// Ranks of live jobs at once; more are refused with 429.
+    pub max_workers: usize,
+    /// Open SSE streams at once (logs and events together); more are refused with 429.
+    pub max_sse_subscribers: usize,
+    /// If non-empty, local `dataset` and `checkpoint_dir` paths must lie inside one of these.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -108,6 +118,11 @@ impl Settings {
             max_body_bytes: 1 << 20,
             http_workers: 2,
             trainer_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("trainvisor")),
+            api_token: None,
+            max_jobs: 256,
+            max_workers: 4096,
+            max_sse_subscribers: 4096,
+            allowed_roots: Vec::new(),
         }
     }
 }

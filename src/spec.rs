@@ -284,6 +284,36 @@ impl JobRequest {
 }
 
 impl JobSpec {
+    /// With allowed roots configured, local `dataset` and `checkpoint_dir` must be absolute,
+    /// free of `..`, and inside one of them (checked on the path as written; symlinks inside
+    /// a root are the operator's business).
+    pub fn check_roots(&self, roots: &[PathBuf]) -> Result<(), SpecError> {
+        if roots.is_empty() {
+            return Ok(());
+        }
+        for (name, value) in [
+            ("dataset", &self.dataset),
+            ("checkpoint_dir", &self.checkpoint_dir),
+        ] {
+            let path = std::path::Path::new(value.strip_prefix("file://").unwrap_or(value));
+            let clean = path.is_absolute()
+                && path
+                    .components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir));
+            if !clean || !roots.iter().any(|r| path.starts_with(r)) {
+                return Err(invalid(format!(
+                    "{name} {value:?} is not inside an allowed root ({})",
+                    roots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Exponential backoff before restart number `n` (1-based), without jitter.
     pub fn backoff_ms(&self, n: u32) -> u64 {
         let exp = self

@@ -49,6 +49,12 @@ impl Application {
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
         let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && settings.api_token.is_none() {
+            anyhow::bail!(
+                "refusing to listen on {addr} without an API token: POST /jobs runs commands. \
+                 Set --api-token (TRAINVISOR_API_TOKEN) or bind a loopback address"
+            );
+        }
         let reachable = if addr.ip().is_unspecified() {
             SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
         } else {
@@ -65,6 +71,7 @@ impl Application {
             instance,
             base_url: format!("http://{reachable}"),
             registry: Registry::default(),
+            sse_streams: Default::default(),
         });
         let manager = JobManager::new(rt.clone()).start();
         let resumed = manager.send(Restore).await??;
@@ -87,6 +94,7 @@ impl Application {
                         ApiError::NotFound(format!("invalid path: {e}")).into()
                     }),
                 )
+                .wrap(actix_web::middleware::from_fn(api::auth::require_token))
                 .wrap(ErrorHandlers::new().default_handler(api::error::json_errors))
                 .configure(api::routes)
                 .default_service(web::to(|| async {

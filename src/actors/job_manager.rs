@@ -26,8 +26,16 @@ impl JobManager {
 
     fn start_job(&mut self, init: JobInit, ctx: &mut Context<Self>) {
         let id = init.id;
+        let world_size = init.spec.world_size;
         let (addr, state) = Job::start(init, self.rt.clone(), ctx.address().recipient());
-        self.rt.registry.insert(id, JobHandle { addr, state });
+        self.rt.registry.insert(
+            id,
+            JobHandle {
+                addr,
+                state,
+                world_size,
+            },
+        );
     }
 }
 
@@ -42,6 +50,8 @@ pub enum ManagerError {
     NotFound(Uuid),
     #[error("job {0} is still running; stop it first or pass ?force=true")]
     Running(Uuid),
+    #[error("{0}")]
+    AtLimit(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -66,8 +76,26 @@ impl Handler<CreateJob> for JobManager {
         let created_at = now();
         let spec = msg.0;
         let demo = self.rt.settings.job_defaults.dataset.clone();
+        let (jobs, ranks) = self.rt.registry.load();
+        let settings = &self.rt.settings;
+        let refusal = if jobs >= settings.max_jobs {
+            Some(format!(
+                "{jobs} jobs are running, the limit is {} (--max-jobs)",
+                settings.max_jobs
+            ))
+        } else if ranks + spec.world_size as usize > settings.max_workers {
+            Some(format!(
+                "{ranks} ranks are running; {} more would pass the limit of {} (--max-workers)",
+                spec.world_size, settings.max_workers
+            ))
+        } else {
+            None
+        };
         Box::pin(
             async move {
+                if let Some(why) = refusal {
+                    return Err(ManagerError::AtLimit(why));
+                }
                 ensure_demo_dataset(&spec, &demo).await?;
                 store::jobs::insert(&pool, id, &spec, &created_at).await?;
                 Ok((spec, created_at))

@@ -75,6 +75,33 @@ pub struct Runtime {
     /// Base URL workers reach the server at, e.g. `http://127.0.0.1:8000`.
     pub base_url: String,
     pub registry: Registry,
+    /// Open SSE streams (log and event streams together).
+    pub sse_streams: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one open SSE stream while alive.
+pub struct StreamSlot(Arc<Runtime>);
+
+impl Runtime {
+    /// A slot for one more SSE stream, or None at the limit.
+    pub fn open_stream(self: &Arc<Self>) -> Option<StreamSlot> {
+        use std::sync::atomic::Ordering;
+        let max = self.settings.max_sse_subscribers;
+        self.sse_streams
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(self.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0
+            .sse_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A live job: its actor and a watch of its state.
@@ -82,6 +109,7 @@ pub struct Runtime {
 pub struct JobHandle {
     pub addr: Addr<Job>,
     pub state: watch::Receiver<JobState>,
+    pub world_size: u32,
 }
 
 /// Live jobs by id, shared by the JobManager (which fills it) and the HTTP handlers (which
@@ -102,6 +130,15 @@ impl Registry {
 
     pub fn remove(&self, id: &Uuid) {
         self.jobs.lock().unwrap().remove(id);
+    }
+
+    /// Live jobs and their ranks, for the limits.
+    pub fn load(&self) -> (usize, usize) {
+        let jobs = self.jobs.lock().unwrap();
+        (
+            jobs.len(),
+            jobs.values().map(|h| h.world_size as usize).sum(),
+        )
     }
 
     pub fn all(&self) -> Vec<(Uuid, JobHandle)> {

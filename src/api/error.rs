@@ -29,6 +29,8 @@ pub enum ApiError {
     StaleIncarnation(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    AtLimit(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -50,6 +52,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::StaleIncarnation(_) => "stale_incarnation",
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::AtLimit(_) => "limit_reached",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -68,6 +71,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::StaleIncarnation(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::AtLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -100,6 +104,7 @@ impl From<ManagerError> for ApiError {
         match e {
             ManagerError::NotFound(id) => ApiError::job_not_found(id),
             ManagerError::Running(_) => ApiError::Conflict(e.to_string()),
+            ManagerError::AtLimit(why) => ApiError::AtLimit(why),
             ManagerError::Internal(e) => ApiError::Internal(e),
         }
     }

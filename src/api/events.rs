@@ -9,12 +9,17 @@ use actix_web::{Responder, web};
 use actix_web_lab::sse;
 use tokio::sync::{broadcast, mpsc};
 
-use super::AppState;
+use super::{ApiError, AppState};
 
-pub async fn events(state: web::Data<AppState>) -> impl Responder {
+pub async fn events(state: web::Data<AppState>) -> Result<impl Responder, ApiError> {
+    let slot = state
+        .rt
+        .open_stream()
+        .ok_or_else(super::logs::too_many_streams)?;
     let mut rx = state.rt.events.subscribe();
     let (tx, out) = mpsc::channel(256);
     actix_web::rt::spawn(async move {
+        let _slot = slot;
         if tx
             .send(sse::Event::Data(sse::Data::new("{}").event("hello")))
             .await
@@ -42,5 +47,5 @@ pub async fn events(state: web::Data<AppState>) -> impl Responder {
             }
         }
     });
-    sse::Sse::from_infallible_receiver(out).with_keep_alive(Duration::from_secs(15))
+    Ok(sse::Sse::from_infallible_receiver(out).with_keep_alive(Duration::from_secs(15)))
 }

@@ -30,6 +30,8 @@ pub async fn create(
     let spec = request
         .resolve(&state.rt.settings.job_defaults)
         .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
+    spec.check_roots(&state.rt.settings.allowed_roots)
+        .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
     let id = state.manager.send(CreateJob(spec)).await??;
     let job = record(&state, id).await?;
     Ok(HttpResponse::Created().json(job))

@@ -52,6 +52,10 @@ pub async fn tail(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "job_id": id, "lines": lines })))
 }
 
+pub fn too_many_streams() -> ApiError {
+    ApiError::AtLimit("too many open streams (--max-sse-subscribers); close one and retry".into())
+}
+
 async fn ensure_job(pool: &SqlitePool, id: Uuid) -> Result<store::jobs::JobRecord, ApiError> {
     store::jobs::get(pool, id)
         .await?
@@ -92,6 +96,7 @@ pub async fn stream(
             "tail must be between 0 and {MAX_TAIL}"
         )));
     }
+    let slot = state.rt.open_stream().ok_or_else(too_many_streams)?;
     // Subscribe first, then look at the database: see the module docs.
     let live = state.rt.bus.subscribe(id);
     ensure_job(&state.rt.pool, id).await?;
@@ -100,6 +105,7 @@ pub async fn stream(
     let pool = state.rt.pool.clone();
     let rank = query.rank;
     actix_web::rt::spawn(async move {
+        let _slot = slot;
         let follower = Follower { pool, id, rank, tx };
         let _ = follower.run(live, resume_from, tail).await;
     });

@@ -1,12 +1,13 @@
 //! HTTP routes, grouped by resource.
 
+pub mod auth;
 pub mod error;
 mod events;
 mod jobs;
 mod logs;
 mod metrics;
 mod page;
-mod workers;
+pub mod workers;
 
 use std::sync::Arc;
 
@@ -41,6 +42,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/").get(page::index))
         .service(web::resource("/static/{file}").get(page::file))
         .service(web::resource("/health").get(health))
+        .service(web::resource("/session").post(auth::session))
         .service(web::resource("/metrics").get(metrics::metrics))
         .service(web::resource("/events").get(events::events))
         .service(web::resource("/jobs").get(jobs::list).post(jobs::create))

@@ -188,8 +188,14 @@ async fn job_events_report_state_changes_and_restarts() {
     }
     let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
     assert!(kinds.contains(&"worker"), "{kinds:?}");
-    let restart = seen.iter().find(|(k, _)| k == "restart").expect("a restart event");
+    let restart = seen
+        .iter()
+        .find(|(k, _)| k == "restart")
+        .expect("a restart event");
     assert_eq!(restart.1["reason"], "exit_code");
     assert_eq!(restart.1["rank"], 0);
-    assert!(seen.iter().any(|(k, d)| k == "job" && d["state"] == "running"));
+    assert!(
+        seen.iter()
+            .any(|(k, d)| k == "job" && d["state"] == "running")
+    );
 }

@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod failures;
+mod hardening;
 mod helpers;
 mod lifecycle;
 mod logs;

@@ -1,0 +1,117 @@
+//! API authentication. With an API token configured (`--api-token`), every route but
+//! `/health`, the page's own files, `POST /session` and the worker routes (which take their
+//! incarnation's token) needs either `Authorization: Bearer <api token>` or the session cookie
+//! that `POST /session` sets. The cookie is how the page and its EventSource streams (which
+//! cannot set headers) authenticate: HttpOnly, SameSite=Strict, holding a digest of the token,
+//! never the token itself.
+
+use actix_web::body::MessageBody;
+use actix_web::cookie::{Cookie, SameSite};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{HttpResponse, web};
+use serde::Deserialize;
+
+use super::error::parse_json;
+use super::workers::bearer;
+use super::{ApiError, AppState};
+use crate::actors::hash_token;
+
+pub const SESSION_COOKIE: &str = "trainvisor_session";
+
+/// The cookie value for a token: a digest, so a leaked cookie does not reveal the token.
+fn session_value(token: &str) -> String {
+    hash_token(&format!("trainvisor-session:{token}"))
+}
+
+/// Constant-time comparison of two digests.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn is_open(path: &str) -> bool {
+    if matches!(path, "/" | "/health" | "/session") || path.starts_with("/static/") {
+        return true;
+    }
+    // /jobs/{id}/workers/{rank}/{heartbeat|allreduce|checkpoint}: worker tokens.
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    parts.len() == 5
+        && parts[0] == "jobs"
+        && parts[2] == "workers"
+        && matches!(parts[4], "heartbeat" | "allreduce" | "checkpoint")
+}
+
+pub async fn require_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let expected = req
+        .app_data::<web::Data<AppState>>()
+        .and_then(|s| s.rt.settings.api_token.clone());
+    let Some(token) = expected else {
+        return next.call(req).await;
+    };
+    if is_open(req.path()) {
+        return next.call(req).await;
+    }
+    let by_header =
+        bearer(req.request()).is_some_and(|t| same(&hash_token(t), &hash_token(&token)));
+    let by_cookie = req
+        .cookie(SESSION_COOKIE)
+        .is_some_and(|c| same(c.value(), &session_value(&token)));
+    if by_header || by_cookie {
+        return next.call(req).await;
+    }
+    Err(ApiError::Unauthorized(
+        "this server needs its API token: send Authorization: Bearer $TRAINVISOR_API_TOKEN (or sign in on the page)".into(),
+    )
+    .into())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionRequest {
+    token: String,
+}
+
+/// `POST /session {"token": ...}`: sets the session cookie when the token is right.
+pub async fn session(
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let request: SessionRequest = parse_json(&body, false)?;
+    let Some(token) = state.rt.settings.api_token.as_deref() else {
+        return Ok(HttpResponse::Ok().json(serde_json::json!({"auth": "none"})));
+    };
+    if !same(&hash_token(&request.token), &hash_token(token)) {
+        return Err(ApiError::Unauthorized("wrong API token".into()));
+    }
+    let cookie = Cookie::build(SESSION_COOKIE, session_value(token))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .finish();
+    Ok(HttpResponse::Ok()
+        .cookie(cookie)
+        .json(serde_json::json!({"auth": "session"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_worker_routes_and_the_page_are_open() {
+        assert!(is_open("/health"));
+        assert!(is_open("/static/app.js"));
+        assert!(is_open("/jobs/abc/workers/0/heartbeat"));
+        assert!(!is_open("/jobs/abc/workers"));
+        assert!(!is_open("/jobs"));
+        assert!(!is_open("/jobs/abc/workers/0/heartbeat/x"));
+        assert!(!is_open("/events"));
+    }
+}

@@ -1,0 +1,195 @@
+//! The API token, limits, allowed roots, and secrets staying secret.
+
+use std::time::Duration;
+
+use serde_json::json;
+use trainvisor::config::Settings;
+use trainvisor::startup::Application;
+
+use crate::helpers::*;
+
+#[actix_web::test]
+async fn the_api_token_guards_everything_but_health_the_page_and_workers() {
+    let app = spawn_app_with(|s| s.api_token = Some("s3cret".into())).await;
+    assert_json_error(app.get("/jobs").await, 401).await;
+    assert_json_error(app.get("/events").await, 401).await;
+    assert_eq!(app.get("/health").await.status(), 200);
+    assert_eq!(app.get("/").await.status(), 200);
+    let authed = |req: reqwest::RequestBuilder| req.bearer_auth("s3cret");
+    assert_eq!(
+        authed(app.client.get(app.url("/jobs")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Workers heartbeat with their own token, never the API's.
+    let script = format!("{}; sleep 300", beat(r#"{"step": 5}"#));
+    let res = authed(app.client.post(app.url("/jobs")))
+        .json(&json!({"world_size": 1, "command": sh(&script)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let id = res.json::<serde_json::Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let step = wait_for(Duration::from_secs(20), || async {
+        let s: serde_json::Value = authed(app.client.get(app.url(&format!("/jobs/{id}/summary"))))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (s["step"] == 5).then_some(())
+    })
+    .await;
+    assert!(step.is_some(), "the worker's heartbeat was accepted");
+
+    // The page signs in once; the cookie then works for fetches and EventSource alike.
+    let res = app.post_json("/session", &json!({"token": "wrong"})).await;
+    assert_json_error(res, 401).await;
+    let res = app.post_json("/session", &json!({"token": "s3cret"})).await;
+    assert_eq!(res.status(), 200);
+    let cookie = res.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("s3cret"),
+        "the cookie must not carry the token"
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let res = app
+        .client
+        .get(app.url("/jobs"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = app
+        .client
+        .get(app.url("/events"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    authed(app.client.post(app.url(&format!("/jobs/{id}/stop"))))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[actix_web::test]
+async fn a_public_bind_without_a_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings::new("0.0.0.0:0", dir.path());
+    let err = Application::build(settings).await.err().expect("refused");
+    assert!(err.to_string().contains("without an API token"), "{err}");
+}
+
+#[actix_web::test]
+async fn limits_answer_429_and_change_nothing() {
+    let app = spawn_app_with(|s| {
+        s.max_jobs = 1;
+        s.max_workers = 3;
+        s.max_sse_subscribers = 1;
+    })
+    .await;
+    let res = app
+        .post_json("/jobs", &json!({"world_size": 4, "command": sh("true")}))
+        .await;
+    assert_json_error(res, 429).await;
+    // A chatty job: a stream that is written to notices its client left at once.
+    let chatty = "while true; do echo tick; sleep 0.1; done";
+    let id = app
+        .create_job(json!({"world_size": 2, "command": sh(chatty)}))
+        .await;
+    let res = app
+        .post_json("/jobs", &json!({"world_size": 1, "command": sh("true")}))
+        .await;
+    assert_json_error(res, 429).await;
+    assert_eq!(app.get_json("/jobs").await.as_array().unwrap().len(), 1);
+    let first = app.get(&format!("/jobs/{id}/logs/stream")).await;
+    assert_eq!(first.status(), 200);
+    assert_json_error(app.get("/events").await, 429).await;
+    drop(first);
+    let again = wait_for(Duration::from_secs(10), || async {
+        (app.get("/events").await.status() == 200).then_some(())
+    })
+    .await;
+    assert!(again.is_some(), "a closed stream frees its slot");
+    app.client
+        .post(app.url(&format!("/jobs/{id}/stop")))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[actix_web::test]
+async fn paths_must_stay_inside_the_allowed_roots() {
+    let root = tempfile::tempdir().unwrap();
+    let root_path = root.path().to_path_buf();
+    let app = spawn_app_with(|s| s.allowed_roots = vec![root_path.clone()]).await;
+    for bad in [
+        "/etc".to_string(),
+        format!("{}/../etc", root_path.display()),
+        "relative/dir".to_string(),
+    ] {
+        let res = app
+            .post_json(
+                "/jobs",
+                &json!({"world_size": 1, "command": sh("true"), "dataset": bad}),
+            )
+            .await;
+        let body = assert_json_error(res, 422).await;
+        assert!(
+            body["message"].as_str().unwrap().contains("allowed root"),
+            "{body}"
+        );
+    }
+    let ok = json!({"world_size": 1, "command": sh("true"),
+                    "dataset": root_path.join("data"), "checkpoint_dir": root_path.join("ckpt")});
+    assert_eq!(app.post_json("/jobs", &ok).await.status(), 201);
+}
+
+#[actix_web::test]
+async fn worker_tokens_never_appear_in_responses_or_logs() {
+    let app = spawn_app().await;
+    let file = app.data_dir.path().join("token");
+    let script = format!(
+        "echo \"$TRAINVISOR_TOKEN\" > {}; {}; echo started",
+        file.display(),
+        beat("{}")
+    );
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh(&script)}))
+        .await;
+    app.wait_finished(&id, Duration::from_secs(20)).await;
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(token.len(), 48);
+    for path in ["", "/summary", "/workers", "/restarts", "/logs?tail=1000"] {
+        let body = app
+            .get(&format!("/jobs/{id}{path}"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(!body.contains(&token), "{path} leaks the token");
+    }
+    let db = std::fs::read(app.data_dir.path().join("trainvisor.db")).unwrap();
+    let wal = std::fs::read(app.data_dir.path().join("trainvisor.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(
+            !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+            "the database holds the token"
+        );
+    }
+}
