@@ -187,6 +187,13 @@ pub struct ServeArgs {
         value_delimiter = ':'
     )]
     allowed_roots: Vec<PathBuf>,
+    /// Log lines kept per job; the oldest are dropped (and counted) beyond it.
+    #[arg(
+        long,
+        env = "TRAINVISOR_MAX_LOG_LINES_PER_JOB",
+        default_value_t = 1_000_000
+    )]
+    max_log_lines_per_job: u64,
 }
 
 impl ServeArgs {
@@ -204,6 +211,7 @@ impl ServeArgs {
         settings.max_workers = self.max_workers;
         settings.max_sse_subscribers = self.max_sse_subscribers;
         settings.allowed_roots = self.allowed_roots;
+        settings.max_log_lines_per_job = self.max_log_lines_per_job.max(1);
         if !settings.allowed_roots.is_empty() {
             // The defaults live in the data dir, so it is always allowed.
             settings.allowed_roots.push(settings.data_dir.clone());

@@ -104,6 +104,8 @@ pub struct Settings {
     pub max_sse_subscribers: usize,
     /// If non-empty, local `dataset` and `checkpoint_dir` paths must lie inside one of these.
     pub allowed_roots: Vec<PathBuf>,
+    /// Log lines kept per job; older ones are dropped and counted.
+    pub max_log_lines_per_job: u64,
 }
 
 impl Settings {
@@ -123,6 +125,7 @@ impl Settings {
             max_workers: 4096,
             max_sse_subscribers: 4096,
             allowed_roots: Vec::new(),
+            max_log_lines_per_job: 1_000_000,
         }
     }
 }

@@ -44,7 +44,8 @@ impl Application {
             .await
             .context("opening the database")?;
         let bus = Arc::new(LogBus::default());
-        let recorder = Recorder::start(pool.clone(), bus.clone()).await?;
+        let recorder =
+            Recorder::start(pool.clone(), bus.clone(), settings.max_log_lines_per_job).await?;
 
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;

@@ -20,6 +20,8 @@ pub struct JobRecord {
     pub finished_at: Option<String>,
     pub reason: Option<String>,
     pub restarts: i64,
+    /// Log lines dropped by the retention limit.
+    pub logs_dropped: i64,
     #[sqlx(json)]
     pub spec: serde_json::Value,
     #[serde(skip)]
@@ -27,7 +29,7 @@ pub struct JobRecord {
 }
 
 const SELECT_JOB: &str = "SELECT id, name, state, world_size, created_at, started_at, finished_at,
-    reason, spec, summary,
+    reason, spec, summary, logs_dropped,
     (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id) AS restarts
     FROM jobs";
 

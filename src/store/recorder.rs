@@ -52,12 +52,17 @@ pub struct Recorder {
 impl Recorder {
     /// Starts the recorder task on the current runtime. `next_seq` is one past the largest
     /// stored sequence id.
-    pub async fn start(pool: SqlitePool, bus: Arc<LogBus>) -> anyhow::Result<Self> {
+    pub async fn start(
+        pool: SqlitePool,
+        bus: Arc<LogBus>,
+        max_lines_per_job: u64,
+    ) -> anyhow::Result<Self> {
         let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM logs")
             .fetch_one(&pool)
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, bus, rx, max.unwrap_or(0) + 1));
+        let retention = Retention::new(max_lines_per_job);
+        tokio::spawn(run(pool, bus, rx, max.unwrap_or(0) + 1, retention));
         Ok(Recorder {
             tx,
             permits: Arc::new(Semaphore::new(LOG_PERMITS)),
@@ -112,11 +117,69 @@ impl Recorder {
     }
 }
 
+/// Keeps at most `max_lines` log lines per job: every `trim_every` new lines of a job, its
+/// oldest lines beyond the limit are deleted and counted in `jobs.logs_dropped`.
+struct Retention {
+    max_lines: u64,
+    trim_every: u64,
+    since_trim: std::collections::HashMap<Uuid, u64>,
+}
+
+impl Retention {
+    fn new(max_lines: u64) -> Self {
+        Retention {
+            max_lines,
+            trim_every: (max_lines / 10).clamp(1, 100_000),
+            since_trim: Default::default(),
+        }
+    }
+
+    /// Jobs due for a trim after `lines` more were written.
+    fn due(&mut self, lines: &[(Uuid, LogLine)]) -> Vec<Uuid> {
+        for (job, _) in lines {
+            *self.since_trim.entry(*job).or_default() += 1;
+        }
+        let every = self.trim_every;
+        let due: Vec<Uuid> = self
+            .since_trim
+            .iter()
+            .filter(|(_, n)| **n >= every)
+            .map(|(j, _)| *j)
+            .collect();
+        for j in &due {
+            self.since_trim.remove(j);
+        }
+        due
+    }
+
+    async fn trim(&self, pool: &SqlitePool, job: Uuid) -> sqlx::Result<()> {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let dropped = sqlx::query(
+            "DELETE FROM logs WHERE job_id = ?1 AND seq <=
+               (SELECT seq FROM logs WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+        )
+        .bind(job.to_string())
+        .bind(self.max_lines as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if dropped > 0 {
+            sqlx::query("UPDATE jobs SET logs_dropped = logs_dropped + ? WHERE id = ?")
+                .bind(dropped as i64)
+                .bind(job.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+}
+
 async fn run(
     pool: SqlitePool,
     bus: Arc<LogBus>,
     mut rx: mpsc::UnboundedReceiver<Op>,
     mut next_seq: i64,
+    mut retention: Retention,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -124,6 +187,11 @@ async fn run(
         if let Err(e) = write_batch(&pool, &mut batch, &mut next_seq, &mut published).await {
             tracing::error!(error = %e, "recorder: batch not written");
             published.clear();
+        }
+        for job in retention.due(&published) {
+            if let Err(e) = retention.trim(&pool, job).await {
+                tracing::error!(error = %e, %job, "recorder: log retention failed");
+            }
         }
         for (job_id, line) in published {
             bus.publish(job_id, Arc::new(line));

@@ -193,3 +193,37 @@ async fn worker_tokens_never_appear_in_responses_or_logs() {
         );
     }
 }
+
+#[actix_web::test]
+async fn log_retention_drops_the_oldest_lines_and_counts_them() {
+    let app = spawn_app_with(|s| s.max_log_lines_per_job = 100).await;
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh("seq 1 1000")}))
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    // Trimming runs every tenth of the limit, so a few more than the limit may remain.
+    let job = wait_for(Duration::from_secs(10), || async {
+        let j = app.job(&id).await;
+        (j["logs_dropped"].as_i64().unwrap_or(0) > 0).then_some(j)
+    })
+    .await
+    .unwrap_or(job);
+    let lines = app.log_lines(&id).await;
+    let dropped = job["logs_dropped"].as_i64().unwrap();
+    assert!(lines.len() <= 110, "{} lines kept", lines.len());
+    // Every line printed (1000, plus the final system note) is either kept or counted.
+    assert_eq!(
+        lines.len() as i64 + dropped,
+        1001,
+        "kept {} dropped {dropped}",
+        lines.len()
+    );
+    assert!(
+        lines.iter().any(|l| l["line"] == "1000"),
+        "the newest lines are kept"
+    );
+    assert!(
+        !lines.iter().any(|l| l["line"] == "1"),
+        "the oldest are dropped"
+    );
+}
