@@ -174,7 +174,7 @@ async fn train(env: Env) -> anyhow::Result<()> {
                 loss,
             };
             if let Some(previous) = saving.take() {
-                previous.await??;
+                report_failed_checkpoint(rank, spec.checkpoint_every, previous.await?);
             }
             let (store, client, model) = (store.clone(), client.clone(), model.clone());
             saving = Some(tokio::spawn(async move {
@@ -189,7 +189,7 @@ async fn train(env: Env) -> anyhow::Result<()> {
         }
     }
     if let Some(last) = saving.take() {
-        last.await??;
+        report_failed_checkpoint(rank, spec.checkpoint_every, last.await?);
     }
     if rank == 0 {
         store.put(FINAL_MODEL, model.to_bytes()).await?;
@@ -201,6 +201,14 @@ async fn train(env: Env) -> anyhow::Result<()> {
         .await;
     println!("rank {rank}: done after {step} steps, loss {loss:.4}");
     Ok(())
+}
+
+/// A checkpoint that could not be written (disk full, storage down) is not fatal: the
+/// previous one stays the newest valid checkpoint, and the next interval tries again.
+fn report_failed_checkpoint(rank: u32, every: u64, result: anyhow::Result<()>) {
+    if let Err(e) = result {
+        eprintln!("rank {rank}: {e:#}; training goes on and tries again in {every} steps");
+    }
 }
 
 async fn write_part(
@@ -220,10 +228,15 @@ async fn write_part(
         line_idx: Some(header.cursor.line_idx as u64),
         metrics: Some(json!({"loss": header.loss})),
     };
+    let step = header.step;
     store
-        .put(&checkpoint::part_key(header.step, rank), data)
-        .await?;
-    client.register_part(header.step, &info).await
+        .put(&checkpoint::part_key(step, rank), data)
+        .await
+        .with_context(|| format!("checkpoint of step {step} failed: writing the part"))?;
+    client
+        .register_part(step, &info)
+        .await
+        .with_context(|| format!("checkpoint of step {step} failed: reporting the part"))
 }
 
 /// One pass over the smallest rank's data, in whole batches.

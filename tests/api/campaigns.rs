@@ -311,3 +311,98 @@ async fn campaign_an_external_reader_holding_a_transaction_does_not_stall_the_se
     );
     reader.wait().await.unwrap();
 }
+
+/// A small tmpfs mounted for the test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "this campaign mounts a small tmpfs to fill it, which needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[actix_web::test]
+async fn campaign_a_full_disk_fails_checkpoints_cleanly_and_training_recovers() {
+    let app = spawn_app().await;
+    let data = dataset(app.data_dir.path());
+    let mut spec = trainer_spec(&data, true);
+    spec["total_steps"] = json!(400);
+    spec["sleep_sec"] = json!(0.01);
+    let reference = app.create_job(spec.clone()).await;
+    assert_eq!(
+        app.wait_finished(&reference, Duration::from_secs(120))
+            .await["state"],
+        "succeeded"
+    );
+    let expected = model_sha(&app.client, &app.address, &reference).await;
+
+    let disk = app.data_dir.path().join("small-disk");
+    let _mounted = SmallDisk::mount(&disk, "256k");
+    spec["checkpoint_dir"] = json!(disk);
+    let id = app.create_job(spec).await;
+    let store = trainvisor::storage::Store::open(disk.join(&id).to_str().unwrap()).unwrap();
+    wait_for(Duration::from_secs(60), || async {
+        let c = app.get_json(&format!("/jobs/{id}/checkpoints")).await;
+        (c.as_array().unwrap().len() >= 2).then_some(())
+    })
+    .await
+    .expect("checkpoints before the disk fills");
+    // Fill the disk.
+    let ballast = disk.join("ballast");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&ballast).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+    }
+    let full_since = Instant::now();
+    let error = wait_for(Duration::from_secs(30), || async {
+        app.log_lines(&id).await.into_iter().find(|l| {
+            let line = l["line"].as_str().unwrap_or("");
+            line.contains("checkpoint of step") && line.contains("No space left on device")
+        })
+    })
+    .await
+    .expect("a clear error in the job's log");
+    let latest_during = trainvisor::checkpoint::find_resume(&store, 0, 2)
+        .await
+        .unwrap()
+        .0
+        .expect("a valid checkpoint");
+    let summary = app.summary(&id).await;
+    assert_eq!(
+        summary["state"], "running",
+        "a full disk does not stop training"
+    );
+    std::fs::remove_file(&ballast).unwrap();
+    let job = app.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        model_sha(&app.client, &app.address, &id).await,
+        expected,
+        "the model is exact"
+    );
+    println!(
+        "campaign (d): disk full for {:.1} s; error logged: {:?}; newest valid checkpoint meanwhile: step {}; job finished with the exact model",
+        full_since.elapsed().as_secs_f64(),
+        error["line"],
+        latest_during.manifest.step
+    );
+}
