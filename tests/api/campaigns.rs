@@ -2,9 +2,8 @@
 //! --nocapture` shows them). Sizes can be raised with CAMPAIGN_JOBS / CAMPAIGN_SERVER_KILLS.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -103,18 +102,9 @@ async fn campaign_trainer_jobs_survive_random_worker_kills_with_exact_models() {
             Some("running") => {}
             _ => continue,
         }
-        let pids: Vec<u64> = s["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "running")
-            .filter_map(|w| w["pid"].as_u64())
-            .collect();
+        let pids = running_pids_in(&s);
         if !pids.is_empty() {
-            kill(
-                pids[rng.below(pids.len() as u64) as usize] as u32,
-                libc::SIGKILL,
-            );
+            kill(pids[rng.below(pids.len() as u64) as usize], libc::SIGKILL);
             kills += 1;
         }
     }
@@ -140,34 +130,6 @@ async fn campaign_trainer_jobs_survive_random_worker_kills_with_exact_models() {
     );
 }
 
-/// The real binary as a child process on `data_dir`; returns it and its base URL.
-fn start_server(data_dir: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--kill-grace-ms",
-            "300",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("server starts");
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = first
-        .trim()
-        .strip_prefix("trainvisor listening on ")
-        .expect("listening line")
-        .to_string();
-    (child, url)
-}
-
 async fn get(client: &reqwest::Client, url: String) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
 }
@@ -178,7 +140,7 @@ async fn campaign_server_killed_repeatedly_mid_job_loses_nothing() {
     let data = dataset(dir.path());
     let data_dir = dir.path().join("server");
     let client = reqwest::Client::new();
-    let (mut server, mut url) = start_server(&data_dir);
+    let (mut server, mut url) = start_server_process(&data_dir);
     let instance = std::fs::read_to_string(data_dir.join("instance-id")).unwrap();
     // A reference model, without failures.
     let mut slow = trainer_spec(&data, true);
@@ -221,7 +183,7 @@ async fn campaign_server_killed_repeatedly_mid_job_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         server.kill().unwrap();
         server.wait().unwrap();
-        (server, url) = start_server(&data_dir);
+        (server, url) = start_server_process(&data_dir);
     }
     for id in &ids {
         let job = wait_for(Duration::from_secs(180), || async {

@@ -108,18 +108,55 @@ impl TestApp {
     /// Waits until every rank of the summary reports a pid, and returns the pids.
     pub async fn running_pids(&self, id: &str, world_size: usize) -> Vec<u32> {
         wait_for(Duration::from_secs(20), || async {
-            let s = self.summary(id).await;
-            let pids: Vec<u32> = s["workers"]
-                .as_array()?
-                .iter()
-                .filter(|w| w["state"] == "running")
-                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
-                .collect();
+            let pids = running_pids_in(&self.summary(id).await);
             (pids.len() == world_size).then_some(pids)
         })
         .await
         .expect("all ranks running")
     }
+}
+
+/// Pids of the ranks a summary shows as running.
+pub fn running_pids_in(summary: &Value) -> Vec<u32> {
+    summary["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter(|w| w["state"] == "running")
+                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The real binary as a child process serving `data_dir` on a free loopback port; returns it
+/// and its base URL (read from its first stdout line).
+pub fn start_server_process(data_dir: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--kill-grace-ms",
+            "300",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("trainvisor listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    (child, url)
 }
 
 /// Polls `check` every 20 ms until it returns Some or `timeout` passes.

@@ -1,42 +1,12 @@
 //! The server itself killed with SIGKILL mid-job, then started again on the same data dir.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::helpers::*;
-
-/// The real binary as a child process; returns it and its base URL.
-fn start_server(data_dir: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--kill-grace-ms",
-            "500",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("server starts");
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = first
-        .trim()
-        .strip_prefix("trainvisor listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
-    (child, url)
-}
 
 fn app_at(url: String, data_dir: tempfile::TempDir) -> TestApp {
     TestApp {
@@ -50,7 +20,7 @@ fn app_at(url: String, data_dir: tempfile::TempDir) -> TestApp {
 async fn jobs_resume_after_the_server_is_killed_and_nothing_is_left_over() {
     let data_dir = tempfile::tempdir().unwrap();
     let path = data_dir.path().to_path_buf();
-    let (mut server, url) = start_server(&path);
+    let (mut server, url) = start_server_process(&path);
     let app = app_at(url, data_dir);
     // Attempt 0 runs a grandchild that would outlive its shell; the relaunch finishes.
     let script = r#"echo "rank $RANK attempt $RESTART_COUNT"; if [ "$RESTART_COUNT" = 0 ]; then sleep 300; fi"#;
@@ -78,7 +48,7 @@ async fn jobs_resume_after_the_server_is_killed_and_nothing_is_left_over() {
     assert!(shells_gone.is_some(), "worker shells outlived the server");
 
     // ...and the next server sweeps the grandchildren, then resumes the job.
-    let (mut server, url) = start_server(&path);
+    let (mut server, url) = start_server_process(&path);
     let app = app_at(url, app.data_dir);
     let job = app.wait_finished(&id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -124,7 +94,7 @@ async fn jobs_resume_after_the_server_is_killed_and_nothing_is_left_over() {
 async fn sigterm_kills_workers_and_the_next_start_resumes_them() {
     let data_dir = tempfile::tempdir().unwrap();
     let path = data_dir.path().to_path_buf();
-    let (server, url) = start_server(&path);
+    let (server, url) = start_server_process(&path);
     let app = app_at(url, data_dir);
     let script = r#"if [ "$RESTART_COUNT" = 0 ]; then sleep 300; fi; echo done"#;
     let id = app
@@ -140,7 +110,7 @@ async fn sigterm_kills_workers_and_the_next_start_resumes_them() {
         "workers outlived a graceful shutdown"
     );
 
-    let (mut server, url) = start_server(&path);
+    let (mut server, url) = start_server_process(&path);
     let app = app_at(url, app.data_dir);
     let job = app.wait_finished(&id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded");
@@ -152,7 +122,7 @@ async fn sigterm_kills_workers_and_the_next_start_resumes_them() {
 #[actix_web::test]
 async fn a_second_server_on_the_same_data_dir_is_refused() {
     let data_dir = tempfile::tempdir().unwrap();
-    let (mut server, _url) = start_server(data_dir.path());
+    let (mut server, _url) = start_server_process(data_dir.path());
     let out = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir.path())

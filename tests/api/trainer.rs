@@ -116,20 +116,11 @@ async fn run_with_kills(app: &TestApp, spec: Value, world: u32, seed: u64, kills
         if summary["state"] != "running" {
             break;
         }
-        let pids: Vec<u64> = summary["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "running")
-            .filter_map(|w| w["pid"].as_u64())
-            .collect();
+        let pids = running_pids_in(&summary);
         if pids.len() < world as usize {
             continue;
         }
-        kill(
-            pids[rng.below(pids.len() as u64) as usize] as u32,
-            libc::SIGKILL,
-        );
+        kill(pids[rng.below(pids.len() as u64) as usize], libc::SIGKILL);
         done += 1;
         assert_latest_valid(&dir, world).await;
     }
