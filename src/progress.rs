@@ -153,7 +153,14 @@ impl Summary {
         } else {
             None
         };
-        let total = input.spec.total_steps;
+        // Without total_steps in the spec, a worker may report its own (the built-in trainer
+        // does), so progress and ETA still work.
+        let total = input.spec.total_steps.or_else(|| {
+            ranks
+                .iter()
+                .filter_map(|r| r.progress.heartbeat.as_ref()?.get("total_steps")?.as_u64())
+                .max()
+        });
         let eta_s = match (total, step, steps_per_s) {
             (Some(total), Some(step), Some(rate)) if rate > 0.0 => {
                 Some(total.saturating_sub(step) as f64 / rate)

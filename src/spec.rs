@@ -51,6 +51,7 @@ pub struct JobRequest {
     pub checkpoint_every: Option<i64>,
     pub keep_last: Option<i64>,
     pub total_steps: Option<i64>,
+    pub epochs: Option<i64>,
     pub heartbeat_timeout_s: Option<f64>,
     pub max_restarts: Option<i64>,
     pub restart_scope: Option<RestartScope>,
@@ -78,6 +79,9 @@ pub struct JobSpec {
     pub checkpoint_every: u64,
     pub keep_last: u32,
     pub total_steps: Option<u64>,
+    /// Passes over the smallest rank's data, when `total_steps` is not given (built-in trainer).
+    #[serde(default)]
+    pub epochs: Option<u64>,
     pub heartbeat_timeout_s: f64,
     pub max_restarts: u32,
     pub restart_scope: RestartScope,
@@ -240,6 +244,11 @@ impl JobRequest {
                 .total_steps
                 .map(|s| in_range("total_steps", s, 1, i64::MAX).map(|s| s as u64))
                 .transpose()?,
+            epochs: match (self.epochs, self.total_steps) {
+                (Some(_), Some(_)) => return Err(invalid("give total_steps or epochs, not both")),
+                (Some(e), None) => Some(in_range("epochs", e, 1, 1_000_000)? as u64),
+                (None, _) => None,
+            },
             heartbeat_timeout_s: finite_in(
                 "heartbeat_timeout_s",
                 self.heartbeat_timeout_s

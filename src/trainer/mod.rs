@@ -105,7 +105,7 @@ async fn train(env: Env) -> anyhow::Result<()> {
     let mut stream = RankStream::load(&env.dataset, rank as usize, world as usize)?;
     let total_steps = match spec.total_steps {
         Some(n) => n,
-        None => one_epoch_steps(&env)?,
+        None => one_epoch_steps(&env)? * spec.epochs.unwrap_or(1),
     };
 
     let mut model = Model::init(classes, features, spec.seed);
@@ -137,7 +137,12 @@ async fn train(env: Env) -> anyhow::Result<()> {
         cursor: stream.cursor,
         loss: None,
     }));
-    start_heartbeats(client.clone(), progress.clone(), spec.heartbeat_timeout_s);
+    start_heartbeats(
+        client.clone(),
+        progress.clone(),
+        spec.heartbeat_timeout_s,
+        total_steps,
+    );
 
     let sleep = Duration::from_secs_f64(spec.sleep_sec);
     // The previous checkpoint's write and registration, running while training goes on.
@@ -196,8 +201,10 @@ async fn train(env: Env) -> anyhow::Result<()> {
     }
     // A last heartbeat so the summary shows the final step.
     let _ = client
-        .heartbeat(&json!({"step": step, "shard_idx": stream.cursor.shard_idx,
-                           "line_idx": stream.cursor.line_idx, "metrics": {"loss": loss}}))
+        .heartbeat(
+            &json!({"step": step, "total_steps": total_steps, "shard_idx": stream.cursor.shard_idx,
+                           "line_idx": stream.cursor.line_idx, "metrics": {"loss": loss}}),
+        )
         .await;
     println!("rank {rank}: done after {step} steps, loss {loss:.4}");
     Ok(())
@@ -251,7 +258,12 @@ fn one_epoch_steps(env: &Env) -> anyhow::Result<u64> {
 }
 
 /// Heartbeats from their own thread, so a long step never looks like a hang.
-fn start_heartbeats(client: WorkerClient, progress: Arc<Mutex<Progress>>, timeout_s: f64) {
+fn start_heartbeats(
+    client: WorkerClient,
+    progress: Arc<Mutex<Progress>>,
+    timeout_s: f64,
+    total_steps: u64,
+) {
     let interval = Duration::from_secs_f64((timeout_s / 4.0).clamp(0.01, 1.0));
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -263,7 +275,8 @@ fn start_heartbeats(client: WorkerClient, progress: Arc<Mutex<Progress>>, timeou
         rt.block_on(async move {
             loop {
                 let p = progress.lock().unwrap().clone();
-                let mut body = json!({"step": p.step, "shard_idx": p.cursor.shard_idx,
+                let mut body = json!({"step": p.step, "total_steps": total_steps,
+                                      "shard_idx": p.cursor.shard_idx,
                                       "line_idx": p.cursor.line_idx, "epoch": p.cursor.epoch});
                 if let Some(loss) = p.loss {
                     body["metrics"] = json!({"loss": loss});

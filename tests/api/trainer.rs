@@ -362,3 +362,20 @@ async fn make_dataset_is_reproducible() {
         assert!(first["y"].as_u64().unwrap() < 3);
     }
 }
+
+#[actix_web::test]
+async fn epochs_set_the_length_when_total_steps_is_absent() {
+    let app = spawn_app().await;
+    let data = small_dataset(&app);
+    let mut two_epochs = spec(&data, 2, json!({"epochs": 2}));
+    two_epochs.as_object_mut().unwrap().remove("total_steps");
+    let id = run_to_end(&app, two_epochs).await;
+    // 2 shards × 400 records per rank, batch 16: 50 steps an epoch.
+    let summary = app.summary(&id).await;
+    assert_eq!(summary["step"], 100, "{summary}");
+    assert_eq!(summary["total_steps"], 100);
+    let both = app
+        .post_json("/jobs", &spec(&data, 2, json!({"epochs": 2})))
+        .await;
+    assert_json_error(both, 422).await;
+}
