@@ -195,3 +195,142 @@ async fn garbage_never_gets_a_server_error() {
     }
     assert!(app.get_json("/jobs").await.as_array().unwrap().is_empty());
 }
+
+/// Random JSON (seeded, printed) from a grammar close to the real inputs: the job spec, purge,
+/// and the worker routes. Every answer must be a 2xx or a JSON 4xx, never a 5xx.
+#[actix_web::test]
+async fn random_bodies_never_get_a_server_error() {
+    use trainvisor::trainer::rng::SplitMix64;
+    let app = spawn_app().await;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        % 1_000_000;
+    println!("random bodies with seed {seed}");
+    let mut rng = SplitMix64::new(seed);
+    let keys = [
+        "world_size",
+        "name",
+        "command",
+        "env",
+        "dataset",
+        "checkpoint_dir",
+        "checkpoint_every",
+        "keep_last",
+        "total_steps",
+        "epochs",
+        "heartbeat_timeout_s",
+        "max_restarts",
+        "restart_scope",
+        "backoff_initial_ms",
+        "backoff_multiplier",
+        "backoff_max_ms",
+        "backoff_jitter",
+        "batch_size",
+        "lr",
+        "seed",
+        "sync",
+        "sleep_sec",
+        "job_ids",
+        "force",
+        "step",
+        "values",
+        "part",
+        "bytes",
+        "sha256",
+        "token",
+        "bogus",
+    ];
+    fn value(rng: &mut SplitMix64, depth: u32) -> serde_json::Value {
+        match rng.below(if depth > 2 { 7 } else { 9 }) {
+            0 => serde_json::Value::Null,
+            1 => json!(rng.below(2) == 0),
+            2 => json!(rng.below(3000) as i64 - 1000),
+            3 => json!(rng.next_f64() * 1e6 - 5e5),
+            4 => json!(
+                [
+                    "worker",
+                    "job",
+                    "none",
+                    "allreduce",
+                    "",
+                    "/nonexistent/x",
+                    "../../etc",
+                    "s3://b/p",
+                    "\u{0}"
+                ][rng.below(9) as usize]
+            ),
+            5 => json!(i64::MAX),
+            6 => json!(-1e308),
+            7 => {
+                serde_json::Value::Array((0..rng.below(4)).map(|_| value(rng, depth + 1)).collect())
+            }
+            _ => {
+                let mut m = serde_json::Map::new();
+                for _ in 0..rng.below(4) {
+                    m.insert(format!("k{}", rng.below(5)), value(rng, depth + 1));
+                }
+                serde_json::Value::Object(m)
+            }
+        }
+    }
+    let job = app
+        .create_job(json!({"world_size": 1, "command": sh("sleep 300")}))
+        .await;
+    let paths = [
+        "/jobs".to_string(),
+        "/jobs/purge".to_string(),
+        format!("/jobs/{job}/workers/0/heartbeat"),
+        format!("/jobs/{job}/workers/0/allreduce"),
+        format!("/jobs/{job}/workers/0/checkpoint"),
+    ];
+    for _ in 0..300 {
+        let mut body = serde_json::Map::new();
+        for _ in 0..rng.below(6) {
+            let key = keys[rng.below(keys.len() as u64) as usize];
+            body.insert(key.to_string(), value(&mut rng, 0));
+        }
+        if rng.below(3) > 0 && !body.contains_key("world_size") {
+            body.insert("world_size".into(), json!(1 + rng.below(3)));
+        }
+        // Never run a real program from random input.
+        body.insert("command".into(), json!(["/nonexistent/trainer"]));
+        let path = &paths[rng.below(paths.len() as u64) as usize];
+        let res = app
+            .client
+            .post(app.url(path))
+            .bearer_auth("not-a-worker-token")
+            .json(&serde_json::Value::Object(body.clone()))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        assert!(
+            !status.is_server_error(),
+            "{path} {body:?} -> {status} (seed {seed})"
+        );
+        if status.is_client_error() {
+            let v: serde_json::Value = res.json().await.expect("JSON error body");
+            assert!(v["error"].is_string(), "{path} {body:?}: {v}");
+        }
+    }
+    app.client
+        .post(app.url(&format!("/jobs/{job}/stop")))
+        .send()
+        .await
+        .unwrap();
+    // Whatever the random specs created (always with a missing program) stops cleanly.
+    for j in app.get_json("/jobs").await.as_array().unwrap() {
+        let id = j["job_id"].as_str().unwrap();
+        let res = app
+            .client
+            .post(app.url(&format!("/jobs/{id}/stop")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let state = res.json::<serde_json::Value>().await.unwrap()["state"].clone();
+        assert!(state == "stopped" || state == "failed", "{id}: {state}");
+    }
+}
