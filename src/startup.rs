@@ -44,8 +44,14 @@ impl Application {
             .await
             .context("opening the database")?;
         let bus = Arc::new(LogBus::default());
-        let recorder =
-            Recorder::start(pool.clone(), bus.clone(), settings.max_log_lines_per_job).await?;
+        let events = Arc::new(EventBus::default());
+        let recorder = Recorder::start(
+            pool.clone(),
+            bus.clone(),
+            events.clone(),
+            settings.max_log_lines_per_job,
+        )
+        .await?;
 
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
@@ -67,7 +73,7 @@ impl Application {
             pool,
             recorder,
             bus,
-            events: EventBus::default(),
+            events,
             settings,
             instance,
             base_url: format!("http://{reachable}"),

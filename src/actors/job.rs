@@ -337,14 +337,14 @@ impl Job {
         let data = serde_json::json!({"state": self.state, "reason": self.reason,
                                       "world_size": self.spec.world_size, "name": self.spec.name,
                                       "restarts": self.restart_events});
-        self.rt.events.publish("job", self.id, data);
+        self.rt.recorder.event("job", self.id, data);
     }
 
     fn publish_rank(&self, rank: u32) {
         let slot = &self.ranks[rank as usize];
         let data = serde_json::json!({"rank": rank, "state": slot.state.as_str(), "pid": slot.pid,
                                       "attempt": slot.progress.attempt});
-        self.rt.events.publish("worker", self.id, data);
+        self.rt.recorder.event("worker", self.id, data);
     }
 
     fn live_ranks(&self) -> impl Iterator<Item = u32> + '_ {
@@ -500,7 +500,7 @@ impl Job {
         });
         slot.restart_pending = true;
         self.restart_events += 1;
-        self.rt.events.publish(
+        self.rt.recorder.event(
             "restart",
             self.id,
             serde_json::json!({"rank": rank, "reason": msg.outcome.as_str(), "detail": cause,
@@ -726,7 +726,7 @@ impl Handler<Heartbeat> for Job {
         {
             self.last_progress_event = Some(std::time::Instant::now());
             let s = self.summary();
-            self.rt.events.publish(
+            self.rt.recorder.event(
                 "progress",
                 self.id,
                 serde_json::json!({"step": s.step, "loss": s.loss, "steps_per_s": s.steps_per_s,
@@ -849,8 +849,8 @@ impl Handler<Committed> for Job {
 
     fn handle(&mut self, msg: Committed, _: &mut Context<Self>) {
         self.rt
-            .events
-            .publish("checkpoint", self.id, serde_json::json!({"step": msg.step}));
+            .recorder
+            .event("checkpoint", self.id, serde_json::json!({"step": msg.step}));
         self.last_checkpoint = Some(msg);
     }
 }

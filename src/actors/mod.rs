@@ -68,7 +68,7 @@ pub struct Runtime {
     pub pool: SqlitePool,
     pub recorder: Recorder,
     pub bus: Arc<LogBus>,
-    pub events: EventBus,
+    pub events: Arc<EventBus>,
     pub settings: Settings,
     /// Marks every worker process of this data dir (see `launcher::local::sweep`).
     pub instance: String,

@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::history::HistoryOp;
-use crate::bus::{LogBus, LogLine};
+use crate::bus::{EventBus, LogBus, LogLine};
 
 /// A line as produced, before it has a sequence id.
 #[derive(Debug)]
@@ -35,6 +35,9 @@ enum Op {
     },
     /// Publish the end of a job's logs once everything before it is committed.
     EndOfLogs(Uuid),
+    /// A job event, published once everything recorded before it is committed, so a client
+    /// that reads the API on the event sees what the event announces.
+    Event(&'static str, Uuid, serde_json::Value),
     Flush(oneshot::Sender<()>),
 }
 
@@ -55,6 +58,7 @@ impl Recorder {
     pub async fn start(
         pool: SqlitePool,
         bus: Arc<LogBus>,
+        events: Arc<EventBus>,
         max_lines_per_job: u64,
     ) -> anyhow::Result<Self> {
         let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM logs")
@@ -62,7 +66,7 @@ impl Recorder {
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let retention = Retention::new(max_lines_per_job);
-        tokio::spawn(run(pool, bus, rx, max.unwrap_or(0) + 1, retention));
+        tokio::spawn(run(pool, bus, events, rx, max.unwrap_or(0) + 1, retention));
         Ok(Recorder {
             tx,
             permits: Arc::new(Semaphore::new(LOG_PERMITS)),
@@ -102,6 +106,10 @@ impl Recorder {
             line,
             _permit: None,
         });
+    }
+
+    pub fn event(&self, kind: &'static str, job_id: Uuid, data: serde_json::Value) {
+        let _ = self.tx.send(Op::Event(kind, job_id, data));
     }
 
     pub fn end_of_logs(&self, job_id: Uuid) {
@@ -177,6 +185,7 @@ impl Retention {
 async fn run(
     pool: SqlitePool,
     bus: Arc<LogBus>,
+    events: Arc<EventBus>,
     mut rx: mpsc::UnboundedReceiver<Op>,
     mut next_seq: i64,
     mut retention: Retention,
@@ -202,6 +211,7 @@ async fn run(
                     let _ = ack.send(());
                 }
                 Op::EndOfLogs(job_id) => bus.end(job_id),
+                Op::Event(kind, job_id, data) => events.publish(kind, job_id, data),
                 _ => {}
             }
         }
@@ -240,7 +250,7 @@ async fn write_batch(
                 ));
                 *next_seq += 1;
             }
-            Op::EndOfLogs(_) | Op::Flush(_) => {}
+            Op::EndOfLogs(_) | Op::Flush(_) | Op::Event(..) => {}
         }
     }
     for chunk in lines.chunks(ROWS_PER_INSERT) {

@@ -1,6 +1,7 @@
 //! The one integration-test binary: the real server, real SQLite, real child processes.
 
 mod bad_input;
+mod browser;
 mod campaigns;
 mod cli;
 mod failures;
