@@ -23,9 +23,16 @@ pub struct LogLine {
     pub line: String,
 }
 
+/// A committed line and its JSON, serialized once for every subscriber.
+#[derive(Debug)]
+pub struct Published {
+    pub line: LogLine,
+    pub json: String,
+}
+
 #[derive(Debug, Clone)]
 pub enum LogEvent {
-    Line(Arc<LogLine>),
+    Line(Arc<Published>),
     /// Every line of the job has been published; nothing follows.
     End,
 }
@@ -49,11 +56,13 @@ impl LogBus {
             .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0);
     }
 
-    pub fn publish(&self, job_id: Uuid, line: Arc<LogLine>) {
+    pub fn publish(&self, job_id: Uuid, line: LogLine) {
         let channels = self.channels.lock().unwrap();
-        if let Some(tx) = channels.get(&job_id) {
-            // No subscribers is not an error.
-            let _ = tx.send(LogEvent::Line(line));
+        if let Some(tx) = channels.get(&job_id)
+            && tx.receiver_count() > 0
+        {
+            let json = serde_json::to_string(&line).unwrap_or_default();
+            let _ = tx.send(LogEvent::Line(Arc::new(Published { line, json })));
         }
     }
 

@@ -152,11 +152,12 @@ impl Follower {
         loop {
             tokio::select! {
                 event = live.recv() => match event {
-                    Ok(LogEvent::Line(line)) => {
-                        if line.seq > last && self.wants(&line) {
-                            self.send_line(&line).await?;
+                    Ok(LogEvent::Line(p)) => {
+                        if p.line.seq > last && self.wants(&p.line) {
+                            let data = sse::Data::new(p.json.clone());
+                            self.send(data.id(p.line.seq.to_string()).event("log")).await?;
                         }
-                        last = last.max(line.seq);
+                        last = last.max(p.line.seq);
                     }
                     Ok(LogEvent::End) | Err(broadcast::error::RecvError::Closed) => {
                         self.catch_up(last).await?;

@@ -2,6 +2,7 @@
 //! binary, as a child process, on a temp data dir). Times come from the server's own history
 //! (microsecond timestamps) compared with the moment the bench sent the signal.
 
+mod api;
 mod recovery;
 mod training;
 
@@ -52,6 +53,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         recovery::hang(&client, if args.quick { 5 } else { 20 }, &mut figures)
             .await
             .context("hang detection")?;
+        eprintln!("bench: API requests");
+        api::requests(&client, &server.url, args.quick, &mut figures)
+            .await
+            .context("API load")?;
+        for subscribers in [100, 1000] {
+            eprintln!("bench: SSE fan-out to {subscribers} subscribers");
+            let seconds = if args.quick || subscribers > 100 {
+                1
+            } else {
+                3
+            };
+            api::fanout(&client, &server.url, subscribers, seconds, &mut figures)
+                .await
+                .context("SSE fan-out")?;
+        }
         eprintln!("bench: training and checkpoints");
         training::run(&client, &dir, args.quick, &mut figures)
             .await

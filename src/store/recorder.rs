@@ -203,7 +203,7 @@ async fn run(
             }
         }
         for (job_id, line) in published {
-            bus.publish(job_id, Arc::new(line));
+            bus.publish(job_id, line);
         }
         for op in batch.drain(..) {
             match op {
