@@ -2,102 +2,32 @@
 //! decides restarts (backoff, budget, scope), aggregates progress into the summary, and
 //! records every transition through the recorder.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use chrono::Utc;
 use rand::Rng;
-use serde_json::Value;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::checkpoint::{Checkpoint, Committed, RegisterPart, WhenIdle};
-use super::worker::{Beat, LaunchRank, Shutdown, Terminate, Worker, WorkerExited, WorkerStarted};
-use super::{JobState, Runtime, hash_token};
+use super::checkpoint::{Checkpoint, Committed, WhenIdle};
+use super::worker::{Shutdown, Terminate, Worker, WorkerExited, WorkerStarted};
+use super::{JobState, Runtime};
 use crate::actors::job_manager::JobEnded;
-use crate::checkpoint::PartInfo;
-use crate::launcher::local::Launch;
-use crate::progress::{Progress, RankView, Summary, SummaryInput};
+use crate::progress::{Progress, Summary, SummaryInput};
 use crate::spec::{JobSpec, RestartScope};
 use crate::storage::Store;
 use crate::store::history::{HistoryOp, Outcome};
 use crate::store::now;
 
-/// Where a rank stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RankState {
-    Pending,
-    Starting,
-    Running,
-    Backoff,
-    Stopping,
-    Succeeded,
-    Failed,
-    Stopped,
-}
+mod launch;
+mod rank;
+mod worker_api;
 
-impl RankState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RankState::Pending => "pending",
-            RankState::Starting => "starting",
-            RankState::Running => "running",
-            RankState::Backoff => "backoff",
-            RankState::Stopping => "stopping",
-            RankState::Succeeded => "succeeded",
-            RankState::Failed => "failed",
-            RankState::Stopped => "stopped",
-        }
-    }
+pub use rank::{RankSlot, RankState};
 
-    /// A process exists or is being spawned.
-    fn is_live(self) -> bool {
-        matches!(
-            self,
-            RankState::Starting | RankState::Running | RankState::Stopping
-        )
-    }
-}
-
-/// One rank's bookkeeping, restored from the history after a server restart.
-#[derive(Debug, Clone)]
-pub struct RankSlot {
-    pub state: RankState,
-    /// The attempt number the next launch uses; the current incarnation is `next_attempt - 1`.
-    pub next_attempt: u32,
-    /// Restarts of this rank that count against `max_restarts` (worker scope).
-    pub restarts: u32,
-    pub pid: Option<u32>,
-    pub token_hash: String,
-    /// Tokens of earlier incarnations: their heartbeats get 409.
-    pub past_tokens: HashSet<String>,
-    /// A restart is waiting for this rank's next launch (its `restarted_at` is recorded then).
-    pub restart_pending: bool,
-    pub progress: RankView,
-}
-
-impl RankSlot {
-    pub fn new() -> Self {
-        RankSlot {
-            state: RankState::Pending,
-            next_attempt: 0,
-            restarts: 0,
-            pid: None,
-            token_hash: String::new(),
-            past_tokens: HashSet::new(),
-            restart_pending: false,
-            progress: RankView::default(),
-        }
-    }
-}
-
-impl Default for RankSlot {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+use worker_api::AllReduce;
+pub use worker_api::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
 
 /// What the job as a whole is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,25 +63,6 @@ pub struct Job {
     last_checkpoint: Option<Committed>,
     allreduce: AllReduce,
     last_progress_event: Option<std::time::Instant>,
-}
-
-/// Progress events (for charts) at most this often per job.
-const PROGRESS_EVENT_EVERY: Duration = Duration::from_millis(500);
-
-/// One all-reduce round: every rank's values for `step`, and the ranks waiting for the mean.
-#[derive(Default)]
-struct AllReduce {
-    step: u64,
-    values: Vec<Option<Vec<f64>>>,
-    waiters: Vec<oneshot::Sender<Arc<Vec<f64>>>>,
-}
-
-impl AllReduce {
-    /// Forget the round: the waiters' requests fail (409) and their ranks are being replaced.
-    fn reset(&mut self) {
-        self.values.clear();
-        self.waiters.clear();
-    }
 }
 
 /// How a job actor begins: fresh, or resumed after a server restart.
@@ -224,94 +135,6 @@ impl Job {
 
     fn note(&self, rank: Option<u32>, attempt: Option<u32>, line: String) {
         self.rt.recorder.note(self.id, rank, attempt, line);
-    }
-
-    fn ranks_to_launch(&self) -> Vec<u32> {
-        let all_restart = self.spec.restart_scope == RestartScope::Job;
-        (0..self.spec.world_size)
-            .filter(|&r| all_restart || self.ranks[r as usize].state != RankState::Succeeded)
-            .collect()
-    }
-
-    /// Launches every rank that must run, on a fresh MASTER_PORT.
-    fn launch_group(&mut self, ranks: Vec<u32>) {
-        self.master_port = free_port();
-        self.allreduce.reset();
-        for rank in ranks {
-            self.launch(rank);
-        }
-    }
-
-    fn launch(&mut self, rank: u32) {
-        let token = new_token();
-        let slot = &mut self.ranks[rank as usize];
-        let attempt = slot.next_attempt;
-        slot.next_attempt += 1;
-        if !slot.token_hash.is_empty() {
-            let old = std::mem::take(&mut slot.token_hash);
-            slot.past_tokens.insert(old);
-        }
-        slot.token_hash = hash_token(&token);
-        slot.state = RankState::Starting;
-        slot.pid = None;
-        slot.progress.attempt = attempt;
-        let launch = Launch {
-            argv: self.argv(),
-            env: self.env(rank, attempt, &token),
-        };
-        self.workers[rank as usize].do_send(LaunchRank { attempt, launch });
-    }
-
-    fn argv(&self) -> Vec<String> {
-        match &self.spec.command {
-            Some(argv) => argv.clone(),
-            None => vec![
-                self.rt.settings.trainer_exe.to_string_lossy().into_owned(),
-                "worker".to_string(),
-            ],
-        }
-    }
-
-    /// The worker contract of DESIGN.md: torchrun's names plus trainvisor's own.
-    fn env(&self, rank: u32, attempt: u32, token: &str) -> Vec<(String, String)> {
-        let spec = &self.spec;
-        let mut env: Vec<(String, String)> = spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let pairs = [
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", spec.world_size.to_string()),
-            ("LOCAL_RANK", rank.to_string()),
-            ("LOCAL_WORLD_SIZE", spec.world_size.to_string()),
-            ("MASTER_ADDR", "127.0.0.1".to_string()),
-            ("MASTER_PORT", self.master_port.to_string()),
-            ("JOB_ID", self.id.to_string()),
-            ("RESTART_COUNT", attempt.to_string()),
-            ("TORCHELASTIC_RESTART_COUNT", attempt.to_string()),
-            ("CHECKPOINT_DIR", spec.job_checkpoint_dir(&self.id)),
-            ("DATASET_DIR", spec.dataset.clone()),
-            ("CHECKPOINT_EVERY", spec.checkpoint_every.to_string()),
-            ("SLEEP_SEC", spec.sleep_sec.to_string()),
-            ("HEARTBEAT_TIMEOUT", spec.heartbeat_timeout_s.to_string()),
-            (
-                "TRAINVISOR_HEARTBEAT_URL",
-                format!(
-                    "{}/jobs/{}/workers/{rank}/heartbeat",
-                    self.rt.base_url, self.id
-                ),
-            ),
-            ("TRAINVISOR_SERVER_URL", self.rt.base_url.clone()),
-            ("TRAINVISOR_TOKEN", token.to_string()),
-            ("TRAINVISOR_INSTANCE", self.rt.instance.clone()),
-            (
-                "TRAINVISOR_SPEC",
-                serde_json::to_string(&**spec).unwrap_or_default(),
-            ),
-        ];
-        env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
-        env
     }
 
     fn set_state(&mut self, state: JobState, reason: Option<String>, summary: Option<String>) {
@@ -668,193 +491,6 @@ impl Handler<WorkerExited> for Job {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorkerRejected {
-    /// No such rank.
-    UnknownRank,
-    /// The token belongs to an earlier incarnation, or this one has ended: the worker must stop.
-    Stale,
-    /// The token belongs to no incarnation of this rank.
-    BadToken,
-    /// The request does not fit the job's state (e.g. all-reduce values of the wrong length).
-    Invalid(String),
-}
-
-impl Job {
-    /// Checks a worker's token; returns the attempt it belongs to.
-    fn authorize(&self, rank: u32, token: &str) -> Result<u32, WorkerRejected> {
-        let slot = self
-            .ranks
-            .get(rank as usize)
-            .ok_or(WorkerRejected::UnknownRank)?;
-        let hash = hash_token(token);
-        if hash != slot.token_hash {
-            return Err(if slot.past_tokens.contains(&hash) {
-                WorkerRejected::Stale
-            } else {
-                WorkerRejected::BadToken
-            });
-        }
-        if !matches!(slot.state, RankState::Starting | RankState::Running) {
-            return Err(WorkerRejected::Stale);
-        }
-        Ok(slot.next_attempt - 1)
-    }
-}
-
-/// A heartbeat from a worker, with the bearer token it presented.
-#[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
-pub struct Heartbeat {
-    pub rank: u32,
-    pub token: String,
-    pub body: Value,
-}
-
-impl Handler<Heartbeat> for Job {
-    type Result = Result<(), WorkerRejected>;
-
-    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
-        let attempt = self.authorize(msg.rank, &msg.token)?;
-        let slot = &mut self.ranks[msg.rank as usize];
-        slot.progress.record_heartbeat(Utc::now(), msg.body);
-        self.workers[msg.rank as usize].do_send(Beat { attempt });
-        self.progress.observe(&self.ranks);
-        if self
-            .last_progress_event
-            .is_none_or(|t| t.elapsed() >= PROGRESS_EVENT_EVERY)
-        {
-            self.last_progress_event = Some(std::time::Instant::now());
-            let s = self.summary();
-            self.rt.recorder.event(
-                "progress",
-                self.id,
-                serde_json::json!({"step": s.step, "loss": s.loss, "steps_per_s": s.steps_per_s,
-                                   "progress": s.progress, "eta_s": s.eta_s}),
-            );
-        }
-        Ok(())
-    }
-}
-
-/// A rank's contribution to the all-reduce of `step`; answered with the mean of all ranks'.
-#[derive(Message)]
-#[rtype(result = "Result<Arc<Vec<f64>>, WorkerRejected>")]
-pub struct AllReduceRequest {
-    pub rank: u32,
-    pub token: String,
-    pub step: u64,
-    pub values: Vec<f64>,
-}
-
-impl Handler<AllReduceRequest> for Job {
-    type Result = ResponseFuture<Result<Arc<Vec<f64>>, WorkerRejected>>;
-
-    fn handle(&mut self, msg: AllReduceRequest, _: &mut Context<Self>) -> Self::Result {
-        let result = self.contribute(msg);
-        Box::pin(async move {
-            match result? {
-                Ok(mean) => Ok(mean),
-                Err(waiting) => waiting.await.map_err(|_| WorkerRejected::Stale),
-            }
-        })
-    }
-}
-
-type Contribution = Result<Arc<Vec<f64>>, oneshot::Receiver<Arc<Vec<f64>>>>;
-
-impl Job {
-    fn contribute(&mut self, msg: AllReduceRequest) -> Result<Contribution, WorkerRejected> {
-        self.authorize(msg.rank, &msg.token)?;
-        let world = self.spec.world_size as usize;
-        let ar = &mut self.allreduce;
-        if ar.values.is_empty() {
-            ar.values = vec![None; world];
-            ar.step = msg.step;
-        }
-        if ar.step != msg.step {
-            return Err(WorkerRejected::Invalid(format!(
-                "all-reduce is at step {}, rank {} sent step {}",
-                ar.step, msg.rank, msg.step
-            )));
-        }
-        if let Some(len) = ar.values.iter().flatten().map(Vec::len).next()
-            && len != msg.values.len()
-        {
-            return Err(WorkerRejected::Invalid(format!(
-                "rank {} sent {} values, others {len}",
-                msg.rank,
-                msg.values.len()
-            )));
-        }
-        ar.values[msg.rank as usize] = Some(msg.values);
-        if ar.values.iter().all(Option::is_some) {
-            // Summed in rank order, so the mean is the same bits on every run.
-            let mut sum = vec![0.0; ar.values[0].as_ref().map_or(0, Vec::len)];
-            for v in ar.values.iter().flatten() {
-                for (s, x) in sum.iter_mut().zip(v) {
-                    *s += x;
-                }
-            }
-            for s in &mut sum {
-                *s /= world as f64;
-            }
-            let mean = Arc::new(sum);
-            for w in ar.waiters.drain(..) {
-                let _ = w.send(mean.clone());
-            }
-            ar.values.clear();
-            return Ok(Ok(mean));
-        }
-        let (tx, rx) = oneshot::channel();
-        ar.waiters.push(tx);
-        Ok(Err(rx))
-    }
-}
-
-/// A rank reports its checkpoint part of `step` as durable.
-#[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
-pub struct CheckpointPart {
-    pub rank: u32,
-    pub token: String,
-    pub step: u64,
-    pub part: PartInfo,
-}
-
-impl Handler<CheckpointPart> for Job {
-    type Result = ResponseFuture<Result<(), WorkerRejected>>;
-
-    fn handle(&mut self, msg: CheckpointPart, _: &mut Context<Self>) -> Self::Result {
-        let authorized = self.authorize(msg.rank, &msg.token);
-        let checkpoint = self.checkpoint.clone();
-        Box::pin(async move {
-            authorized?;
-            let register = RegisterPart {
-                rank: msg.rank,
-                step: msg.step,
-                part: msg.part,
-            };
-            match checkpoint.send(register).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(why)) => Err(WorkerRejected::Invalid(why)),
-                Err(_) => Err(WorkerRejected::Stale),
-            }
-        })
-    }
-}
-
-impl Handler<Committed> for Job {
-    type Result = ();
-
-    fn handle(&mut self, msg: Committed, _: &mut Context<Self>) {
-        self.rt
-            .recorder
-            .event("checkpoint", self.id, serde_json::json!({"step": msg.step}));
-        self.last_checkpoint = Some(msg);
-    }
-}
-
 /// The live summary of the job.
 #[derive(Message)]
 #[rtype(result = "Summary")]
@@ -907,17 +543,4 @@ impl Handler<KillForShutdown> for Job {
             }
         }
     }
-}
-
-fn new_token() -> String {
-    let bytes: [u8; 24] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A TCP port free right now on loopback, for MASTER_PORT.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(29500)
 }

@@ -1,0 +1,113 @@
+//! Launching a Job's ranks: which ranks, on which MASTER_PORT, with which argv and the
+//! worker environment of DESIGN.md.
+
+use rand::Rng;
+
+use super::{Job, RankState};
+use crate::actors::hash_token;
+use crate::actors::worker::LaunchRank;
+use crate::launcher::local::Launch;
+use crate::spec::RestartScope;
+
+impl Job {
+    pub(super) fn ranks_to_launch(&self) -> Vec<u32> {
+        let all_restart = self.spec.restart_scope == RestartScope::Job;
+        (0..self.spec.world_size)
+            .filter(|&r| all_restart || self.ranks[r as usize].state != RankState::Succeeded)
+            .collect()
+    }
+
+    /// Launches every rank that must run, on a fresh MASTER_PORT.
+    pub(super) fn launch_group(&mut self, ranks: Vec<u32>) {
+        self.master_port = free_port();
+        self.allreduce.reset();
+        for rank in ranks {
+            self.launch(rank);
+        }
+    }
+
+    pub(super) fn launch(&mut self, rank: u32) {
+        let token = new_token();
+        let slot = &mut self.ranks[rank as usize];
+        let attempt = slot.next_attempt;
+        slot.next_attempt += 1;
+        if !slot.token_hash.is_empty() {
+            let old = std::mem::take(&mut slot.token_hash);
+            slot.past_tokens.insert(old);
+        }
+        slot.token_hash = hash_token(&token);
+        slot.state = RankState::Starting;
+        slot.pid = None;
+        slot.progress.attempt = attempt;
+        let launch = Launch {
+            argv: self.argv(),
+            env: self.env(rank, attempt, &token),
+        };
+        self.workers[rank as usize].do_send(LaunchRank { attempt, launch });
+    }
+
+    fn argv(&self) -> Vec<String> {
+        match &self.spec.command {
+            Some(argv) => argv.clone(),
+            None => vec![
+                self.rt.settings.trainer_exe.to_string_lossy().into_owned(),
+                "worker".to_string(),
+            ],
+        }
+    }
+
+    /// The worker contract of DESIGN.md: torchrun's names plus trainvisor's own.
+    fn env(&self, rank: u32, attempt: u32, token: &str) -> Vec<(String, String)> {
+        let spec = &self.spec;
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let pairs = [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", spec.world_size.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("LOCAL_WORLD_SIZE", spec.world_size.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", self.master_port.to_string()),
+            ("JOB_ID", self.id.to_string()),
+            ("RESTART_COUNT", attempt.to_string()),
+            ("TORCHELASTIC_RESTART_COUNT", attempt.to_string()),
+            ("CHECKPOINT_DIR", spec.job_checkpoint_dir(&self.id)),
+            ("DATASET_DIR", spec.dataset.clone()),
+            ("CHECKPOINT_EVERY", spec.checkpoint_every.to_string()),
+            ("SLEEP_SEC", spec.sleep_sec.to_string()),
+            ("HEARTBEAT_TIMEOUT", spec.heartbeat_timeout_s.to_string()),
+            (
+                "TRAINVISOR_HEARTBEAT_URL",
+                format!(
+                    "{}/jobs/{}/workers/{rank}/heartbeat",
+                    self.rt.base_url, self.id
+                ),
+            ),
+            ("TRAINVISOR_SERVER_URL", self.rt.base_url.clone()),
+            ("TRAINVISOR_TOKEN", token.to_string()),
+            ("TRAINVISOR_INSTANCE", self.rt.instance.clone()),
+            (
+                "TRAINVISOR_SPEC",
+                serde_json::to_string(&**spec).unwrap_or_default(),
+            ),
+        ];
+        env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
+        env
+    }
+}
+
+fn new_token() -> String {
+    let bytes: [u8; 24] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A TCP port free right now on loopback, for MASTER_PORT.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(29500)
+}

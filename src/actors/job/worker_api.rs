@@ -1,0 +1,222 @@
+//! The worker API side of a Job: tokens, heartbeats, the all-reduce of synchronous training,
+//! and checkpoint parts handed on to the job's Checkpoint actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::Utc;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{Job, RankState};
+use crate::actors::checkpoint::{Committed, RegisterPart};
+use crate::actors::hash_token;
+use crate::actors::worker::Beat;
+use crate::checkpoint::PartInfo;
+
+/// Progress events (for charts) at most this often per job.
+pub(super) const PROGRESS_EVENT_EVERY: Duration = Duration::from_millis(500);
+
+/// One all-reduce round: every rank's values for `step`, and the ranks waiting for the mean.
+#[derive(Default)]
+pub(super) struct AllReduce {
+    step: u64,
+    values: Vec<Option<Vec<f64>>>,
+    waiters: Vec<oneshot::Sender<Arc<Vec<f64>>>>,
+}
+
+impl AllReduce {
+    /// Forget the round: the waiters' requests fail (409) and their ranks are being replaced.
+    pub(super) fn reset(&mut self) {
+        self.values.clear();
+        self.waiters.clear();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerRejected {
+    /// No such rank.
+    UnknownRank,
+    /// The token belongs to an earlier incarnation, or this one has ended: the worker must stop.
+    Stale,
+    /// The token belongs to no incarnation of this rank.
+    BadToken,
+    /// The request does not fit the job's state (e.g. all-reduce values of the wrong length).
+    Invalid(String),
+}
+
+impl Job {
+    /// Checks a worker's token; returns the attempt it belongs to.
+    fn authorize(&self, rank: u32, token: &str) -> Result<u32, WorkerRejected> {
+        let slot = self
+            .ranks
+            .get(rank as usize)
+            .ok_or(WorkerRejected::UnknownRank)?;
+        let hash = hash_token(token);
+        if hash != slot.token_hash {
+            return Err(if slot.past_tokens.contains(&hash) {
+                WorkerRejected::Stale
+            } else {
+                WorkerRejected::BadToken
+            });
+        }
+        if !matches!(slot.state, RankState::Starting | RankState::Running) {
+            return Err(WorkerRejected::Stale);
+        }
+        Ok(slot.next_attempt - 1)
+    }
+}
+
+/// A heartbeat from a worker, with the bearer token it presented.
+#[derive(Message)]
+#[rtype(result = "Result<(), WorkerRejected>")]
+pub struct Heartbeat {
+    pub rank: u32,
+    pub token: String,
+    pub body: Value,
+}
+
+impl Handler<Heartbeat> for Job {
+    type Result = Result<(), WorkerRejected>;
+
+    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
+        let attempt = self.authorize(msg.rank, &msg.token)?;
+        let slot = &mut self.ranks[msg.rank as usize];
+        slot.progress.record_heartbeat(Utc::now(), msg.body);
+        self.workers[msg.rank as usize].do_send(Beat { attempt });
+        self.progress.observe(&self.ranks);
+        if self
+            .last_progress_event
+            .is_none_or(|t| t.elapsed() >= PROGRESS_EVENT_EVERY)
+        {
+            self.last_progress_event = Some(std::time::Instant::now());
+            let s = self.summary();
+            self.rt.recorder.event(
+                "progress",
+                self.id,
+                serde_json::json!({"step": s.step, "loss": s.loss, "steps_per_s": s.steps_per_s,
+                                   "progress": s.progress, "eta_s": s.eta_s}),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A rank's contribution to the all-reduce of `step`; answered with the mean of all ranks'.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<Vec<f64>>, WorkerRejected>")]
+pub struct AllReduceRequest {
+    pub rank: u32,
+    pub token: String,
+    pub step: u64,
+    pub values: Vec<f64>,
+}
+
+impl Handler<AllReduceRequest> for Job {
+    type Result = ResponseFuture<Result<Arc<Vec<f64>>, WorkerRejected>>;
+
+    fn handle(&mut self, msg: AllReduceRequest, _: &mut Context<Self>) -> Self::Result {
+        let result = self.contribute(msg);
+        Box::pin(async move {
+            match result? {
+                Ok(mean) => Ok(mean),
+                Err(waiting) => waiting.await.map_err(|_| WorkerRejected::Stale),
+            }
+        })
+    }
+}
+
+type Contribution = Result<Arc<Vec<f64>>, oneshot::Receiver<Arc<Vec<f64>>>>;
+
+impl Job {
+    fn contribute(&mut self, msg: AllReduceRequest) -> Result<Contribution, WorkerRejected> {
+        self.authorize(msg.rank, &msg.token)?;
+        let world = self.spec.world_size as usize;
+        let ar = &mut self.allreduce;
+        if ar.values.is_empty() {
+            ar.values = vec![None; world];
+            ar.step = msg.step;
+        }
+        if ar.step != msg.step {
+            return Err(WorkerRejected::Invalid(format!(
+                "all-reduce is at step {}, rank {} sent step {}",
+                ar.step, msg.rank, msg.step
+            )));
+        }
+        if let Some(len) = ar.values.iter().flatten().map(Vec::len).next()
+            && len != msg.values.len()
+        {
+            return Err(WorkerRejected::Invalid(format!(
+                "rank {} sent {} values, others {len}",
+                msg.rank,
+                msg.values.len()
+            )));
+        }
+        ar.values[msg.rank as usize] = Some(msg.values);
+        if ar.values.iter().all(Option::is_some) {
+            // Summed in rank order, so the mean is the same bits on every run.
+            let mut sum = vec![0.0; ar.values[0].as_ref().map_or(0, Vec::len)];
+            for v in ar.values.iter().flatten() {
+                for (s, x) in sum.iter_mut().zip(v) {
+                    *s += x;
+                }
+            }
+            for s in &mut sum {
+                *s /= world as f64;
+            }
+            let mean = Arc::new(sum);
+            for w in ar.waiters.drain(..) {
+                let _ = w.send(mean.clone());
+            }
+            ar.values.clear();
+            return Ok(Ok(mean));
+        }
+        let (tx, rx) = oneshot::channel();
+        ar.waiters.push(tx);
+        Ok(Err(rx))
+    }
+}
+
+/// A rank reports its checkpoint part of `step` as durable.
+#[derive(Message)]
+#[rtype(result = "Result<(), WorkerRejected>")]
+pub struct CheckpointPart {
+    pub rank: u32,
+    pub token: String,
+    pub step: u64,
+    pub part: PartInfo,
+}
+
+impl Handler<CheckpointPart> for Job {
+    type Result = ResponseFuture<Result<(), WorkerRejected>>;
+
+    fn handle(&mut self, msg: CheckpointPart, _: &mut Context<Self>) -> Self::Result {
+        let authorized = self.authorize(msg.rank, &msg.token);
+        let checkpoint = self.checkpoint.clone();
+        Box::pin(async move {
+            authorized?;
+            let register = RegisterPart {
+                rank: msg.rank,
+                step: msg.step,
+                part: msg.part,
+            };
+            match checkpoint.send(register).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(why)) => Err(WorkerRejected::Invalid(why)),
+                Err(_) => Err(WorkerRejected::Stale),
+            }
+        })
+    }
+}
+
+impl Handler<Committed> for Job {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, _: &mut Context<Self>) {
+        self.rt
+            .recorder
+            .event("checkpoint", self.id, serde_json::json!({"step": msg.step}));
+        self.last_checkpoint = Some(msg);
+    }
+}
