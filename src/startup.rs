@@ -109,6 +109,9 @@ impl Application {
                 }))
         })
         .workers(http_workers)
+        // Longer than most clients' idle pools, so a reused connection is rarely one the
+        // server is closing at that very moment.
+        .keep_alive(std::time::Duration::from_secs(75))
         .disable_signals()
         .shutdown_timeout(5)
         .listen(listener)?

@@ -192,11 +192,11 @@ impl Job {
             Phase::Stopping => self.finish(JobState::Stopped, ctx),
             Phase::Failing => self.finish(JobState::Failed, ctx),
             Phase::GroupRestart { backoff_ms } => {
-                ctx.run_later(Duration::from_millis(backoff_ms), |act, _| {
+                ctx.run_later(Duration::from_millis(backoff_ms), |act, ctx| {
                     if matches!(act.phase, Phase::GroupRestart { .. }) {
                         act.phase = Phase::Running;
                         let ranks = act.ranks_to_launch();
-                        act.launch_group(ranks);
+                        act.launch_group(ranks, ctx);
                     }
                 });
             }
@@ -344,10 +344,10 @@ impl Job {
             RestartScope::Worker => {
                 slot.restarts = n;
                 slot.state = RankState::Backoff;
-                ctx.run_later(Duration::from_millis(backoff_ms), move |act, _| {
+                ctx.run_later(Duration::from_millis(backoff_ms), move |act, ctx| {
                     let state = act.ranks[rank as usize].state;
                     if act.phase == Phase::Running && state == RankState::Backoff {
-                        act.launch(rank);
+                        act.launch(rank, ctx);
                     }
                 });
             }
@@ -383,14 +383,15 @@ impl Job {
 impl Actor for Job {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         self.publish_job();
         let ranks = self.ranks_to_launch();
         if ranks.is_empty() {
-            // Resumed after every rank had already succeeded.
-            self.phase = Phase::Running;
+            // Resumed after every rank had succeeded but before the job's end was recorded.
+            self.finish(JobState::Succeeded, ctx);
+            return;
         }
-        self.launch_group(ranks);
+        self.launch_group(ranks, ctx);
     }
 }
 
@@ -408,13 +409,11 @@ impl Handler<WorkerStarted> for Job {
         slot.pid = Some(msg.pid);
         slot.progress.pid = Some(msg.pid);
         slot.progress.started_at = Some(now());
-        self.rt.recorder.record(HistoryOp::IncarnationStarted {
+        self.rt.recorder.record(HistoryOp::IncarnationPid {
             job_id: self.id,
             rank: msg.rank,
             attempt: msg.attempt,
-            pid: Some(msg.pid),
-            master_port: self.master_port,
-            token_hash: slot.token_hash.clone(),
+            pid: msg.pid,
             started_at: now(),
         });
         if std::mem::take(&mut slot.restart_pending) {
@@ -440,18 +439,6 @@ impl Handler<WorkerExited> for Job {
         let slot = &mut self.ranks[rank as usize];
         if msg.attempt + 1 != slot.next_attempt || !slot.state.is_live() {
             return;
-        }
-        if msg.outcome == Outcome::SpawnError {
-            // Never ran: still one incarnation in the history.
-            self.rt.recorder.record(HistoryOp::IncarnationStarted {
-                job_id: self.id,
-                rank,
-                attempt: msg.attempt,
-                pid: None,
-                master_port: self.master_port,
-                token_hash: slot.token_hash.clone(),
-                started_at: now(),
-            });
         }
         self.rt.recorder.record(HistoryOp::IncarnationEnded {
             job_id: self.id,

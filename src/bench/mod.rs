@@ -4,6 +4,7 @@
 
 mod api;
 mod recovery;
+mod scale;
 mod training;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .await
                 .context("SSE fan-out")?;
         }
+        let workers = if args.quick { 200 } else { 1000 };
+        eprintln!("bench: {workers} workers heartbeating at 1 Hz");
+        scale::heartbeats(
+            &client,
+            server.child.id(),
+            workers,
+            if args.quick { 3 } else { 10 },
+            &mut figures,
+        )
+        .await
+        .context("control-plane scale")?;
         eprintln!("bench: training and checkpoints");
         training::run(&client, &dir, args.quick, &mut figures)
             .await

@@ -50,6 +50,14 @@ pub enum HistoryOp {
         token_hash: String,
         started_at: String,
     },
+    /// The process of an incarnation recorded by `IncarnationStarted` is running as `pid`.
+    IncarnationPid {
+        job_id: Uuid,
+        rank: u32,
+        attempt: u32,
+        pid: u32,
+        started_at: String,
+    },
     IncarnationEnded {
         job_id: Uuid,
         rank: u32,
@@ -140,6 +148,25 @@ impl HistoryOp {
                 .bind(master_port)
                 .bind(token_hash)
                 .bind(started_at)
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::IncarnationPid {
+                job_id,
+                rank,
+                attempt,
+                pid,
+                started_at,
+            } => {
+                sqlx::query(
+                    "UPDATE incarnations SET pid = ?, started_at = ?
+                     WHERE job_id = ? AND rank = ? AND attempt = ?",
+                )
+                .bind(pid)
+                .bind(started_at)
+                .bind(job_id.to_string())
+                .bind(rank)
+                .bind(attempt)
                 .execute(conn)
                 .await?;
             }

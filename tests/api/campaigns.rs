@@ -139,7 +139,7 @@ async fn campaign_server_killed_repeatedly_mid_job_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let data_dir = dir.path().join("server");
-    let client = reqwest::Client::new();
+    let client = test_client();
     let (mut server, mut url) = start_server_process(&data_dir);
     let instance = std::fs::read_to_string(data_dir.join("instance-id")).unwrap();
     // A reference model, without failures.

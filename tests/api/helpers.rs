@@ -29,9 +29,17 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     actix_web::rt::spawn(app.run_until_stopped());
     TestApp {
         address,
-        client: reqwest::Client::new(),
+        client: test_client(),
         data_dir,
     }
+}
+
+/// An HTTP client whose idle connections are dropped well before the server closes them.
+pub fn test_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(20))
+        .build()
+        .expect("an HTTP client builds")
 }
 
 impl TestApp {

@@ -11,7 +11,7 @@ use crate::helpers::*;
 fn app_at(url: String, data_dir: tempfile::TempDir) -> TestApp {
     TestApp {
         address: url,
-        client: reqwest::Client::new(),
+        client: test_client(),
         data_dir,
     }
 }

@@ -1,6 +1,7 @@
 //! Launching a Job's ranks: which ranks, on which MASTER_PORT, with which argv and the
 //! worker environment of DESIGN.md.
 
+use actix::prelude::*;
 use rand::Rng;
 
 use super::{Job, RankState};
@@ -8,6 +9,8 @@ use crate::actors::hash_token;
 use crate::actors::worker::LaunchRank;
 use crate::launcher::local::Launch;
 use crate::spec::RestartScope;
+use crate::store::history::{HistoryOp, Outcome};
+use crate::store::now;
 
 impl Job {
     pub(super) fn ranks_to_launch(&self) -> Vec<u32> {
@@ -18,15 +21,18 @@ impl Job {
     }
 
     /// Launches every rank that must run, on a fresh MASTER_PORT.
-    pub(super) fn launch_group(&mut self, ranks: Vec<u32>) {
+    pub(super) fn launch_group(&mut self, ranks: Vec<u32>, ctx: &mut Context<Job>) {
         self.master_port = free_port();
         self.allreduce.reset();
         for rank in ranks {
-            self.launch(rank);
+            self.launch(rank, ctx);
         }
     }
 
-    pub(super) fn launch(&mut self, rank: u32) {
+    /// Launches the next incarnation of `rank`. Its row (attempt, MASTER_PORT, token digest)
+    /// is committed before the process is spawned, so a server that dies at any instant comes
+    /// back knowing every attempt that may have run.
+    pub(super) fn launch(&mut self, rank: u32, ctx: &mut Context<Job>) {
         let token = new_token();
         let slot = &mut self.ranks[rank as usize];
         let attempt = slot.next_attempt;
@@ -43,7 +49,50 @@ impl Job {
             argv: self.argv(),
             env: self.env(rank, attempt, &token),
         };
-        self.workers[rank as usize].do_send(LaunchRank { attempt, launch });
+        let recorded = self
+            .rt
+            .recorder
+            .record_acked(HistoryOp::IncarnationStarted {
+                job_id: self.id,
+                rank,
+                attempt,
+                pid: None,
+                master_port: self.master_port,
+                token_hash: self.ranks[rank as usize].token_hash.clone(),
+                started_at: now(),
+            });
+        ctx.spawn(
+            async move {
+                let _ = recorded.await;
+            }
+            .into_actor(self)
+            .map(move |_, act, ctx| {
+                let slot = &mut act.ranks[rank as usize];
+                if slot.next_attempt != attempt + 1 {
+                    return;
+                }
+                match slot.state {
+                    RankState::Starting => {
+                        act.workers[rank as usize].do_send(LaunchRank { attempt, launch })
+                    }
+                    // Stopped (or the group failed) before the process existed.
+                    RankState::Stopping => {
+                        slot.state = RankState::Stopped;
+                        act.rt.recorder.record(HistoryOp::IncarnationEnded {
+                            job_id: act.id,
+                            rank,
+                            attempt,
+                            ended_at: now(),
+                            exit_code: None,
+                            signal: None,
+                            outcome: Outcome::Stopped,
+                        });
+                        act.after_rank_down(ctx);
+                    }
+                    _ => {}
+                }
+            }),
+        );
     }
 
     fn argv(&self) -> Vec<String> {
