@@ -186,7 +186,9 @@ where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut reader = BufReader::with_capacity(64 * 1024, pipe);
+    // Small buffers: a thousand ranks means two thousand of them. Longer lines still work,
+    // they are assembled in `line`.
+    let mut reader = BufReader::with_capacity(8 * 1024, pipe);
     let mut line: Vec<u8> = Vec::new();
     let mut cut = false;
     while let Ok(chunk) = reader.fill_buf().await {
