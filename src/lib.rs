@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod fuzz;
 pub mod launcher;
 pub mod progress;
 pub mod spec;

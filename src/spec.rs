@@ -421,76 +421,9 @@ mod tests {
 #[cfg(test)]
 mod properties {
     use super::*;
+    use crate::fuzz::{SPEC_FIELDS, random_json};
     use crate::trainer::rng::SplitMix64;
     use serde_json::{Value, json};
-
-    const FIELDS: &[&str] = &[
-        "world_size",
-        "name",
-        "command",
-        "env",
-        "dataset",
-        "checkpoint_dir",
-        "checkpoint_every",
-        "keep_last",
-        "total_steps",
-        "epochs",
-        "heartbeat_timeout_s",
-        "max_restarts",
-        "restart_scope",
-        "backoff_initial_ms",
-        "backoff_multiplier",
-        "backoff_max_ms",
-        "backoff_jitter",
-        "batch_size",
-        "lr",
-        "seed",
-        "sync",
-        "sleep_sec",
-        "unknown",
-    ];
-
-    fn any_value(rng: &mut SplitMix64, depth: u32) -> Value {
-        match rng.below(if depth > 1 { 8 } else { 10 }) {
-            0 => Value::Null,
-            1 => json!(rng.below(2) == 0),
-            2 => json!(rng.below(4000) as i64 - 2000),
-            3 => json!((rng.next_f64() - 0.5) * 10f64.powi(rng.below(12) as i32)),
-            4 => json!(i64::MIN + rng.below(3) as i64),
-            5 => json!(u64::MAX - rng.below(3)),
-            6 => json!(
-                [
-                    "",
-                    "worker",
-                    "job",
-                    "none",
-                    "allreduce",
-                    "RANK",
-                    "A-B",
-                    "x\u{0}y",
-                    "s3://b/k",
-                    "/tmp/x"
-                ][rng.below(10) as usize]
-            ),
-            7 => json!(f64::MAX),
-            8 => Value::Array(
-                (0..rng.below(4))
-                    .map(|_| any_value(rng, depth + 1))
-                    .collect(),
-            ),
-            _ => {
-                let mut m = serde_json::Map::new();
-                for i in 0..rng.below(3) {
-                    m.insert(
-                        ["X", "RANK", "1A", "PATH"][(i as usize + rng.below(4) as usize) % 4]
-                            .into(),
-                        any_value(rng, depth + 1),
-                    );
-                }
-                Value::Object(m)
-            }
-        }
-    }
 
     #[test]
     fn any_spec_resolves_with_invariants_or_is_refused() {
@@ -500,8 +433,8 @@ mod properties {
         for _ in 0..20_000 {
             let mut obj = serde_json::Map::new();
             for _ in 0..rng.below(8) {
-                let field = FIELDS[rng.below(FIELDS.len() as u64) as usize];
-                obj.insert(field.into(), any_value(&mut rng, 0));
+                let field = SPEC_FIELDS[rng.below(SPEC_FIELDS.len() as u64) as usize];
+                obj.insert(field.into(), random_json(&mut rng, 0, 2));
             }
             if rng.below(2) == 0 {
                 obj.insert("world_size".into(), json!(1 + rng.below(8)));

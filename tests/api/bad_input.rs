@@ -200,6 +200,7 @@ async fn garbage_never_gets_a_server_error() {
 /// and the worker routes. Every answer must be a 2xx or a JSON 4xx, never a 5xx.
 #[actix_web::test]
 async fn random_bodies_never_get_a_server_error() {
+    use trainvisor::fuzz::{SPEC_FIELDS, random_json};
     use trainvisor::trainer::rng::SplitMix64;
     let app = spawn_app().await;
     let seed = std::time::SystemTime::now()
@@ -209,72 +210,10 @@ async fn random_bodies_never_get_a_server_error() {
         % 1_000_000;
     println!("random bodies with seed {seed}");
     let mut rng = SplitMix64::new(seed);
-    let keys = [
-        "world_size",
-        "name",
-        "command",
-        "env",
-        "dataset",
-        "checkpoint_dir",
-        "checkpoint_every",
-        "keep_last",
-        "total_steps",
-        "epochs",
-        "heartbeat_timeout_s",
-        "max_restarts",
-        "restart_scope",
-        "backoff_initial_ms",
-        "backoff_multiplier",
-        "backoff_max_ms",
-        "backoff_jitter",
-        "batch_size",
-        "lr",
-        "seed",
-        "sync",
-        "sleep_sec",
-        "job_ids",
-        "force",
-        "step",
-        "values",
-        "part",
-        "bytes",
-        "sha256",
-        "token",
-        "bogus",
+    let extra = [
+        "job_ids", "force", "step", "values", "part", "bytes", "sha256", "token",
     ];
-    fn value(rng: &mut SplitMix64, depth: u32) -> serde_json::Value {
-        match rng.below(if depth > 2 { 7 } else { 9 }) {
-            0 => serde_json::Value::Null,
-            1 => json!(rng.below(2) == 0),
-            2 => json!(rng.below(3000) as i64 - 1000),
-            3 => json!(rng.next_f64() * 1e6 - 5e5),
-            4 => json!(
-                [
-                    "worker",
-                    "job",
-                    "none",
-                    "allreduce",
-                    "",
-                    "/nonexistent/x",
-                    "../../etc",
-                    "s3://b/p",
-                    "\u{0}"
-                ][rng.below(9) as usize]
-            ),
-            5 => json!(i64::MAX),
-            6 => json!(-1e308),
-            7 => {
-                serde_json::Value::Array((0..rng.below(4)).map(|_| value(rng, depth + 1)).collect())
-            }
-            _ => {
-                let mut m = serde_json::Map::new();
-                for _ in 0..rng.below(4) {
-                    m.insert(format!("k{}", rng.below(5)), value(rng, depth + 1));
-                }
-                serde_json::Value::Object(m)
-            }
-        }
-    }
+    let keys: Vec<&str> = SPEC_FIELDS.iter().copied().chain(extra).collect();
     let job = app
         .create_job(json!({"world_size": 1, "command": sh("sleep 300")}))
         .await;
@@ -289,7 +228,7 @@ async fn random_bodies_never_get_a_server_error() {
         let mut body = serde_json::Map::new();
         for _ in 0..rng.below(6) {
             let key = keys[rng.below(keys.len() as u64) as usize];
-            body.insert(key.to_string(), value(&mut rng, 0));
+            body.insert(key.to_string(), random_json(&mut rng, 0, 3));
         }
         if rng.below(3) > 0 && !body.contains_key("world_size") {
             body.insert("world_size".into(), json!(1 + rng.below(3)));
