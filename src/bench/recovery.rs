@@ -39,6 +39,16 @@ async fn ready(client: &Client, id: &str, world: usize, attempt: u64) -> anyhow:
         .await
 }
 
+/// The newest restart row of a job.
+async fn last_restart(client: &Client, id: &str) -> anyhow::Result<Value> {
+    let restarts = client.get(&format!("/jobs/{id}/restarts")).await?;
+    Ok(restarts
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default())
+}
+
 fn kill9(pid: u32) -> String {
     let at = now();
     // SAFETY: killing a worker process we launched.
@@ -65,12 +75,7 @@ pub async fn worker_scope(
         let pids = ready(client, &id, 1, attempt).await?;
         let killed_at = kill9(pids[0]);
         ready(client, &id, 1, attempt + 1).await?;
-        let restarts = client.get(&format!("/jobs/{id}/restarts")).await?;
-        let r = restarts
-            .as_array()
-            .and_then(|a| a.last())
-            .cloned()
-            .unwrap_or_default();
+        let r = last_restart(client, &id).await?;
         let summary = client.get(&format!("/jobs/{id}/summary")).await?;
         let w = &summary["workers"][0];
         detect.push(ms_between(
@@ -112,12 +117,7 @@ pub async fn job_scope(
         let pids = ready(client, &id, world, attempt).await?;
         let killed_at = kill9(pids[attempt as usize % world]);
         ready(client, &id, world, attempt + 1).await?;
-        let restarts = client.get(&format!("/jobs/{id}/restarts")).await?;
-        let r = restarts
-            .as_array()
-            .and_then(|a| a.last())
-            .cloned()
-            .unwrap_or_default();
+        let r = last_restart(client, &id).await?;
         let summary = client.get(&format!("/jobs/{id}/summary")).await?;
         let workers = summary["workers"].as_array().cloned().unwrap_or_default();
         let latest = |key: &str| {

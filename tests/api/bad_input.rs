@@ -119,12 +119,7 @@ async fn unknown_ids_routes_and_queries_get_json_errors() {
     ] {
         assert_json_error(app.get(&path).await, 404).await;
     }
-    let res = app
-        .client
-        .post(app.url(&format!("/jobs/{unknown}/stop")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.stop(&unknown.to_string()).await;
     assert_json_error(res, 404).await;
     let res = app
         .client
@@ -254,20 +249,11 @@ async fn random_bodies_never_get_a_server_error() {
             assert!(v["error"].is_string(), "{path} {body:?}: {v}");
         }
     }
-    app.client
-        .post(app.url(&format!("/jobs/{job}/stop")))
-        .send()
-        .await
-        .unwrap();
+    app.stop(&job).await;
     // Whatever the random specs created (always with a missing program) stops cleanly.
     for j in app.get_json("/jobs").await.as_array().unwrap() {
         let id = j["job_id"].as_str().unwrap();
-        let res = app
-            .client
-            .post(app.url(&format!("/jobs/{id}/stop")))
-            .send()
-            .await
-            .unwrap();
+        let res = app.stop(id).await;
         assert_eq!(res.status(), 200);
         let state = res.json::<serde_json::Value>().await.unwrap()["state"].clone();
         assert!(state == "stopped" || state == "failed", "{id}: {state}");

@@ -217,11 +217,7 @@ async fn heartbeat_tokens_are_checked_per_incarnation() {
         .await
         .unwrap();
     assert_json_error(res, 404).await;
-    app.client
-        .post(app.url(&format!("/jobs/{id}/stop")))
-        .send()
-        .await
-        .unwrap();
+    app.stop(&id).await;
     // After the job ended every token is stale.
     assert_json_error(send(Some(current)).await.unwrap(), 409).await;
 }

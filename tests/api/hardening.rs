@@ -126,11 +126,7 @@ async fn limits_answer_429_and_change_nothing() {
     })
     .await;
     assert!(again.is_some(), "a closed stream frees its slot");
-    app.client
-        .post(app.url(&format!("/jobs/{id}/stop")))
-        .send()
-        .await
-        .unwrap();
+    app.stop(&id).await;
 }
 
 #[actix_web::test]

@@ -66,6 +66,15 @@ impl TestApp {
             .expect("POST")
     }
 
+    /// `POST /jobs/{id}/stop`.
+    pub async fn stop(&self, id: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/jobs/{id}/stop")))
+            .send()
+            .await
+            .expect("POST stop")
+    }
+
     /// Creates a job and returns its id.
     pub async fn create_job(&self, spec: Value) -> String {
         let res = self.post_json("/jobs", &spec).await;

@@ -110,12 +110,7 @@ async fn heartbeats_show_in_the_summary() {
     assert_eq!(w["heartbeat"]["line_idx"], 40);
     assert!(w["last_heartbeat_at"].is_string());
     assert!(w["pid"].is_u64());
-    let res = app
-        .client
-        .post(app.url(&format!("/jobs/{id}/stop")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.stop(&id).await;
     assert_eq!(res.status(), 200);
 }
 
@@ -127,12 +122,7 @@ async fn stop_terminates_every_process_group() {
         .create_job(json!({"world_size": 3, "command": sh("sleep 300; echo never")}))
         .await;
     let pids = app.running_pids(&id, 3).await;
-    let res = app
-        .client
-        .post(app.url(&format!("/jobs/{id}/stop")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.stop(&id).await;
     assert_eq!(res.status(), 200);
     let job: serde_json::Value = res.json().await.unwrap();
     assert_eq!(job["state"], "stopped");
@@ -144,12 +134,7 @@ async fn stop_terminates_every_process_group() {
         assert_eq!(inc["outcome"], "stopped");
     }
     // Stopping again is harmless.
-    let res = app
-        .client
-        .post(app.url(&format!("/jobs/{id}/stop")))
-        .send()
-        .await
-        .unwrap();
+    let res = app.stop(&id).await;
     assert_eq!(res.status(), 200);
 }
 
