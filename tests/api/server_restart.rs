@@ -29,11 +29,22 @@ async fn jobs_resume_after_the_server_is_killed_and_nothing_is_left_over() {
         .await;
     let old_pids = app.running_pids(&id, 2).await;
     let instance = std::fs::read_to_string(path.join("instance-id")).unwrap();
-    assert_eq!(
-        marked_processes(&instance).len(),
-        4,
-        "2 shells and 2 sleeps"
-    );
+    let forked = wait_for(Duration::from_secs(10), || async {
+        (marked_processes(&instance).len() == 4).then_some(())
+    })
+    .await;
+    assert!(forked.is_some(), "2 shells and 2 sleeps");
+    // Lines are durable once committed; a kill -9 may lose what is still in flight, so the
+    // test kills only after both ranks' first lines are in the history.
+    let committed = wait_for(Duration::from_secs(10), || async {
+        let lines = app.log_lines(&id).await;
+        ["rank 0 attempt 0", "rank 1 attempt 0"]
+            .iter()
+            .all(|want| lines.iter().any(|l| l["line"] == *want))
+            .then_some(())
+    })
+    .await;
+    assert!(committed.is_some(), "first lines committed before the kill");
 
     server.kill().unwrap();
     server.wait().unwrap();
