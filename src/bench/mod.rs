@@ -65,9 +65,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             } else {
                 3
             };
-            api::fanout(&client, &server.url, subscribers, seconds, &mut figures)
-                .await
-                .context("SSE fan-out")?;
+            api::fanout(
+                &client,
+                &server.url,
+                subscribers,
+                seconds,
+                server.child.id(),
+                &mut figures,
+            )
+            .await
+            .context("SSE fan-out")?;
         }
         let workers = if args.quick { 200 } else { 1000 };
         eprintln!("bench: {workers} workers heartbeating at 1 Hz");
