@@ -129,6 +129,16 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))
 }
 
+/// 405 for a known path with a method it does not serve, naming the ones it does.
+pub fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((header::ALLOW, allow))
+        .json(ErrorBody {
+            error: "method_not_allowed",
+            message: format!("method not allowed on this route; allowed: {allow}"),
+        })
+}
+
 /// Turns every error response that is not JSON yet (actix's own: unknown route, wrong method,
 /// payload too large, bad query string) into `{error, message}`.
 pub fn json_errors<B: MessageBody + 'static>(

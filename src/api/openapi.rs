@@ -1,0 +1,221 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 document of this API, generated at compile time from
+//! the handlers' `#[utoipa::path]` annotations and the `ToSchema` derives of the types they take
+//! and return. It is open like `/health` (it holds no data, and clients and fuzzers read it
+//! before they authenticate). No UI is bundled: any OpenAPI viewer can load the document.
+
+use actix_web::HttpResponse;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::{auth, events, jobs, logs, metrics, page, workers};
+
+/// Every error: `{"error": CODE, "message": TEXT}`.
+#[derive(ToSchema)]
+#[schema(as = ApiError)]
+#[allow(dead_code)] // Only describes `error::ErrorBody` (which borrows its code).
+pub struct ApiErrorDoc {
+    /// A stable code: `bad_request`, `invalid_json`, `invalid_spec`, `unauthorized`,
+    /// `not_found`, `method_not_allowed`, `conflict`, `stale_incarnation`,
+    /// `payload_too_large`, `unsupported_media_type`, `limit_reached` or `internal`.
+    #[schema(example = "not_found")]
+    error: String,
+    /// What went wrong, for a person.
+    message: String,
+}
+
+/// The `{job_id}` path parameter.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct JobId {
+    /// The job's id (a UUID); anything else is a 404.
+    job_id: uuid::Uuid,
+}
+
+/// The `{job_id}` and `{rank}` path parameters of the worker routes.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct JobRank {
+    /// The job's id (a UUID).
+    job_id: uuid::Uuid,
+    /// The caller's rank.
+    rank: u32,
+}
+
+/// A model file (`model.bin`), as bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct Model(Vec<u8>);
+
+/// `GET /health`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Health {
+    #[schema(example = "ok")]
+    status: String,
+    version: String,
+}
+
+/// Liveness: always open, even with an API token configured.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "server",
+    security(()),
+    responses((status = 200, description = "The server is up", body = Health))
+)]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+/// This document. Open like `/health`.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "server",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API",
+        content_type = "application/json", body = Object))
+)]
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
+
+/// Responses that whole classes of routes share, added where a handler did not describe them:
+/// 401 on the admin routes, 400 for a bad query string, 400 and 413 for a body.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
+                let admin = op.security.is_none();
+                let has_query = op
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .any(|p| matches!(p, RefOr::T(p) if p.parameter_in == ParameterIn::Query));
+                let has_body = op.request_body.is_some();
+                let mut add = |code: &str, description: &str| {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error_response(description));
+                };
+                if admin {
+                    add(
+                        "401",
+                        "The server has an API token and the request carries neither it nor \
+                         the session cookie",
+                    );
+                }
+                if has_query {
+                    add("400", "A query parameter is malformed or unknown");
+                }
+                if has_body {
+                    add("400", "The body is not valid JSON of the expected shape");
+                    add("413", "The body is larger than `--max-body-bytes`");
+                }
+            }
+        }
+    }
+}
+
+fn error_response(description: &str) -> RefOr<Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name("ApiError"))),
+            )
+            .build(),
+    )
+}
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut admin = Http::new(HttpAuthScheme::Bearer);
+        admin.description = Some(
+            "The server's API token (`--api-token`, `TRAINVISOR_API_TOKEN`). Needed only when \
+             the server has one; every route but `/health`, `/openapi.json`, the page, \
+             `POST /session` and the worker routes then requires it (or the session cookie)."
+                .into(),
+        );
+        components.add_security_scheme("api_token", SecurityScheme::Http(admin));
+        components.add_security_scheme(
+            "session_cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                auth::SESSION_COOKIE,
+                "Set by `POST /session`: how the browser page and its EventSource streams \
+                 (which cannot send headers) authenticate.",
+            ))),
+        );
+        let mut worker = Http::new(HttpAuthScheme::Bearer);
+        worker.description = Some(
+            "A rank's own token (`TRAINVISOR_TOKEN` in its environment): valid only for its \
+             job, rank and incarnation, and never for the admin API."
+                .into(),
+        );
+        components.add_security_scheme("worker_token", SecurityScheme::Http(worker));
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "trainvisor",
+        description = "Fault-tolerant runtime for distributed training jobs. Errors are always \
+            JSON `{error, message}` (schema `ApiError`). With an API token configured, the admin \
+            routes need `Authorization: Bearer <token>` or the session cookie."
+    ),
+    paths(
+        page::index,
+        page::file,
+        health,
+        openapi_json,
+        auth::session,
+        metrics::metrics,
+        events::events,
+        jobs::list,
+        jobs::create,
+        jobs::summaries,
+        jobs::purge,
+        jobs::get,
+        jobs::delete,
+        jobs::summary,
+        jobs::workers,
+        jobs::restarts,
+        jobs::stop,
+        logs::tail,
+        logs::stream,
+        jobs::checkpoints,
+        jobs::model,
+        workers::heartbeat,
+        workers::allreduce,
+        workers::checkpoint,
+    ),
+    components(schemas(ApiErrorDoc)),
+    modifiers(&SecuritySchemes, &CommonResponses),
+    security(("api_token" = []), ("session_cookie" = [])),
+    tags(
+        (name = "jobs", description = "Create, inspect, stop and delete jobs"),
+        (name = "logs", description = "Job logs: JSON tail and SSE stream"),
+        (name = "workers", description = "Called by the ranks themselves, with their worker token"),
+        (name = "server", description = "Health, metrics, events, authentication, the page"),
+    )
+)]
+pub struct ApiDoc;
