@@ -4,7 +4,9 @@
 //! before they authenticate). No UI is bundled: any OpenAPI viewer can load the document.
 
 use actix_web::HttpResponse;
+use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -131,6 +133,75 @@ impl Modify for CommonResponses {
     }
 }
 
+/// An optional body (`Option<T>` in a `request_body`) is generated as `T | null`; the routes
+/// mean "may be empty", not "may be the JSON `null`": keep `T` and `required: false`.
+struct OptionalBodies;
+
+impl Modify for OptionalBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.post].into_iter().flatten() {
+                let Some(RefOr::T(body)) = &mut op.request_body else {
+                    continue;
+                };
+                for content in body.content.values_mut() {
+                    let RefOr::T(content) = content else { continue };
+                    if let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema
+                        && one_of.items.len() == 2
+                        && let Some(inner) = one_of.items.iter().find(|i| !is_null(i))
+                    {
+                        content.schema = Some(inner.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_null(schema: &RefOr<Schema>) -> bool {
+    matches!(schema, RefOr::T(Schema::Object(o))
+        if o.schema_type == SchemaType::Type(Type::Null))
+}
+
+/// Links from `POST /jobs` (its `job_id`) to every admin operation on `/jobs/{job_id}...`, so
+/// clients and fuzzers (schemathesis' stateful phase) can follow a job through its life.
+struct JobLinks;
+
+impl Modify for JobLinks {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut links = Vec::new();
+        for (path, item) in &openapi.paths.paths {
+            if !path.contains("{job_id}") || path.contains("{rank}") {
+                continue;
+            }
+            for (method, op) in [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("DELETE", &item.delete),
+            ] {
+                if let Some(id) = op.as_ref().and_then(|op| op.operation_id.clone()) {
+                    links.push((format!("{method} {path}"), id));
+                }
+            }
+        }
+        let created = openapi
+            .paths
+            .paths
+            .get_mut("/jobs")
+            .and_then(|item| item.post.as_mut())
+            .and_then(|op| op.responses.responses.get_mut("201"));
+        if let Some(RefOr::T(created)) = created {
+            for (name, operation_id) in links {
+                let link = LinkBuilder::new()
+                    .operation_id(operation_id)
+                    .parameter("job_id", "$response.body#/job_id")
+                    .build();
+                created.links.insert(name, RefOr::T(link));
+            }
+        }
+    }
+}
+
 fn error_response(description: &str) -> RefOr<Response> {
     RefOr::T(
         ResponseBuilder::new()
@@ -209,7 +280,7 @@ impl Modify for SecuritySchemes {
         workers::checkpoint,
     ),
     components(schemas(ApiErrorDoc)),
-    modifiers(&SecuritySchemes, &CommonResponses),
+    modifiers(&SecuritySchemes, &CommonResponses, &OptionalBodies, &JobLinks),
     security(("api_token" = []), ("session_cookie" = [])),
     tags(
         (name = "jobs", description = "Create, inspect, stop and delete jobs"),

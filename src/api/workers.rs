@@ -88,7 +88,7 @@ fn ended(c: &Caller) -> ApiError {
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // Describes the free-form body.
 pub struct HeartbeatBody {
-    /// The rank's current step.
+    /// The rank's current step (null or absent: none yet).
     step: Option<u64>,
     /// Anything numeric the rank wants shown, e.g. `{"loss": 0.3}`.
     metrics: Option<Value>,
@@ -140,10 +140,10 @@ pub async fn heartbeat(
         ));
     }
     if let Some(step) = body.get("step")
-        && !step.is_u64()
+        && !(step.is_u64() || step.is_null())
     {
         return Err(ApiError::InvalidJson(
-            "step must be a non-negative integer".into(),
+            "step must be a non-negative integer (or null: no step yet)".into(),
         ));
     }
     let c = caller(&state, &req, path.into_inner()).await?;
