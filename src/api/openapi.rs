@@ -3,7 +3,8 @@
 //! and return. It is open like `/health` (it holds no data, and clients and fuzzers read it
 //! before they authenticate). No UI is bundled: any OpenAPI viewer can load the document.
 
-use actix_web::HttpResponse;
+use actix_web::{HttpResponse, web};
+use serde_json::{Value, json};
 use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::ParameterIn;
 use utoipa::openapi::schema::{Schema, SchemaType, Type};
@@ -11,7 +12,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, Secur
 use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{auth, events, jobs, logs, metrics, page, workers};
+use super::{AppState, auth, events, jobs, logs, metrics, page, workers};
+use crate::config::JobDefaults;
+use crate::spec::RESERVED_ENV;
 
 /// Every error: `{"error": CODE, "message": TEXT}`.
 #[derive(ToSchema)]
@@ -86,8 +89,112 @@ pub async fn health() -> HttpResponse {
     responses((status = 200, description = "The OpenAPI 3.1 document of this API",
         content_type = "application/json", body = Object))
 )]
-pub async fn openapi_json() -> HttpResponse {
-    HttpResponse::Ok().json(ApiDoc::openapi())
+pub async fn openapi_json(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(document(&state.rt.settings.job_defaults))
+}
+
+/// utoipa marks unsigned integers with formats no tool knows (`u-int32`, `u-int64`): state
+/// their range instead, which is what the server checks when it parses them.
+fn unsigned_bounds(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let max = match map.get("format").and_then(Value::as_str) {
+                Some("u-int32") => Some(json!(u32::MAX)),
+                Some("u-int64") => Some(json!(u64::MAX)),
+                _ => None,
+            };
+            if let Some(max) = max {
+                map.remove("format");
+                map.insert("minimum".into(), json!(0));
+                map.insert("maximum".into(), max);
+            }
+            map.values_mut().for_each(unsigned_bounds);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unsigned_bounds),
+        _ => {}
+    }
+}
+
+/// Bounds of the job spec's numeric fields, as `JobRequest::resolve` checks them
+/// (`spec_bounds_match_resolve` keeps the two in step).
+const SPEC_BOUNDS: &[(&str, f64, Option<f64>)] = &[
+    ("checkpoint_every", 1.0, None),
+    ("keep_last", 1.0, Some(1e6)),
+    ("total_steps", 1.0, None),
+    ("epochs", 1.0, Some(1e6)),
+    ("heartbeat_timeout_s", 0.01, Some(86_400.0)),
+    ("max_restarts", 0.0, Some(1e6)),
+    ("backoff_initial_ms", 0.0, Some(3_600_000.0)),
+    ("backoff_multiplier", 1.0, Some(100.0)),
+    ("backoff_max_ms", 0.0, Some(3_600_000.0)),
+    ("backoff_jitter", 0.0, Some(1.0)),
+    ("batch_size", 1.0, Some(1e6)),
+    ("lr", 0.0, Some(1e6)),
+    ("seed", 0.0, None),
+    ("sleep_sec", 0.0, Some(3600.0)),
+];
+
+/// The document as served: generated from the handlers, plus the bounds this server checks on
+/// a job spec (some depend on its settings, like `--max-world-size`). Rules across fields
+/// (`backoff_max_ms >= backoff_initial_ms`, not both `epochs` and `total_steps`, paths inside
+/// the allowed roots) are in the descriptions only.
+pub fn document(defaults: &JobDefaults) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    unsigned_bounds(&mut doc);
+    let Some(props) = doc
+        .pointer_mut("/components/schemas/JobRequest/properties")
+        .and_then(Value::as_object_mut)
+    else {
+        return doc;
+    };
+    let mut set = |field: &str, rules: Value| {
+        if let (Some(Value::Object(schema)), Value::Object(rules)) = (props.get_mut(field), rules) {
+            schema.extend(rules);
+        }
+    };
+    set(
+        "world_size",
+        json!({"minimum": 1, "maximum": defaults.max_world_size}),
+    );
+    for &(field, min, max) in SPEC_BOUNDS {
+        set(field, json!({ "minimum": min }));
+        match max {
+            Some(max) => set(field, json!({ "maximum": max })),
+            // The integers without an upper bound are i64 on the wire.
+            None => set(field, json!({ "maximum": i64::MAX })),
+        }
+    }
+    let no_nul = "^[^\\x00]*$";
+    set("name", json!({"maxLength": 200}));
+    set(
+        "command",
+        json!({
+            "minItems": 1,
+            "prefixItems": [{"type": "string", "minLength": 1}],
+            "items": {"type": "string", "pattern": no_nul},
+            "description": "argv of each rank; absent means the built-in trainer",
+        }),
+    );
+    set(
+        "env",
+        json!({
+            "propertyNames": {
+                "type": "string",
+                "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                "not": {"enum": RESERVED_ENV},
+            },
+            "additionalProperties": {"type": "string", "pattern": no_nul},
+            "description": "Extra environment of every rank; the names trainvisor sets are reserved",
+        }),
+    );
+    for field in ["dataset", "checkpoint_dir"] {
+        set(
+            field,
+            json!({"minLength": 1, "pattern": no_nul,
+                "description": "A local path (inside an allowed root when the server has them)"}),
+        );
+    }
+    doc
 }
 
 /// Responses that whole classes of routes share, added where a handler did not describe them:
@@ -290,3 +397,58 @@ impl Modify for SecuritySchemes {
     )
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::JobRequest;
+
+    fn resolves(defaults: &JobDefaults, field: &str, value: f64) -> bool {
+        let mut body = json!({"world_size": 1});
+        // backoff_initial_ms may not exceed backoff_max_ms: test each bound on its own.
+        match field {
+            "backoff_initial_ms" => body["backoff_max_ms"] = json!(3_600_000),
+            "backoff_max_ms" => body["backoff_initial_ms"] = json!(0),
+            _ => {}
+        }
+        body[field] = json!(value);
+        let body = serde_json::to_vec(&body).unwrap();
+        let request: JobRequest = match super::super::error::parse_json(&body, false) {
+            Ok(r) => r,
+            Err(_) => return false,
+        };
+        request.resolve(defaults).is_ok()
+    }
+
+    #[test]
+    fn spec_bounds_match_resolve() {
+        let defaults = JobDefaults::for_data_dir(std::path::Path::new("/data"));
+        for &(field, min, max) in SPEC_BOUNDS {
+            assert!(resolves(&defaults, field, min), "{field} = {min} refused");
+            let below = if min.fract() == 0.0 {
+                min - 1.0
+            } else {
+                min / 2.0
+            };
+            assert!(
+                !resolves(&defaults, field, below),
+                "{field} = {below} accepted"
+            );
+            if let Some(max) = max {
+                assert!(resolves(&defaults, field, max), "{field} = {max} refused");
+                let above = if max.fract() == 0.0 {
+                    max + 1.0
+                } else {
+                    max * 1.5
+                };
+                assert!(
+                    !resolves(&defaults, field, above),
+                    "{field} = {above} accepted"
+                );
+            }
+        }
+        let doc = document(&defaults);
+        let ws = &doc["components"]["schemas"]["JobRequest"]["properties"]["world_size"];
+        assert_eq!(ws["maximum"], json!(defaults.max_world_size));
+    }
+}
