@@ -15,7 +15,7 @@ use sqlx::SqlitePool;
 use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
-use super::openapi::{ApiErrorDoc, JobId};
+use super::openapi::{ApiErrorDoc, JobId, SseEvent};
 use super::{ApiError, AppState, parse_job_id};
 use crate::bus::{LogEvent, LogLine};
 use crate::store;
@@ -115,7 +115,7 @@ pub struct StreamQuery {
     responses(
         (status = 200, description = "Server-sent events: `log` (data: a log line as JSON, id: \
             its seq), `lagged` (the client fell behind; missed lines follow from the database) \
-            and a last `end` (data: `{job_id, state}`)", content_type = "text/event-stream", body = String),
+            and a last `end` (data: `{job_id, state}`)", content_type = "text/event-stream", body = SseEvent),
         (status = 400, description = "`tail` out of range, or a Last-Event-ID that is not an integer",
             body = ApiErrorDoc),
         (status = 404, description = "No such job", body = ApiErrorDoc),

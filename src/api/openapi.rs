@@ -56,6 +56,19 @@ pub struct JobRank {
 #[allow(dead_code)]
 pub struct Model(Vec<u8>);
 
+/// One server-sent event of `GET /events` or `GET /jobs/{job_id}/logs/stream`, as an SSE
+/// client reads it (the document describes each event, not the whole stream).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// The event's name (see the operation).
+    event: String,
+    /// Its payload: a JSON text.
+    data: String,
+    /// The seq to resume after (`Last-Event-ID`), on `log` and job events.
+    id: Option<String>,
+}
+
 /// `GET /health`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
