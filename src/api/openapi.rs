@@ -433,6 +433,77 @@ mod tests {
         request.resolve(defaults).is_ok()
     }
 
+    /// `(METHOD, path)` of every route `api::routes` registers, read from its source: each
+    /// `resource(path, allow)` with the methods chained on it, which must equal `allow`.
+    fn routes_in_mod_rs() -> std::collections::BTreeSet<(String, String)> {
+        let src = include_str!("mod.rs");
+        let body = &src[src.find("pub fn routes(").expect("routes() in mod.rs")..];
+        let mut routes = std::collections::BTreeSet::new();
+        for chunk in body.split("resource(\"").skip(1) {
+            let (path, rest) = chunk.split_once('"').unwrap();
+            let allow = rest.split('"').nth(1).unwrap();
+            let chained = rest.split(".service(").next().unwrap();
+            let mut methods: Vec<String> = ["get", "post", "delete", "put", "patch"]
+                .iter()
+                .filter(|m| chained.contains(&format!(".{m}(")))
+                .map(|m| m.to_uppercase())
+                .collect();
+            methods.sort();
+            let mut allowed: Vec<String> = allow.split(", ").map(str::to_string).collect();
+            allowed.sort();
+            assert_eq!(
+                methods, allowed,
+                "{path}: Allow header vs registered methods"
+            );
+            for m in methods {
+                routes.insert((m, path.to_string()));
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn every_route_is_documented_and_nothing_else() {
+        let doc = document(&JobDefaults::for_data_dir(std::path::Path::new("/data")));
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                documented.insert((method.to_uppercase(), path.clone()));
+                // Every operation says what it answers, and every error is an ApiError.
+                let responses = op["responses"].as_object().unwrap();
+                assert!(
+                    responses.keys().any(|c| c.starts_with('2')),
+                    "{method} {path}"
+                );
+                for (code, res) in responses {
+                    if !code.starts_with('2') {
+                        assert_eq!(
+                            res["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ApiError",
+                            "{method} {path} {code}"
+                        );
+                    }
+                }
+            }
+        }
+        let served = routes_in_mod_rs();
+        assert!(served.len() >= 24, "parsed only {served:?}");
+        assert_eq!(documented, served);
+        // References resolve.
+        let text = doc.to_string();
+        for name in text.split("#/components/schemas/").skip(1) {
+            let name = name.split('"').next().unwrap();
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "dangling $ref {name}"
+            );
+        }
+        for scheme in ["api_token", "worker_token", "session_cookie"] {
+            assert!(doc["components"]["securitySchemes"].get(scheme).is_some());
+        }
+    }
+
     #[test]
     fn spec_bounds_match_resolve() {
         let defaults = JobDefaults::for_data_dir(std::path::Path::new("/data"));
