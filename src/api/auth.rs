@@ -95,6 +95,7 @@ pub struct SessionReply {
 #[utoipa::path(
     post,
     path = "/session",
+    operation_id = "session",
     tag = "server",
     security(()),
     request_body = SessionRequest,

@@ -15,6 +15,7 @@ use super::{ApiError, AppState};
 #[utoipa::path(
     get,
     path = "/events",
+    operation_id = "events",
     tag = "server",
     responses(
         (status = 200, description = "Server-sent events: `hello` first, then `job`, `worker`, \

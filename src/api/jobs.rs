@@ -28,6 +28,7 @@ async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
 #[utoipa::path(
     post,
     path = "/jobs",
+    operation_id = "create_job",
     tag = "jobs",
     request_body = JobRequest,
     responses(
@@ -65,6 +66,7 @@ pub struct ListQuery {
 #[utoipa::path(
     get,
     path = "/jobs",
+    operation_id = "list_jobs",
     tag = "jobs",
     params(ListQuery),
     responses((status = 200, description = "Jobs, newest first", body = Vec<JobRecord>))
@@ -87,6 +89,7 @@ pub async fn list(
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}",
+    operation_id = "get_job",
     tag = "jobs",
     params(JobId),
     responses(
@@ -146,6 +149,7 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}/summary",
+    operation_id = "job_summary",
     tag = "jobs",
     params(JobId),
     responses(
@@ -166,6 +170,7 @@ pub async fn summary(
 #[utoipa::path(
     get,
     path = "/jobs/summaries",
+    operation_id = "job_summaries",
     tag = "jobs",
     responses((status = 200, description = "Summaries, newest first", body = Vec<Summary>))
 )]
@@ -187,6 +192,7 @@ pub async fn summaries(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}/workers",
+    operation_id = "job_incarnations",
     tag = "jobs",
     params(JobId),
     responses(
@@ -208,6 +214,7 @@ pub async fn workers(
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}/restarts",
+    operation_id = "job_restarts",
     tag = "jobs",
     params(JobId),
     responses(
@@ -229,6 +236,7 @@ pub async fn restarts(
 #[utoipa::path(
     post,
     path = "/jobs/{job_id}/stop",
+    operation_id = "stop_job",
     tag = "jobs",
     params(JobId),
     responses(
@@ -265,6 +273,7 @@ pub struct Deleted {
 #[utoipa::path(
     delete,
     path = "/jobs/{job_id}",
+    operation_id = "delete_job",
     tag = "jobs",
     params(JobId, DeleteQuery),
     responses(
@@ -315,6 +324,7 @@ pub struct PurgeRequest {
 #[utoipa::path(
     post,
     path = "/jobs/purge",
+    operation_id = "purge_jobs",
     tag = "jobs",
     request_body(content = Option<PurgeRequest>, description = "Optional; empty means `{}`"),
     responses(
@@ -365,6 +375,7 @@ pub struct CheckpointsQuery {
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}/checkpoints",
+    operation_id = "job_checkpoints",
     tag = "jobs",
     params(JobId, CheckpointsQuery),
     responses(
@@ -386,6 +397,7 @@ pub async fn checkpoints(
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}/model",
+    operation_id = "job_model",
     tag = "jobs",
     params(JobId),
     responses(

@@ -41,6 +41,7 @@ pub struct TailQuery {
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}/logs",
+    operation_id = "job_logs",
     tag = "logs",
     params(JobId, TailQuery),
     responses(
@@ -106,6 +107,7 @@ pub struct StreamQuery {
 #[utoipa::path(
     get,
     path = "/jobs/{job_id}/logs/stream",
+    operation_id = "job_log_stream",
     tag = "logs",
     params(
         JobId,

@@ -10,6 +10,7 @@ use super::{ApiError, AppState};
 #[utoipa::path(
     get,
     path = "/metrics",
+    operation_id = "metrics",
     tag = "server",
     responses(
         (status = 200, description = "Prometheus text exposition format",

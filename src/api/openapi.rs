@@ -82,6 +82,7 @@ pub struct Health {
 #[utoipa::path(
     get,
     path = "/health",
+    operation_id = "health",
     tag = "server",
     security(()),
     responses((status = 200, description = "The server is up", body = Health))
@@ -97,6 +98,7 @@ pub async fn health() -> HttpResponse {
 #[utoipa::path(
     get,
     path = "/openapi.json",
+    operation_id = "openapi",
     tag = "server",
     security(()),
     responses((status = 200, description = "The OpenAPI 3.1 document of this API",
@@ -150,10 +152,24 @@ const SPEC_BOUNDS: &[(&str, f64, Option<f64>)] = &[
 /// The document as served: generated from the handlers, plus the bounds this server checks on
 /// a job spec (some depend on its settings, like `--max-world-size`). Rules across fields
 /// (`backoff_max_ms >= backoff_initial_ms`, not both `epochs` and `total_steps`, paths inside
-/// the allowed roots) are in the descriptions only.
+/// the allowed roots) are stated in `JobRequest`'s description.
 pub fn document(defaults: &JobDefaults) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     unsigned_bounds(&mut doc);
+    if let Some(schema) = doc.pointer_mut("/components/schemas/JobRequest") {
+        schema["description"] = json!(
+            "The request body of `POST /jobs`. Every field but `world_size` is optional; \
+             unknown fields are refused. Besides each field's bounds, the server checks: \
+             `backoff_max_ms` >= `backoff_initial_ms`; `epochs` or `total_steps`, not both; \
+             `dataset` and `checkpoint_dir` inside an allowed root when the server has them \
+             (`--allowed-root`). A refused spec gets 422 with a message naming the field."
+        );
+        schema["examples"] = json!([
+            {"world_size": 2, "name": "demo", "total_steps": 200, "checkpoint_every": 20},
+            {"world_size": 2, "command": ["python", "train.py"], "env": {"LR": "0.1"},
+             "restart_scope": "worker", "max_restarts": 3},
+        ]);
+    }
     let Some(props) = doc
         .pointer_mut("/components/schemas/JobRequest/properties")
         .and_then(Value::as_object_mut)
@@ -487,6 +503,15 @@ mod tests {
                 }
             }
         }
+        let ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .map(|op| op["operationId"].as_str().expect("an operationId"))
+            .collect();
+        let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "operationIds repeat: {ids:?}");
         let served = routes_in_mod_rs();
         assert!(served.len() >= 24, "parsed only {served:?}");
         assert_eq!(documented, served);

@@ -39,6 +39,7 @@ fn serve(name: &str) -> Result<HttpResponse, ApiError> {
 #[utoipa::path(
     get,
     path = "/",
+    operation_id = "page",
     tag = "server",
     security(()),
     responses((status = 200, description = "The page", content_type = "text/html", body = String))
@@ -51,6 +52,7 @@ pub async fn index() -> Result<HttpResponse, ApiError> {
 #[utoipa::path(
     get,
     path = "/static/{file}",
+    operation_id = "static_file",
     tag = "server",
     security(()),
     params(("file" = String, Path, description = "`index.html`, `app.js` or `app.css`")),

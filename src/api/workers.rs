@@ -113,6 +113,7 @@ pub struct AllReduceReply {
 #[utoipa::path(
     post,
     path = "/jobs/{job_id}/workers/{rank}/heartbeat",
+    operation_id = "worker_heartbeat",
     tag = "workers",
     security(("worker_token" = [])),
     params(JobRank),
@@ -169,6 +170,7 @@ pub struct AllReduceBody {
 #[utoipa::path(
     post,
     path = "/jobs/{job_id}/workers/{rank}/allreduce",
+    operation_id = "worker_allreduce",
     tag = "workers",
     security(("worker_token" = [])),
     params(JobRank),
@@ -220,6 +222,7 @@ pub struct CheckpointBody {
 #[utoipa::path(
     post,
     path = "/jobs/{job_id}/workers/{rank}/checkpoint",
+    operation_id = "worker_checkpoint",
     tag = "workers",
     security(("worker_token" = [])),
     params(JobRank),
