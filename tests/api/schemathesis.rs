@@ -217,3 +217,15 @@ async fn the_document_matches_the_routes_served() {
         }
     }
 }
+
+/// With an API token the document stays open, like `/health`, and says how to authenticate.
+#[actix_web::test]
+async fn the_document_is_open_with_an_api_token() {
+    let app = crate::helpers::spawn_app_with(|s| s.api_token = Some("t0ken".into())).await;
+    let res = app.get("/openapi.json").await;
+    assert_eq!(res.status(), 200);
+    let doc: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(doc["components"]["securitySchemes"]["api_token"]["scheme"], "bearer");
+    assert_eq!(doc["paths"]["/openapi.json"]["get"]["security"], serde_json::json!([{}]));
+    crate::helpers::assert_json_error(app.get("/jobs").await, 401).await;
+}
