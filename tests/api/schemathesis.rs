@@ -225,7 +225,13 @@ async fn the_document_is_open_with_an_api_token() {
     let res = app.get("/openapi.json").await;
     assert_eq!(res.status(), 200);
     let doc: serde_json::Value = res.json().await.unwrap();
-    assert_eq!(doc["components"]["securitySchemes"]["api_token"]["scheme"], "bearer");
-    assert_eq!(doc["paths"]["/openapi.json"]["get"]["security"], serde_json::json!([{}]));
+    assert_eq!(
+        doc["components"]["securitySchemes"]["api_token"]["scheme"],
+        "bearer"
+    );
+    assert_eq!(
+        doc["paths"]["/openapi.json"]["get"]["security"],
+        serde_json::json!([{}])
+    );
     crate::helpers::assert_json_error(app.get("/jobs").await, 401).await;
 }
