@@ -6,13 +6,14 @@
 //! and the temp dir as its data dir and only allowed root. Random jobs run real processes, so
 //! the server gets an environment with nothing but `PATH` set to an empty directory: a random
 //! `command` names no program it can find (the default command, the built-in trainer, is
-//! started by absolute path and stops on the missing dataset), and random paths cannot leave
-//! the temp dir.
+//! started by absolute path and stops on the missing default dataset), and random paths cannot
+//! leave the temp dir. The server and its ranks run at the lowest CPU priority (nice 19).
 //!
 //! `tests/run` installs schemathesis in a venv and sets TRAINVISOR_SCHEMATHESIS; without it
 //! this test fails and says so.
 
 use std::io::BufRead;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,9 +41,21 @@ fn schemathesis_finds_no_failure() {
     std::fs::create_dir_all(&root).unwrap();
     std::fs::create_dir_all(&empty_bin).unwrap();
     let server_log = std::fs::File::create(tmp.path().join("server.log")).unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+    let mut server = Command::new(env!("CARGO_BIN_EXE_trainvisor"));
+    // SAFETY: nice() is async-signal-safe. The random jobs' ranks inherit the lowest
+    // priority, so they cannot starve the tests that run beside this one.
+    unsafe {
+        server.pre_exec(|| {
+            libc::nice(19);
+            Ok(())
+        });
+    }
+    let mut server = server
         .env_clear()
         .env("PATH", &empty_bin)
+        // A job that names no dataset gets one that does not exist: its trainer ranks stop
+        // at once instead of training for the whole run.
+        .env("DATASET_DIR", root.join("no-dataset"))
         .env("RUST_LOG", "error")
         .current_dir(&root)
         .args([
