@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 /// One stored log line, as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct LogLine {
     pub seq: i64,
     pub rank: Option<u32>,

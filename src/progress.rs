@@ -81,7 +81,7 @@ impl Progress {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerSummary {
     pub rank: u32,
     pub state: String,
@@ -97,7 +97,7 @@ pub struct WorkerSummary {
     pub heartbeat: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Summary {
     pub job_id: Uuid,
     pub name: Option<String>,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::JobDefaults;
 
 /// What to restart when a rank fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RestartScope {
     /// Only the failed rank (independent workers).
@@ -28,7 +28,7 @@ impl RestartScope {
 }
 
 /// How the built-in trainer's ranks exchange gradients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
     /// Synchronous data parallelism: gradients averaged by an all-reduce every step.
@@ -39,7 +39,7 @@ pub enum SyncMode {
 
 /// The request body of `POST /jobs`. Every field but `world_size` is optional; unknown
 /// fields are refused so a typo never silently falls back to a default.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     pub world_size: Option<i64>,

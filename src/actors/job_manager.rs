@@ -311,14 +311,14 @@ pub struct Delete {
     pub force: bool,
 }
 
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct DeleteReport {
     pub deleted: Vec<Uuid>,
     /// Ids not deleted, each with why.
     pub skipped: Vec<Skipped>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Skipped {
     pub job_id: Uuid,
     pub reason: String,

@@ -125,8 +125,40 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     } else {
         body
     };
-    serde_json::from_slice(body)
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))?;
+    integral_floats_as_integers(&mut value);
+    serde_json::from_value(value)
         .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))
+}
+
+/// JSON has one number type: `3.0` is the integer 3 (as JSON Schema says, and as clients that
+/// write every number as a float send it). Whole numbers written with a fraction become
+/// integers; they still deserialize into float fields.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Strictly inside the i64 range: every such whole f64 converts exactly.
+            if f.fract() == 0.0 && f > -9.2e18 && f < 9.2e18 {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(map) => map.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
+}
+
+/// 405 for a known path with a method it does not serve, naming the ones it does.
+pub fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((header::ALLOW, allow))
+        .json(ErrorBody {
+            error: "method_not_allowed",
+            message: format!("method not allowed on this route; allowed: {allow}"),
+        })
 }
 
 /// Turns every error response that is not JSON yet (actix's own: unknown route, wrong method,
@@ -170,4 +202,41 @@ pub fn json_errors<B: MessageBody + 'static>(
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, res).map_into_right_body(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Body {
+        step: u64,
+        lr: f64,
+        values: Vec<f64>,
+    }
+
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        let b: Body = parse_json(
+            br#"{"step": 558.0, "lr": 2.0, "values": [1.0, 0.5]}"#,
+            false,
+        )
+        .expect("parses");
+        assert_eq!(
+            b,
+            Body {
+                step: 558,
+                lr: 2.0,
+                values: vec![1.0, 0.5]
+            }
+        );
+        for bad in [
+            r#"{"step": 1.5, "lr": 1, "values": []}"#,
+            r#"{"step": -1.0, "lr": 1, "values": []}"#,
+        ] {
+            assert!(parse_json::<Body>(bad.as_bytes(), false).is_err(), "{bad}");
+        }
+        let big: serde_json::Value = parse_json(b"[1e300, -0.0, 9.3e18]", false).unwrap();
+        assert_eq!(big, serde_json::json!([1e300, 0, 9.3e18]));
+    }
 }

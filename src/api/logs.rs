@@ -18,6 +18,7 @@ use serde_json::json;
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
+use super::openapi::{ApiErrorDoc, JobId, SseEvent};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::StreamSlot;
 use crate::bus::{Live, LogLine, Read};
@@ -27,15 +28,32 @@ const DEFAULT_TAIL: i64 = 100;
 const MAX_TAIL: i64 = 100_000;
 const PAGE: i64 = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TailQuery {
+    /// How many lines (the newest, or the first after `after`); default 100.
+    #[param(minimum = 0, maximum = 100_000)]
     tail: Option<i64>,
+    /// Only this rank's lines.
     rank: Option<u32>,
     /// Only lines with a larger seq (pagination).
     after: Option<i64>,
 }
 
+/// The job's newest log lines (or the ones after a seq), oldest first.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/logs",
+    operation_id = "job_logs",
+    tag = "logs",
+    params(JobId, TailQuery),
+    responses(
+        (status = 200, description = "Log lines", body = LogTail),
+        (status = 400, description = "`tail` out of range, or a bad query string", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
 pub async fn tail(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -56,6 +74,14 @@ pub async fn tail(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "job_id": id, "lines": lines })))
 }
 
+/// The reply of `GET /jobs/{job_id}/logs`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the `json!` reply.
+pub struct LogTail {
+    job_id: Uuid,
+    lines: Vec<LogLine>,
+}
+
 pub fn too_many_streams() -> ApiError {
     ApiError::AtLimit("too many open streams (--max-sse-subscribers); close one and retry".into())
 }
@@ -66,16 +92,42 @@ async fn ensure_job(pool: &SqlitePool, id: Uuid) -> Result<store::jobs::JobRecor
         .ok_or_else(|| ApiError::job_not_found(id))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
+    /// Only this rank's lines.
     rank: Option<u32>,
-    /// Lines replayed when the client sends no Last-Event-ID.
+    /// Lines replayed when the client sends no Last-Event-ID; default 100.
+    #[param(minimum = 0, maximum = 100_000)]
     tail: Option<i64>,
     /// For clients that cannot set the Last-Event-ID header.
     last_event_id: Option<i64>,
 }
 
+/// Follows the job's logs as server-sent events: stored lines first, then live ones, each
+/// once and in order, resuming after `Last-Event-ID`. Ends with an `end` event when the job
+/// has finished and every line was sent.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/logs/stream",
+    operation_id = "job_log_stream",
+    tag = "logs",
+    params(
+        JobId,
+        StreamQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this log seq"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events: `log` (data: a log line as JSON, id: \
+            its seq), `lagged` (the client fell behind; missed lines follow from the database) \
+            and a last `end` (data: `{job_id, state}`)", content_type = "text/event-stream", body = SseEvent),
+        (status = 400, description = "`tail` out of range, or a Last-Event-ID that is not an integer",
+            body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 429, description = "Too many open streams (`--max-sse-subscribers`)", body = ApiErrorDoc),
+    )
+)]
 pub async fn stream(
     state: web::Data<AppState>,
     req: HttpRequest,

@@ -8,11 +8,12 @@ use uuid::Uuid;
 use crate::spec::JobSpec;
 
 /// A job as `GET /jobs/{id}` shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct JobRecord {
     #[sqlx(rename = "id")]
     pub job_id: String,
     pub name: Option<String>,
+    #[schema(value_type = crate::actors::JobState)]
     pub state: String,
     pub world_size: i64,
     pub created_at: String,
@@ -25,6 +26,7 @@ pub struct JobRecord {
     #[sqlx(json)]
     pub spec: serde_json::Value,
     #[serde(skip)]
+    #[schema(ignore)]
     pub summary: Option<String>,
 }
 
@@ -90,7 +92,7 @@ pub async fn delete(pool: &SqlitePool, ids: &[Uuid]) -> sqlx::Result<()> {
     tx.commit().await
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Incarnation {
     pub rank: i64,
     pub attempt: i64,
@@ -102,6 +104,7 @@ pub struct Incarnation {
     pub signal: Option<i64>,
     pub outcome: Option<String>,
     #[serde(skip)]
+    #[schema(ignore)]
     pub token_hash: String,
 }
 
@@ -116,7 +119,7 @@ pub async fn incarnations(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Incar
     .await
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Restart {
     pub rank: i64,
     pub attempt: i64,
@@ -158,7 +161,7 @@ pub async fn close_orphaned_incarnations(
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct CheckpointRow {
     pub step: i64,
     pub committed_at: String,

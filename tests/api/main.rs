@@ -10,5 +10,6 @@ mod helpers;
 mod lifecycle;
 mod logs;
 mod python;
+mod schemathesis;
 mod server_restart;
 mod trainer;
