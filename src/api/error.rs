@@ -31,6 +31,10 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     AtLimit(String),
+    /// The database stayed locked past its busy timeout (a long checkpoint of the WAL on a
+    /// loaded disk): nothing was changed, the client may retry.
+    #[error("the server is busy: the database stayed locked; nothing was changed, retry")]
+    Busy,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -53,6 +57,7 @@ impl ApiError {
             ApiError::StaleIncarnation(_) => "stale_incarnation",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::AtLimit(_) => "limit_reached",
+            ApiError::Busy => "busy",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -72,6 +77,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) | ApiError::StaleIncarnation(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::AtLimit(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,7 +86,12 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(cause) = self {
             tracing::error!(error = ?cause, "internal error");
         }
-        HttpResponse::build(self.status_code()).json(ErrorBody {
+        let mut res = HttpResponse::build(self.status_code());
+        if let ApiError::Busy = self {
+            tracing::warn!("database busy: answered 503");
+            res.insert_header((header::RETRY_AFTER, "1"));
+        }
+        res.json(ErrorBody {
             error: self.code(),
             message: self.to_string(),
         })
@@ -89,7 +100,23 @@ impl ResponseError for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if is_busy(&e) {
+            return ApiError::Busy;
+        }
         ApiError::Internal(e.into())
+    }
+}
+
+/// SQLite's "database is locked" (past the busy timeout) or no free pooled connection.
+fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => {
+            // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+            matches!(code & 0xff, 5 | 6)
+        }
+        _ => false,
     }
 }
 
@@ -105,7 +132,10 @@ impl From<ManagerError> for ApiError {
             ManagerError::NotFound(id) => ApiError::job_not_found(id),
             ManagerError::Running(_) => ApiError::Conflict(e.to_string()),
             ManagerError::AtLimit(why) => ApiError::AtLimit(why),
-            ManagerError::Internal(e) => ApiError::Internal(e),
+            ManagerError::Internal(e) => match e.downcast_ref::<sqlx::Error>() {
+                Some(db) if is_busy(db) => ApiError::Busy,
+                _ => ApiError::Internal(e),
+            },
         }
     }
 }
