@@ -102,6 +102,9 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         last_checkpoint_step: None,
         last_checkpoint_at: None,
         last_checkpoint_age_s: None,
+        launcher: spec.launcher.as_str().to_string(),
+        slurm_job_id: None,
+        excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
         workers: Vec::new(),
     })
 }
@@ -146,6 +149,16 @@ pub async fn restarts(
     let id = parse_job_id(&path)?;
     record(&state, id).await?;
     Ok(HttpResponse::Ok().json(store::jobs::restarts(&state.rt.pool, id).await?))
+}
+
+/// `GET /jobs/{id}/excluded_nodes`: the history rows of the job's bad-node quarantine.
+pub async fn excluded_nodes(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    record(&state, id).await?;
+    Ok(HttpResponse::Ok().json(store::jobs::excluded_nodes(&state.rt.pool, id).await?))
 }
 
 pub async fn stop(

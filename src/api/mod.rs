@@ -56,6 +56,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/jobs/{job_id}/summary").get(jobs::summary))
         .service(web::resource("/jobs/{job_id}/workers").get(jobs::workers))
         .service(web::resource("/jobs/{job_id}/restarts").get(jobs::restarts))
+        .service(web::resource("/jobs/{job_id}/excluded_nodes").get(jobs::excluded_nodes))
         .service(web::resource("/jobs/{job_id}/stop").post(jobs::stop))
         .service(web::resource("/jobs/{job_id}/logs").get(logs::tail))
         .service(web::resource("/jobs/{job_id}/logs/stream").get(logs::stream))
