@@ -360,3 +360,94 @@ async fn slurm_options_are_validated() {
         "a refused spec created a job"
     );
 }
+
+/// The real binary serving `data_dir` with the cluster's slurm.conf; returns it and its URL.
+fn start_server(data_dir: &Path, conf: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--kill-grace-ms", "300"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--slurm-conf")
+        .arg(conf)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("trainvisor listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    (child, url)
+}
+
+/// Waits until both ranks run; returns the job's Slurm allocation.
+async fn both_running(app: &TestApp, id: &str) -> u64 {
+    wait_for(Duration::from_secs(60), || async {
+        let s = app.summary(id).await;
+        (running_pids_in(&s).len() == 2)
+            .then(|| s["slurm_job_id"].as_u64())
+            .flatten()
+    })
+    .await
+    .expect("both ranks running")
+}
+
+/// Slurm job ids (not steps) named after trainvisor job `id`.
+fn allocations(cluster: &Cluster, id: &str) -> Vec<u64> {
+    cluster
+        .cmd("squeue", &["-h", "-o", "%i %j"])
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, name)| name.trim() == format!("trainvisor-{id}"))
+        .filter_map(|(job, _)| job.parse().ok())
+        .collect()
+}
+
+#[actix_web::test]
+async fn after_a_server_crash_the_job_runs_in_one_new_allocation() {
+    let cluster = Cluster::start();
+    let data_dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = start_server(data_dir.path(), &cluster.conf);
+    let app = TestApp {
+        address: url,
+        client: test_client(),
+        data_dir,
+    };
+    let id = app
+        .create_job(json!({"world_size": 2, "launcher": "slurm", "nodes": 2,
+                           "command": sh("exec sleep 300")}))
+        .await;
+    let first = both_running(&app, &id).await;
+    assert_eq!(allocations(&cluster, &id), [first]);
+    kill(server.id(), libc::SIGKILL);
+    server.wait().unwrap();
+    let (mut server, url) = start_server(app.data_dir.path(), &cluster.conf);
+    let app = TestApp {
+        address: url,
+        client: test_client(),
+        data_dir: app.data_dir,
+    };
+    let second = both_running(&app, &id).await;
+    assert_ne!(first, second, "the job kept the dead server's allocation");
+    // The old allocation was cancelled: one allocation, never two.
+    let one = wait_for(Duration::from_secs(30), || async {
+        (allocations(&cluster, &id) == [second]).then_some(())
+    })
+    .await;
+    assert!(one.is_some(), "allocations: {:?}", allocations(&cluster, &id));
+    let restarts = app.restarts(&id).await;
+    assert!(
+        restarts.iter().any(|r| r["reason"] == "server_restart"),
+        "{restarts:?}"
+    );
+    assert_eq!(app.stop(&id).await.status(), 200);
+    cluster.wait_nothing_of(&id).await;
+    kill(server.id(), libc::SIGTERM);
+    server.wait().unwrap();
+}
