@@ -425,10 +425,7 @@ fn resolve_slurm(
         ));
     }
     let w = i64::from(world_size);
-    let nodes = req
-        .nodes
-        .map(|n| in_range("nodes", n, 1, w))
-        .transpose()?;
+    let nodes = req.nodes.map(|n| in_range("nodes", n, 1, w)).transpose()?;
     let per_node = req
         .ntasks_per_node
         .map(|n| in_range("ntasks_per_node", n, 1, w))
@@ -454,7 +451,8 @@ fn resolve_slurm(
                 && t.len() <= 16
                 && t.starts_with(|c: char| c.is_ascii_digit())
                 && t.ends_with(|c: char| c.is_ascii_digit())
-                && t.chars().all(|c| c.is_ascii_digit() || c == ':' || c == '-')
+                && t.chars()
+                    .all(|c| c.is_ascii_digit() || c == ':' || c == '-')
                 && t.matches('-').count() <= 1
                 && t.matches(':').count() <= 2);
         if !ok {

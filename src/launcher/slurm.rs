@@ -61,7 +61,12 @@ fn command(conf: Option<&Path>, program: &str) -> Command {
     }
     // Inside an allocation of its own (a server started by sbatch), these would steer the
     // commands to the server's job instead of the trainvisor job's.
-    for var in ["SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID", "SLURM_NODELIST"] {
+    for var in [
+        "SLURM_JOB_ID",
+        "SLURM_JOBID",
+        "SLURM_STEP_ID",
+        "SLURM_NODELIST",
+    ] {
         cmd.env_remove(var);
     }
     cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
@@ -151,7 +156,11 @@ async fn allocation_nodes(conf: Option<&Path>, job_id: u64) -> io::Result<Vec<No
     let list = run(
         conf,
         "squeue",
-        &["-h".into(), format!("--jobs={job_id}"), "--format=%N".into()],
+        &[
+            "-h".into(),
+            format!("--jobs={job_id}"),
+            "--format=%N".into(),
+        ],
     )
     .await?;
     let list = list.trim();
@@ -293,5 +302,6 @@ impl Step {
 pub fn is_node_failure_line(line: &str) -> bool {
     line.starts_with("srun: error: Node failure on")
         || line.contains("srun: error: Node failure")
-        || line.starts_with("srun: error: Task launch for StepId") && line.contains("failed on node")
+        || line.starts_with("srun: error: Task launch for StepId")
+            && line.contains("failed on node")
 }

@@ -11,5 +11,5 @@ mod lifecycle;
 mod logs;
 mod python;
 mod server_restart;
-mod trainer;
 mod slurm;
+mod trainer;

@@ -440,7 +440,11 @@ async fn after_a_server_crash_the_job_runs_in_one_new_allocation() {
         (allocations(&cluster, &id) == [second]).then_some(())
     })
     .await;
-    assert!(one.is_some(), "allocations: {:?}", allocations(&cluster, &id));
+    assert!(
+        one.is_some(),
+        "allocations: {:?}",
+        allocations(&cluster, &id)
+    );
     let restarts = app.restarts(&id).await;
     assert!(
         restarts.iter().any(|r| r["reason"] == "server_restart"),

@@ -7,8 +7,8 @@ use rand::Rng;
 use super::{Job, RankState};
 use crate::actors::hash_token;
 use crate::actors::worker::LaunchRank;
-use crate::launcher::local::Launch;
 use crate::launcher::Placement;
+use crate::launcher::local::Launch;
 use crate::spec::{LauncherKind, RestartScope};
 use crate::store::history::{HistoryOp, Outcome};
 use crate::store::now;
@@ -107,13 +107,11 @@ impl Job {
                     return;
                 }
                 match slot.state {
-                    RankState::Starting => {
-                        act.workers[rank as usize].do_send(LaunchRank {
-                            attempt,
-                            launch,
-                            placement,
-                        })
-                    }
+                    RankState::Starting => act.workers[rank as usize].do_send(LaunchRank {
+                        attempt,
+                        launch,
+                        placement,
+                    }),
                     // Stopped (or the group failed) before the process existed.
                     RankState::Stopping => {
                         slot.state = RankState::Stopped;

@@ -83,7 +83,11 @@ impl Job {
     /// Nodes for `ranks` (ascending): rank r goes to node r / ntasks_per_node of the
     /// allocation; a rank whose node is excluded goes to the least loaded usable node.
     pub(super) fn place(&mut self, ranks: &[u32]) -> Vec<(u32, String)> {
-        let per = self.spec.slurm.as_ref().map_or(1, |s| s.ntasks_per_node.max(1));
+        let per = self
+            .spec
+            .slurm
+            .as_ref()
+            .map_or(1, |s| s.ntasks_per_node.max(1));
         let usable: Vec<String> = self.slurm.usable().iter().map(|n| n.name.clone()).collect();
         let all: Vec<String> = self
             .slurm
@@ -281,9 +285,7 @@ impl Job {
     /// Counts a failed incarnation against its node; excludes the node at the threshold (at
     /// once for a node failure). Runs before the restart decision, so relaunches avoid it.
     pub(super) fn count_node_failure(&mut self, rank: u32, outcome: Outcome, detail: &str) {
-        if self.spec.slurm.is_none()
-            || matches!(outcome, Outcome::Succeeded | Outcome::Stopped)
-        {
+        if self.spec.slurm.is_none() || matches!(outcome, Outcome::Succeeded | Outcome::Stopped) {
             return;
         }
         let Some(node) = self.slurm.rank_node[rank as usize].clone() else {
