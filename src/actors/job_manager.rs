@@ -157,7 +157,7 @@ impl Handler<Restore> for JobManager {
             async move {
                 let mut inits = Vec::new();
                 for record in store::jobs::unfinished(&pool).await? {
-                    inits.push(restore_plan(&pool, record, Some(conf.clone())).await?);
+                    inits.push(restore_plan(&pool, record, conf.as_deref()).await?);
                 }
                 Ok(inits)
             }
@@ -180,7 +180,7 @@ impl Handler<Restore> for JobManager {
 async fn restore_plan(
     pool: &sqlx::SqlitePool,
     record: JobRecord,
-    slurm_conf: Option<Option<std::path::PathBuf>>,
+    slurm_conf: Option<&std::path::Path>,
 ) -> Result<JobInit, ManagerError> {
     let id: Uuid = record
         .job_id
@@ -189,11 +189,11 @@ async fn restore_plan(
     let spec: JobSpec = serde_json::from_value(record.spec)
         .map_err(|e| anyhow::anyhow!("job {id}: stored spec unreadable: {e}"))?;
     let at = now();
-    if let Some(conf) = slurm_conf.filter(|_| spec.slurm.is_some()) {
+    if spec.slurm.is_some() {
         // What the dead server held on Slurm (an allocation, steps still running) goes: the
         // job is relaunched in a new allocation, never next to the old one.
         let name = crate::launcher::slurm::job_name(&id);
-        if let Err(e) = crate::launcher::slurm::cancel_named(conf.as_deref(), &name).await {
+        if let Err(e) = crate::launcher::slurm::cancel_named(slurm_conf, &name).await {
             tracing::warn!(job_id = %id, error = %e, "could not cancel the job's old Slurm allocation");
         }
     }

@@ -219,8 +219,13 @@ pub async fn bad_nodes(conf: Option<&Path>, nodes: &[String]) -> io::Result<Vec<
         ],
     )
     .await?;
+    Ok(parse_bad_nodes(&out))
+}
+
+/// `sinfo -N -o "%N %t"` lines → the nodes that cannot run steps, with their state.
+fn parse_bad_nodes(out: &str) -> Vec<(String, String)> {
     let mut bad: Vec<(String, String)> = Vec::new();
-    for (name, state) in out.lines().filter_map(|l| l.split_once(' ')) {
+    for (name, state) in out.lines().filter_map(|l| l.trim().split_once(' ')) {
         let state = state.trim();
         let base = state.trim_end_matches(['*', '~', '#', '!', '%', '$', '@', '^', '-']);
         let broken = state.ends_with('*')
@@ -229,7 +234,7 @@ pub async fn bad_nodes(conf: Option<&Path>, nodes: &[String]) -> io::Result<Vec<
             bad.push((name.to_string(), state.to_string()));
         }
     }
-    Ok(bad)
+    bad
 }
 
 /// Cancels a Slurm job (the allocation and every step in it). Errors are logged only.
@@ -298,10 +303,58 @@ impl Step {
     }
 }
 
-/// What srun prints when the node of its step failed (it may then exit 0).
+/// What srun prints when the node of its step failed (it may then exit 0), or when the step
+/// could not start on its node.
 pub fn is_node_failure_line(line: &str) -> bool {
-    line.starts_with("srun: error: Node failure on")
-        || line.contains("srun: error: Node failure")
-        || line.starts_with("srun: error: Task launch for StepId")
-            && line.contains("failed on node")
+    line.starts_with("srun: error: Node failure")
+        || (line.starts_with("srun: error: Task launch for StepId")
+            && line.contains("failed on node"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_and_unresponsive_nodes_are_bad() {
+        let out = "n1 idle\nn2 mix*\nn3 down*\nn4 drain\nn5 alloc\nn2 mix*\nn6 idle~\n";
+        let bad: Vec<String> = parse_bad_nodes(out).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(bad, ["n2", "n3", "n4"]);
+    }
+
+    #[test]
+    fn srun_node_failure_lines_are_recognised() {
+        assert!(is_node_failure_line("srun: error: Node failure on n2"));
+        assert!(!is_node_failure_line("my program: Node failure on n2"));
+    }
+
+    #[test]
+    fn the_token_stays_off_the_srun_command_line() {
+        let step = Step {
+            conf: Some("/etc/slurm/x.conf".into()),
+            alloc: 42,
+            node: "n2".into(),
+            name: "trainvisor-j-r1-a0".into(),
+            srun_args: vec!["--cpus-per-task=2".into()],
+        };
+        let launch = step.wrap(Launch {
+            argv: vec!["python".into(), "train.py".into()],
+            env: vec![("TRAINVISOR_TOKEN".into(), "secret".into())],
+        });
+        assert_eq!(launch.argv[0], "srun");
+        assert!(launch.argv.contains(&"--jobid=42".to_string()));
+        assert!(launch.argv.contains(&"--nodelist=n2".to_string()));
+        assert!(launch.argv.ends_with(&[
+            "--cpus-per-task=2".into(),
+            "python".into(),
+            "train.py".into()
+        ]));
+        assert!(!launch.argv.iter().any(|a| a.contains("secret")));
+        assert!(
+            launch
+                .env
+                .iter()
+                .any(|(k, v)| k == "SLURM_CONF" && v == "/etc/slurm/x.conf")
+        );
+    }
 }
