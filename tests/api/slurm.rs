@@ -329,6 +329,34 @@ async fn stop_leaves_nothing_on_slurm() {
     })
     .await;
     assert!(gone.is_some(), "rank processes left after stop");
+    // An allocation Slurm refuses fails the job with Slurm's reason.
+    let id = app
+        .create_job(
+            json!({"world_size": 2, "launcher": "slurm", "partition": "nosuch",
+                           "command": sh("true")}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no Slurm allocation") && reason.contains("partition"),
+        "{reason}"
+    );
+    // One Slurm queues (3 nodes of 2): the job stays pending; stopping it withdraws the request.
+    let id = app
+        .create_job(json!({"world_size": 3, "launcher": "slurm", "nodes": 3,
+                           "command": sh("true")}))
+        .await;
+    let queued = wait_for(Duration::from_secs(30), || async {
+        (!cluster.of_job(&id).is_empty()).then_some(())
+    })
+    .await;
+    assert!(queued.is_some(), "the allocation was never queued");
+    assert_eq!(app.job(&id).await["state"], "pending");
+    assert_eq!(app.stop(&id).await.status(), 200);
+    assert_eq!(app.job(&id).await["state"], "stopped");
+    cluster.wait_nothing_of(&id).await;
 }
 
 #[actix_web::test]

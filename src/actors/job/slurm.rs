@@ -188,15 +188,18 @@ impl Job {
             .into_actor(self)
             .map(|res, act, ctx| {
                 act.slurm.allocating = false;
+                if matches!(act.phase, Phase::Done | Phase::Stopping | Phase::Failing) {
+                    // The job ended while it waited: the allocation (if any) is not wanted.
+                    if let Ok(alloc) = res {
+                        let conf = act.conf();
+                        actix::spawn(async move {
+                            slurm::cancel_job(conf.as_deref(), alloc.job_id).await
+                        });
+                    }
+                    return;
+                }
                 match res {
                     Ok(alloc) => {
-                        if matches!(act.phase, Phase::Done | Phase::Stopping | Phase::Failing) {
-                            let conf = act.conf();
-                            actix::spawn(async move {
-                                slurm::cancel_job(conf.as_deref(), alloc.job_id).await
-                            });
-                            return;
-                        }
                         act.note(
                             None,
                             None,
