@@ -35,6 +35,7 @@ pub const SPEC_FIELDS: &[&str] = &[
     "ntasks_per_node",
     "time_limit",
     "srun_args",
+    "exclude_after_failures",
     "unknown",
 ];
 

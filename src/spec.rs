@@ -78,7 +78,18 @@ pub struct SlurmSpec {
     pub time_limit: Option<String>,
     /// Extra arguments for every rank's `srun`, e.g. `["--cpus-per-task=4"]`.
     pub srun_args: Vec<String>,
+    /// Failures of the job's ranks on one node after which the node is excluded from the
+    /// job's launches; 0 turns the count off (a node Slurm reports down is still excluded).
+    #[serde(default = "default_node_failures")]
+    pub exclude_after_failures: u32,
 }
+
+fn default_node_failures() -> u32 {
+    DEFAULT_EXCLUDE_AFTER_FAILURES
+}
+
+/// One failure on a node may be the program's fault; a second on the same node points at it.
+pub const DEFAULT_EXCLUDE_AFTER_FAILURES: u32 = 2;
 
 /// The request body of `POST /jobs`. Every field but `world_size` is optional; unknown
 /// fields are refused so a typo never silently falls back to a default.
@@ -113,6 +124,7 @@ pub struct JobRequest {
     pub ntasks_per_node: Option<i64>,
     pub time_limit: Option<String>,
     pub srun_args: Option<Vec<String>>,
+    pub exclude_after_failures: Option<i64>,
 }
 
 /// A validated job spec with every default filled in. Stored as JSON in `jobs.spec`.
@@ -290,6 +302,7 @@ impl JobRequest {
                 ntasks_per_node: self.ntasks_per_node,
                 time_limit: self.time_limit,
                 srun_args: self.srun_args,
+                exclude_after_failures: self.exclude_after_failures,
             },
         )?;
         Ok(JobSpec {
@@ -367,6 +380,7 @@ struct SlurmRequest {
     ntasks_per_node: Option<i64>,
     time_limit: Option<String>,
     srun_args: Option<Vec<String>>,
+    exclude_after_failures: Option<i64>,
 }
 
 /// `srun` options trainvisor sets itself for every rank; a job's `srun_args` may not set them.
@@ -405,6 +419,10 @@ fn resolve_slurm(
             ("ntasks_per_node", req.ntasks_per_node.is_some()),
             ("time_limit", req.time_limit.is_some()),
             ("srun_args", req.srun_args.is_some()),
+            (
+                "exclude_after_failures",
+                req.exclude_after_failures.is_some(),
+            ),
         ];
         if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
             return Err(invalid(format!(
@@ -487,6 +505,11 @@ fn resolve_slurm(
         ntasks_per_node: per_node as u32,
         time_limit: req.time_limit,
         srun_args,
+        exclude_after_failures: req
+            .exclude_after_failures
+            .map(|n| in_range("exclude_after_failures", n, 0, 1_000_000))
+            .transpose()?
+            .map_or(DEFAULT_EXCLUDE_AFTER_FAILURES, |n| n as u32),
     }))
 }
 
@@ -598,6 +621,39 @@ mod tests {
             shell.resolve(&d).unwrap().restart_scope,
             RestartScope::Worker
         );
+    }
+
+    #[test]
+    fn the_server_default_launcher_applies_and_slurm_shapes_resolve() {
+        let mut d = defaults();
+        assert_eq!(
+            JobRequest {
+                world_size: Some(4),
+                ..Default::default()
+            }
+            .resolve(&d)
+            .unwrap()
+            .launcher,
+            LauncherKind::Local
+        );
+        d.launcher = LauncherKind::Slurm;
+        let shape = |nodes, per| {
+            let spec = JobRequest {
+                world_size: Some(5),
+                nodes,
+                ntasks_per_node: per,
+                ..Default::default()
+            }
+            .resolve(&d)
+            .unwrap();
+            assert_eq!(spec.launcher, LauncherKind::Slurm);
+            let s = spec.slurm.unwrap();
+            (s.nodes, s.ntasks_per_node)
+        };
+        assert_eq!(shape(None, None), (1, 5));
+        assert_eq!(shape(Some(2), None), (2, 3));
+        assert_eq!(shape(None, Some(2)), (3, 2));
+        assert_eq!(shape(Some(5), Some(1)), (5, 1));
     }
 
     #[test]

@@ -31,15 +31,19 @@ pub async fn relaunch(
         .post(
             "/jobs",
             &json!({"world_size": 1, "launcher": "slurm", "command": ["sh", "-c", BEAT_THEN_WAIT],
-                    "restart_scope": "worker", "backoff_initial_ms": 0, "max_restarts": 100000}),
+                    "restart_scope": "worker", "backoff_initial_ms": 0, "max_restarts": 100000,
+                    "heartbeat_timeout_s": 3600, "exclude_after_failures": 0}),
         )
         .await?;
     let id = job["job_id"].as_str().unwrap_or_default().to_string();
     let (mut detect, mut relaunch, mut spawn) = (vec![], vec![], vec![]);
     for attempt in 0..kills as u64 {
         let srun = ready(client, &id, attempt).await?;
-        let pid = step_process(&marker, srun)
-            .ok_or_else(|| anyhow::anyhow!("no process of the step on this machine"))?;
+        // The heartbeat comes from curl; the shell then execs sleep.
+        let pid = client
+            .poll(|| async { Ok(step_process(&marker, srun)) })
+            .await
+            .map_err(|_| anyhow::anyhow!("no process of the step on this machine"))?;
         let killed_at = now();
         // SAFETY: killing the rank's process, which this bench's server launched.
         unsafe {
@@ -79,7 +83,12 @@ async fn ready(client: &Client, id: &str, attempt: u64) -> anyhow::Result<u32> {
         .poll(|| async {
             let s = client.get(&format!("/jobs/{id}/summary")).await?;
             let w = &s["workers"][0];
-            let ok = w["state"] == "running" && w["attempt"] == attempt && w["step"] == 1;
+            // A heartbeat of this incarnation, not one left from the previous.
+            let ok = w["state"] == "running"
+                && w["attempt"] == attempt
+                && w["step"] == 1
+                && w["started_at"].is_string()
+                && w["started_at"].as_str() <= w["last_heartbeat_at"].as_str();
             Ok(ok.then(|| w["pid"].as_u64().unwrap_or(0) as u32))
         })
         .await

@@ -13,10 +13,6 @@ use crate::launcher::slurm::{self, Allocation};
 use crate::store::history::{HistoryOp, Outcome};
 use crate::store::now;
 
-/// Failures of a job's ranks on one node after which the job stops using the node. One
-/// failure may be the program's fault; a second on the same node points at the node. A node
-/// Slurm reports down is excluded at once.
-pub const NODE_FAILURE_THRESHOLD: u32 = 2;
 /// How often the health of the allocation's nodes is checked (`sinfo`).
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
@@ -288,7 +284,10 @@ impl Job {
     /// Counts a failed incarnation against its node; excludes the node at the threshold (at
     /// once for a node failure). Runs before the restart decision, so relaunches avoid it.
     pub(super) fn count_node_failure(&mut self, rank: u32, outcome: Outcome, detail: &str) {
-        if self.spec.slurm.is_none() || matches!(outcome, Outcome::Succeeded | Outcome::Stopped) {
+        let Some(threshold) = self.spec.slurm.as_ref().map(|s| s.exclude_after_failures) else {
+            return;
+        };
+        if matches!(outcome, Outcome::Succeeded | Outcome::Stopped) {
             return;
         }
         let Some(node) = self.slurm.rank_node[rank as usize].clone() else {
@@ -301,13 +300,13 @@ impl Job {
         };
         if outcome == Outcome::NodeFailure {
             self.exclude(&node, "node_failure", n, format!("rank {rank}: {detail}"));
-        } else if n >= NODE_FAILURE_THRESHOLD {
+        } else if threshold > 0 && n >= threshold {
             self.exclude(
                 &node,
                 "repeated_failures",
                 n,
                 format!(
-                    "{n} failures of this job's ranks on {node} (threshold {NODE_FAILURE_THRESHOLD}); last: rank {rank}: {detail}"
+                    "{n} failures of this job's ranks on {node} (threshold {threshold}, exclude_after_failures); last: rank {rank}: {detail}"
                 ),
             );
         }
