@@ -141,6 +141,9 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         last_checkpoint_step: None,
         last_checkpoint_at: None,
         last_checkpoint_age_s: None,
+        launcher: spec.launcher.as_str().to_string(),
+        slurm_job_id: None,
+        excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
         workers: Vec::new(),
     })
 }
@@ -229,6 +232,27 @@ pub async fn restarts(
     let id = parse_job_id(&path)?;
     record(&state, id).await?;
     Ok(HttpResponse::Ok().json(store::jobs::restarts(&state.rt.pool, id).await?))
+}
+
+/// The job's bad-node quarantine: nodes its launches no longer use (Slurm), oldest first.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/excluded_nodes",
+    operation_id = "job_excluded_nodes",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "Excluded nodes", body = Vec<store::jobs::ExcludedNode>),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
+pub async fn excluded_nodes(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    record(&state, id).await?;
+    Ok(HttpResponse::Ok().json(store::jobs::excluded_nodes(&state.rt.pool, id).await?))
 }
 
 /// Stops a job (SIGTERM to every rank's process group, then SIGKILL after the grace) and

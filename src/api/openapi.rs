@@ -406,6 +406,7 @@ impl Modify for SecuritySchemes {
         jobs::summary,
         jobs::workers,
         jobs::restarts,
+        jobs::excluded_nodes,
         jobs::stop,
         logs::tail,
         logs::stream,

@@ -5,6 +5,7 @@
 mod api;
 mod recovery;
 mod scale;
+mod slurm;
 mod training;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         training::run(&client, &dir, args.quick, &mut figures)
             .await
             .context("training")?;
+        let kills = if args.quick { 10 } else { 30 };
+        slurm::relaunch(&client, &dir, kills, &mut figures)
+            .await
+            .context("Slurm relaunch")?;
         figures.insert("server_rss_after_mb".into(), rss_mb(server.child.id())?);
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);

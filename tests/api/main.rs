@@ -12,4 +12,5 @@ mod logs;
 mod python;
 mod schemathesis;
 mod server_restart;
+mod slurm;
 mod trainer;
