@@ -4,6 +4,7 @@
 
 mod api;
 mod recovery;
+mod s3;
 mod scale;
 mod training;
 
@@ -84,6 +85,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         training::run(&client, &dir, args.quick, &mut figures)
             .await
             .context("training")?;
+        eprintln!("bench: checkpoint upload to S3 (s3s-fs on loopback)");
+        s3::run(args.quick, &mut figures).await.context("S3 checkpoints")?;
         figures.insert("server_rss_after_mb".into(), rss_mb(server.child.id())?);
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);

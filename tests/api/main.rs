@@ -12,3 +12,4 @@ mod logs;
 mod python;
 mod server_restart;
 mod trainer;
+mod s3;
