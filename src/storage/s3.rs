@@ -399,6 +399,15 @@ impl S3Store {
         Ok(objects)
     }
 
+    /// The current ETag of the object at `path`.
+    pub async fn head_etag(&self, path: &Path) -> io::Result<Option<String>> {
+        self.store
+            .head(path)
+            .await
+            .map(|m| m.e_tag)
+            .map_err(|e| to_io(e, &format!("s3://{}/{path}", self.url.bucket)))
+    }
+
     /// The whole object at `path` with its ETag.
     pub async fn fetch(&self, path: &Path) -> io::Result<(bytes::Bytes, Option<String>)> {
         let res = self

@@ -352,7 +352,15 @@ impl Dataset {
             bail!("shard {} is not in object storage", shard.name);
         };
         let dir = cache.join(cache_key(&store.describe(""), &shard.name));
-        if let Some(etag) = etag {
+        // Some servers (s3s-fs) list objects without their ETags: ask for it.
+        let etag = match etag {
+            Some(e) => Some(e.clone()),
+            None => store
+                .head_etag(path)
+                .await
+                .with_context(|| format!("looking up shard {}", shard.name))?,
+        };
+        if let Some(etag) = &etag {
             let cached = dir.join(format!("{}.jsonl", etag_file_name(etag)));
             if std::fs::metadata(&cached).is_ok_and(|m| m.len() == *size) {
                 println!("dataset: {} from the cache (ETag {etag})", shard.name);
