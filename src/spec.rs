@@ -205,8 +205,7 @@ impl JobRequest {
                 return Err(invalid(format!("{name} must be a non-empty path or URL")));
             }
             if crate::storage::S3Url::is_s3(value) {
-                crate::storage::S3Url::parse(value)
-                    .map_err(|e| invalid(format!("{name} {e}")))?;
+                crate::storage::S3Url::parse(value).map_err(|e| invalid(format!("{name} {e}")))?;
             } else if value.contains("://") && !value.starts_with("file://") {
                 return Err(invalid(format!(
                     "{name} {value:?}: expected a local path, a file:// path or s3://bucket/prefix"

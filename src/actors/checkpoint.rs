@@ -107,7 +107,8 @@ impl Checkpoint {
             Ok(done) => done,
             Err(e) => {
                 // The previous LATEST and its step are untouched; the next interval retries.
-                let line = format!("checkpoint of step {step} failed, keeping the previous one: {e}");
+                let line =
+                    format!("checkpoint of step {step} failed, keeping the previous one: {e}");
                 self.rt.recorder.note(self.job_id, None, None, line);
                 self.rt.recorder.event(
                     "checkpoint_failed",
@@ -203,7 +204,9 @@ async fn commit(
     let commit_ms = since.elapsed().as_secs_f64() * 1e3;
     let (mut pruned, mut garbage) = (Vec::new(), Vec::new());
     if let Err(e) = clean_up(store, step, keep_last, &mut pruned, &mut garbage).await {
-        warnings.push(format!("old steps not deleted yet (next commit retries): {e}"));
+        warnings.push(format!(
+            "old steps not deleted yet (next commit retries): {e}"
+        ));
     }
     Ok(CommitDone {
         commit_ms,
@@ -232,7 +235,9 @@ async fn advance_latest(store: &Store, step: u64) -> std::io::Result<()> {
             return Ok(());
         }
     }
-    Err(std::io::Error::other("LATEST kept changing under the committer"))
+    Err(std::io::Error::other(
+        "LATEST kept changing under the committer",
+    ))
 }
 
 /// Retention and garbage, from what the store holds (the truth): of the steps older than

@@ -32,7 +32,10 @@ pub async fn create(
         .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
     spec.check_roots(&state.rt.settings.allowed_roots)
         .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
-    for (field, location) in [("dataset", &spec.dataset), ("checkpoint_dir", &spec.checkpoint_dir)] {
+    for (field, location) in [
+        ("dataset", &spec.dataset),
+        ("checkpoint_dir", &spec.checkpoint_dir),
+    ] {
         crate::storage::s3::check_location(location, &state.rt.settings.s3)
             .await
             .map_err(|e| ApiError::InvalidSpec(format!("{field}: {e}")))?;

@@ -86,7 +86,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .await
             .context("training")?;
         eprintln!("bench: checkpoint upload to S3 (s3s-fs on loopback)");
-        s3::run(args.quick, &mut figures).await.context("S3 checkpoints")?;
+        s3::run(args.quick, &mut figures)
+            .await
+            .context("S3 checkpoints")?;
         figures.insert("server_rss_after_mb".into(), rss_mb(server.child.id())?);
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);

@@ -39,7 +39,9 @@ fn find(name: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     on_path.or_else(|| {
-        let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin").join(name);
+        let p = PathBuf::from(std::env::var_os("HOME")?)
+            .join(".cargo/bin")
+            .join(name);
         p.is_file().then_some(p)
     })
 }
@@ -50,7 +52,9 @@ async fn start() -> anyhow::Result<S3sFs> {
             "s3s-fs is not installed (cargo install s3s-fs --version 0.14.1 --features binary --locked)"
         );
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let dir = std::env::temp_dir().join(format!("trainvisor-bench-s3-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(dir.join("bench"))?;
     let secret = uuid::Uuid::new_v4().simple().to_string();

@@ -73,7 +73,10 @@ impl Store {
     }
 
     /// The value of `key` and its version (for `put_hint_if`), or None if absent.
-    pub async fn get_versioned(&self, key: &str) -> std::io::Result<Option<(Bytes, UpdateVersion)>> {
+    pub async fn get_versioned(
+        &self,
+        key: &str,
+    ) -> std::io::Result<Option<(Bytes, UpdateVersion)>> {
         match self {
             Store::Local(s) => Ok(s.get(key).await?.map(|d| {
                 (

@@ -43,7 +43,10 @@ impl std::fmt::Debug for S3Config {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("access_key", &self.access_key)
-            .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "secret_key",
+                &self.secret_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("max_retries", &self.max_retries)
             .field("retry_timeout", &self.retry_timeout)
             .finish()
@@ -160,7 +163,9 @@ impl S3Url {
         if !prefix.is_empty() {
             Path::parse(prefix).map_err(|e| format!("{location:?}: bad key prefix: {e}"))?;
             if prefix.chars().any(|c| c.is_control()) {
-                return Err(format!("{location:?}: the key prefix has control characters"));
+                return Err(format!(
+                    "{location:?}: the key prefix has control characters"
+                ));
             }
         }
         Ok(S3Url {
@@ -341,7 +346,8 @@ impl S3Store {
         {
             Ok(_) => Ok(true),
             Err(
-                object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
             ) => Ok(false),
             Err(object_store::Error::NotImplemented { .. }) => {
                 self.put(key, data).await.map(|()| true)

@@ -416,9 +416,7 @@ fn cache_key(root: &str, name: &str) -> String {
 /// An ETag as a file name: quotes dropped, anything unusual hashed.
 fn etag_file_name(etag: &str) -> String {
     let t = etag.trim_matches('"');
-    if !t.is_empty()
-        && t.len() <= 100
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    if !t.is_empty() && t.len() <= 100 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
         t.to_string()
     } else {
@@ -435,7 +433,12 @@ pub struct RankStream {
 
 impl RankStream {
     /// The shards of `rank` among `all` (round-robin), none read yet.
-    pub fn new(all: Vec<Shard>, rank: usize, world_size: usize, where_: &str) -> anyhow::Result<Self> {
+    pub fn new(
+        all: Vec<Shard>,
+        rank: usize,
+        world_size: usize,
+        where_: &str,
+    ) -> anyhow::Result<Self> {
         let count = all.len();
         let shards: Vec<_> = all
             .into_iter()
@@ -461,7 +464,8 @@ impl RankStream {
     /// Reads the shards the next `n` examples come from, if not read yet.
     pub async fn prepare(&mut self, dataset: &Dataset, n: usize) -> anyhow::Result<()> {
         let count = self.shards.len();
-        let (mut pos, mut line, mut need) = (self.cursor.pos.min(count - 1), self.cursor.line_idx, n);
+        let (mut pos, mut line, mut need) =
+            (self.cursor.pos.min(count - 1), self.cursor.line_idx, n);
         loop {
             if self.shards[pos].2.is_none() {
                 let rows = dataset.load(&self.shards[pos].1).await?;

@@ -112,12 +112,7 @@ async fn train(env: Env) -> anyhow::Result<()> {
         Some(n) => n,
         None => one_epoch_steps(&env, &dataset, &shards).await? * spec.epochs.unwrap_or(1),
     };
-    let mut stream = RankStream::new(
-        shards,
-        rank as usize,
-        world as usize,
-        &dataset.describe(),
-    )?;
+    let mut stream = RankStream::new(shards, rank as usize, world as usize, &dataset.describe())?;
 
     let mut model = Model::init(classes, features, spec.seed);
     let mut step = 0u64;

@@ -10,6 +10,6 @@ mod helpers;
 mod lifecycle;
 mod logs;
 mod python;
+mod s3;
 mod server_restart;
 mod trainer;
-mod s3;

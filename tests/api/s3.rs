@@ -49,7 +49,9 @@ fn binary(name: &str) -> PathBuf {
     }) {
         return path;
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let path = home.join(".cargo/bin").join(name);
     assert!(
         path.is_file(),
@@ -167,8 +169,12 @@ impl S3Server {
         })
         .await;
         if ready.is_none() {
-            let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-            panic!("{:?} did not come up on port {}:\n{log}", self.kind, self.port);
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            panic!(
+                "{:?} did not come up on port {}:\n{log}",
+                self.kind, self.port
+            );
         }
     }
 
@@ -265,7 +271,10 @@ fn spec(dataset: &str, checkpoints: &str, extra: Value) -> Value {
 async fn model_hash(app: &TestApp, id: &str) -> String {
     let res = app.get(&format!("/jobs/{id}/model")).await;
     assert_eq!(res.status(), 200, "no model for {id}");
-    let sha = res.headers()["x-model-sha256"].to_str().unwrap().to_string();
+    let sha = res.headers()["x-model-sha256"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let bytes = res.bytes().await.unwrap();
     assert_eq!(checkpoint::sha256_hex(&bytes), sha);
     sha
@@ -287,7 +296,10 @@ async fn assert_latest_valid(store: &Store, world: u32) {
     let step = checkpoint::parse_step_dir(name.trim()).expect("LATEST names a step");
     let (resume, rejected) = find_resume(store, 0, world).await.unwrap();
     let resume = resume.expect("a valid checkpoint exists");
-    assert!(resume.manifest.step >= step, "LATEST is ahead of every valid step");
+    assert!(
+        resume.manifest.step >= step,
+        "LATEST is ahead of every valid step"
+    );
     assert!(
         !rejected.iter().any(|r| r.step == step),
         "LATEST points at an invalid step: {rejected:?}"
@@ -375,7 +387,11 @@ async fn full_job_and_exact_resume(kind: Kind) {
         spec(&server.url("data/small"), &server.url("ckpt"), json!({})),
     )
     .await;
-    assert_eq!(model_hash(&app, &id).await, reference, "{kind:?}: S3 run differs");
+    assert_eq!(
+        model_hash(&app, &id).await,
+        reference,
+        "{kind:?}: S3 run differs"
+    );
     assert!(
         server
             .keys(&format!("ckpt/{id}"))
@@ -500,8 +516,14 @@ async fn wrong_credentials_are_refused(kind: Kind) {
     config.secret_key = Some(wrong_secret.clone());
     let app = spawn_app_with(move |s| s.s3 = config).await;
     for (dataset, checkpoints) in [
-        (server.url("data"), app.data_dir.path().join("c").display().to_string()),
-        (app.data_dir.path().join("d").display().to_string(), server.url("ckpt")),
+        (
+            server.url("data"),
+            app.data_dir.path().join("c").display().to_string(),
+        ),
+        (
+            app.data_dir.path().join("d").display().to_string(),
+            server.url("ckpt"),
+        ),
     ] {
         let res = app
             .post_json("/jobs", &spec(&dataset, &checkpoints, json!({})))
@@ -567,8 +589,15 @@ async fn s3_shards_are_fetched_on_demand_and_cached_by_etag() {
     };
     let first = run_to_end(&app, short(&app)).await;
     let lines = log_text(&app.log_lines(&first).await);
-    let fetched: Vec<&String> = lines.iter().filter(|l| l.contains("fetched from")).collect();
-    assert_eq!(fetched.len(), 1, "only the first shard is needed: {lines:?}");
+    let fetched: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("fetched from"))
+        .collect();
+    assert_eq!(
+        fetched.len(),
+        1,
+        "only the first shard is needed: {lines:?}"
+    );
     assert!(fetched[0].contains("shard-00000.jsonl"));
     let cache = cache_listing(&app);
     assert_eq!(cache.len(), 1, "{cache:?}");
@@ -583,17 +612,34 @@ async fn s3_shards_are_fetched_on_demand_and_cached_by_etag() {
     // Another job reuses the cached copy.
     let second = run_to_end(&app, short(&app)).await;
     let lines = log_text(&app.log_lines(&second).await);
-    assert!(!lines.iter().any(|l| l.contains("fetched from")), "{lines:?}");
-    assert!(lines.iter().any(|l| l.contains("shard-00000.jsonl from the cache")));
+    assert!(
+        !lines.iter().any(|l| l.contains("fetched from")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("shard-00000.jsonl from the cache"))
+    );
     assert_eq!(
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cached_file).unwrap()),
         inode
     );
-    assert_eq!(model_hash(&app, &first).await, model_hash(&app, &second).await);
+    assert_eq!(
+        model_hash(&app, &first).await,
+        model_hash(&app, &second).await
+    );
 
     // The object changes: a new ETag, fetched again, the stale copy dropped.
     let other = app.data_dir.path().join("other-data");
-    make_dataset(&other, &DatasetParams { seed: 8, ..params() }).unwrap();
+    make_dataset(
+        &other,
+        &DatasetParams {
+            seed: 8,
+            ..params()
+        },
+    )
+    .unwrap();
     server
         .store("data/small")
         .put(
@@ -614,7 +660,10 @@ async fn s3_shards_are_fetched_on_demand_and_cached_by_etag() {
     assert_eq!(cache_after.len(), 1);
     assert_eq!(cache_after[0].1.len(), 1, "the stale copy is gone");
     assert_ne!(cache_after[0].1, cache[0].1, "named by the new ETag");
-    assert_ne!(model_hash(&app, &third).await, model_hash(&app, &first).await);
+    assert_ne!(
+        model_hash(&app, &third).await,
+        model_hash(&app, &first).await
+    );
 }
 
 /// The secret key reaches workers through their environment only: never on a command line,
@@ -662,7 +711,10 @@ async fn s3_secrets_stay_in_the_environment() {
         "/".to_string(),
     ] {
         let body = app.get(&path).await.text().await.unwrap();
-        assert!(!body.contains(&secret), "secret in the response of GET {path}");
+        assert!(
+            !body.contains(&secret),
+            "secret in the response of GET {path}"
+        );
     }
     let lines = log_text(&app.log_lines(&id).await);
     assert!(lines.len() > 2);
