@@ -18,7 +18,7 @@ use object_store::{
 
 /// Parts larger than this are uploaded in chunks of `MULTIPART_CHUNK` (multipart upload), so a
 /// transient error retries one chunk, not the whole part.
-pub const MULTIPART_THRESHOLD: usize = 32 << 20;
+pub const MULTIPART_THRESHOLD: usize = 64 << 20;
 pub const MULTIPART_CHUNK: usize = 16 << 20;
 /// Chunks of one multipart upload in flight at once.
 const MULTIPART_CONCURRENCY: usize = 4;
