@@ -177,7 +177,9 @@ mod tmp_bench {
     #[ignore]
     async fn s3_bench_now() {
         let mut f = super::Figures::new();
-        super::run(std::env::var("QUICK").is_ok(), &mut f).await.unwrap();
+        super::run(std::env::var("QUICK").is_ok(), &mut f)
+            .await
+            .unwrap();
         println!("FIGURES {f:?}");
     }
 }

@@ -477,6 +477,12 @@ pub async fn check_location(location: &str, config: &S3Config) -> Result<(), Str
     if !S3Url::is_s3(location) {
         return Ok(());
     }
+    if config.access_key.is_none() || config.secret_key.is_none() {
+        return Err(format!(
+            "{location}: this server has no S3 credentials; start it with S3_ACCESS_KEY and \
+             S3_SECRET_KEY (and S3_ENDPOINT for MinIO, Garage and other S3-compatible servers)"
+        ));
+    }
     let quick = S3Config {
         max_retries: config.max_retries.min(2),
         retry_timeout: config.retry_timeout.min(Duration::from_secs(5)),

@@ -728,3 +728,31 @@ async fn s3_secrets_stay_in_the_environment() {
         .await;
     assert_json_error(res, 422).await;
 }
+
+/// A server started without S3 credentials refuses `s3://` locations up front, and a
+/// malformed bucket name is refused whatever the configuration.
+#[actix_web::test]
+async fn s3_locations_need_server_credentials_and_a_valid_bucket() {
+    let app = spawn_app().await;
+    let res = app
+        .post_json(
+            "/jobs",
+            &json!({"world_size": 1, "dataset": "s3://some-bucket/data"}),
+        )
+        .await;
+    let body = assert_json_error(res, 422).await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no S3 credentials"),
+        "{body}"
+    );
+    for bad in ["s3://", "s3://Upper/x", "s3://ab/x", "s3://bucket/a/../b"] {
+        let res = app
+            .post_json("/jobs", &json!({"world_size": 1, "checkpoint_dir": bad}))
+            .await;
+        assert_json_error(res, 422).await;
+    }
+    assert!(app.get_json("/jobs").await.as_array().unwrap().is_empty());
+}
