@@ -756,3 +756,37 @@ async fn s3_locations_need_server_credentials_and_a_valid_bucket() {
     }
     assert!(app.get_json("/jobs").await.as_array().unwrap().is_empty());
 }
+
+/// A part above the multipart threshold goes up as a multipart upload (its ETag says how many
+/// chunks) and reads back byte for byte.
+#[actix_web::test]
+async fn s3s_large_parts_go_up_as_multipart() {
+    let server = S3Server::start(Kind::S3sFs).await;
+    let store = server.store("big");
+    let size = trainvisor::storage::s3::MULTIPART_THRESHOLD + 3 * (1 << 20);
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    store
+        .put("step-0000000001/rank-00000.part", data.clone())
+        .await
+        .unwrap();
+    let Store::S3(s3) = &store else {
+        unreachable!()
+    };
+    let etag = s3
+        .head_etag(&s3.path("step-0000000001/rank-00000.part"))
+        .await
+        .unwrap()
+        .unwrap();
+    let chunks = size.div_ceil(trainvisor::storage::s3::MULTIPART_CHUNK);
+    assert!(
+        etag.trim_matches('"').ends_with(&format!("-{chunks}")),
+        "not a multipart ETag: {etag}"
+    );
+    let back = store
+        .get("step-0000000001/rank-00000.part")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "multipart upload reads back different bytes");
+}
