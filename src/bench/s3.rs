@@ -96,7 +96,7 @@ pub async fn run(quick: bool, figures: &mut Figures) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    // Part sizes of one checkpoint (4 ranks), the largest one above the multipart threshold.
+    // Part sizes of one checkpoint (4 ranks).
     let mib = 1usize << 20;
     let sizes: Vec<usize> = if quick {
         vec![4 * mib, 4 * mib, 16 * mib, 72 * mib]
@@ -169,17 +169,4 @@ pub async fn run(quick: bool, figures: &mut Figures) -> anyhow::Result<()> {
     figures.insert("s3_checkpoint_vs_raw_ratio".into(), ckpt / plain);
     drop(server);
     Ok(())
-}
-
-#[cfg(test)]
-mod tmp_bench {
-    #[tokio::test]
-    #[ignore]
-    async fn s3_bench_now() {
-        let mut f = super::Figures::new();
-        super::run(std::env::var("QUICK").is_ok(), &mut f)
-            .await
-            .unwrap();
-        println!("FIGURES {f:?}");
-    }
 }
