@@ -31,7 +31,8 @@ enum Command {
     Serve(ServeArgs),
     /// The built-in trainer: run as a job's rank (a job's default command).
     Worker,
-    /// Write a synthetic classification dataset (shard-00000.jsonl …, test.jsonl).
+    /// Write a synthetic classification dataset (shard-00000.jsonl …, test.jsonl) to a
+    /// directory or to s3://bucket/prefix (with the S3_* environment).
     MakeDataset {
         #[arg(long)]
         out: PathBuf,
@@ -216,6 +217,7 @@ impl ServeArgs {
         let data_dir = std::path::absolute(&self.data_dir)?;
         let mut settings = Settings::new(self.bind, data_dir);
         settings.job_defaults = JobDefaults::from_env(&settings.data_dir)?;
+        settings.s3 = crate::storage::S3Config::from_env()?;
         settings.job_defaults.max_world_size = self.max_world_size;
         settings.kill_grace = Duration::from_millis(self.kill_grace_ms);
         settings.max_body_bytes = self.max_body_bytes;
@@ -265,13 +267,19 @@ pub fn main() -> ExitCode {
                 label_noise,
                 test_rows,
             };
-            make_dataset(&out, &params).map(|()| {
-                println!(
-                    "wrote {} shards and test.jsonl to {}",
-                    shards,
-                    out.display()
-                )
-            })
+            let target = out.to_string_lossy().into_owned();
+            if crate::storage::S3Url::is_s3(&target) {
+                make_dataset_in_bucket(&target, &params)
+                    .map(|()| println!("wrote {shards} shards and test.jsonl to {target}"))
+            } else {
+                make_dataset(&out, &params).map(|()| {
+                    println!(
+                        "wrote {} shards and test.jsonl to {}",
+                        shards,
+                        out.display()
+                    )
+                })
+            }
         }
         Some(Command::Eval { model, data }) => crate::trainer::eval(&model, &data).map(|acc| {
             println!("accuracy {acc:.4}");
@@ -359,4 +367,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("trainvisor listening on http://{}", app.local_addr());
         app.run_until_signal().await
     })
+}
+
+/// `make-dataset --out s3://...`: made in a temp dir, then uploaded.
+fn make_dataset_in_bucket(target: &str, params: &DatasetParams) -> anyhow::Result<()> {
+    let store = crate::storage::Store::open(target)?;
+    let tmp = tempfile_dir()?;
+    let result = make_dataset(&tmp, params).and_then(|()| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::trainer::data::upload_dir(&tmp, &store))
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("trainvisor-dataset-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

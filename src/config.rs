@@ -42,6 +42,16 @@ impl JobDefaults {
         if let Some(v) = env_parse::<u32>("WORLD_SIZE")? {
             d.world_size = Some(v);
         }
+        // USE_S3 makes the bucket the default for whatever DATASET_DIR / CHECKPOINT_DIR leave
+        // unset; an explicit path or s3:// URL in them still wins.
+        if env_flag("USE_S3")? {
+            let bucket = env_string("S3_BUCKET")
+                .ok_or_else(|| anyhow::anyhow!("USE_S3 is set but S3_BUCKET is not"))?;
+            crate::storage::S3Url::parse(&format!("s3://{bucket}"))
+                .map_err(|e| anyhow::anyhow!("S3_BUCKET: {e}"))?;
+            d.dataset = PathBuf::from(format!("s3://{bucket}/datasets/demo"));
+            d.checkpoint_dir = PathBuf::from(format!("s3://{bucket}/checkpoints"));
+        }
         if let Some(v) = env_string("DATASET_DIR") {
             d.dataset = PathBuf::from(v);
         }
@@ -66,6 +76,16 @@ impl JobDefaults {
 
 fn env_string(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// A boolean variable: 1/true/yes/on or 0/false/no/off (unset is false).
+fn env_flag(name: &str) -> anyhow::Result<bool> {
+    match env_string(name).map(|v| v.to_ascii_lowercase()) {
+        None => Ok(false),
+        Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
+        Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
+        Some(v) => anyhow::bail!("environment variable {name}={v:?}: expected true or false"),
+    }
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>>
@@ -115,6 +135,9 @@ pub struct Settings {
     /// `SLURM_CONF` for the Slurm commands the server runs (salloc, srun, squeue, scancel,
     /// sinfo); none means theirs (the environment's `SLURM_CONF` or `/etc/slurm/slurm.conf`).
     pub slurm_conf: Option<PathBuf>,
+    /// How to reach `s3://` locations (the seed's `S3_*` env); workers of jobs that use S3 get
+    /// the same settings, credentials included, through their environment only.
+    pub s3: crate::storage::S3Config,
 }
 
 impl Settings {
@@ -137,6 +160,7 @@ impl Settings {
             max_log_lines_per_job: 1_000_000,
             advertise_url: None,
             slurm_conf: None,
+            s3: crate::storage::S3Config::default(),
         }
     }
 }

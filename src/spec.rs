@@ -179,6 +179,15 @@ pub const RESERVED_ENV: &[&str] = &[
     "TRAINVISOR_HEARTBEAT_URL",
     "TRAINVISOR_TOKEN",
     "TRAINVISOR_INSTANCE",
+    // S3 settings and credentials come from the server's environment, never from a spec
+    // (which the API echoes).
+    "S3_ENDPOINT",
+    "S3_REGION",
+    "S3_ACCESS_KEY",
+    "S3_SECRET_KEY",
+    "S3_MAX_RETRIES",
+    "S3_RETRY_TIMEOUT_S",
+    "TRAINVISOR_CACHE_DIR",
 ];
 
 /// Why a spec was refused; the message is shown to the client as is.
@@ -262,9 +271,11 @@ impl JobRequest {
             if value.is_empty() || value.contains('\0') {
                 return Err(invalid(format!("{name} must be a non-empty path or URL")));
             }
-            if value.contains("://") && !value.starts_with("file://") {
+            if crate::storage::S3Url::is_s3(value) {
+                crate::storage::S3Url::parse(value).map_err(|e| invalid(format!("{name} {e}")))?;
+            } else if value.contains("://") && !value.starts_with("file://") {
                 return Err(invalid(format!(
-                    "{name} {value:?}: only local paths are supported so far (object storage is planned)"
+                    "{name} {value:?}: expected a local path, a file:// path or s3://bucket/prefix"
                 )));
             }
         }
@@ -525,6 +536,10 @@ impl JobSpec {
             ("dataset", &self.dataset),
             ("checkpoint_dir", &self.checkpoint_dir),
         ] {
+            // Object storage is bounded by the server's credentials, not by local roots.
+            if crate::storage::S3Url::is_s3(value) {
+                continue;
+            }
             let path = std::path::Path::new(value.strip_prefix("file://").unwrap_or(value));
             let clean = path.is_absolute()
                 && path

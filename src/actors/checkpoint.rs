@@ -85,49 +85,47 @@ impl Checkpoint {
             committed_at: now(),
             parts: parts.into_values().collect(),
         };
-        // Retention: after this commit, keep the newest `keep_last` committed steps.
-        let mut all: Vec<u64> = self.committed.iter().copied().chain([step]).collect();
-        all.sort_unstable();
-        let prune: Vec<u64> = all
-            .iter()
-            .copied()
-            .take(all.len().saturating_sub(self.keep_last))
-            .collect();
         let store = self.store.clone();
+        let keep_last = self.keep_last;
         ctx.spawn(
             async move {
-                let res = commit(&store, &manifest, &prune, since).await;
-                (manifest, prune, res)
+                let res = commit(&store, &manifest, keep_last, since).await;
+                (manifest, res)
             }
             .into_actor(self)
-            .map(|(manifest, prune, res), act, ctx| {
+            .map(|(manifest, res), act, ctx| {
                 act.committing = false;
-                act.finish_commit(manifest, prune, res);
+                act.finish_commit(manifest, res);
                 act.commit_next(ctx);
             }),
         );
     }
 
-    fn finish_commit(
-        &mut self,
-        manifest: Manifest,
-        prune: Vec<u64>,
-        res: std::io::Result<(f64, Vec<u64>)>,
-    ) {
+    fn finish_commit(&mut self, manifest: Manifest, res: std::io::Result<CommitDone>) {
         let step = manifest.step;
-        let (commit_ms, garbage) = match res {
+        let done = match res {
             Ok(done) => done,
             Err(e) => {
                 // The previous LATEST and its step are untouched; the next interval retries.
-                self.rt.recorder.note(
+                let line =
+                    format!("checkpoint of step {step} failed, keeping the previous one: {e}");
+                self.rt.recorder.note(self.job_id, None, None, line);
+                self.rt.recorder.event(
+                    "checkpoint_failed",
                     self.job_id,
-                    None,
-                    None,
-                    format!("checkpoint of step {step} failed, keeping the previous one: {e}"),
+                    serde_json::json!({"step": step, "error": e.to_string()}),
                 );
                 return;
             }
         };
+        for warning in &done.warnings {
+            self.rt.recorder.note(
+                self.job_id,
+                None,
+                None,
+                format!("checkpoint of step {step}: {warning}"),
+            );
+        }
         self.committed.insert(step);
         let at = now();
         self.rt.recorder.record(HistoryOp::CheckpointCommitted {
@@ -137,9 +135,9 @@ impl Checkpoint {
             bytes: manifest.total_bytes(),
             location: self.store.describe(&checkpoint::step_dir(step)),
             manifest: serde_json::to_string(&manifest).unwrap_or_default(),
-            commit_ms,
+            commit_ms: done.commit_ms,
         });
-        for s in prune {
+        for s in done.pruned {
             self.committed.remove(&s);
             self.rt.recorder.record(HistoryOp::CheckpointPruned {
                 job_id: self.job_id,
@@ -150,8 +148,8 @@ impl Checkpoint {
         // Older incomplete steps can never commit now.
         self.pending.retain(|s, _| *s > step);
         self.ready.retain(|s, _| *s > step);
-        if !garbage.is_empty() {
-            tracing::debug!(job_id = %self.job_id, ?garbage, "removed uncommitted steps");
+        if !done.garbage.is_empty() {
+            tracing::debug!(job_id = %self.job_id, garbage = ?done.garbage, "removed uncommitted steps");
         }
         let committed = Committed { step, at };
         self.last = Some(committed.clone());
@@ -159,40 +157,136 @@ impl Checkpoint {
     }
 }
 
-/// Manifest, then LATEST, then retention and garbage. Returns the commit latency (from the
-/// last part's registration to LATEST written) and the uncommitted steps removed.
+/// What a commit did.
+struct CommitDone {
+    /// From the last part's registration to LATEST written.
+    commit_ms: f64,
+    /// Committed steps removed by retention.
+    pruned: Vec<u64>,
+    /// Older steps without a manifest, removed.
+    garbage: Vec<u64>,
+    /// Things that went wrong after the manifest was written: the step is committed anyway
+    /// (the manifest is the truth), e.g. LATEST could not be moved or old steps not deleted.
+    warnings: Vec<String>,
+}
+
+/// The commit protocol: the manifest (create-if-absent), then LATEST as a hint
+/// (compare-and-swap where the store supports it), then retention and garbage. An error
+/// before the manifest is written leaves the previous checkpoint as the newest one.
 async fn commit(
     store: &Store,
     manifest: &Manifest,
-    prune: &[u64],
+    keep_last: usize,
     since: Instant,
-) -> std::io::Result<(f64, Vec<u64>)> {
+) -> std::io::Result<CommitDone> {
     let step = manifest.step;
     let body = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
-    store.put(&checkpoint::manifest_key(step), body).await?;
-    // LATEST is a hint (resume verifies and falls back), so it is not fsynced: a commit costs
-    // one durable write, the manifest.
-    store
-        .put_hint(
-            LATEST,
-            format!("{}\n", checkpoint::step_dir(step)).into_bytes(),
-        )
-        .await?;
-    let commit_ms = since.elapsed().as_secs_f64() * 1e3;
-    for s in prune {
-        store.delete_all(&checkpoint::step_dir(*s)).await?;
-    }
-    let mut garbage = Vec::new();
-    for name in store.list("step-").await? {
-        if let Some(s) = checkpoint::parse_step_dir(&name)
-            && s < step
-            && store.size(&checkpoint::manifest_key(s)).await?.is_none()
-        {
-            store.delete_all(&name).await?;
-            garbage.push(s);
+    let key = checkpoint::manifest_key(step);
+    if !store.put_if_absent(&key, body).await? {
+        // Already there: a retried request whose first attempt landed, or a replay. The same
+        // parts are the same checkpoint; anything else is refused, never overwritten.
+        let existing = store.get(&key).await?.unwrap_or_default();
+        let same = serde_json::from_slice::<Manifest>(&existing)
+            .is_ok_and(|m| m.step == step && m.parts == manifest.parts);
+        if !same {
+            return Err(std::io::Error::other(format!(
+                "{} already holds a different manifest",
+                store.describe(&key)
+            )));
         }
     }
-    Ok((commit_ms, garbage))
+    let mut warnings = Vec::new();
+    if let Err(e) = advance_latest(store, step).await {
+        warnings.push(format!(
+            "committed, but LATEST was not moved (resume finds the step by its manifest): {e}"
+        ));
+    }
+    let commit_ms = since.elapsed().as_secs_f64() * 1e3;
+    let (mut pruned, mut garbage) = (Vec::new(), Vec::new());
+    if let Err(e) = clean_up(store, step, keep_last, &mut pruned, &mut garbage).await {
+        warnings.push(format!(
+            "old steps not deleted yet (next commit retries): {e}"
+        ));
+    }
+    Ok(CommitDone {
+        commit_ms,
+        pruned,
+        garbage,
+        warnings,
+    })
+}
+
+/// Moves LATEST to `step`, never backwards: read it with its version, write if it still has
+/// that version (a plain write on stores without conditional writes; LATEST is only a hint).
+async fn advance_latest(store: &Store, step: u64) -> std::io::Result<()> {
+    let body = format!("{}\n", checkpoint::step_dir(step)).into_bytes();
+    for _ in 0..8 {
+        let current = store.get_versioned(LATEST).await?;
+        if let Some((data, _)) = &current
+            && checkpoint::parse_step_dir(String::from_utf8_lossy(data).trim())
+                .is_some_and(|s| s >= step)
+        {
+            return Ok(());
+        }
+        if store
+            .put_hint_if(LATEST, body.clone(), current.map(|(_, v)| v))
+            .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::other(
+        "LATEST kept changing under the committer",
+    ))
+}
+
+/// Retention and garbage, from what the store holds (the truth): of the steps older than
+/// `step`, those with a manifest beyond the newest `keep_last` (counting `step`) are pruned,
+/// those without one are garbage.
+async fn clean_up(
+    store: &Store,
+    step: u64,
+    keep_last: usize,
+    pruned: &mut Vec<u64>,
+    garbage: &mut Vec<u64>,
+) -> std::io::Result<()> {
+    let mut committed = Vec::new();
+    let mut first_error = None;
+    for name in store.list("step-").await? {
+        let Some(s) = checkpoint::parse_step_dir(&name) else {
+            continue;
+        };
+        if s >= step {
+            continue;
+        }
+        let res = match store.size(&checkpoint::manifest_key(s)).await {
+            Ok(Some(_)) => {
+                committed.push(s);
+                Ok(())
+            }
+            Ok(None) => store.delete_all(&name).await.map(|()| garbage.push(s)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            first_error.get_or_insert(e);
+        }
+    }
+    committed.sort_unstable();
+    let excess = committed.len().saturating_sub(keep_last.saturating_sub(1));
+    for s in committed.into_iter().take(excess) {
+        // The manifest goes first: a half-deleted step is then garbage, never a broken commit.
+        let res = match store.delete_all(&checkpoint::manifest_key(s)).await {
+            Ok(()) => {
+                pruned.push(s);
+                store.delete_all(&checkpoint::step_dir(s)).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 impl Actor for Checkpoint {
@@ -302,4 +396,17 @@ impl Handler<WhenIdle> for Checkpoint {
             .map(|_, act, _| act.last.clone()),
         )
     }
+}
+
+/// The commit protocol alone, for `trainvisor bench` (S3 checkpoint throughput).
+pub async fn commit_for_bench(
+    store: &Store,
+    manifest: &Manifest,
+    keep_last: usize,
+) -> std::io::Result<()> {
+    let done = commit(store, manifest, keep_last, Instant::now()).await?;
+    if let Some(w) = done.warnings.first() {
+        return Err(std::io::Error::other(w.clone()));
+    }
+    Ok(())
 }

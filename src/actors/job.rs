@@ -98,8 +98,8 @@ impl Job {
             let world_size = init.spec.world_size;
             let location = init.spec.job_checkpoint_dir(&init.id);
             // The spec was validated, so the location opens.
-            let store =
-                Store::open(&location).unwrap_or_else(|_| Store::open(".").expect("a path"));
+            let store = Store::open_with(&location, &rt.settings.s3)
+                .unwrap_or_else(|_| Store::open(".").expect("a path"));
             let checkpoint = Checkpoint::new(
                 init.id,
                 init.spec.world_size,

@@ -76,6 +76,7 @@ impl Handler<CreateJob> for JobManager {
         let created_at = now();
         let spec = msg.0;
         let demo = self.rt.settings.job_defaults.dataset.clone();
+        let s3 = self.rt.settings.s3.clone();
         let (jobs, ranks) = self.rt.registry.load();
         let settings = &self.rt.settings;
         let refusal = if jobs >= settings.max_jobs {
@@ -96,7 +97,7 @@ impl Handler<CreateJob> for JobManager {
                 if let Some(why) = refusal {
                     return Err(ManagerError::AtLimit(why));
                 }
-                ensure_demo_dataset(&spec, &demo).await?;
+                ensure_demo_dataset(&spec, &demo, &s3).await?;
                 store::jobs::insert(&pool, id, &spec, &created_at).await?;
                 Ok((spec, created_at))
             }
@@ -125,12 +126,22 @@ impl Handler<CreateJob> for JobManager {
 
 /// A first run needs no preparation: the built-in trainer on the default dataset location
 /// gets the demo dataset made for it.
-async fn ensure_demo_dataset(spec: &JobSpec, demo: &std::path::Path) -> Result<(), ManagerError> {
+async fn ensure_demo_dataset(
+    spec: &JobSpec,
+    demo: &std::path::Path,
+    s3: &crate::storage::S3Config,
+) -> Result<(), ManagerError> {
     static MAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     if spec.command.is_some() || std::path::Path::new(&spec.dataset) != demo {
         return Ok(());
     }
     let _one_at_a_time = MAKING.lock().await;
+    if crate::storage::S3Url::is_s3(&spec.dataset) {
+        // The default dataset in the bucket (USE_S3): made locally, then uploaded.
+        return data::upload_demo_if_empty(&spec.dataset, s3)
+            .await
+            .map_err(ManagerError::Internal);
+    }
     if !data::is_empty(demo) {
         return Ok(());
     }

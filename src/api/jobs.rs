@@ -48,6 +48,14 @@ pub async fn create(
         .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
     spec.check_roots(&state.rt.settings.allowed_roots)
         .map_err(|e| ApiError::InvalidSpec(e.to_string()))?;
+    for (field, location) in [
+        ("dataset", &spec.dataset),
+        ("checkpoint_dir", &spec.checkpoint_dir),
+    ] {
+        crate::storage::s3::check_location(location, &state.rt.settings.s3)
+            .await
+            .map_err(|e| ApiError::InvalidSpec(format!("{field}: {e}")))?;
+    }
     let id = state.manager.send(CreateJob(spec)).await??;
     let job = record(&state, id).await?;
     Ok(HttpResponse::Created().json(job))
@@ -438,7 +446,8 @@ pub async fn model(
     let job = record(&state, id).await?;
     let spec: JobSpec = serde_json::from_value(job.spec)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored spec unreadable: {e}")))?;
-    let store = Storage::open(&spec.job_checkpoint_dir(&id)).map_err(ApiError::Internal)?;
+    let store = Storage::open_with(&spec.job_checkpoint_dir(&id), &state.rt.settings.s3)
+        .map_err(ApiError::Internal)?;
     match store.get(FINAL_MODEL).await {
         Ok(Some(bytes)) => Ok(HttpResponse::Ok()
             .content_type("application/octet-stream")

@@ -4,6 +4,7 @@
 
 mod api;
 mod recovery;
+mod s3;
 mod scale;
 mod slurm;
 mod training;
@@ -92,6 +93,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         training::run(&client, &dir, args.quick, &mut figures)
             .await
             .context("training")?;
+        eprintln!("bench: checkpoint upload to S3 (s3s-fs on loopback)");
+        s3::run(args.quick, &mut figures)
+            .await
+            .context("S3 checkpoints")?;
         let kills = if args.quick { 10 } else { 30 };
         slurm::relaunch(&client, &dir, kills, &mut figures)
             .await

@@ -25,6 +25,13 @@ impl LocalStore {
         blocking(move || write_durable(&path, &data)).await
     }
 
+    /// Durable create-if-absent: the temp file is hard-linked to the final name, which fails
+    /// if the name exists. `Ok(false)`: it existed.
+    pub async fn put_if_absent(&self, key: &str, data: Vec<u8>) -> io::Result<bool> {
+        let path = self.path(key);
+        blocking(move || create_durable(&path, &data)).await
+    }
+
     pub async fn put_hint(&self, key: &str, data: Vec<u8>) -> io::Result<()> {
         let path = self.path(key);
         blocking(move || write_atomic(&path, &data, false)).await
@@ -148,6 +155,33 @@ fn write_atomic(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
+    result
+}
+
+/// Like `write_durable`, but refuses to replace an existing file (`Ok(false)`).
+fn create_durable(path: &Path, data: &[u8]) -> io::Result<bool> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    create_dir_durable(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad file name"))?;
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), unique()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        sync_dir(dir)?;
+        Ok(true)
+    })();
+    let _ = fs::remove_file(&tmp);
     result
 }
 

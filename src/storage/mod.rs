@@ -1,11 +1,15 @@
 //! Where checkpoints (and the final model) live. The checkpoint plane is written against
-//! `Store`, not against paths: today the local filesystem, with every write made durable
-//! (temp file, fsync, rename, directory fsync); an object-store backend (S3, MinIO) is another
-//! variant of the same API.
+//! `Store`, not against paths: the local filesystem, with every write made durable (temp
+//! file, fsync, rename, directory fsync), or an S3-compatible object store (`s3://bucket/prefix`:
+//! AWS S3, MinIO, Garage, ...) through `object_store`.
 
 pub mod local;
+pub mod s3;
 
 pub use local::LocalStore;
+pub use s3::{S3Config, S3Store, S3Url};
+
+use object_store::UpdateVersion;
 
 type Bytes = Vec<u8>;
 
@@ -13,22 +17,40 @@ type Bytes = Vec<u8>;
 #[derive(Debug, Clone)]
 pub enum Store {
     Local(LocalStore),
+    S3(S3Store),
 }
 
 impl Store {
-    /// Opens the store for a location: a filesystem path.
+    /// Opens the store for a location: a filesystem path, `file://` path or `s3://` URL.
+    /// S3 settings come from the environment (`S3_ENDPOINT`, `S3_ACCESS_KEY`, ...): what a
+    /// worker gets from the server.
     pub fn open(location: &str) -> anyhow::Result<Self> {
+        if S3Url::is_s3(location) {
+            return Self::open_with(location, &S3Config::from_env()?);
+        }
+        Self::open_with(location, &S3Config::default())
+    }
+
+    /// Opens the store for a location with explicit S3 settings (the server's).
+    pub fn open_with(location: &str, s3: &S3Config) -> anyhow::Result<Self> {
+        if S3Url::is_s3(location) {
+            return Ok(Store::S3(S3Store::open(location, s3)?));
+        }
         if location.contains("://") && !location.starts_with("file://") {
-            anyhow::bail!("unsupported checkpoint location {location:?}: only local paths for now");
+            anyhow::bail!(
+                "unsupported location {location:?}: a local path, file:// or s3://bucket/prefix"
+            );
         }
         let path = location.strip_prefix("file://").unwrap_or(location);
         Ok(Store::Local(LocalStore::new(path)))
     }
 
     /// Writes `key` atomically and durably: readers see the old value or the whole new one.
+    /// On S3, parts above `s3::MULTIPART_THRESHOLD` go up as a multipart upload.
     pub async fn put(&self, key: &str, data: Bytes) -> std::io::Result<()> {
         match self {
             Store::Local(s) => s.put(key, data).await,
+            Store::S3(s) => s.put(key, data).await,
         }
     }
 
@@ -37,6 +59,51 @@ impl Store {
     pub async fn put_hint(&self, key: &str, data: Bytes) -> std::io::Result<()> {
         match self {
             Store::Local(s) => s.put_hint(key, data).await,
+            Store::S3(s) => s.put(key, data).await,
+        }
+    }
+
+    /// Creates `key` durably unless it exists; `Ok(false)` when it did. A store that ignores
+    /// conditional writes (Garage) may overwrite instead: callers must not rely on refusal.
+    pub async fn put_if_absent(&self, key: &str, data: Bytes) -> std::io::Result<bool> {
+        match self {
+            Store::Local(s) => s.put_if_absent(key, data).await,
+            Store::S3(s) => s.put_if_absent(key, data).await,
+        }
+    }
+
+    /// The value of `key` and its version (for `put_hint_if`), or None if absent.
+    pub async fn get_versioned(
+        &self,
+        key: &str,
+    ) -> std::io::Result<Option<(Bytes, UpdateVersion)>> {
+        match self {
+            Store::Local(s) => Ok(s.get(key).await?.map(|d| {
+                (
+                    d,
+                    UpdateVersion {
+                        e_tag: None,
+                        version: None,
+                    },
+                )
+            })),
+            Store::S3(s) => s.get_versioned(key).await,
+        }
+    }
+
+    /// A hint write that only happens if `key` is still at `expected` (absent when None):
+    /// compare-and-swap where the store supports it, a plain write elsewhere. `Ok(false)`:
+    /// the value changed under us.
+    pub async fn put_hint_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        expected: Option<UpdateVersion>,
+    ) -> std::io::Result<bool> {
+        match self {
+            // One committer per job writes LATEST, and a rename is atomic.
+            Store::Local(s) => s.put_hint(key, data).await.map(|()| true),
+            Store::S3(s) => s.put_if_version(key, data, expected).await,
         }
     }
 
@@ -44,6 +111,7 @@ impl Store {
     pub async fn get(&self, key: &str) -> std::io::Result<Option<Bytes>> {
         match self {
             Store::Local(s) => s.get(key).await,
+            Store::S3(s) => s.get(key).await,
         }
     }
 
@@ -51,6 +119,7 @@ impl Store {
     pub async fn size(&self, key: &str) -> std::io::Result<Option<u64>> {
         match self {
             Store::Local(s) => s.size(key).await,
+            Store::S3(s) => s.size(key).await,
         }
     }
 
@@ -58,6 +127,7 @@ impl Store {
     pub async fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
         match self {
             Store::Local(s) => s.list(prefix).await,
+            Store::S3(s) => s.list(prefix).await,
         }
     }
 
@@ -65,6 +135,7 @@ impl Store {
     pub async fn delete_all(&self, key: &str) -> std::io::Result<()> {
         match self {
             Store::Local(s) => s.delete_all(key).await,
+            Store::S3(s) => s.delete_all(key).await,
         }
     }
 
@@ -72,6 +143,7 @@ impl Store {
     pub fn describe(&self, key: &str) -> String {
         match self {
             Store::Local(s) => s.path(key).display().to_string(),
+            Store::S3(s) => s.describe(key),
         }
     }
 }

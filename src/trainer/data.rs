@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 
 use super::model::Example;
 use super::rng::SplitMix64;
+use crate::storage::{S3Config, S3Store, S3Url};
 
 #[derive(Debug, Clone)]
 pub struct DatasetParams {
@@ -95,6 +96,43 @@ pub fn make_dataset(out: &Path, p: &DatasetParams) -> anyhow::Result<()> {
     write_file(&out.join(META), (meta.to_string() + "\n").as_bytes())
 }
 
+/// Makes the demo dataset and uploads it to `location` (`s3://...`) unless shards are there.
+pub async fn upload_demo_if_empty(location: &str, s3: &S3Config) -> anyhow::Result<()> {
+    let store = crate::storage::Store::open_with(location, s3)?;
+    if !store.list("shard-").await?.is_empty() {
+        return Ok(());
+    }
+    let tmp = std::env::temp_dir().join(format!(
+        "trainvisor-demo-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    let dir = tmp.clone();
+    tokio::task::spawn_blocking(move || make_dataset(&dir, &DatasetParams::default())).await??;
+    let result = upload_dir(&tmp, &store).await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// Uploads the files of a dataset directory (shards last but `dataset.json` first, so a
+/// reader never sees shards without their description).
+pub async fn upload_dir(dir: &Path, store: &crate::storage::Store) -> anyhow::Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort_by_key(|n| (n != META, n.clone()));
+    for name in names {
+        let data = std::fs::read(dir.join(&name))?;
+        store
+            .put(&name, data)
+            .await
+            .with_context(|| format!("uploading {name} to {}", store.describe("")))?;
+    }
+    Ok(())
+}
+
 /// Describes a generated dataset: `{"features": F, "classes": C, ...}`.
 pub const META: &str = "dataset.json";
 
@@ -179,26 +217,238 @@ pub struct Cursor {
     pub line_idx: usize,
 }
 
-/// A rank's examples, in order, wrapping to the start for the next epoch.
+/// A dataset location: a local directory, or an S3 prefix whose shards are fetched on demand
+/// into a local cache keyed by each object's ETag (reused across restarts and jobs; an object
+/// that changed has a new ETag and is fetched again).
+pub enum Dataset {
+    Local(PathBuf),
+    S3 { store: S3Store, cache: PathBuf },
+}
+
+/// One shard file of a dataset, not yet read.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub name: String,
+    source: ShardSource,
+}
+
+#[derive(Debug, Clone)]
+enum ShardSource {
+    Local(PathBuf),
+    S3 {
+        path: object_store::path::Path,
+        size: u64,
+        etag: Option<String>,
+    },
+}
+
+impl Dataset {
+    /// A path or `s3://bucket/prefix`. S3 settings come from the environment (a worker's);
+    /// fetched shards go under `cache`.
+    pub fn open(location: &str, cache: &Path) -> anyhow::Result<Self> {
+        if S3Url::is_s3(location) {
+            let store = S3Store::open(location, &S3Config::from_env()?)?;
+            return Ok(Dataset::S3 {
+                store,
+                cache: cache.join("datasets"),
+            });
+        }
+        let path = location.strip_prefix("file://").unwrap_or(location);
+        Ok(Dataset::Local(PathBuf::from(path)))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Dataset::Local(dir) => dir.display().to_string(),
+            Dataset::S3 { store, .. } => store.describe(""),
+        }
+    }
+
+    /// The sorted `shard-*.jsonl` files (listed, not read).
+    pub async fn shards(&self) -> anyhow::Result<Vec<Shard>> {
+        match self {
+            Dataset::Local(dir) => Ok(shard_files(dir)?
+                .into_iter()
+                .map(|p| Shard {
+                    name: file_name(&p),
+                    source: ShardSource::Local(p),
+                })
+                .collect()),
+            Dataset::S3 { store, .. } => Ok(store
+                .list_objects("shard-")
+                .await
+                .with_context(|| format!("listing the dataset {}", self.describe()))?
+                .into_iter()
+                .filter_map(|o| {
+                    let name = o.location.filename()?.to_string();
+                    name.ends_with(".jsonl").then_some(Shard {
+                        name,
+                        source: ShardSource::S3 {
+                            path: o.location,
+                            size: o.size,
+                            etag: o.e_tag,
+                        },
+                    })
+                })
+                .collect()),
+        }
+    }
+
+    /// `dataset.json`, if the dataset has one.
+    async fn meta(&self) -> anyhow::Result<Option<serde_json::Value>> {
+        let raw = match self {
+            Dataset::Local(dir) => std::fs::read(dir.join(META)).ok(),
+            Dataset::S3 { store, .. } => store.get(META).await?,
+        };
+        Ok(raw.and_then(|r| serde_json::from_slice(&r).ok()))
+    }
+
+    /// Features and classes: from `dataset.json`, else from every shard's records (every rank
+    /// reads the same files, so every rank agrees).
+    pub async fn shape(&self, shards: &[Shard]) -> anyhow::Result<(usize, usize)> {
+        if let Some(v) = self.meta().await?
+            && let (Some(f), Some(c)) = (v["features"].as_u64(), v["classes"].as_u64())
+        {
+            return Ok((f as usize, c as usize));
+        }
+        let (mut features, mut classes) = (0, 0);
+        for shard in shards {
+            for e in self.load(shard).await? {
+                features = features.max(e.x.len());
+                classes = classes.max(e.y + 1);
+            }
+        }
+        Ok((features, classes.max(2)))
+    }
+
+    /// Records in a shard: counted locally; on S3 taken from `dataset.json` when it says
+    /// (so counting fetches nothing), else the shard is fetched and counted.
+    pub async fn count_rows(&self, shard: &Shard) -> anyhow::Result<usize> {
+        if let Dataset::S3 { .. } = self
+            && let Some(v) = self.meta().await?
+            && let Some(rows) = v["rows_per_shard"].as_u64()
+        {
+            return Ok(rows as usize);
+        }
+        count_lines(&self.local_file(shard).await?)
+    }
+
+    /// The shard's records.
+    pub async fn load(&self, shard: &Shard) -> anyhow::Result<Vec<Example>> {
+        read_examples(&self.local_file(shard).await?)
+    }
+
+    /// A local file with the shard's bytes: the file itself, or the cached copy of the object
+    /// (fetched now if the cache has no copy with the object's current ETag).
+    pub async fn local_file(&self, shard: &Shard) -> anyhow::Result<PathBuf> {
+        let (store, cache) = match self {
+            Dataset::Local(_) => match &shard.source {
+                ShardSource::Local(p) => return Ok(p.clone()),
+                ShardSource::S3 { .. } => bail!("shard {} is not local", shard.name),
+            },
+            Dataset::S3 { store, cache } => (store, cache),
+        };
+        let ShardSource::S3 { path, size, etag } = &shard.source else {
+            bail!("shard {} is not in object storage", shard.name);
+        };
+        let dir = cache.join(cache_key(&store.describe(""), &shard.name));
+        // Some servers (s3s-fs) list objects without their ETags: ask for it.
+        let etag = match etag {
+            Some(e) => Some(e.clone()),
+            None => store
+                .head_etag(path)
+                .await
+                .with_context(|| format!("looking up shard {}", shard.name))?,
+        };
+        if let Some(etag) = &etag {
+            let cached = dir.join(format!("{}.jsonl", etag_file_name(etag)));
+            if std::fs::metadata(&cached).is_ok_and(|m| m.len() == *size) {
+                println!("dataset: {} from the cache (ETag {etag})", shard.name);
+                return Ok(cached);
+            }
+        }
+        let (data, fetched_etag) = store
+            .fetch(path)
+            .await
+            .with_context(|| format!("fetching shard {}", shard.name))?;
+        let tag = fetched_etag
+            .as_deref()
+            .map(etag_file_name)
+            .unwrap_or_else(|| format!("sha256-{}", crate::checkpoint::sha256_hex(&data)));
+        let file = dir.join(format!("{tag}.jsonl"));
+        let len = data.len();
+        let (dir2, file2) = (dir.clone(), file.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            std::fs::create_dir_all(&dir2)?;
+            write_file(&file2, &data)?;
+            // Older versions of this object are stale now.
+            for entry in std::fs::read_dir(&dir2)?.flatten() {
+                if entry.path() != file2 {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            Ok(())
+        })
+        .await??;
+        println!(
+            "dataset: {} fetched from {} ({len} bytes, ETag {})",
+            shard.name,
+            store.describe(&shard.name),
+            fetched_etag.as_deref().unwrap_or("none")
+        );
+        Ok(file)
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// One cache directory per object: a hash of its full location.
+fn cache_key(root: &str, name: &str) -> String {
+    let digest = crate::checkpoint::sha256_hex(format!("{root}/{name}").as_bytes());
+    format!("{}-{}", &digest[..16], name.trim_end_matches(".jsonl"))
+}
+
+/// An ETag as a file name: quotes dropped, anything unusual hashed.
+fn etag_file_name(etag: &str) -> String {
+    let t = etag.trim_matches('"');
+    if !t.is_empty() && t.len() <= 100 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        t.to_string()
+    } else {
+        format!("h{}", &crate::checkpoint::sha256_hex(etag.as_bytes())[..32])
+    }
+}
+
+/// A rank's examples, in order, wrapping to the start for the next epoch. Shards are read
+/// when the stream reaches them (`prepare`), not up front.
 pub struct RankStream {
-    shards: Vec<(usize, Vec<Example>)>,
+    shards: Vec<(usize, Shard, Option<Vec<Example>>)>,
     pub cursor: Cursor,
 }
 
 impl RankStream {
-    pub fn load(dir: &Path, rank: usize, world_size: usize) -> anyhow::Result<Self> {
-        let files = shard_files(dir)?;
-        let mut shards = Vec::new();
-        for (i, f) in files.iter().enumerate() {
-            if i % world_size == rank {
-                shards.push((i, read_examples(f)?));
-            }
-        }
-        if shards.iter().all(|(_, rows)| rows.is_empty()) {
+    /// The shards of `rank` among `all` (round-robin), none read yet.
+    pub fn new(
+        all: Vec<Shard>,
+        rank: usize,
+        world_size: usize,
+        where_: &str,
+    ) -> anyhow::Result<Self> {
+        let count = all.len();
+        let shards: Vec<_> = all
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % world_size == rank)
+            .map(|(i, s)| (i, s, None))
+            .collect();
+        if shards.is_empty() {
             bail!(
-                "rank {rank} has no data: {} shard file(s) in {} for world size {world_size}",
-                files.len(),
-                dir.display()
+                "rank {rank} has no data: {count} shard file(s) in {where_} for world size {world_size}"
             );
         }
         let first = shards[0].0;
@@ -211,12 +461,44 @@ impl RankStream {
         })
     }
 
-    /// The next `n` examples, advancing the cursor.
+    /// Reads the shards the next `n` examples come from, if not read yet.
+    pub async fn prepare(&mut self, dataset: &Dataset, n: usize) -> anyhow::Result<()> {
+        let count = self.shards.len();
+        let (mut pos, mut line, mut need) =
+            (self.cursor.pos.min(count - 1), self.cursor.line_idx, n);
+        loop {
+            if self.shards[pos].2.is_none() {
+                let rows = dataset.load(&self.shards[pos].1).await?;
+                self.shards[pos].2 = Some(rows);
+            }
+            let len = self.shards[pos].2.as_ref().map_or(0, Vec::len);
+            let avail = len.saturating_sub(line);
+            if avail >= need || self.shards.iter().all(|s| s.2.is_some()) {
+                break;
+            }
+            need -= avail;
+            pos = (pos + 1) % count;
+            line = 0;
+        }
+        if self
+            .shards
+            .iter()
+            .all(|s| s.2.as_ref().is_some_and(Vec::is_empty))
+        {
+            bail!(
+                "this rank's {count} shard file(s) in {} hold no records",
+                dataset.describe()
+            );
+        }
+        Ok(())
+    }
+
+    /// The next `n` examples, advancing the cursor (after `prepare(n)`).
     pub fn next_batch(&mut self, n: usize) -> Vec<&Example> {
         let mut c = self.cursor;
         let mut picks = Vec::with_capacity(n);
         while picks.len() < n {
-            let rows = &self.shards[c.pos].1;
+            let rows = self.shards[c.pos].2.as_deref().unwrap_or(&[]);
             if c.line_idx < rows.len() {
                 picks.push((c.pos, c.line_idx));
                 c.line_idx += 1;
@@ -233,7 +515,7 @@ impl RankStream {
         self.cursor = c;
         picks
             .into_iter()
-            .map(|(p, l)| &self.shards[p].1[l])
+            .map(|(p, l)| &self.shards[p].2.as_ref().expect("prepared")[l])
             .collect()
     }
 }

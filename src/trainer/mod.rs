@@ -20,7 +20,7 @@ use crate::checkpoint::{self, FINAL_MODEL, PartInfo};
 use crate::spec::{JobSpec, SyncMode};
 use crate::storage::Store;
 use client::WorkerClient;
-use data::{Cursor, RankStream};
+use data::{Cursor, Dataset, RankStream, Shard};
 use model::Model;
 
 /// What a part of the built-in trainer holds besides the model.
@@ -56,8 +56,9 @@ struct Env {
     job_id: String,
     server: String,
     token: String,
-    dataset: PathBuf,
+    dataset: String,
     checkpoint_dir: String,
+    cache_dir: PathBuf,
     spec: JobSpec,
 }
 
@@ -73,8 +74,11 @@ impl Env {
             job_id: var("JOB_ID")?,
             server: var("TRAINVISOR_SERVER_URL")?,
             token: var("TRAINVISOR_TOKEN")?,
-            dataset: var("DATASET_DIR")?.into(),
+            dataset: var("DATASET_DIR")?,
             checkpoint_dir: var("CHECKPOINT_DIR")?,
+            cache_dir: std::env::var_os("TRAINVISOR_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| std::env::temp_dir().join("trainvisor-cache")),
             spec: serde_json::from_str(&var("TRAINVISOR_SPEC")?).context("TRAINVISOR_SPEC")?,
         })
     }
@@ -101,12 +105,14 @@ async fn train(env: Env) -> anyhow::Result<()> {
     let (rank, world) = (env.rank, env.world_size);
     let client = WorkerClient::new(&env.server, &env.job_id, rank, &env.token);
     let store = Store::open(&env.checkpoint_dir)?;
-    let (features, classes) = data::shape(&env.dataset)?;
-    let mut stream = RankStream::load(&env.dataset, rank as usize, world as usize)?;
+    let dataset = Dataset::open(&env.dataset, &env.cache_dir)?;
+    let shards = dataset.shards().await?;
+    let (features, classes) = dataset.shape(&shards).await?;
     let total_steps = match spec.total_steps {
         Some(n) => n,
-        None => one_epoch_steps(&env)? * spec.epochs.unwrap_or(1),
+        None => one_epoch_steps(&env, &dataset, &shards).await? * spec.epochs.unwrap_or(1),
     };
+    let mut stream = RankStream::new(shards, rank as usize, world as usize, &dataset.describe())?;
 
     let mut model = Model::init(classes, features, spec.seed);
     let mut step = 0u64;
@@ -150,6 +156,7 @@ async fn train(env: Env) -> anyhow::Result<()> {
     let batch_size = spec.batch_size as usize;
     let mut loss = f64::NAN;
     while step < total_steps {
+        stream.prepare(&dataset, batch_size).await?;
         let batch = stream.next_batch(batch_size);
         for ex in &batch {
             if ex.x.len() != features || ex.y >= classes {
@@ -247,11 +254,10 @@ async fn write_part(
 }
 
 /// One pass over the smallest rank's data, in whole batches.
-fn one_epoch_steps(env: &Env) -> anyhow::Result<u64> {
-    let files = data::shard_files(&env.dataset)?;
+async fn one_epoch_steps(env: &Env, dataset: &Dataset, shards: &[Shard]) -> anyhow::Result<u64> {
     let mut rows = vec![0usize; env.world_size as usize];
-    for (i, f) in files.iter().enumerate() {
-        rows[i % env.world_size as usize] += data::count_lines(f)?;
+    for (i, shard) in shards.iter().enumerate() {
+        rows[i % env.world_size as usize] += dataset.count_rows(shard).await?;
     }
     let min = rows.into_iter().min().unwrap_or(0);
     Ok(((min / env.spec.batch_size as usize) as u64).max(1))

@@ -10,6 +10,7 @@ mod helpers;
 mod lifecycle;
 mod logs;
 mod python;
+mod s3;
 mod schemathesis;
 mod server_restart;
 mod slurm;

@@ -195,6 +195,24 @@ impl Job {
             ),
         ];
         env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
+        // Object storage: the server's S3 settings and credentials, through the environment
+        // only (never argv, never the spec), and only to jobs that use a bucket.
+        if [&spec.dataset, &spec.checkpoint_dir]
+            .iter()
+            .any(|l| crate::storage::S3Url::is_s3(l))
+        {
+            env.extend(self.rt.settings.s3.worker_env());
+        }
+        // Where datasets fetched from object storage are cached, shared by every job.
+        env.push((
+            "TRAINVISOR_CACHE_DIR".to_string(),
+            self.rt
+                .settings
+                .data_dir
+                .join("cache")
+                .to_string_lossy()
+                .into_owned(),
+        ));
         env
     }
 }
