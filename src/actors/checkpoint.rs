@@ -161,7 +161,7 @@ impl Checkpoint {
 
 /// Manifest, then LATEST, then retention and garbage. Returns the commit latency (from the
 /// last part's registration to LATEST written) and the uncommitted steps removed.
-async fn commit(
+pub async fn commit(
     store: &Store,
     manifest: &Manifest,
     prune: &[u64],
