@@ -337,13 +337,14 @@ impl Client {
         Ok(res.json().await?)
     }
 
-    /// Polls `check` every millisecond until it yields a value (or 30 s pass).
+    /// Polls `check` every millisecond until it yields a value (or 120 s pass: a bound for a
+    /// stuck scenario on a loaded machine, not a measurement).
     pub async fn poll<T, F, Fut>(&self, mut check: F) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
     {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(v) = check().await? {
                 return Ok(v);

@@ -34,7 +34,9 @@ const RAY_TRAIN: &str = include_str!("peers/ray_train.py");
 const WORLD: usize = 4;
 /// Python, torch and (for Ray) a local cluster starting on 2 loaded cores: minutes, not seconds.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(600);
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Ray recovered within 125 s at a load average of 20 on 2 cores; a group that has not
+/// stepped after this long is recorded as hung.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub struct PeersArgs {
     pub dir: PathBuf,
@@ -180,21 +182,27 @@ impl Events {
             .map(|e| e.pid)
     }
 
-    /// What the processes started after `since` did: (processes, inits, stepped).
-    fn after(&self, since: f64, old: &HashSet<u32>) -> (usize, usize, usize) {
+    /// What the processes started after `since` did: how many there were, entered
+    /// `init_process_group`, got a process group, stepped.
+    fn after(&self, since: f64, old: &HashSet<u32>) -> [usize; 4] {
         let new: Vec<&Event> = self
             .all
             .iter()
             .filter(|e| e.t > since && !old.contains(&e.pid))
             .collect();
-        let pids: HashSet<u32> = new.iter().map(|e| e.pid).collect();
-        let inits = new.iter().filter(|e| e.phase == "init").count();
-        let stepped: HashSet<u32> = new
-            .iter()
-            .filter(|e| e.phase == "step")
-            .map(|e| e.pid)
-            .collect();
-        (pids.len(), inits, stepped.len())
+        let count = |phase: Option<&str>| {
+            new.iter()
+                .filter(|e| phase.is_none_or(|p| e.phase == p))
+                .map(|e| e.pid)
+                .collect::<HashSet<u32>>()
+                .len()
+        };
+        [
+            count(None),
+            count(Some("init")),
+            count(Some("ready")),
+            count(Some("step")),
+        ]
     }
 }
 
@@ -255,11 +263,13 @@ fn process_name(pid: u32) -> String {
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    // `python …/ray/dashboard/dashboard.py` says more than `python`.
+    // `python …/ray/dashboard/dashboard.py` or `python3 …/bin/torchrun …` say more than
+    // `python`: the first argument that is neither the interpreter nor an option.
+    let base = |a: &String| a.rsplit('/').next().unwrap_or_default().to_string();
     let pick = args
         .iter()
-        .take(3)
-        .find(|a| a.ends_with(".py") || a.starts_with("ray::"))
+        .take(4)
+        .find(|a| !a.starts_with('-') && !base(a).starts_with("python"))
         .or(args.first())
         .cloned()
         .unwrap_or_default();
@@ -374,12 +384,13 @@ impl Launch {
         (rss, pss, processes)
     }
 
-    /// Asks the ranks to finish (the stop file), then makes sure nothing is left.
-    async fn finish(self, client: &Client, events: &Path) {
+    /// Asks the ranks to finish (the stop file) and waits for the launcher up to `patience`,
+    /// then makes sure nothing is left.
+    async fn finish(self, client: &Client, events: &Path, patience: Duration) {
         let _ = std::fs::write(format!("{}.stop", events.display()), b"");
         match self {
             Launch::Job(id) => {
-                let deadline = Instant::now() + Duration::from_secs(30);
+                let deadline = Instant::now() + patience;
                 while Instant::now() < deadline {
                     match client.get(&format!("/jobs/{id}")).await {
                         Ok(j) if j["finished_at"].is_string() => return,
@@ -389,7 +400,7 @@ impl Launch {
                 let _ = client.post(&format!("/jobs/{id}/stop"), &json!({})).await;
             }
             Launch::Process { mut child, marker } => {
-                let deadline = Instant::now() + Duration::from_secs(60);
+                let deadline = Instant::now() + patience;
                 while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -476,7 +487,7 @@ async fn trial(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let Some(first) = first else {
-        launch.finish(client, &events_path).await;
+        launch.finish(client, &events_path, Duration::ZERO).await;
         return Ok(result);
     };
     result.launch_s = Some(first - t0);
@@ -502,23 +513,76 @@ async fn trial(
         }
         let ended = launch.ended(client).await;
         if ended.is_some() || started.elapsed() > RECOVERY_TIMEOUT {
-            let (procs, inits, stepped) = events.after(killed_at, &ranks);
-            let how = ended.unwrap_or_else(|| format!("still running after {RECOVERY_TIMEOUT:?}"));
-            let last_error = last_line_matching(&log, |l| {
-                l.contains("Error") || l.contains("error:") || l.contains("failed")
-            })
-            .map(|e| format!("; last error: {e}"))
-            .unwrap_or_default();
+            let [procs, inits, ready, stepped] = events.after(killed_at, &ranks);
+            let how = match ended {
+                Some(why) => why,
+                None => {
+                    let stuck = stack_dumps(&events, killed_at, &ranks, &log).await;
+                    format!("still running after {RECOVERY_TIMEOUT:?}{stuck}")
+                }
+            };
+            let last_error = last_error(&log)
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default();
             result.outcome = format!(
-                "no restarted group stepped: {procs} new rank processes, {inits} entered \
-                 init_process_group, {stepped} stepped; {how}{last_error}"
+                "no restarted group stepped: {procs} new rank processes ({} launches of the \
+                 group), {inits} entered init_process_group, {ready} left it, {stepped} \
+                 stepped; {how}{last_error}",
+                procs.div_ceil(WORLD)
             );
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    launch.finish(client, &events_path).await;
+    // A group that trains sees the stop file within a step; a hung one never will.
+    let patience = Duration::from_secs(if result.recovery_s.is_some() { 60 } else { 0 });
+    launch.finish(client, &events_path, patience).await;
     Ok(result)
+}
+
+/// The most telling error line of a launcher's log: a Python exception if there is one.
+fn last_error(log: &Path) -> Option<String> {
+    last_line_matching(log, |l| {
+        l.contains("Error:") && !l.contains("Traceback") && !l.contains("rror: [Errno")
+    })
+    .or_else(|| last_line_matching(log, |l| l.contains("error") || l.contains("failed")))
+}
+
+/// Asks the rank processes of the restarted group that never stepped for their Python stacks
+/// (ddp_loop.py dumps them on SIGUSR1 into the launcher's log); says where they are.
+async fn stack_dumps(events: &Events, since: f64, old: &HashSet<u32>, log: &Path) -> String {
+    let stepped: HashSet<u32> = events
+        .all
+        .iter()
+        .filter(|e| e.phase == "step")
+        .map(|e| e.pid)
+        .collect();
+    let stuck: HashSet<u32> = events
+        .all
+        .iter()
+        .filter(|e| e.t > since && !old.contains(&e.pid) && !stepped.contains(&e.pid))
+        .map(|e| e.pid)
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    if stuck.is_empty() {
+        return String::new();
+    }
+    let before = std::fs::read_to_string(log).map(|l| l.len()).unwrap_or(0);
+    for pid in &stuck {
+        // SAFETY: a rank process of the launch this bench started; SIGUSR1 only prints.
+        unsafe {
+            libc::kill(*pid as i32, libc::SIGUSR1);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let dumps = text.get(before..).unwrap_or_default();
+    let inside = dumps.matches("in init_process_group").count();
+    format!(
+        ", {} live rank processes never stepped; their Python stacks (SIGUSR1, in the \
+         launcher's log): {inside} inside init_process_group",
+        stuck.len()
+    )
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -1,10 +1,11 @@
 """The peers' common workload: a small data-parallel loop (torch DDP over gloo, a 32 -> 4
 linear model, batch 32, ~20 steps/s) that appends one JSON line per event to EVENTS:
 
-    {"t": <unix time>, "rank": R, "pid": P, "phase": "init" | "step", "step": N}
+    {"t": <unix time>, "rank": R, "pid": P, "phase": "init" | "ready" | "step", "step": N}
 
-"init" is written just before init_process_group, "step" after every optimizer step, so the
-bench can tell a group that hangs in rendezvous from one that trains. Runs until EVENTS.stop
+"init" is written just before init_process_group, "ready" once the process group exists, "step"
+after every optimizer step, so the bench can tell a group that hangs in rendezvous from one
+that trains. Runs until EVENTS.stop
 exists (or 15 minutes pass). Written out and run by `trainvisor bench` (src/bench/peers.rs).
 
     torchrun --standalone --nproc-per-node 4 --max-restarts 3 ddp_loop.py EVENTS   (torchrun)
@@ -12,8 +13,10 @@ exists (or 15 minutes pass). Written out and run by `trainvisor bench` (src/benc
     ray_train.py imports train() for Ray Train's workers (the process group is Ray's).
 """
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 
@@ -37,6 +40,7 @@ def report(events, rank, phase, step=0):
 def train(events):
     """The loop proper; the default process group must be initialized."""
     rank = dist.get_rank()
+    report(events, rank, "ready")
     torch.manual_seed(0)
     model = DistributedDataParallel(torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -57,6 +61,8 @@ def train(events):
 
 def main():
     events = sys.argv[1]
+    # `kill -USR1` prints every thread's Python stack to stderr: where a hung rank is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
     report(events, int(os.environ.get("RANK", "-1")), "init")
     dist.init_process_group("gloo")
