@@ -711,3 +711,51 @@ fn max(v: &[f64]) -> f64 {
 fn fmt_s(v: Option<f64>) -> String {
     v.map_or_else(|| "—".into(), |s| format!("{s:.1} s"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(t: f64, rank: i64, pid: u32, phase: &str) -> String {
+        format!(
+            "{{\"t\": {t}, \"rank\": {rank}, \"pid\": {pid}, \"phase\": \"{phase}\", \"step\": 1}}\n"
+        )
+    }
+
+    #[test]
+    fn events_time_the_restarted_group_by_new_pids_only() {
+        let path = std::env::temp_dir().join(format!("tv-peer-events-{}", uuid::Uuid::new_v4()));
+        let mut text = String::new();
+        for r in 0..4 {
+            text += &line(10.0 + r as f64, r, 100 + r as u32, "init");
+            text += &line(20.0 + r as f64, r, 100 + r as u32, "step");
+        }
+        // Half a line: read once it is complete.
+        let (done, _) = text.split_at(text.len() - 10);
+        std::fs::write(&path, done).unwrap();
+        let mut ev = Events::new(path.clone());
+        ev.refresh();
+        assert_eq!(ev.group_stepped(0.0, &HashSet::new()), None);
+        std::fs::write(&path, text.clone()).unwrap();
+        ev.refresh();
+        assert_eq!(ev.group_stepped(0.0, &HashSet::new()), Some(23.0));
+        assert_eq!(ev.rank_pid(1), Some(101));
+        let old = ev.pids();
+        // After the kill at t=30: old ranks still stepping do not count, nor 3 of 4 new ones.
+        let mut more = line(31.0, 0, 100, "step");
+        for r in 0..4 {
+            more += &line(40.0, r, 200 + r as u32, "init");
+        }
+        for r in 0..3 {
+            more += &line(50.0 + r as f64, r, 200 + r as u32, "step");
+        }
+        std::fs::write(&path, text.clone() + &more).unwrap();
+        ev.refresh();
+        assert_eq!(ev.group_stepped(30.0, &old), None);
+        assert_eq!(ev.after(30.0, &old), [4, 4, 0, 3]);
+        std::fs::write(&path, text + &more + &line(60.0, 3, 203, "step")).unwrap();
+        ev.refresh();
+        assert_eq!(ev.group_stepped(30.0, &old), Some(60.0));
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -5,6 +5,10 @@ use serde_json::{Value, json};
 use super::{Client, Figures, insert_percentiles, ms_between};
 use crate::store::now;
 
+/// The kill scenarios' workers heartbeat once and then sleep: on a loaded machine a round can
+/// outlast the default 10 s timeout, and a hang restart in the middle would be a second restart.
+const NO_HANG: f64 = 3600.0;
+
 /// A worker that heartbeats once (so the first heartbeat of each incarnation is measurable)
 /// and then waits to be killed.
 const BEAT_THEN_WAIT: &str = r#"curl -s -o /dev/null -X POST -H "Authorization: Bearer $TRAINVISOR_TOKEN" -d '{"step": 1}' "$TRAINVISOR_HEARTBEAT_URL"; exec sleep 100000"#;
@@ -67,7 +71,8 @@ pub async fn worker_scope(
     let id = create(
         client,
         json!({"world_size": 1, "command": ["sh", "-c", BEAT_THEN_WAIT],
-        "restart_scope": "worker", "backoff_initial_ms": 0, "max_restarts": 100000}),
+        "restart_scope": "worker", "backoff_initial_ms": 0, "max_restarts": 100000,
+        "heartbeat_timeout_s": NO_HANG}),
     )
     .await?;
     let (mut detect, mut spawn, mut beat) = (vec![], vec![], vec![]);
@@ -109,7 +114,8 @@ pub async fn job_scope(
     let id = create(
         client,
         json!({"world_size": world, "command": ["sh", "-c", BEAT_THEN_WAIT],
-        "restart_scope": "job", "backoff_initial_ms": 0, "max_restarts": 100000}),
+        "restart_scope": "job", "backoff_initial_ms": 0, "max_restarts": 100000,
+        "heartbeat_timeout_s": NO_HANG}),
     )
     .await?;
     let (mut detect, mut all_up, mut all_beat) = (vec![], vec![], vec![]);
