@@ -316,7 +316,7 @@ fn spawn(w: &Workdir, runner: Runner, events: &Path, log: &Path) -> anyhow::Resu
                 .env("PYTHONPATH", &w.scripts);
             c
         }
-        Runner::Trainvisor => unreachable!("a trainvisor job is created through the API"),
+        Runner::Trainvisor => bail!("a trainvisor job is created through the API"),
     };
     let out = std::fs::File::create(log)?;
     let child = cmd
