@@ -575,6 +575,14 @@ async fn stack_dumps(events: &Events, since: f64, old: &HashSet<u32>, log: &Path
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    if !log.exists() {
+        // A trainvisor job: its ranks' stderr, stacks included, is in the job's log.
+        return format!(
+            ", {} live rank processes never stepped; their Python stacks (SIGUSR1) are in \
+             the job's log",
+            stuck.len()
+        );
+    }
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let dumps = text.get(before..).unwrap_or_default();
     let inside = dumps.matches("in init_process_group").count();
