@@ -129,7 +129,7 @@ enum Command {
         #[arg(long, default_value = "bench-results/bench.json")]
         out: PathBuf,
         /// Run only these scenarios (comma-separated): recovery, hang, api, sse, scale,
-        /// training, checkpoint, peers.
+        /// training, checkpoint, slurm, peers.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Leave out the Ray Train and torchrun comparison (it needs PyPI the first time).
@@ -208,6 +208,20 @@ pub struct ServeArgs {
         default_value_t = 1_000_000
     )]
     max_log_lines_per_job: u64,
+    /// Where ranks run when a job does not say: `local` (child processes) or `slurm`.
+    #[arg(long, env = "TRAINVISOR_LAUNCHER", default_value = "local", value_parser = parse_launcher)]
+    launcher: crate::spec::LauncherKind,
+    /// The URL ranks reach this server at (heartbeats, checkpoints), e.g.
+    /// http://10.0.0.5:8000 when Slurm nodes run the ranks. Default: derived from --bind.
+    #[arg(long, env = "TRAINVISOR_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// slurm.conf for the Slurm commands the server runs (default: Slurm's own lookup).
+    #[arg(long, env = "SLURM_CONF")]
+    slurm_conf: Option<PathBuf>,
+}
+
+fn parse_launcher(s: &str) -> Result<crate::spec::LauncherKind, String> {
+    crate::spec::LauncherKind::parse(s).ok_or_else(|| format!("{s:?}: expected local or slurm"))
 }
 
 impl ServeArgs {
@@ -226,6 +240,12 @@ impl ServeArgs {
         settings.max_sse_subscribers = self.max_sse_subscribers;
         settings.allowed_roots = self.allowed_roots;
         settings.max_log_lines_per_job = self.max_log_lines_per_job.max(1);
+        settings.job_defaults.launcher = self.launcher;
+        settings.advertise_url = self
+            .advertise_url
+            .filter(|u| !u.is_empty())
+            .map(|u| u.trim_end_matches('/').to_string());
+        settings.slurm_conf = self.slurm_conf.filter(|p| !p.as_os_str().is_empty());
         if !settings.allowed_roots.is_empty() {
             // The defaults live in the data dir, so it is always allowed.
             settings.allowed_roots.push(settings.data_dir.clone());

@@ -15,6 +15,8 @@ pub struct JobDefaults {
     pub sleep_sec: f64,
     pub heartbeat_timeout_s: f64,
     pub max_restarts: u32,
+    /// Where ranks of jobs that do not say run (`--launcher`, `TRAINVISOR_LAUNCHER`).
+    pub launcher: crate::spec::LauncherKind,
 }
 
 impl JobDefaults {
@@ -29,6 +31,7 @@ impl JobDefaults {
             sleep_sec: 0.0,
             heartbeat_timeout_s: 10.0,
             max_restarts: 50,
+            launcher: crate::spec::LauncherKind::Local,
         }
     }
 
@@ -106,6 +109,12 @@ pub struct Settings {
     pub allowed_roots: Vec<PathBuf>,
     /// Log lines kept per job; older ones are dropped and counted.
     pub max_log_lines_per_job: u64,
+    /// The base URL ranks reach the server at; by default derived from `bind` (loopback for
+    /// an unspecified address). Slurm nodes need an address of this host they can route to.
+    pub advertise_url: Option<String>,
+    /// `SLURM_CONF` for the Slurm commands the server runs (salloc, srun, squeue, scancel,
+    /// sinfo); none means theirs (the environment's `SLURM_CONF` or `/etc/slurm/slurm.conf`).
+    pub slurm_conf: Option<PathBuf>,
 }
 
 impl Settings {
@@ -126,6 +135,8 @@ impl Settings {
             max_sse_subscribers: 4096,
             allowed_roots: Vec::new(),
             max_log_lines_per_job: 1_000_000,
+            advertise_url: None,
+            slurm_conf: None,
         }
     }
 }

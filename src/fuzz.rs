@@ -29,6 +29,13 @@ pub const SPEC_FIELDS: &[&str] = &[
     "seed",
     "sync",
     "sleep_sec",
+    "launcher",
+    "partition",
+    "nodes",
+    "ntasks_per_node",
+    "time_limit",
+    "srun_args",
+    "exclude_after_failures",
     "unknown",
 ];
 

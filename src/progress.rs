@@ -19,6 +19,8 @@ use crate::store::ts;
 pub struct RankView {
     pub attempt: u32,
     pub pid: Option<u32>,
+    /// The Slurm node of the current incarnation, or this host's name (local launcher).
+    pub node: Option<String>,
     pub started_at: Option<String>,
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub step: Option<u64>,
@@ -81,11 +83,13 @@ impl Progress {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerSummary {
     pub rank: u32,
     pub state: String,
     pub pid: Option<u32>,
+    /// Where the rank runs: its Slurm node, or the server's host name (local launcher).
+    pub node: Option<String>,
     pub attempt: u32,
     /// How many times this rank was relaunched, for any reason.
     pub restarts: u32,
@@ -97,7 +101,7 @@ pub struct WorkerSummary {
     pub heartbeat: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Summary {
     pub job_id: Uuid,
     pub name: Option<String>,
@@ -120,6 +124,15 @@ pub struct Summary {
     pub last_checkpoint_step: Option<u64>,
     pub last_checkpoint_at: Option<String>,
     pub last_checkpoint_age_s: Option<f64>,
+    /// `local` or `slurm`.
+    #[serde(default)]
+    pub launcher: String,
+    /// The Slurm job id of the allocation the ranks run in, while there is one.
+    #[serde(default)]
+    pub slurm_job_id: Option<u64>,
+    /// Nodes excluded from this job's launches (bad-node quarantine), in order.
+    #[serde(default)]
+    pub excluded_nodes: Vec<String>,
     pub workers: Vec<WorkerSummary>,
 }
 
@@ -141,6 +154,8 @@ pub struct SummaryInput<'a> {
     pub restarts: u32,
     pub progress: &'a Progress,
     pub last_checkpoint: Option<(u64, String)>,
+    pub slurm_job_id: Option<u64>,
+    pub excluded_nodes: Vec<String>,
 }
 
 impl Summary {
@@ -178,6 +193,7 @@ impl Summary {
                     rank: rank as u32,
                     state: slot.state.as_str().to_string(),
                     pid: p.pid,
+                    node: p.node.clone(),
                     attempt: p.attempt,
                     restarts: slot.next_attempt.saturating_sub(1),
                     started_at: p.started_at.clone(),
@@ -215,6 +231,9 @@ impl Summary {
             }),
             last_checkpoint_step: input.last_checkpoint.as_ref().map(|(s, _)| *s),
             last_checkpoint_at: input.last_checkpoint.map(|(_, at)| at),
+            launcher: input.spec.launcher.as_str().to_string(),
+            slurm_job_id: input.slurm_job_id,
+            excluded_nodes: input.excluded_nodes,
             workers,
         }
     }

@@ -67,6 +67,10 @@ impl Application {
         } else {
             addr
         };
+        let base_url = settings
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{reachable}"));
         let max_body = settings.max_body_bytes;
         let http_workers = settings.http_workers;
         let rt = Arc::new(Runtime {
@@ -76,7 +80,7 @@ impl Application {
             events,
             settings,
             instance,
-            base_url: format!("http://{reachable}"),
+            base_url,
             registry: Registry::default(),
             sse_streams: Default::default(),
         });

@@ -22,6 +22,7 @@ use crate::store::now;
 
 mod launch;
 mod rank;
+mod slurm;
 mod worker_api;
 
 pub use rank::{RankSlot, RankState};
@@ -64,6 +65,7 @@ pub struct Job {
     last_checkpoint: Option<Committed>,
     allreduce: AllReduce,
     last_progress_event: Option<std::time::Instant>,
+    slurm: slurm::SlurmState,
 }
 
 /// How a job actor begins: fresh, or resumed after a server restart.
@@ -75,6 +77,8 @@ pub struct JobInit {
     pub ranks: Vec<RankSlot>,
     pub group_restarts: u32,
     pub restart_events: u32,
+    /// Nodes already excluded from the job's launches (restored from the history).
+    pub excluded_nodes: Vec<String>,
 }
 
 impl Job {
@@ -92,6 +96,7 @@ impl Job {
         rt.bus.open(init.id);
         let addr = Job::create(move |ctx| {
             let timeout = Duration::from_secs_f64(init.spec.heartbeat_timeout_s);
+            let world_size = init.spec.world_size;
             let location = init.spec.job_checkpoint_dir(&init.id);
             // The spec was validated, so the location opens.
             let store =
@@ -129,6 +134,7 @@ impl Job {
                 last_checkpoint: None,
                 allreduce: AllReduce::default(),
                 last_progress_event: None,
+                slurm: slurm::SlurmState::new(world_size, init.excluded_nodes),
             }
         });
         (addr, state_rx)
@@ -257,10 +263,15 @@ impl Job {
         for worker in &self.workers {
             worker.do_send(Shutdown);
         }
+        // Nothing of the job stays on Slurm once it has ended.
+        let release = self.slurm_release();
         // Announce the end only once it is in the database, so whoever waits on it reads
         // the final state back.
         ctx.spawn(
             async move {
+                if let Some(release) = release {
+                    release.await;
+                }
                 let _ = ack.await;
             }
             .into_actor(self)
@@ -348,7 +359,7 @@ impl Job {
                 ctx.run_later(Duration::from_millis(backoff_ms), move |act, ctx| {
                     let state = act.ranks[rank as usize].state;
                     if act.phase == Phase::Running && state == RankState::Backoff {
-                        act.launch(rank, ctx);
+                        act.start_ranks(vec![rank], ctx);
                     }
                 });
             }
@@ -377,6 +388,8 @@ impl Job {
                 .last_checkpoint
                 .as_ref()
                 .map(|c| (c.step, c.at.clone())),
+            slurm_job_id: self.slurm.alloc.as_ref().map(|a| a.job_id),
+            excluded_nodes: self.slurm.excluded.clone(),
         })
     }
 }
@@ -452,6 +465,10 @@ impl Handler<WorkerExited> for Job {
         });
         slot.pid = None;
         slot.progress.pid = None;
+        if self.phase == Phase::Running {
+            self.count_node_failure(rank, msg.outcome, &msg.detail);
+        }
+        let slot = &mut self.ranks[rank as usize];
         match self.phase {
             Phase::Running => match msg.outcome {
                 Outcome::Succeeded => {
@@ -530,5 +547,8 @@ impl Handler<KillForShutdown> for Job {
                 crate::launcher::local::signal_group(pid, libc::SIGKILL);
             }
         }
+        // Killing srun leaves the steps running: cancel the allocation; the next server
+        // relaunches the job in a new one.
+        self.slurm_release_blocking();
     }
 }

@@ -113,6 +113,7 @@ impl Handler<CreateJob> for JobManager {
                         ranks,
                         group_restarts: 0,
                         restart_events: 0,
+                        excluded_nodes: Vec::new(),
                     },
                     ctx,
                 );
@@ -151,11 +152,12 @@ impl Handler<Restore> for JobManager {
 
     fn handle(&mut self, _: Restore, _: &mut Context<Self>) -> Self::Result {
         let pool = self.rt.pool.clone();
+        let conf = self.rt.settings.slurm_conf.clone();
         Box::pin(
             async move {
                 let mut inits = Vec::new();
                 for record in store::jobs::unfinished(&pool).await? {
-                    inits.push(restore_plan(&pool, record).await?);
+                    inits.push(restore_plan(&pool, record, conf.as_deref()).await?);
                 }
                 Ok(inits)
             }
@@ -175,7 +177,11 @@ impl Handler<Restore> for JobManager {
 
 /// Rebuilds a job's rank bookkeeping from its history, closes what the dead server left open
 /// and records a `server_restart` restart for every rank it will relaunch.
-async fn restore_plan(pool: &sqlx::SqlitePool, record: JobRecord) -> Result<JobInit, ManagerError> {
+async fn restore_plan(
+    pool: &sqlx::SqlitePool,
+    record: JobRecord,
+    slurm_conf: Option<&std::path::Path>,
+) -> Result<JobInit, ManagerError> {
     let id: Uuid = record
         .job_id
         .parse()
@@ -183,7 +189,20 @@ async fn restore_plan(pool: &sqlx::SqlitePool, record: JobRecord) -> Result<JobI
     let spec: JobSpec = serde_json::from_value(record.spec)
         .map_err(|e| anyhow::anyhow!("job {id}: stored spec unreadable: {e}"))?;
     let at = now();
+    if spec.slurm.is_some() {
+        // What the dead server held on Slurm (an allocation, steps still running) goes: the
+        // job is relaunched in a new allocation, never next to the old one.
+        let name = crate::launcher::slurm::job_name(&id);
+        if let Err(e) = crate::launcher::slurm::cancel_named(slurm_conf, &name).await {
+            tracing::warn!(job_id = %id, error = %e, "could not cancel the job's old Slurm allocation");
+        }
+    }
     store::jobs::close_orphaned_incarnations(pool, id, &at).await?;
+    let excluded_nodes = store::jobs::excluded_nodes(pool, id)
+        .await?
+        .into_iter()
+        .map(|x| x.node)
+        .collect();
     let incarnations = store::jobs::incarnations(pool, id).await?;
     let restarts = store::jobs::restarts(pool, id).await?;
     let mut ranks = vec![RankSlot::new(); spec.world_size as usize];
@@ -248,6 +267,7 @@ async fn restore_plan(pool: &sqlx::SqlitePool, record: JobRecord) -> Result<JobI
         ranks,
         group_restarts,
         restart_events,
+        excluded_nodes,
     })
 }
 
@@ -311,14 +331,14 @@ pub struct Delete {
     pub force: bool,
 }
 
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct DeleteReport {
     pub deleted: Vec<Uuid>,
     /// Ids not deleted, each with why.
     pub skipped: Vec<Skipped>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Skipped {
     pub job_id: Uuid,
     pub reason: String,

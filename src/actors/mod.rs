@@ -23,7 +23,7 @@ pub use job_manager::JobManager;
 pub use worker::Worker;
 
 /// A job's lifecycle: `pending → running → succeeded | failed | stopped`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Pending,

@@ -3,6 +3,7 @@
 //! kills its process group on request. It reports to its Job and never decides restarts.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use uuid::Uuid;
 use super::Runtime;
 use super::job::Job;
 use crate::launcher::local::{self, Launch};
+use crate::launcher::{self, Placement};
 use crate::store::history::Outcome;
 use crate::store::recorder::NewLine;
 
@@ -38,6 +40,9 @@ struct Incarnation {
     watchdog_armed: bool,
     hung: bool,
     terminating: bool,
+    placement: Placement,
+    /// Its Slurm node failed (srun said so, or the Job saw the node down).
+    node_failed: bool,
 }
 
 impl Worker {
@@ -70,6 +75,7 @@ impl Worker {
             return;
         };
         inc.pid = Some(pid);
+        let watch_srun = matches!(inc.placement, Placement::Slurm(_));
         if inc.terminating {
             local::signal_group(pid, libc::SIGKILL);
         }
@@ -81,6 +87,7 @@ impl Worker {
         let addr = ctx.address();
         let recorder = self.rt.recorder.clone();
         let (job_id, rank) = (self.job_id, self.rank);
+        let node_failed = Arc::new(AtomicBool::new(false));
         actix::spawn(async move {
             let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
             let mut readers = Vec::new();
@@ -92,8 +99,12 @@ impl Worker {
             for (stream, pipe) in pipes {
                 let Some(pipe) = pipe else { continue };
                 let (recorder, tail) = (recorder.clone(), tail.clone());
+                let node_failed = node_failed.clone();
                 readers.push(actix::spawn(async move {
                     local::read_lines(pipe, MAX_LINE_BYTES, |line| {
+                        if watch_srun && launcher::slurm::is_node_failure_line(&line) {
+                            node_failed.store(true, Ordering::SeqCst);
+                        }
                         {
                             let mut tail = tail.lock().unwrap();
                             if tail.len() == TAIL_LINES {
@@ -127,6 +138,7 @@ impl Worker {
                 attempt,
                 status,
                 tail,
+                node_failed: node_failed.load(Ordering::SeqCst),
             });
         });
     }
@@ -144,8 +156,12 @@ impl Worker {
         if let Some(pid) = inc.pid {
             local::signal_group(pid, libc::SIGTERM);
             ctx.run_later(grace, move |act, _| {
-                if let Some(pid) = act.current_mut(attempt).and_then(|inc| inc.pid) {
+                if let Some(inc) = act.current_mut(attempt)
+                    && let Some(pid) = inc.pid
+                {
                     local::signal_group(pid, libc::SIGKILL);
+                    let placement = inc.placement.clone();
+                    actix::spawn(async move { launcher::cleanup_after_kill(&placement).await });
                 }
             });
         }
@@ -190,6 +206,7 @@ impl Actor for Worker {
 pub struct LaunchRank {
     pub attempt: u32,
     pub launch: Launch,
+    pub placement: Placement,
 }
 
 impl Handler<LaunchRank> for Worker {
@@ -204,9 +221,12 @@ impl Handler<LaunchRank> for Worker {
             watchdog_armed: false,
             hung: false,
             terminating: false,
+            placement: msg.placement.clone(),
+            node_failed: false,
         });
+        let placement = msg.placement;
         ctx.spawn(
-            local::spawn(msg.launch)
+            async move { launcher::start(msg.launch, &placement).await }
                 .into_actor(self)
                 .map(move |res, act, ctx| match res {
                     Ok(running) => act.on_spawned(attempt, running, ctx),
@@ -265,6 +285,42 @@ impl Handler<Terminate> for Worker {
     }
 }
 
+/// The Slurm node of incarnation `attempt` is down: kill its srun now (no grace: the node
+/// cannot run a graceful stop) and cancel the step; the exit is a node failure.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeDown {
+    pub attempt: u32,
+    pub detail: String,
+}
+
+impl Handler<NodeDown> for Worker {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeDown, _: &mut Context<Self>) {
+        let (job_id, rank) = (self.job_id, self.rank);
+        let Some(inc) = self.current_mut(msg.attempt) else {
+            return;
+        };
+        if inc.terminating || inc.node_failed {
+            return;
+        }
+        inc.node_failed = true;
+        inc.terminating = true;
+        if let Some(pid) = inc.pid {
+            local::signal_group(pid, libc::SIGKILL);
+        }
+        let placement = inc.placement.clone();
+        self.rt.recorder.note(
+            job_id,
+            Some(rank),
+            Some(msg.attempt),
+            format!("rank {rank}: {}; killing its srun", msg.detail),
+        );
+        actix::spawn(async move { launcher::cleanup_after_kill(&placement).await });
+    }
+}
+
 /// The job is over: stop this actor.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -284,6 +340,7 @@ struct ChildExited {
     attempt: u32,
     status: std::io::Result<std::process::ExitStatus>,
     tail: Vec<String>,
+    node_failed: bool,
 }
 
 impl Handler<ChildExited> for Worker {
@@ -294,6 +351,8 @@ impl Handler<ChildExited> for Worker {
             return;
         };
         let (hung, terminating) = (inc.hung, inc.terminating);
+        let node_failed = inc.node_failed || msg.node_failed;
+        let node = inc.placement.node();
         self.current = None;
         let (exit_code, signal, wait_error) = match &msg.status {
             Ok(status) => {
@@ -304,6 +363,8 @@ impl Handler<ChildExited> for Worker {
         };
         let outcome = if hung {
             Outcome::HeartbeatTimeout
+        } else if node_failed {
+            Outcome::NodeFailure
         } else if terminating {
             Outcome::Stopped
         } else if exit_code == Some(0) {
@@ -315,6 +376,7 @@ impl Handler<ChildExited> for Worker {
         };
         let detail = match (outcome, exit_code, signal, wait_error) {
             (_, _, _, Some(e)) => format!("could not wait for the process: {e}"),
+            (Outcome::NodeFailure, ..) => format!("its Slurm node {node} failed"),
             (Outcome::HeartbeatTimeout, ..) => format!(
                 "no heartbeat for {:.3}s (heartbeat_timeout_s)",
                 self.heartbeat_timeout.as_secs_f64()

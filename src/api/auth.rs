@@ -1,6 +1,6 @@
 //! API authentication. With an API token configured (`--api-token`), every route but
-//! `/health`, the page's own files, `POST /session` and the worker routes (which take their
-//! incarnation's token) needs either `Authorization: Bearer <api token>` or the session cookie
+//! `/health`, `/openapi.json`, the page's own files, `POST /session` and the worker routes
+//! (which take their incarnation's token) needs either `Authorization: Bearer <api token>` or the session cookie
 //! that `POST /session` sets. The cookie is how the page and its EventSource streams (which
 //! cannot set headers) authenticate: HttpOnly, SameSite=Strict, holding a digest of the token,
 //! never the token itself.
@@ -13,6 +13,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::error::parse_json;
+use super::openapi::ApiErrorDoc;
 use super::workers::bearer;
 use super::{ApiError, AppState};
 use crate::actors::hash_token;
@@ -34,7 +35,9 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 fn is_open(path: &str) -> bool {
-    if matches!(path, "/" | "/health" | "/session") || path.starts_with("/static/") {
+    if matches!(path, "/" | "/health" | "/openapi.json" | "/session")
+        || path.starts_with("/static/")
+    {
         return true;
     }
     // /jobs/{id}/workers/{rank}/{heartbeat|allreduce|checkpoint}: worker tokens.
@@ -72,13 +75,38 @@ pub async fn require_token(
     .into())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SessionRequest {
+pub struct SessionRequest {
+    /// The server's API token.
     token: String,
 }
 
+/// How the caller is now authenticated.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the `json!` reply.
+pub struct SessionReply {
+    /// `none` (the server has no API token) or `session` (the cookie was set).
+    #[schema(example = "session")]
+    auth: String,
+}
+
 /// `POST /session {"token": ...}`: sets the session cookie when the token is right.
+#[utoipa::path(
+    post,
+    path = "/session",
+    operation_id = "session",
+    tag = "server",
+    security(()),
+    request_body = SessionRequest,
+    responses(
+        (status = 200, description = "Signed in: the `trainvisor_session` cookie is set (HttpOnly, \
+            SameSite=Strict). `auth` is `none` when the server has no API token", body = SessionReply),
+        (status = 400, description = "Not a JSON object with a `token` string", body = ApiErrorDoc),
+        (status = 401, description = "Wrong API token", body = ApiErrorDoc),
+        (status = 413, description = "Body larger than `--max-body-bytes`", body = ApiErrorDoc),
+    )
+)]
 pub async fn session(
     state: web::Data<AppState>,
     body: web::Bytes,
@@ -107,6 +135,7 @@ mod tests {
     #[test]
     fn only_the_worker_routes_and_the_page_are_open() {
         assert!(is_open("/health"));
+        assert!(is_open("/openapi.json"));
         assert!(is_open("/static/app.js"));
         assert!(is_open("/jobs/abc/workers/0/heartbeat"));
         assert!(!is_open("/jobs/abc/workers"));

@@ -31,6 +31,10 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     AtLimit(String),
+    /// The database stayed locked past its busy timeout (a long checkpoint of the WAL on a
+    /// loaded disk): nothing was changed, the client may retry.
+    #[error("the server is busy: the database stayed locked; nothing was changed, retry")]
+    Busy,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -53,6 +57,7 @@ impl ApiError {
             ApiError::StaleIncarnation(_) => "stale_incarnation",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::AtLimit(_) => "limit_reached",
+            ApiError::Busy => "busy",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -72,6 +77,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) | ApiError::StaleIncarnation(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::AtLimit(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,7 +86,12 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(cause) = self {
             tracing::error!(error = ?cause, "internal error");
         }
-        HttpResponse::build(self.status_code()).json(ErrorBody {
+        let mut res = HttpResponse::build(self.status_code());
+        if let ApiError::Busy = self {
+            tracing::warn!("database busy: answered 503");
+            res.insert_header((header::RETRY_AFTER, "1"));
+        }
+        res.json(ErrorBody {
             error: self.code(),
             message: self.to_string(),
         })
@@ -89,7 +100,23 @@ impl ResponseError for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if is_busy(&e) {
+            return ApiError::Busy;
+        }
         ApiError::Internal(e.into())
+    }
+}
+
+/// SQLite's "database is locked" (past the busy timeout) or no free pooled connection.
+fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => {
+            // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+            matches!(code & 0xff, 5 | 6)
+        }
+        _ => false,
     }
 }
 
@@ -105,7 +132,10 @@ impl From<ManagerError> for ApiError {
             ManagerError::NotFound(id) => ApiError::job_not_found(id),
             ManagerError::Running(_) => ApiError::Conflict(e.to_string()),
             ManagerError::AtLimit(why) => ApiError::AtLimit(why),
-            ManagerError::Internal(e) => ApiError::Internal(e),
+            ManagerError::Internal(e) => match e.downcast_ref::<sqlx::Error>() {
+                Some(db) if is_busy(db) => ApiError::Busy,
+                _ => ApiError::Internal(e),
+            },
         }
     }
 }
@@ -125,8 +155,40 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     } else {
         body
     };
-    serde_json::from_slice(body)
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))?;
+    integral_floats_as_integers(&mut value);
+    serde_json::from_value(value)
         .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))
+}
+
+/// JSON has one number type: `3.0` is the integer 3 (as JSON Schema says, and as clients that
+/// write every number as a float send it). Whole numbers written with a fraction become
+/// integers; they still deserialize into float fields.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Strictly inside the i64 range: every such whole f64 converts exactly.
+            if f.fract() == 0.0 && f > -9.2e18 && f < 9.2e18 {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(map) => map.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
+}
+
+/// 405 for a known path with a method it does not serve, naming the ones it does.
+pub fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((header::ALLOW, allow))
+        .json(ErrorBody {
+            error: "method_not_allowed",
+            message: format!("method not allowed on this route; allowed: {allow}"),
+        })
 }
 
 /// Turns every error response that is not JSON yet (actix's own: unknown route, wrong method,
@@ -170,4 +232,41 @@ pub fn json_errors<B: MessageBody + 'static>(
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, res).map_into_right_body(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Body {
+        step: u64,
+        lr: f64,
+        values: Vec<f64>,
+    }
+
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        let b: Body = parse_json(
+            br#"{"step": 558.0, "lr": 2.0, "values": [1.0, 0.5]}"#,
+            false,
+        )
+        .expect("parses");
+        assert_eq!(
+            b,
+            Body {
+                step: 558,
+                lr: 2.0,
+                values: vec![1.0, 0.5]
+            }
+        );
+        for bad in [
+            r#"{"step": 1.5, "lr": 1, "values": []}"#,
+            r#"{"step": -1.0, "lr": 1, "values": []}"#,
+        ] {
+            assert!(parse_json::<Body>(bad.as_bytes(), false).is_err(), "{bad}");
+        }
+        let big: serde_json::Value = parse_json(b"[1e300, -0.0, 9.3e18]", false).unwrap();
+        assert_eq!(big, serde_json::json!([1e300, 0, 9.3e18]));
+    }
 }

@@ -5,16 +5,18 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::error::parse_json;
+use super::openapi::{ApiErrorDoc, JobId, Model};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobState;
 use crate::actors::job::GetSummary;
+use crate::actors::job_manager::DeleteReport;
 use crate::actors::job_manager::{CreateJob, Delete, Stop};
 use crate::checkpoint::{FINAL_MODEL, sha256_hex};
 use crate::progress::Summary;
 use crate::spec::{JobRequest, JobSpec};
 use crate::storage::Store as Storage;
 use crate::store;
-use crate::store::jobs::JobRecord;
+use crate::store::jobs::{CheckpointRow, Incarnation, JobRecord, Restart};
 
 async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
     store::jobs::get(&state.rt.pool, id)
@@ -22,6 +24,20 @@ async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
         .ok_or_else(|| ApiError::job_not_found(id))
 }
 
+/// Creates a job and starts its ranks.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    operation_id = "create_job",
+    tag = "jobs",
+    request_body = JobRequest,
+    responses(
+        (status = 201, description = "Created; the job starts at once", body = JobRecord),
+        (status = 422, description = "The spec is refused (a field out of range, a path outside \
+            the allowed roots, ...); nothing was created", body = ApiErrorDoc),
+        (status = 429, description = "At `--max-jobs` or `--max-workers`", body = ApiErrorDoc),
+    )
+)]
 pub async fn create(
     state: web::Data<AppState>,
     body: web::Bytes,
@@ -37,12 +53,24 @@ pub async fn create(
     Ok(HttpResponse::Created().json(job))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only jobs in this state.
+    #[param(value_type = Option<JobState>)]
     state: Option<String>,
 }
 
+/// Jobs, newest first.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    operation_id = "list_jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses((status = 200, description = "Jobs, newest first", body = Vec<JobRecord>))
+)]
 pub async fn list(
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
@@ -58,6 +86,17 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(jobs))
 }
 
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}",
+    operation_id = "get_job",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "The job", body = JobRecord),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
 pub async fn get(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -102,10 +141,25 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         last_checkpoint_step: None,
         last_checkpoint_at: None,
         last_checkpoint_age_s: None,
+        launcher: spec.launcher.as_str().to_string(),
+        slurm_job_id: None,
+        excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
         workers: Vec::new(),
     })
 }
 
+/// State, progress, throughput, ETA, loss, last checkpoint and a per-rank table.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/summary",
+    operation_id = "job_summary",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "The job's summary", body = Summary),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
 pub async fn summary(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -115,6 +169,14 @@ pub async fn summary(
     Ok(HttpResponse::Ok().json(summary_of(&state, &job).await?))
 }
 
+/// Every job's summary, newest first (what the page shows).
+#[utoipa::path(
+    get,
+    path = "/jobs/summaries",
+    operation_id = "job_summaries",
+    tag = "jobs",
+    responses((status = 200, description = "Summaries, newest first", body = Vec<Summary>))
+)]
 pub async fn summaries(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let jobs = store::jobs::list(&state.rt.pool, None).await?;
     let mut out = Vec::with_capacity(jobs.len());
@@ -129,6 +191,18 @@ pub async fn summaries(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
     Ok(HttpResponse::Ok().json(out))
 }
 
+/// Every incarnation of every rank (one row per launch), by rank then attempt.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/workers",
+    operation_id = "job_incarnations",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "Incarnations", body = Vec<Incarnation>),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
 pub async fn workers(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -139,6 +213,18 @@ pub async fn workers(
     Ok(HttpResponse::Ok().json(incarnations))
 }
 
+/// Restart decisions, oldest first.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/restarts",
+    operation_id = "job_restarts",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "Restarts", body = Vec<Restart>),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
 pub async fn restarts(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -148,6 +234,40 @@ pub async fn restarts(
     Ok(HttpResponse::Ok().json(store::jobs::restarts(&state.rt.pool, id).await?))
 }
 
+/// The job's bad-node quarantine: nodes its launches no longer use (Slurm), oldest first.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/excluded_nodes",
+    operation_id = "job_excluded_nodes",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "Excluded nodes", body = Vec<store::jobs::ExcludedNode>),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
+pub async fn excluded_nodes(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    record(&state, id).await?;
+    Ok(HttpResponse::Ok().json(store::jobs::excluded_nodes(&state.rt.pool, id).await?))
+}
+
+/// Stops a job (SIGTERM to every rank's process group, then SIGKILL after the grace) and
+/// returns it once it is stopped. Stopping a finished job changes nothing.
+#[utoipa::path(
+    post,
+    path = "/jobs/{job_id}/stop",
+    operation_id = "stop_job",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "The job, now finished", body = JobRecord),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
 pub async fn stop(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -157,13 +277,35 @@ pub async fn stop(
     Ok(HttpResponse::Ok().json(record(&state, id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
+    /// Stop the job first if it is running.
     #[serde(default)]
     force: bool,
 }
 
+/// What `DELETE /jobs/{job_id}` deleted.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the `json!` reply.
+pub struct Deleted {
+    deleted: Vec<Uuid>,
+}
+
+/// Deletes a finished job and its history, logs and checkpoint records.
+#[utoipa::path(
+    delete,
+    path = "/jobs/{job_id}",
+    operation_id = "delete_job",
+    tag = "jobs",
+    params(JobId, DeleteQuery),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 409, description = "The job is running and `force` was not given", body = ApiErrorDoc),
+    )
+)]
 pub async fn delete(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -191,16 +333,28 @@ pub async fn delete(
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PurgeRequest {
+pub struct PurgeRequest {
     /// Jobs to delete; without it, every finished job.
+    #[schema(value_type = Option<Vec<Uuid>>)]
     job_ids: Option<Vec<String>>,
     /// Also stop and delete running jobs among `job_ids`.
     #[serde(default)]
     force: bool,
 }
 
+/// Deletes many jobs at once: those listed, or every finished job. An empty body is `{}`.
+#[utoipa::path(
+    post,
+    path = "/jobs/purge",
+    operation_id = "purge_jobs",
+    tag = "jobs",
+    request_body(content = Option<PurgeRequest>, description = "Optional; empty means `{}`"),
+    responses(
+        (status = 200, description = "What was deleted and what was skipped (and why)", body = DeleteReport),
+    )
+)]
 pub async fn purge(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     let request: PurgeRequest = parse_json(&body, true)?;
     let ids = match request.job_ids {
@@ -232,14 +386,27 @@ pub async fn purge(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpR
     Ok(HttpResponse::Ok().json(report))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CheckpointsQuery {
     /// Also list steps removed by retention.
     #[serde(default)]
     all: bool,
 }
 
+/// Committed checkpoints, newest first.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/checkpoints",
+    operation_id = "job_checkpoints",
+    tag = "jobs",
+    params(JobId, CheckpointsQuery),
+    responses(
+        (status = 200, description = "Checkpoints", body = Vec<CheckpointRow>),
+        (status = 404, description = "No such job", body = ApiErrorDoc),
+    )
+)]
 pub async fn checkpoints(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -251,6 +418,18 @@ pub async fn checkpoints(
 }
 
 /// The final model the job wrote (`<checkpoint dir>/model.bin`), as bytes.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/model",
+    operation_id = "job_model",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "The model file", content_type = "application/octet-stream",
+            body = Model, headers(("X-Model-Sha256" = String, description = "SHA-256 of the body, hex"))),
+        (status = 404, description = "No such job, or it has no final model", body = ApiErrorDoc),
+    )
+)]
 pub async fn model(
     state: web::Data<AppState>,
     path: web::Path<String>,

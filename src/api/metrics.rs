@@ -4,8 +4,20 @@ use std::fmt::Write;
 
 use actix_web::{HttpResponse, web};
 
+use super::openapi::ApiErrorDoc;
 use super::{ApiError, AppState};
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "server",
+    responses(
+        (status = 200, description = "Prometheus text exposition format",
+            content_type = "text/plain", body = String),
+        (status = 401, description = "The server has an API token and none was sent", body = ApiErrorDoc),
+    )
+)]
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let pool = &state.rt.pool;
     let by_state: Vec<(String, i64)> =

@@ -6,13 +6,14 @@ mod events;
 mod jobs;
 mod logs;
 mod metrics;
+pub mod openapi;
 mod page;
 pub mod workers;
 
 use std::sync::Arc;
 
 use actix::Addr;
-use actix_web::{HttpResponse, web};
+use actix_web::web;
 use uuid::Uuid;
 
 use crate::actors::{JobManager, Runtime};
@@ -30,40 +31,52 @@ pub fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::NotFound(format!("no job with id {raw:?} (job ids are UUIDs)")))
 }
 
-async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
+/// A resource whose other methods get a JSON 405 with the `Allow` header (RFC 9110).
+fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(
+        move || async move { error::method_not_allowed(allow) },
+    ))
 }
 
+/// Every route. Each one is documented in `openapi::ApiDoc` (`GET /openapi.json`); the test
+/// `openapi::every_route_is_documented` compares this list with the document.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     // Resources (not bare routes) so a known path with the wrong method is a 405.
-    cfg.service(web::resource("/").get(page::index))
-        .service(web::resource("/static/{file}").get(page::file))
-        .service(web::resource("/health").get(health))
-        .service(web::resource("/session").post(auth::session))
-        .service(web::resource("/metrics").get(metrics::metrics))
-        .service(web::resource("/events").get(events::events))
-        .service(web::resource("/jobs").get(jobs::list).post(jobs::create))
-        .service(web::resource("/jobs/summaries").get(jobs::summaries))
-        .service(web::resource("/jobs/purge").post(jobs::purge))
+    cfg.service(resource("/", "GET").get(page::index))
+        .service(resource("/static/{file}", "GET").get(page::file))
+        .service(resource("/health", "GET").get(openapi::health))
+        .service(resource("/openapi.json", "GET").get(openapi::openapi_json))
+        .service(resource("/session", "POST").post(auth::session))
+        .service(resource("/metrics", "GET").get(metrics::metrics))
+        .service(resource("/events", "GET").get(events::events))
         .service(
-            web::resource("/jobs/{job_id}")
+            resource("/jobs", "GET, POST")
+                .get(jobs::list)
+                .post(jobs::create),
+        )
+        .service(resource("/jobs/summaries", "GET").get(jobs::summaries))
+        .service(resource("/jobs/purge", "POST").post(jobs::purge))
+        .service(
+            resource("/jobs/{job_id}", "GET, DELETE")
                 .get(jobs::get)
                 .delete(jobs::delete),
         )
-        .service(web::resource("/jobs/{job_id}/summary").get(jobs::summary))
-        .service(web::resource("/jobs/{job_id}/workers").get(jobs::workers))
-        .service(web::resource("/jobs/{job_id}/restarts").get(jobs::restarts))
-        .service(web::resource("/jobs/{job_id}/stop").post(jobs::stop))
-        .service(web::resource("/jobs/{job_id}/logs").get(logs::tail))
-        .service(web::resource("/jobs/{job_id}/logs/stream").get(logs::stream))
-        .service(web::resource("/jobs/{job_id}/checkpoints").get(jobs::checkpoints))
-        .service(web::resource("/jobs/{job_id}/model").get(jobs::model))
-        .service(web::resource("/jobs/{job_id}/workers/{rank}/heartbeat").post(workers::heartbeat))
-        .service(web::resource("/jobs/{job_id}/workers/{rank}/allreduce").post(workers::allreduce))
+        .service(resource("/jobs/{job_id}/summary", "GET").get(jobs::summary))
+        .service(resource("/jobs/{job_id}/workers", "GET").get(jobs::workers))
+        .service(resource("/jobs/{job_id}/restarts", "GET").get(jobs::restarts))
+        .service(resource("/jobs/{job_id}/excluded_nodes", "GET").get(jobs::excluded_nodes))
+        .service(resource("/jobs/{job_id}/stop", "POST").post(jobs::stop))
+        .service(resource("/jobs/{job_id}/logs", "GET").get(logs::tail))
+        .service(resource("/jobs/{job_id}/logs/stream", "GET").get(logs::stream))
+        .service(resource("/jobs/{job_id}/checkpoints", "GET").get(jobs::checkpoints))
+        .service(resource("/jobs/{job_id}/model", "GET").get(jobs::model))
         .service(
-            web::resource("/jobs/{job_id}/workers/{rank}/checkpoint").post(workers::checkpoint),
+            resource("/jobs/{job_id}/workers/{rank}/heartbeat", "POST").post(workers::heartbeat),
+        )
+        .service(
+            resource("/jobs/{job_id}/workers/{rank}/allreduce", "POST").post(workers::allreduce),
+        )
+        .service(
+            resource("/jobs/{job_id}/workers/{rank}/checkpoint", "POST").post(workers::checkpoint),
         );
 }

@@ -4,6 +4,7 @@
 use actix_web::{HttpResponse, web};
 
 use super::ApiError;
+use super::openapi::ApiErrorDoc;
 
 const FILES: &[(&str, &str, &str)] = &[
     (
@@ -34,10 +35,33 @@ fn serve(name: &str) -> Result<HttpResponse, ApiError> {
         .body(*body))
 }
 
+/// The browser page (open: it signs in with `POST /session`).
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "page",
+    tag = "server",
+    security(()),
+    responses((status = 200, description = "The page", content_type = "text/html", body = String))
+)]
 pub async fn index() -> Result<HttpResponse, ApiError> {
     serve("index.html")
 }
 
+/// The page's script and style sheet.
+#[utoipa::path(
+    get,
+    path = "/static/{file}",
+    operation_id = "static_file",
+    tag = "server",
+    security(()),
+    params(("file" = String, Path, description = "`index.html`, `app.js` or `app.css`")),
+    responses(
+        (status = 200, description = "The file", content(
+            (String = "text/javascript"), (String = "text/css"), (String = "text/html"))),
+        (status = 404, description = "No such file", body = ApiErrorDoc),
+    )
+)]
 pub async fn file(path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     serve(&path)
 }

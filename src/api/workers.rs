@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::error::parse_json;
+use super::openapi::{ApiErrorDoc, JobRank};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobHandle;
 use crate::actors::job::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
@@ -82,6 +83,51 @@ fn ended(c: &Caller) -> ApiError {
     ApiError::StaleIncarnation(format!("job {} has ended; this worker must exit", c.id))
 }
 
+/// A heartbeat body: any JSON object; the fields below are the ones the runtime reads (a
+/// `step` makes progress and ETA; `metrics.loss` feeds the summary's loss).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the free-form body.
+pub struct HeartbeatBody {
+    /// The rank's current step (null or absent: none yet).
+    step: Option<u64>,
+    /// Anything numeric the rank wants shown, e.g. `{"loss": 0.3}`.
+    metrics: Option<Value>,
+}
+
+/// Reply of the heartbeat and checkpoint routes.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the `json!` reply.
+pub struct OkReply {
+    ok: bool,
+}
+
+/// Reply of the all-reduce route: the mean over every rank.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the `json!` reply.
+pub struct AllReduceReply {
+    step: u64,
+    values: Vec<f64>,
+}
+
+/// A rank's liveness and progress report.
+#[utoipa::path(
+    post,
+    path = "/jobs/{job_id}/workers/{rank}/heartbeat",
+    operation_id = "worker_heartbeat",
+    tag = "workers",
+    security(("worker_token" = [])),
+    params(JobRank),
+    request_body(content = Option<HeartbeatBody>, description = "Any JSON object; empty means `{}`"),
+    responses(
+        (status = 200, description = "Recorded", body = OkReply),
+        (status = 400, description = "Not a JSON object, or `step` not a non-negative integer",
+            body = ApiErrorDoc),
+        (status = 401, description = "No token, or not this rank's", body = ApiErrorDoc),
+        (status = 404, description = "No such job or rank", body = ApiErrorDoc),
+        (status = 409, description = "The token's incarnation was replaced or the job ended: exit",
+            body = ApiErrorDoc),
+    )
+)]
 pub async fn heartbeat(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -95,10 +141,10 @@ pub async fn heartbeat(
         ));
     }
     if let Some(step) = body.get("step")
-        && !step.is_u64()
+        && !(step.is_u64() || step.is_null())
     {
         return Err(ApiError::InvalidJson(
-            "step must be a non-negative integer".into(),
+            "step must be a non-negative integer (or null: no step yet)".into(),
         ));
     }
     let c = caller(&state, &req, path.into_inner()).await?;
@@ -113,13 +159,32 @@ pub async fn heartbeat(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AllReduceBody {
+pub struct AllReduceBody {
     step: u64,
     values: Vec<f64>,
 }
 
+/// Averages `values` over every rank of the job for `step`; answers when all ranks sent theirs.
+#[utoipa::path(
+    post,
+    path = "/jobs/{job_id}/workers/{rank}/allreduce",
+    operation_id = "worker_allreduce",
+    tag = "workers",
+    security(("worker_token" = [])),
+    params(JobRank),
+    request_body = AllReduceBody,
+    responses(
+        (status = 200, description = "The element-wise mean over every rank", body = AllReduceReply),
+        (status = 401, description = "No token, or not this rank's", body = ApiErrorDoc),
+        (status = 404, description = "No such job or rank", body = ApiErrorDoc),
+        (status = 409, description = "The token's incarnation was replaced or the job ended: exit",
+            body = ApiErrorDoc),
+        (status = 422, description = "A step or length that does not match the other ranks'",
+            body = ApiErrorDoc),
+    )
+)]
 pub async fn allreduce(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -140,9 +205,9 @@ pub async fn allreduce(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CheckpointBody {
+pub struct CheckpointBody {
     step: u64,
     part: String,
     bytes: u64,
@@ -152,6 +217,26 @@ struct CheckpointBody {
     metrics: Option<Value>,
 }
 
+/// A rank reports the part it wrote for a checkpoint step; the step is committed (manifest,
+/// then LATEST) when every rank's part is in.
+#[utoipa::path(
+    post,
+    path = "/jobs/{job_id}/workers/{rank}/checkpoint",
+    operation_id = "worker_checkpoint",
+    tag = "workers",
+    security(("worker_token" = [])),
+    params(JobRank),
+    request_body = CheckpointBody,
+    responses(
+        (status = 200, description = "Recorded", body = OkReply),
+        (status = 401, description = "No token, or not this rank's", body = ApiErrorDoc),
+        (status = 404, description = "No such job or rank", body = ApiErrorDoc),
+        (status = 409, description = "The token's incarnation was replaced or the job ended: exit",
+            body = ApiErrorDoc),
+        (status = 422, description = "A wrong part name, a bad sha256 or a step out of order",
+            body = ApiErrorDoc),
+    )
+)]
 pub async fn checkpoint(
     state: web::Data<AppState>,
     req: HttpRequest,

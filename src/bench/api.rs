@@ -66,31 +66,35 @@ pub async fn requests(
     Ok(())
 }
 
-/// One subscriber: counts log lines until `end` and the delay between each line's commit
-/// (its `ts`) and its arrival.
+/// One subscriber: counts log lines until `end`, and for every 16th line the delay between its
+/// commit (its `ts`) and its arrival. The bench shares the server's two cores, so it walks the
+/// chunks with memchr and parses a sample of the timestamps, not all of them.
 async fn subscribe(http: reqwest::Client, url: String) -> (usize, Vec<f64>) {
     let Ok(mut res) = http.get(&url).send().await else {
         return (0, Vec::new());
     };
     let (mut lines, mut delays) = (0, Vec::new());
-    let mut buf = String::new();
+    let mut buf: Vec<u8> = Vec::new();
     while let Ok(Some(chunk)) = res.chunk().await {
         let now = chrono::Utc::now();
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(pos) = buf.find("\n\n") {
-            let block: String = buf.drain(..pos + 2).collect();
-            if block.contains("event: end") {
+        buf.extend_from_slice(&chunk);
+        let mut at = 0;
+        while let Some(len) = find(&buf[at..], b"\n\n") {
+            let block = &buf[at..at + len];
+            at += len + 2;
+            if block.starts_with(b"event: end") {
                 return (lines, delays);
             }
-            // Cheap field access: the bench shares the server's two cores, so it avoids a
-            // full JSON parse of every event.
-            if !block.contains("event: log") || !block.contains("\"stream\":\"stdout\"") {
+            if !block.starts_with(b"event: log") || find(block, b"\"stream\":\"stdout\"").is_none()
+            {
                 continue;
             }
             lines += 1;
-            if let Some(start) = block.find("\"ts\":\"").map(|i| i + 6)
-                && let Some(len) = block[start..].find('"')
-                && let Ok(ts) = chrono::DateTime::parse_from_rfc3339(&block[start..start + len])
+            if lines % 16 == 1
+                && let Some(start) = find(block, b"\"ts\":\"").map(|i| i + 6)
+                && let Some(len) = memchr::memchr(b'"', &block[start..])
+                && let Ok(ts) = std::str::from_utf8(&block[start..start + len])
+                && let Ok(ts) = chrono::DateTime::parse_from_rfc3339(ts)
             {
                 let d = (now - ts.with_timezone(&chrono::Utc))
                     .num_microseconds()
@@ -98,8 +102,26 @@ async fn subscribe(http: reqwest::Client, url: String) -> (usize, Vec<f64>) {
                 delays.push(d as f64 / 1e3);
             }
         }
+        buf.drain(..at);
     }
     (lines, delays)
+}
+
+/// The byte patterns the SSE client looks for, each searcher built once.
+static FINDERS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 3]> =
+    std::sync::LazyLock::new(|| {
+        [
+            memchr::memmem::Finder::new(b"\n\n"),
+            memchr::memmem::Finder::new(b"\"stream\":\"stdout\""),
+            memchr::memmem::Finder::new(b"\"ts\":\""),
+        ]
+    });
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    match FINDERS.iter().find(|f| f.needle() == needle) {
+        Some(finder) => finder.find(haystack),
+        None => memchr::memmem::find(haystack, needle),
+    }
 }
 
 /// `subscribers` streams on one job that prints about 5,000 lines/s for `seconds`.
@@ -108,6 +130,7 @@ pub async fn fanout(
     base: &str,
     subscribers: usize,
     seconds: u32,
+    server_pid: u32,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
     // 100 lines every 20 ms, after a pause that lets every subscriber connect.
@@ -127,7 +150,35 @@ pub async fn fanout(
         .build()?;
     let url = format!("{base}/jobs/{id}/logs/stream?tail=0");
     let started = Instant::now();
-    let results = join_all((0..subscribers).map(|_| subscribe(http.clone(), url.clone()))).await;
+    let cpu_before = super::scale::cpu_seconds(server_pid)?;
+    // The subscribers run on a thread per core, each with a runtime of its own: the server
+    // needs little CPU here, the clients parsing millions of events a second need a lot.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads: Vec<_> = (0..cores)
+        .map(|t| {
+            let (http, url) = (http.clone(), url.clone());
+            let mine = (t..subscribers).step_by(cores).count();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let all = (0..mine).map(|_| subscribe(http.clone(), url.clone()));
+                anyhow::Ok(rt.block_on(join_all(all)))
+            })
+        })
+        .collect();
+    let results = tokio::task::spawn_blocking(move || {
+        let mut results = Vec::new();
+        for t in threads {
+            let done = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("a subscriber thread panicked"))?;
+            results.extend(done?);
+        }
+        anyhow::Ok(results)
+    })
+    .await??;
+    let server_cpu = super::scale::cpu_seconds(server_pid)? - cpu_before;
     let printed = client.get(&format!("/jobs/{id}/logs?tail=100000")).await?;
     let expected = printed["lines"]
         .as_array()
@@ -144,6 +195,12 @@ pub async fn fanout(
     figures.insert(
         format!("{name}_lines_per_s"),
         expected as f64 / (started.elapsed().as_secs_f64() - 2.0).max(0.1),
+    );
+    // What the server spent to deliver a million lines (connections and replay included).
+    let delivered = (expected * subscribers - lost) as f64;
+    figures.insert(
+        format!("{name}_server_cpu_s_per_million_lines"),
+        server_cpu / delivered.max(1.0) * 1e6,
     );
     figures.insert(format!("{name}_delivery_p50_ms"), percentile(&delays, 50.0));
     figures.insert(format!("{name}_delivery_p99_ms"), percentile(&delays, 99.0));

@@ -7,6 +7,7 @@ mod checkpoint;
 pub mod peers;
 mod recovery;
 mod scale;
+mod slurm;
 mod training;
 
 use std::collections::BTreeMap;
@@ -37,6 +38,7 @@ pub const SCENARIOS: &[&str] = &[
     "scale",
     "training",
     "checkpoint",
+    "slurm",
     "peers",
 ];
 
@@ -117,9 +119,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 } else {
                     3
                 };
-                api::fanout(&client, &server.url, subscribers, seconds, &mut figures)
-                    .await
-                    .context("SSE fan-out")?;
+                api::fanout(
+                    &client,
+                    &server.url,
+                    subscribers,
+                    seconds,
+                    server.child.id(),
+                    &mut figures,
+                )
+                .await
+                .context("SSE fan-out")?;
             }
         }
         if want("scale") {
@@ -146,6 +155,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             checkpoint::run(&client, &dir, args.quick, &mut figures)
                 .await
                 .context("checkpoint parts")?;
+        }
+        if want("slurm") {
+            let kills = if args.quick { 10 } else { 30 };
+            eprintln!("bench: Slurm relaunch ({kills} kills)");
+            slurm::relaunch(&client, &dir, kills, &mut figures)
+                .await
+                .context("Slurm relaunch")?;
         }
         if want("peers") {
             let skip = if args.quick {

@@ -16,6 +16,8 @@ pub enum Outcome {
     SpawnError,
     Stopped,
     ServerRestart,
+    /// The rank's Slurm node went down (or stopped responding).
+    NodeFailure,
 }
 
 impl Outcome {
@@ -28,6 +30,7 @@ impl Outcome {
             Outcome::SpawnError => "spawn_error",
             Outcome::Stopped => "stopped",
             Outcome::ServerRestart => "server_restart",
+            Outcome::NodeFailure => "node_failure",
         }
     }
 }
@@ -49,6 +52,8 @@ pub enum HistoryOp {
         master_port: u16,
         token_hash: String,
         started_at: String,
+        /// The Slurm node, or this host's name for the local launcher.
+        node: Option<String>,
     },
     /// The process of an incarnation recorded by `IncarnationStarted` is running as `pid`.
     IncarnationPid {
@@ -99,6 +104,14 @@ pub enum HistoryOp {
         step: u64,
         pruned_at: String,
     },
+    NodeExcluded {
+        job_id: Uuid,
+        node: String,
+        excluded_at: String,
+        failures: u32,
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 impl HistoryOp {
@@ -135,11 +148,12 @@ impl HistoryOp {
                 master_port,
                 token_hash,
                 started_at,
+                node,
             } => {
                 sqlx::query(
                     "INSERT OR REPLACE INTO incarnations
-                     (job_id, rank, attempt, pid, master_port, token_hash, started_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (job_id, rank, attempt, pid, master_port, token_hash, started_at, node)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(job_id.to_string())
                 .bind(rank)
@@ -148,6 +162,7 @@ impl HistoryOp {
                 .bind(master_port)
                 .bind(token_hash)
                 .bind(started_at)
+                .bind(node)
                 .execute(conn)
                 .await?;
             }
@@ -274,6 +289,27 @@ impl HistoryOp {
                     .bind(*step as i64)
                     .execute(conn)
                     .await?;
+            }
+            HistoryOp::NodeExcluded {
+                job_id,
+                node,
+                excluded_at,
+                failures,
+                reason,
+                detail,
+            } => {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO excluded_nodes
+                     (job_id, node, excluded_at, failures, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(job_id.to_string())
+                .bind(node)
+                .bind(excluded_at)
+                .bind(failures)
+                .bind(reason)
+                .bind(detail)
+                .execute(conn)
+                .await?;
             }
         }
         Ok(())

@@ -8,11 +8,12 @@ use uuid::Uuid;
 use crate::spec::JobSpec;
 
 /// A job as `GET /jobs/{id}` shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct JobRecord {
     #[sqlx(rename = "id")]
     pub job_id: String,
     pub name: Option<String>,
+    #[schema(value_type = crate::actors::JobState)]
     pub state: String,
     pub world_size: i64,
     pub created_at: String,
@@ -24,13 +25,19 @@ pub struct JobRecord {
     pub logs_dropped: i64,
     #[sqlx(json)]
     pub spec: serde_json::Value,
+    /// Nodes excluded from the job's launches (Slurm bad-node quarantine), in order.
+    #[sqlx(json)]
+    pub excluded_nodes: serde_json::Value,
     #[serde(skip)]
+    #[schema(ignore)]
     pub summary: Option<String>,
 }
 
 const SELECT_JOB: &str = "SELECT id, name, state, world_size, created_at, started_at, finished_at,
     reason, spec, summary, logs_dropped,
-    (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id) AS restarts
+    (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id) AS restarts,
+    (SELECT json_group_array(node) FROM (SELECT node FROM excluded_nodes x
+       WHERE x.job_id = jobs.id ORDER BY excluded_at, node)) AS excluded_nodes
     FROM jobs";
 
 pub async fn insert(
@@ -90,7 +97,7 @@ pub async fn delete(pool: &SqlitePool, ids: &[Uuid]) -> sqlx::Result<()> {
     tx.commit().await
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Incarnation {
     pub rank: i64,
     pub attempt: i64,
@@ -101,14 +108,17 @@ pub struct Incarnation {
     pub exit_code: Option<i64>,
     pub signal: Option<i64>,
     pub outcome: Option<String>,
+    /// The Slurm node, or the server's host name for the local launcher.
+    pub node: Option<String>,
     #[serde(skip)]
+    #[schema(ignore)]
     pub token_hash: String,
 }
 
 pub async fn incarnations(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Incarnation>> {
     sqlx::query_as(
         "SELECT rank, attempt, pid, master_port, started_at, ended_at, exit_code, signal, outcome,
-                token_hash
+                node, token_hash
          FROM incarnations WHERE job_id = ? ORDER BY rank, attempt",
     )
     .bind(id.to_string())
@@ -116,7 +126,7 @@ pub async fn incarnations(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Incar
     .await
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Restart {
     pub rank: i64,
     pub attempt: i64,
@@ -158,7 +168,27 @@ pub async fn close_orphaned_incarnations(
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// A node a job stopped using (bad-node quarantine).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ExcludedNode {
+    pub node: String,
+    pub excluded_at: String,
+    pub failures: i64,
+    pub reason: String,
+    pub detail: Option<String>,
+}
+
+pub async fn excluded_nodes(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<ExcludedNode>> {
+    sqlx::query_as(
+        "SELECT node, excluded_at, failures, reason, detail FROM excluded_nodes
+         WHERE job_id = ? ORDER BY excluded_at, node",
+    )
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct CheckpointRow {
     pub step: i64,
     pub committed_at: String,

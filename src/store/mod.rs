@@ -24,7 +24,7 @@ pub async fn open(data_dir: &Path) -> anyhow::Result<SqlitePool> {
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(Duration::from_secs(30))
         .foreign_keys(true);
     let pool = SqlitePoolOptions::new()
         .max_connections(4)

@@ -202,9 +202,7 @@ async fn run(
                 tracing::error!(error = %e, %job, "recorder: log retention failed");
             }
         }
-        for (job_id, line) in published {
-            bus.publish(job_id, line);
-        }
+        bus.publish(published);
         for op in batch.drain(..) {
             match op {
                 Op::History(_, Some(ack)) | Op::Flush(ack) => {

@@ -10,5 +10,7 @@ mod helpers;
 mod lifecycle;
 mod logs;
 mod python;
+mod schemathesis;
 mod server_restart;
+mod slurm;
 mod trainer;

@@ -7,8 +7,9 @@ use rand::Rng;
 use super::{Job, RankState};
 use crate::actors::hash_token;
 use crate::actors::worker::LaunchRank;
+use crate::launcher::Placement;
 use crate::launcher::local::Launch;
-use crate::spec::RestartScope;
+use crate::spec::{LauncherKind, RestartScope};
 use crate::store::history::{HistoryOp, Outcome};
 use crate::store::now;
 
@@ -24,15 +25,42 @@ impl Job {
     pub(super) fn launch_group(&mut self, ranks: Vec<u32>, ctx: &mut Context<Job>) {
         self.master_port = free_port();
         self.allreduce.reset();
-        for rank in ranks {
-            self.launch(rank, ctx);
+        self.start_ranks(ranks, ctx);
+    }
+
+    /// Launches the next incarnation of each of `ranks` (ascending) through the job's
+    /// launcher. On Slurm the ranks first get nodes; without a usable allocation they wait
+    /// for one.
+    pub(super) fn start_ranks(&mut self, ranks: Vec<u32>, ctx: &mut Context<Job>) {
+        match self.spec.launcher {
+            LauncherKind::Local => {
+                for rank in ranks {
+                    self.launch(rank, None, "127.0.0.1".to_string(), ctx);
+                }
+            }
+            LauncherKind::Slurm => {
+                if !self.slurm_ready_or_wait(&ranks, ctx) {
+                    return;
+                }
+                let placed = self.place(&ranks);
+                let master = self.slurm_master_addr();
+                for (rank, node) in placed {
+                    self.launch(rank, Some(node), master.clone(), ctx);
+                }
+            }
         }
     }
 
     /// Launches the next incarnation of `rank`. Its row (attempt, MASTER_PORT, token digest)
     /// is committed before the process is spawned, so a server that dies at any instant comes
     /// back knowing every attempt that may have run.
-    pub(super) fn launch(&mut self, rank: u32, ctx: &mut Context<Job>) {
+    fn launch(
+        &mut self,
+        rank: u32,
+        node: Option<String>,
+        master_addr: String,
+        ctx: &mut Context<Job>,
+    ) {
         let token = new_token();
         let slot = &mut self.ranks[rank as usize];
         let attempt = slot.next_attempt;
@@ -45,9 +73,15 @@ impl Job {
         slot.state = RankState::Starting;
         slot.pid = None;
         slot.progress.attempt = attempt;
+        let placement = match node {
+            Some(node) => Placement::Slurm(self.step(rank, attempt, node)),
+            None => Placement::Local,
+        };
+        let node = placement.node();
+        self.ranks[rank as usize].progress.node = Some(node.clone());
         let launch = Launch {
             argv: self.argv(),
-            env: self.env(rank, attempt, &token),
+            env: self.env(rank, attempt, &token, &master_addr),
         };
         let recorded = self
             .rt
@@ -60,6 +94,7 @@ impl Job {
                 master_port: self.master_port,
                 token_hash: self.ranks[rank as usize].token_hash.clone(),
                 started_at: now(),
+                node: Some(node),
             });
         ctx.spawn(
             async move {
@@ -72,9 +107,11 @@ impl Job {
                     return;
                 }
                 match slot.state {
-                    RankState::Starting => {
-                        act.workers[rank as usize].do_send(LaunchRank { attempt, launch })
-                    }
+                    RankState::Starting => act.workers[rank as usize].do_send(LaunchRank {
+                        attempt,
+                        launch,
+                        placement,
+                    }),
                     // Stopped (or the group failed) before the process existed.
                     RankState::Stopping => {
                         slot.state = RankState::Stopped;
@@ -106,19 +143,33 @@ impl Job {
     }
 
     /// The worker contract of DESIGN.md: torchrun's names plus trainvisor's own.
-    fn env(&self, rank: u32, attempt: u32, token: &str) -> Vec<(String, String)> {
+    fn env(
+        &self,
+        rank: u32,
+        attempt: u32,
+        token: &str,
+        master_addr: &str,
+    ) -> Vec<(String, String)> {
         let spec = &self.spec;
         let mut env: Vec<(String, String)> = spec
             .env
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // On Slurm, ranks r / ntasks_per_node share a node as torchrun's nodes would.
+        let (local_rank, local_world) = match &spec.slurm {
+            Some(s) => (
+                rank % s.ntasks_per_node,
+                s.ntasks_per_node.min(spec.world_size),
+            ),
+            None => (rank, spec.world_size),
+        };
         let pairs = [
             ("RANK", rank.to_string()),
             ("WORLD_SIZE", spec.world_size.to_string()),
-            ("LOCAL_RANK", rank.to_string()),
-            ("LOCAL_WORLD_SIZE", spec.world_size.to_string()),
-            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("LOCAL_RANK", local_rank.to_string()),
+            ("LOCAL_WORLD_SIZE", local_world.to_string()),
+            ("MASTER_ADDR", master_addr.to_string()),
             ("MASTER_PORT", self.master_port.to_string()),
             ("JOB_ID", self.id.to_string()),
             ("RESTART_COUNT", attempt.to_string()),

@@ -1,0 +1,564 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 document of this API, generated at compile time from
+//! the handlers' `#[utoipa::path]` annotations and the `ToSchema` derives of the types they take
+//! and return. It is open like `/health` (it holds no data, and clients and fuzzers read it
+//! before they authenticate). No UI is bundled: any OpenAPI viewer can load the document.
+
+use actix_web::{HttpResponse, web};
+use serde_json::{Value, json};
+use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::schema::{Schema, SchemaType, Type};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::{AppState, auth, events, jobs, logs, metrics, page, workers};
+use crate::config::JobDefaults;
+use crate::spec::RESERVED_ENV;
+
+/// Every error: `{"error": CODE, "message": TEXT}`.
+#[derive(ToSchema)]
+#[schema(as = ApiError)]
+#[allow(dead_code)] // Only describes `error::ErrorBody` (which borrows its code).
+pub struct ApiErrorDoc {
+    /// A stable code: `bad_request`, `invalid_json`, `invalid_spec`, `unauthorized`,
+    /// `not_found`, `method_not_allowed`, `conflict`, `stale_incarnation`,
+    /// `payload_too_large`, `unsupported_media_type`, `limit_reached` or `internal`.
+    #[schema(example = "not_found")]
+    error: String,
+    /// What went wrong, for a person.
+    message: String,
+}
+
+/// The `{job_id}` path parameter.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct JobId {
+    /// The job's id (a UUID); anything else is a 404.
+    job_id: uuid::Uuid,
+}
+
+/// The `{job_id}` and `{rank}` path parameters of the worker routes.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct JobRank {
+    /// The job's id (a UUID).
+    job_id: uuid::Uuid,
+    /// The caller's rank.
+    rank: u32,
+}
+
+/// A model file (`model.bin`), as bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct Model(Vec<u8>);
+
+/// One server-sent event of `GET /events` or `GET /jobs/{job_id}/logs/stream`, as an SSE
+/// client reads it (the document describes each event, not the whole stream).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// The event's name (see the operation).
+    event: String,
+    /// Its payload: a JSON text.
+    data: String,
+    /// The seq to resume after (`Last-Event-ID`), on `log` and job events.
+    id: Option<String>,
+}
+
+/// `GET /health`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Health {
+    #[schema(example = "ok")]
+    status: String,
+    version: String,
+}
+
+/// Liveness: always open, even with an API token configured.
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "server",
+    security(()),
+    responses((status = 200, description = "The server is up", body = Health))
+)]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+/// This document. Open like `/health`.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "server",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API",
+        content_type = "application/json", body = Object))
+)]
+pub async fn openapi_json(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(document(&state.rt.settings.job_defaults))
+}
+
+/// utoipa marks unsigned integers with formats no tool knows (`u-int32`, `u-int64`): state
+/// their range instead, which is what the server checks when it parses them.
+fn unsigned_bounds(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let max = match map.get("format").and_then(Value::as_str) {
+                Some("u-int32") => Some(json!(u32::MAX)),
+                Some("u-int64") => Some(json!(u64::MAX)),
+                _ => None,
+            };
+            if let Some(max) = max {
+                map.remove("format");
+                map.insert("minimum".into(), json!(0));
+                map.insert("maximum".into(), max);
+            }
+            map.values_mut().for_each(unsigned_bounds);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unsigned_bounds),
+        _ => {}
+    }
+}
+
+/// Bounds of the job spec's numeric fields, as `JobRequest::resolve` checks them
+/// (`spec_bounds_match_resolve` keeps the two in step).
+const SPEC_BOUNDS: &[(&str, f64, Option<f64>)] = &[
+    ("checkpoint_every", 1.0, None),
+    ("keep_last", 1.0, Some(1e6)),
+    ("total_steps", 1.0, None),
+    ("epochs", 1.0, Some(1e6)),
+    ("heartbeat_timeout_s", 0.01, Some(86_400.0)),
+    ("max_restarts", 0.0, Some(1e6)),
+    ("backoff_initial_ms", 0.0, Some(3_600_000.0)),
+    ("backoff_multiplier", 1.0, Some(100.0)),
+    ("backoff_max_ms", 0.0, Some(3_600_000.0)),
+    ("backoff_jitter", 0.0, Some(1.0)),
+    ("batch_size", 1.0, Some(1e6)),
+    ("lr", 0.0, Some(1e6)),
+    ("seed", 0.0, None),
+    ("sleep_sec", 0.0, Some(3600.0)),
+];
+
+/// The document as served: generated from the handlers, plus the bounds this server checks on
+/// a job spec (some depend on its settings, like `--max-world-size`). Rules across fields
+/// (`backoff_max_ms >= backoff_initial_ms`, not both `epochs` and `total_steps`, paths inside
+/// the allowed roots) are stated in `JobRequest`'s description.
+pub fn document(defaults: &JobDefaults) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    unsigned_bounds(&mut doc);
+    if let Some(schema) = doc.pointer_mut("/components/schemas/JobRequest") {
+        schema["description"] = json!(
+            "The request body of `POST /jobs`. Every field but `world_size` is optional; \
+             unknown fields are refused. Besides each field's bounds, the server checks: \
+             `backoff_max_ms` >= `backoff_initial_ms`; `epochs` or `total_steps`, not both; \
+             `dataset` and `checkpoint_dir` inside an allowed root when the server has them \
+             (`--allowed-root`). A refused spec gets 422 with a message naming the field."
+        );
+        schema["examples"] = json!([
+            {"world_size": 2, "name": "demo", "total_steps": 200, "checkpoint_every": 20},
+            {"world_size": 2, "command": ["python", "train.py"], "env": {"LR": "0.1"},
+             "restart_scope": "worker", "max_restarts": 3},
+        ]);
+    }
+    let Some(props) = doc
+        .pointer_mut("/components/schemas/JobRequest/properties")
+        .and_then(Value::as_object_mut)
+    else {
+        return doc;
+    };
+    let mut set = |field: &str, rules: Value| {
+        if let (Some(Value::Object(schema)), Value::Object(rules)) = (props.get_mut(field), rules) {
+            schema.extend(rules);
+        }
+    };
+    set(
+        "world_size",
+        json!({"minimum": 1, "maximum": defaults.max_world_size}),
+    );
+    for &(field, min, max) in SPEC_BOUNDS {
+        set(field, json!({ "minimum": min }));
+        match max {
+            Some(max) => set(field, json!({ "maximum": max })),
+            // The integers without an upper bound are i64 on the wire.
+            None => set(field, json!({ "maximum": i64::MAX })),
+        }
+    }
+    let no_nul = "^[^\\x00]*$";
+    set("name", json!({"maxLength": 200}));
+    set(
+        "command",
+        json!({
+            "minItems": 1,
+            "prefixItems": [{"type": "string", "minLength": 1}],
+            "items": {"type": "string", "pattern": no_nul},
+            "description": "argv of each rank; absent means the built-in trainer",
+        }),
+    );
+    set(
+        "env",
+        json!({
+            "propertyNames": {
+                "type": "string",
+                "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                "not": {"enum": RESERVED_ENV},
+            },
+            "additionalProperties": {"type": "string", "pattern": no_nul},
+            "description": "Extra environment of every rank; the names trainvisor sets are reserved",
+        }),
+    );
+    for field in ["dataset", "checkpoint_dir"] {
+        set(
+            field,
+            json!({"minLength": 1, "pattern": no_nul,
+                "description": "A local path (inside an allowed root when the server has them)"}),
+        );
+    }
+    doc
+}
+
+/// Responses that whole classes of routes share, added where a handler did not describe them:
+/// 401 on the admin routes, 400 for a bad query string, 400 and 413 for a body.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
+                let admin = op.security.is_none();
+                let has_query = op
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .any(|p| matches!(p, RefOr::T(p) if p.parameter_in == ParameterIn::Query));
+                let has_body = op.request_body.is_some();
+                let mut add = |code: &str, description: &str| {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error_response(description));
+                };
+                if admin {
+                    add(
+                        "401",
+                        "The server has an API token and the request carries neither it nor \
+                         the session cookie",
+                    );
+                }
+                if has_query {
+                    add("400", "A query parameter is malformed or unknown");
+                }
+                if has_body {
+                    add("400", "The body is not valid JSON of the expected shape");
+                    add("413", "The body is larger than `--max-body-bytes`");
+                }
+            }
+        }
+    }
+}
+
+/// An optional body (`Option<T>` in a `request_body`) is generated as `T | null`; the routes
+/// mean "may be empty", not "may be the JSON `null`": keep `T` and `required: false`.
+struct OptionalBodies;
+
+impl Modify for OptionalBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.post].into_iter().flatten() {
+                let Some(RefOr::T(body)) = &mut op.request_body else {
+                    continue;
+                };
+                for content in body.content.values_mut() {
+                    let RefOr::T(content) = content else { continue };
+                    if let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema
+                        && one_of.items.len() == 2
+                        && let Some(inner) = one_of.items.iter().find(|i| !is_null(i))
+                    {
+                        content.schema = Some(inner.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_null(schema: &RefOr<Schema>) -> bool {
+    matches!(schema, RefOr::T(Schema::Object(o))
+        if o.schema_type == SchemaType::Type(Type::Null))
+}
+
+/// Links from `POST /jobs` (its `job_id`) to every admin operation on `/jobs/{job_id}...`, so
+/// clients and fuzzers (schemathesis' stateful phase) can follow a job through its life.
+struct JobLinks;
+
+impl Modify for JobLinks {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut links = Vec::new();
+        for (path, item) in &openapi.paths.paths {
+            if !path.contains("{job_id}") || path.contains("{rank}") {
+                continue;
+            }
+            for (method, op) in [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("DELETE", &item.delete),
+            ] {
+                if let Some(id) = op.as_ref().and_then(|op| op.operation_id.clone()) {
+                    links.push((format!("{method} {path}"), id));
+                }
+            }
+        }
+        let created = openapi
+            .paths
+            .paths
+            .get_mut("/jobs")
+            .and_then(|item| item.post.as_mut())
+            .and_then(|op| op.responses.responses.get_mut("201"));
+        if let Some(RefOr::T(created)) = created {
+            for (name, operation_id) in links {
+                let link = LinkBuilder::new()
+                    .operation_id(operation_id)
+                    .parameter("job_id", "$response.body#/job_id")
+                    .build();
+                created.links.insert(name, RefOr::T(link));
+            }
+        }
+    }
+}
+
+fn error_response(description: &str) -> RefOr<Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name("ApiError"))),
+            )
+            .build(),
+    )
+}
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut admin = Http::new(HttpAuthScheme::Bearer);
+        admin.description = Some(
+            "The server's API token (`--api-token`, `TRAINVISOR_API_TOKEN`). Needed only when \
+             the server has one; every route but `/health`, `/openapi.json`, the page, \
+             `POST /session` and the worker routes then requires it (or the session cookie)."
+                .into(),
+        );
+        components.add_security_scheme("api_token", SecurityScheme::Http(admin));
+        components.add_security_scheme(
+            "session_cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                auth::SESSION_COOKIE,
+                "Set by `POST /session`: how the browser page and its EventSource streams \
+                 (which cannot send headers) authenticate.",
+            ))),
+        );
+        let mut worker = Http::new(HttpAuthScheme::Bearer);
+        worker.description = Some(
+            "A rank's own token (`TRAINVISOR_TOKEN` in its environment): valid only for its \
+             job, rank and incarnation, and never for the admin API."
+                .into(),
+        );
+        components.add_security_scheme("worker_token", SecurityScheme::Http(worker));
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "trainvisor",
+        description = "Fault-tolerant runtime for distributed training jobs. Errors are always \
+            JSON `{error, message}` (schema `ApiError`). With an API token configured, the admin \
+            routes need `Authorization: Bearer <token>` or the session cookie."
+    ),
+    paths(
+        page::index,
+        page::file,
+        health,
+        openapi_json,
+        auth::session,
+        metrics::metrics,
+        events::events,
+        jobs::list,
+        jobs::create,
+        jobs::summaries,
+        jobs::purge,
+        jobs::get,
+        jobs::delete,
+        jobs::summary,
+        jobs::workers,
+        jobs::restarts,
+        jobs::excluded_nodes,
+        jobs::stop,
+        logs::tail,
+        logs::stream,
+        jobs::checkpoints,
+        jobs::model,
+        workers::heartbeat,
+        workers::allreduce,
+        workers::checkpoint,
+    ),
+    components(schemas(ApiErrorDoc)),
+    modifiers(&SecuritySchemes, &CommonResponses, &OptionalBodies, &JobLinks),
+    security(("api_token" = []), ("session_cookie" = [])),
+    tags(
+        (name = "jobs", description = "Create, inspect, stop and delete jobs"),
+        (name = "logs", description = "Job logs: JSON tail and SSE stream"),
+        (name = "workers", description = "Called by the ranks themselves, with their worker token"),
+        (name = "server", description = "Health, metrics, events, authentication, the page"),
+    )
+)]
+pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::JobRequest;
+
+    fn resolves(defaults: &JobDefaults, field: &str, value: f64) -> bool {
+        let mut body = json!({"world_size": 1});
+        // backoff_initial_ms may not exceed backoff_max_ms: test each bound on its own.
+        match field {
+            "backoff_initial_ms" => body["backoff_max_ms"] = json!(3_600_000),
+            "backoff_max_ms" => body["backoff_initial_ms"] = json!(0),
+            _ => {}
+        }
+        body[field] = json!(value);
+        let body = serde_json::to_vec(&body).unwrap();
+        let request: JobRequest = match super::super::error::parse_json(&body, false) {
+            Ok(r) => r,
+            Err(_) => return false,
+        };
+        request.resolve(defaults).is_ok()
+    }
+
+    /// `(METHOD, path)` of every route `api::routes` registers, read from its source: each
+    /// `resource(path, allow)` with the methods chained on it, which must equal `allow`.
+    fn routes_in_mod_rs() -> std::collections::BTreeSet<(String, String)> {
+        let src = include_str!("mod.rs");
+        let body = &src[src.find("pub fn routes(").expect("routes() in mod.rs")..];
+        let mut routes = std::collections::BTreeSet::new();
+        for chunk in body.split("resource(\"").skip(1) {
+            let (path, rest) = chunk.split_once('"').unwrap();
+            let allow = rest.split('"').nth(1).unwrap();
+            let chained = rest.split(".service(").next().unwrap();
+            let mut methods: Vec<String> = ["get", "post", "delete", "put", "patch"]
+                .iter()
+                .filter(|m| chained.contains(&format!(".{m}(")))
+                .map(|m| m.to_uppercase())
+                .collect();
+            methods.sort();
+            let mut allowed: Vec<String> = allow.split(", ").map(str::to_string).collect();
+            allowed.sort();
+            assert_eq!(
+                methods, allowed,
+                "{path}: Allow header vs registered methods"
+            );
+            for m in methods {
+                routes.insert((m, path.to_string()));
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn every_route_is_documented_and_nothing_else() {
+        let doc = document(&JobDefaults::for_data_dir(std::path::Path::new("/data")));
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                documented.insert((method.to_uppercase(), path.clone()));
+                // Every operation says what it answers, and every error is an ApiError.
+                let responses = op["responses"].as_object().unwrap();
+                assert!(
+                    responses.keys().any(|c| c.starts_with('2')),
+                    "{method} {path}"
+                );
+                for (code, res) in responses {
+                    if !code.starts_with('2') {
+                        assert_eq!(
+                            res["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ApiError",
+                            "{method} {path} {code}"
+                        );
+                    }
+                }
+            }
+        }
+        let ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .map(|op| op["operationId"].as_str().expect("an operationId"))
+            .collect();
+        let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "operationIds repeat: {ids:?}");
+        let served = routes_in_mod_rs();
+        assert!(served.len() >= 24, "parsed only {served:?}");
+        assert_eq!(documented, served);
+        // References resolve.
+        let text = doc.to_string();
+        for name in text.split("#/components/schemas/").skip(1) {
+            let name = name.split('"').next().unwrap();
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "dangling $ref {name}"
+            );
+        }
+        for scheme in ["api_token", "worker_token", "session_cookie"] {
+            assert!(doc["components"]["securitySchemes"].get(scheme).is_some());
+        }
+    }
+
+    #[test]
+    fn spec_bounds_match_resolve() {
+        let defaults = JobDefaults::for_data_dir(std::path::Path::new("/data"));
+        for &(field, min, max) in SPEC_BOUNDS {
+            assert!(resolves(&defaults, field, min), "{field} = {min} refused");
+            let below = if min.fract() == 0.0 {
+                min - 1.0
+            } else {
+                min / 2.0
+            };
+            assert!(
+                !resolves(&defaults, field, below),
+                "{field} = {below} accepted"
+            );
+            if let Some(max) = max {
+                assert!(resolves(&defaults, field, max), "{field} = {max} refused");
+                let above = if max.fract() == 0.0 {
+                    max + 1.0
+                } else {
+                    max * 1.5
+                };
+                assert!(
+                    !resolves(&defaults, field, above),
+                    "{field} = {above} accepted"
+                );
+            }
+        }
+        let doc = document(&defaults);
+        let ws = &doc["components"]["schemas"]["JobRequest"]["properties"]["world_size"];
+        assert_eq!(ws["maximum"], json!(defaults.max_world_size));
+    }
+}
