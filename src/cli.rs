@@ -129,6 +129,20 @@ enum Command {
         /// Where to write the figures as JSON.
         #[arg(long, default_value = "bench-results/bench.json")]
         out: PathBuf,
+        /// Run only these scenarios (comma-separated): recovery, hang, api, sse, scale,
+        /// training, checkpoint, slurm, peers.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Leave out the Ray Train and torchrun comparison (it needs PyPI the first time).
+        #[arg(long)]
+        no_peers: bool,
+        /// Where the peers' venv (Ray Train, torch), scripts and logs live; reused across runs.
+        /// Default: $XDG_CACHE_HOME/trainvisor/bench-peers or ~/.cache/trainvisor/bench-peers.
+        #[arg(long)]
+        peers_dir: Option<PathBuf>,
+        /// Launches (each with one kill -9) per peer and for trainvisor on the same workload.
+        #[arg(long, default_value_t = 3)]
+        peer_trials: usize,
     },
 }
 
@@ -328,9 +342,23 @@ pub fn main() -> ExitCode {
         Some(Command::Wait { server, job }) => {
             with_client(&server, |c| async move { client::wait(&c, &job).await })
         }
-        Some(Command::Bench { quick, out }) => {
-            crate::bench::run(crate::bench::BenchArgs { quick, out })
-        }
+        Some(Command::Bench {
+            quick,
+            out,
+            only,
+            no_peers,
+            peers_dir,
+            peer_trials,
+        }) => crate::bench::run(crate::bench::BenchArgs {
+            quick,
+            out,
+            only,
+            no_peers,
+            peers: crate::bench::peers::PeersArgs {
+                dir: peers_dir.unwrap_or_else(crate::bench::peers::default_dir),
+                trials: peer_trials.max(1),
+            },
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

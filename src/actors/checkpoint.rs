@@ -158,22 +158,22 @@ impl Checkpoint {
 }
 
 /// What a commit did.
-struct CommitDone {
+pub struct CommitDone {
     /// From the last part's registration to LATEST written.
-    commit_ms: f64,
+    pub commit_ms: f64,
     /// Committed steps removed by retention.
-    pruned: Vec<u64>,
+    pub pruned: Vec<u64>,
     /// Older steps without a manifest, removed.
-    garbage: Vec<u64>,
+    pub garbage: Vec<u64>,
     /// Things that went wrong after the manifest was written: the step is committed anyway
     /// (the manifest is the truth), e.g. LATEST could not be moved or old steps not deleted.
-    warnings: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 /// The commit protocol: the manifest (create-if-absent), then LATEST as a hint
 /// (compare-and-swap where the store supports it), then retention and garbage. An error
 /// before the manifest is written leaves the previous checkpoint as the newest one.
-async fn commit(
+pub async fn commit(
     store: &Store,
     manifest: &Manifest,
     keep_last: usize,

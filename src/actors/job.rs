@@ -27,8 +27,9 @@ mod worker_api;
 
 pub use rank::{RankSlot, RankState};
 
-use worker_api::AllReduce;
-pub use worker_api::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
+pub use worker_api::{
+    AllReduce, AllReduceRequest, CheckpointPart, Contribution, Heartbeat, WorkerRejected,
+};
 
 /// What the job as a whole is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

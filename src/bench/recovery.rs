@@ -5,9 +5,15 @@ use serde_json::{Value, json};
 use super::{Client, Figures, insert_percentiles, ms_between};
 use crate::store::now;
 
+/// The kill scenarios' workers heartbeat once and then sleep: on a loaded machine a round can
+/// outlast the default 10 s timeout, and a hang restart in the middle would be a second restart.
+const NO_HANG: f64 = 3600.0;
+
 /// A worker that heartbeats once (so the first heartbeat of each incarnation is measurable)
-/// and then waits to be killed.
-const BEAT_THEN_WAIT: &str = r#"curl -s -o /dev/null -X POST -H "Authorization: Bearer $TRAINVISOR_TOKEN" -d '{"step": 1}' "$TRAINVISOR_HEARTBEAT_URL"; exec sleep 100000"#;
+/// and then waits to be killed. Its step is its incarnation number + 1, so a heartbeat tells
+/// which incarnation sent it (`started_at` is stamped when the server handles the spawn, which
+/// on a loaded machine can be after the new process's first heartbeat).
+const BEAT_THEN_WAIT: &str = r#"curl -s -o /dev/null -X POST -H "Authorization: Bearer $TRAINVISOR_TOKEN" -d "{\"step\": $((RESTART_COUNT + 1))}" "$TRAINVISOR_HEARTBEAT_URL"; exec sleep 100000"#;
 
 async fn create(client: &Client, spec: Value) -> anyhow::Result<String> {
     let job = client.post("/jobs", &spec).await?;
@@ -16,7 +22,7 @@ async fn create(client: &Client, spec: Value) -> anyhow::Result<String> {
 
 /// Pids of every rank once all are running and have heartbeated in incarnation `attempt`.
 async fn ready(client: &Client, id: &str, world: usize, attempt: u64) -> anyhow::Result<Vec<u32>> {
-    client
+    let found = client
         .poll(|| async {
             let s = client.get(&format!("/jobs/{id}/summary")).await?;
             let workers = s["workers"].as_array().cloned().unwrap_or_default();
@@ -24,9 +30,8 @@ async fn ready(client: &Client, id: &str, world: usize, attempt: u64) -> anyhow:
                 && workers.iter().all(|w| {
                     w["state"] == "running"
                         && w["attempt"] == attempt
-                        && w["step"] == 1
-                        && w["heartbeat_age_s"].is_number()
-                        && w["started_at"].as_str() <= w["last_heartbeat_at"].as_str()
+                        && w["step"] == attempt + 1
+                        && w["pid"].is_number()
                 });
             Ok(ok.then(|| {
                 workers
@@ -36,7 +41,33 @@ async fn ready(client: &Client, id: &str, world: usize, attempt: u64) -> anyhow:
                     .collect()
             }))
         })
-        .await
+        .await;
+    if found.is_err() {
+        // Say what the ranks were doing instead.
+        let s = client.get(&format!("/jobs/{id}/summary")).await?;
+        let ranks: Vec<String> = s["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|w| {
+                format!(
+                    "rank {} {} attempt {} step {} started {} beat {}",
+                    w["rank"],
+                    w["state"],
+                    w["attempt"],
+                    w["step"],
+                    w["started_at"],
+                    w["last_heartbeat_at"]
+                )
+            })
+            .collect();
+        anyhow::bail!(
+            "job {id}: not every rank running and heartbeating in attempt {attempt}: {}",
+            ranks.join("; ")
+        );
+    }
+    found
 }
 
 /// The newest restart row of a job.
@@ -67,7 +98,8 @@ pub async fn worker_scope(
     let id = create(
         client,
         json!({"world_size": 1, "command": ["sh", "-c", BEAT_THEN_WAIT],
-        "restart_scope": "worker", "backoff_initial_ms": 0, "max_restarts": 100000}),
+        "restart_scope": "worker", "backoff_initial_ms": 0, "max_restarts": 100000,
+        "heartbeat_timeout_s": NO_HANG}),
     )
     .await?;
     let (mut detect, mut spawn, mut beat) = (vec![], vec![], vec![]);
@@ -109,7 +141,8 @@ pub async fn job_scope(
     let id = create(
         client,
         json!({"world_size": world, "command": ["sh", "-c", BEAT_THEN_WAIT],
-        "restart_scope": "job", "backoff_initial_ms": 0, "max_restarts": 100000}),
+        "restart_scope": "job", "backoff_initial_ms": 0, "max_restarts": 100000,
+        "heartbeat_timeout_s": NO_HANG}),
     )
     .await?;
     let (mut detect, mut all_up, mut all_beat) = (vec![], vec![], vec![]);

@@ -8,21 +8,15 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::json;
 
-use super::{Client, Figures, rss_mb};
+use super::{Client, Figures, environ, rss_mb};
 
 /// (heartbeat URL, token) of a running worker.
 fn credentials(pid: u32) -> Option<(String, String)> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let (mut url, mut token) = (None, None);
-    for var in environ.split(|&b| b == 0) {
-        let var = String::from_utf8_lossy(var);
-        if let Some(v) = var.strip_prefix("TRAINVISOR_HEARTBEAT_URL=") {
-            url = Some(v.to_string());
-        } else if let Some(v) = var.strip_prefix("TRAINVISOR_TOKEN=") {
-            token = Some(v.to_string());
-        }
-    }
-    Some((url?, token?))
+    let mut env = environ(pid).ok()?;
+    Some((
+        env.remove("TRAINVISOR_HEARTBEAT_URL")?,
+        env.remove("TRAINVISOR_TOKEN")?,
+    ))
 }
 
 /// CPU seconds (user + system) a process has used.

@@ -42,7 +42,7 @@ pub async fn run(
         ..DatasetParams::default()
     };
     make_dataset(&dataset, &params)?;
-    let steps = if quick { 500 } else { 3000 };
+    let steps = if quick { 100 } else { 3000 };
     for w in [1, 2, 4, 8] {
         let (_, secs) = run_job(
             client,

@@ -20,7 +20,7 @@ pub(super) const PROGRESS_EVENT_EVERY: Duration = Duration::from_millis(500);
 
 /// One all-reduce round: every rank's values for `step`, and the ranks waiting for the mean.
 #[derive(Default)]
-pub(super) struct AllReduce {
+pub struct AllReduce {
     step: u64,
     values: Vec<Option<Vec<f64>>>,
     waiters: Vec<oneshot::Sender<Arc<Vec<f64>>>>,
@@ -127,37 +127,51 @@ impl Handler<AllReduceRequest> for Job {
     }
 }
 
-type Contribution = Result<Arc<Vec<f64>>, oneshot::Receiver<Arc<Vec<f64>>>>;
+/// The mean at once (the last rank of the round), or a receiver for it.
+pub type Contribution = Result<Arc<Vec<f64>>, oneshot::Receiver<Arc<Vec<f64>>>>;
 
 impl Job {
     fn contribute(&mut self, msg: AllReduceRequest) -> Result<Contribution, WorkerRejected> {
         self.authorize(msg.rank, &msg.token)?;
         let world = self.spec.world_size as usize;
-        let ar = &mut self.allreduce;
-        if ar.values.is_empty() {
-            ar.values = vec![None; world];
-            ar.step = msg.step;
+        self.allreduce
+            .contribute(world, msg.rank, msg.step, msg.values)
+    }
+}
+
+impl AllReduce {
+    /// Adds rank `rank`'s values for `step` (`rank < world`, checked by the caller's token
+    /// check). The last rank of the round gets the mean and wakes the others.
+    pub fn contribute(
+        &mut self,
+        world: usize,
+        rank: u32,
+        step: u64,
+        values: Vec<f64>,
+    ) -> Result<Contribution, WorkerRejected> {
+        if self.values.is_empty() {
+            self.values = vec![None; world];
+            self.step = step;
         }
-        if ar.step != msg.step {
+        if self.step != step {
             return Err(WorkerRejected::Invalid(format!(
-                "all-reduce is at step {}, rank {} sent step {}",
-                ar.step, msg.rank, msg.step
+                "all-reduce is at step {}, rank {rank} sent step {step}",
+                self.step
             )));
         }
-        if let Some(len) = ar.values.iter().flatten().map(Vec::len).next()
-            && len != msg.values.len()
+        if let Some(len) = self.values.iter().flatten().map(Vec::len).next()
+            && len != values.len()
         {
             return Err(WorkerRejected::Invalid(format!(
-                "rank {} sent {} values, others {len}",
-                msg.rank,
-                msg.values.len()
+                "rank {rank} sent {} values, others {len}",
+                values.len()
             )));
         }
-        ar.values[msg.rank as usize] = Some(msg.values);
-        if ar.values.iter().all(Option::is_some) {
+        self.values[rank as usize] = Some(values);
+        if self.values.iter().all(Option::is_some) {
             // Summed in rank order, so the mean is the same bits on every run.
-            let mut sum = vec![0.0; ar.values[0].as_ref().map_or(0, Vec::len)];
-            for v in ar.values.iter().flatten() {
+            let mut sum = vec![0.0; self.values[0].as_ref().map_or(0, Vec::len)];
+            for v in self.values.iter().flatten() {
                 for (s, x) in sum.iter_mut().zip(v) {
                     *s += x;
                 }
@@ -166,14 +180,14 @@ impl Job {
                 *s /= world as f64;
             }
             let mean = Arc::new(sum);
-            for w in ar.waiters.drain(..) {
+            for w in self.waiters.drain(..) {
                 let _ = w.send(mean.clone());
             }
-            ar.values.clear();
+            self.values.clear();
             return Ok(Ok(mean));
         }
         let (tx, rx) = oneshot::channel();
-        ar.waiters.push(tx);
+        self.waiters.push(tx);
         Ok(Err(rx))
     }
 }
