@@ -164,15 +164,14 @@ fn manifest_commit(c: &mut Criterion) {
                         }
                     })
                     .collect();
-                let manifest = Manifest {
+                Manifest {
                     version: 1,
                     job_id: Uuid::nil().to_string(),
                     step,
                     world_size: world,
                     committed_at: store::now(),
                     parts,
-                };
-                manifest
+                }
             },
             // keep_last = 3: the fourth-newest step is pruned with each commit.
             |manifest| {
