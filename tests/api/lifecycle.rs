@@ -145,6 +145,13 @@ async fn delete_refuses_running_jobs_unless_forced() {
         .create_job(json!({"world_size": 1, "command": sh("sleep 300")}))
         .await;
     app.running_pids(&running, 1).await;
+    // The job's row says `running` once the recorder has committed the change, a moment
+    // after the rank's pid shows in the summary.
+    let state = wait_for(Duration::from_secs(10), || async {
+        (app.job(&running).await["state"] == "running").then_some(())
+    })
+    .await;
+    assert!(state.is_some(), "the job never showed as running");
     let res = app
         .client
         .delete(app.url(&format!("/jobs/{running}")))
