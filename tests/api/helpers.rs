@@ -149,7 +149,6 @@ pub fn running_pids_in(summary: &Value) -> Vec<u32> {
 /// The real binary as a child process serving `data_dir` on a free loopback port; returns it
 /// and its base URL (read from its first stdout line).
 pub fn start_server_process(data_dir: &std::path::Path) -> (std::process::Child, String) {
-    use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
         .args([
             "serve",
@@ -164,16 +163,39 @@ pub fn start_server_process(data_dir: &std::path::Path) -> (std::process::Child,
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("server starts");
+    let url = listening_url(&mut child);
+    (child, url)
+}
+
+/// The base URL a server child process prints on its first stdout line (piped).
+pub fn listening_url(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
     let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
+    std::io::BufReader::new(child.stdout.take().expect("the server's stdout is piped"))
         .read_line(&mut first)
         .unwrap();
-    let url = first
+    first
         .trim()
         .strip_prefix("trainvisor listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
-    (child, url)
+        .to_string()
+}
+
+/// A small dataset in the app's data dir: 4 shards × 400 rows, 8 features, 3 classes.
+pub fn small_dataset(app: &TestApp) -> std::path::PathBuf {
+    use trainvisor::trainer::data::{DatasetParams, make_dataset};
+    let dir = app.data_dir.path().join("small");
+    let params = DatasetParams {
+        shards: 4,
+        rows_per_shard: 400,
+        features: 8,
+        classes: 3,
+        seed: 7,
+        label_noise: 0.02,
+        test_rows: 500,
+    };
+    make_dataset(&dir, &params).unwrap();
+    dir
 }
 
 /// Polls `check` every 20 ms until it returns Some or `timeout` passes.

@@ -12,7 +12,7 @@
 //! `tests/run` installs schemathesis in a venv and sets TRAINVISOR_SCHEMATHESIS; without it
 //! this test fails and says so.
 
-use std::io::BufRead;
+use crate::helpers::listening_url;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,15 +81,7 @@ fn schemathesis_finds_no_failure() {
         .stderr(server_log)
         .spawn()
         .expect("server starts");
-    let mut first = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = first
-        .trim()
-        .strip_prefix("trainvisor listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
+    let url = listening_url(&mut server);
 
     let seed = std::env::var("TRAINVISOR_SCHEMATHESIS_SEED").unwrap_or_else(|_| "7".into());
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/schemathesis.toml");

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use trainvisor::trainer::data::{DatasetParams, make_dataset};
 
 use crate::helpers::*;
 
@@ -98,21 +97,6 @@ async fn app_on(cluster: &Cluster) -> TestApp {
     spawn_app_with(move |s| s.slurm_conf = Some(conf)).await
 }
 
-fn dataset(app: &TestApp) -> PathBuf {
-    let dir = app.data_dir.path().join("small");
-    let params = DatasetParams {
-        shards: 4,
-        rows_per_shard: 400,
-        features: 8,
-        classes: 3,
-        seed: 7,
-        label_noise: 0.02,
-        test_rows: 500,
-    };
-    make_dataset(&dir, &params).unwrap();
-    dir
-}
-
 fn trainer_spec(dataset: &Path, steps: u64, sleep: f64, slurm: bool) -> Value {
     let mut spec = json!({"world_size": 4, "dataset": dataset, "total_steps": steps,
                           "batch_size": 16, "checkpoint_every": 5, "lr": 0.2, "seed": 3,
@@ -187,7 +171,7 @@ fn nodes_of(summary: &Value) -> Vec<String> {
 async fn a_trainer_job_across_two_nodes_matches_the_local_run() {
     let cluster = Cluster::start();
     let app = app_on(&cluster).await;
-    let data = dataset(&app);
+    let data = small_dataset(&app);
     let local = run_ok(&app, trainer_spec(&data, 60, 0.0, false)).await;
     let id = app.create_job(trainer_spec(&data, 60, 0.02, true)).await;
     let summary = running_past(&app, &id, 1).await;
@@ -222,7 +206,7 @@ async fn a_trainer_job_across_two_nodes_matches_the_local_run() {
 async fn a_rank_killed_on_its_node_is_restarted() {
     let cluster = Cluster::start();
     let app = app_on(&cluster).await;
-    let data = dataset(&app);
+    let data = small_dataset(&app);
     let id = app.create_job(trainer_spec(&data, 120, 0.03, true)).await;
     running_past(&app, &id, 10).await;
     let pid = rank_process(&instance(&app), 3).expect("rank 3's process");
@@ -253,7 +237,7 @@ async fn a_rank_killed_on_its_node_is_restarted() {
 async fn ranks_of_a_node_that_goes_down_move_to_the_other_node() {
     let cluster = Cluster::start();
     let app = app_on(&cluster).await;
-    let data = dataset(&app);
+    let data = small_dataset(&app);
     let id = app.create_job(trainer_spec(&data, 150, 0.1, true)).await;
     let summary = running_past(&app, &id, 5).await;
     assert_eq!(nodes_of(&summary), ["n1", "n1", "n2", "n2"]);
@@ -391,7 +375,6 @@ async fn slurm_options_are_validated() {
 
 /// The real binary serving `data_dir` with the cluster's slurm.conf; returns it and its URL.
 fn start_server(data_dir: &Path, conf: &Path) -> (std::process::Child, String) {
-    use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_trainvisor"))
         .args(["serve", "--bind", "127.0.0.1:0", "--kill-grace-ms", "300"])
         .arg("--data-dir")
@@ -402,15 +385,7 @@ fn start_server(data_dir: &Path, conf: &Path) -> (std::process::Child, String) {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("server starts");
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = first
-        .trim()
-        .strip_prefix("trainvisor listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
+    let url = listening_url(&mut child);
     (child, url)
 }
 

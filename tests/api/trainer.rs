@@ -7,26 +7,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use trainvisor::checkpoint::{self, find_resume};
 use trainvisor::storage::Store;
-use trainvisor::trainer::data::{DatasetParams, make_dataset};
 use trainvisor::trainer::rng::SplitMix64;
 
 use crate::helpers::*;
-
-/// A small dataset in the app's data dir: 4 shards × 400 rows, 8 features, 3 classes.
-fn small_dataset(app: &TestApp) -> PathBuf {
-    let dir = app.data_dir.path().join("small");
-    let params = DatasetParams {
-        shards: 4,
-        rows_per_shard: 400,
-        features: 8,
-        classes: 3,
-        seed: 7,
-        label_noise: 0.02,
-        test_rows: 500,
-    };
-    make_dataset(&dir, &params).unwrap();
-    dir
-}
 
 fn spec(dataset: &Path, world: u32, extra: Value) -> Value {
     let mut spec = json!({"world_size": world, "dataset": dataset, "total_steps": 120,
