@@ -131,21 +131,9 @@ pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
 /// Temp file and rename (readers see the old or the whole new file); with `durable`, the file
 /// and the directory are fsynced too.
 fn write_atomic(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    create_dir_durable(dir)?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad file name"))?;
-    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), unique()));
+    let (dir, tmp) = temp_beside(path)?;
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(data)?;
-        if durable {
-            file.sync_all()?;
-        }
+        write_new(&tmp, data, durable)?;
         fs::rename(&tmp, path)?;
         if durable {
             sync_dir(dir)?;
@@ -160,19 +148,9 @@ fn write_atomic(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
 
 /// Like `write_durable`, but refuses to replace an existing file (`Ok(false)`).
 fn create_durable(path: &Path, data: &[u8]) -> io::Result<bool> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    create_dir_durable(dir)?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad file name"))?;
-    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), unique()));
+    let (dir, tmp) = temp_beside(path)?;
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
+        write_new(&tmp, data, true)?;
         match fs::hard_link(&tmp, path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
@@ -183,6 +161,30 @@ fn create_durable(path: &Path, data: &[u8]) -> io::Result<bool> {
     })();
     let _ = fs::remove_file(&tmp);
     result
+}
+
+/// The (durably created) parent directory of `path` and a fresh temp file name in it.
+fn temp_beside(path: &Path) -> io::Result<(&Path, std::path::PathBuf)> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    create_dir_durable(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad file name"))?;
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), unique()));
+    Ok((dir, tmp))
+}
+
+/// Writes a new file (never an existing one), fsynced when `sync`.
+fn write_new(path: &Path, data: &[u8], sync: bool) -> io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    file.write_all(data)?;
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
