@@ -18,7 +18,6 @@ use crate::actors::{JobManager, Registry, Runtime};
 use crate::api::{self, ApiError, AppState};
 use crate::bus::{EventBus, LogBus};
 use crate::config::Settings;
-use crate::launcher::local;
 use crate::store::{self, Recorder};
 
 pub struct Application {
@@ -36,7 +35,7 @@ impl Application {
             .with_context(|| format!("creating data dir {}", data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
         let instance = instance_id(&data_dir)?;
-        let swept = local::sweep(&instance);
+        let swept = crate::launcher::sweep(&instance).await;
         if swept > 0 {
             tracing::warn!(swept, "killed worker processes left by a previous server");
         }

@@ -10,22 +10,22 @@ use rand::Rng;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::Runtime;
 use super::checkpoint::{Checkpoint, Committed, WhenIdle};
-use super::worker::{Shutdown, Terminate, Worker, WorkerExited, WorkerStarted};
-use super::{JobState, Runtime};
-use crate::actors::job_manager::JobEnded;
-use crate::progress::{Progress, Summary, SummaryInput};
-use crate::spec::{JobSpec, RestartScope};
+use super::messages::{JobEnded, StopActor, Terminate, WorkerExited, WorkerStarted};
+use super::worker::Worker;
+use crate::domain::progress::{Progress, Summary, SummaryInput};
+use crate::domain::{Decision, JobState, Outcome, RestartCounts, RestartPolicy, RestartScope};
+use crate::launcher::{self, JobContext, JobLauncher};
+use crate::spec::JobSpec;
 use crate::storage::Store;
-use crate::store::history::{HistoryOp, Outcome};
+use crate::store::history::HistoryOp;
 use crate::store::now;
 
 mod launch;
-mod rank;
-mod slurm;
 mod worker_api;
 
-pub use rank::{RankSlot, RankState};
+use crate::domain::{RankSlot, RankState};
 
 pub use worker_api::{
     AllReduce, AllReduceRequest, CheckpointPart, Contribution, Heartbeat, WorkerRejected,
@@ -55,7 +55,9 @@ pub struct Job {
     ranks: Vec<RankSlot>,
     workers: Vec<Addr<Worker>>,
     master_port: u16,
-    group_restarts: u32,
+    policy: RestartPolicy,
+    /// Restarts made, as the policy counts them against the budget.
+    counts: RestartCounts,
     restart_events: u32,
     created_at: String,
     started_at: Option<String>,
@@ -65,7 +67,7 @@ pub struct Job {
     last_checkpoint: Option<Committed>,
     allreduce: AllReduce,
     last_progress_event: Option<std::time::Instant>,
-    slurm: slurm::SlurmState,
+    launcher: Arc<dyn JobLauncher>,
 }
 
 /// How a job actor begins: fresh, or resumed after a server restart.
@@ -75,7 +77,7 @@ pub struct JobInit {
     pub created_at: String,
     pub started_at: Option<String>,
     pub ranks: Vec<RankSlot>,
-    pub group_restarts: u32,
+    pub counts: RestartCounts,
     pub restart_events: u32,
     /// Nodes already excluded from the job's launches (restored from the history).
     pub excluded_nodes: Vec<String>,
@@ -96,26 +98,47 @@ impl Job {
         rt.bus.open(init.id);
         let addr = Job::create(move |ctx| {
             let timeout = Duration::from_secs_f64(init.spec.heartbeat_timeout_s);
-            let world_size = init.spec.world_size;
-            let location = init.spec.job_checkpoint_dir(&init.id);
+            let spec = Arc::new(init.spec);
+            let launcher = launcher::for_job(JobContext {
+                job_id: init.id,
+                spec: spec.clone(),
+                settings: rt.settings.clone(),
+                instance: rt.instance.clone(),
+                base_url: rt.base_url.clone(),
+                recorder: rt.recorder.clone(),
+                excluded_nodes: init.excluded_nodes,
+            });
+            let init_spec = &spec;
+            let location = init_spec.job_checkpoint_dir(&init.id);
             // The spec was validated, so the location opens.
             let store = Store::open_with(&location, &rt.settings.s3)
                 .unwrap_or_else(|_| Store::open(".").expect("a path"));
             let checkpoint = Checkpoint::new(
                 init.id,
-                init.spec.world_size,
-                init.spec.keep_last,
+                spec.world_size,
+                spec.keep_last,
                 store,
                 rt.clone(),
                 ctx.address().recipient(),
             )
             .start();
-            let workers = (0..init.spec.world_size)
-                .map(|rank| Worker::new(ctx.address(), init.id, rank, rt.clone(), timeout).start())
+            let workers = (0..spec.world_size)
+                .map(|rank| {
+                    Worker::new(
+                        ctx.address(),
+                        init.id,
+                        rank,
+                        rt.clone(),
+                        launcher.clone(),
+                        timeout,
+                    )
+                    .start()
+                })
                 .collect();
             Job {
                 id: init.id,
-                spec: Arc::new(init.spec),
+                policy: spec.restart_policy(),
+                spec,
                 rt,
                 manager,
                 state: initial,
@@ -124,7 +147,7 @@ impl Job {
                 ranks: init.ranks,
                 workers,
                 master_port: 0,
-                group_restarts: init.group_restarts,
+                counts: init.counts,
                 restart_events: init.restart_events,
                 created_at: init.created_at,
                 started_at: init.started_at,
@@ -134,7 +157,7 @@ impl Job {
                 last_checkpoint: None,
                 allreduce: AllReduce::default(),
                 last_progress_event: None,
-                slurm: slurm::SlurmState::new(world_size, init.excluded_nodes),
+                launcher,
             }
         });
         (addr, state_rx)
@@ -261,17 +284,15 @@ impl Job {
         });
         self.rt.recorder.end_of_logs(self.id);
         for worker in &self.workers {
-            worker.do_send(Shutdown);
+            worker.do_send(StopActor);
         }
-        // Nothing of the job stays on Slurm once it has ended.
-        let release = self.slurm_release();
+        // Nothing the launcher holds for the job (an allocation, a network) outlives it.
+        let release = self.launcher.release();
         // Announce the end only once it is in the database, so whoever waits on it reads
         // the final state back.
         ctx.spawn(
             async move {
-                if let Some(release) = release {
-                    release.await;
-                }
+                release.await;
                 let _ = ack.await;
             }
             .into_actor(self)
@@ -299,27 +320,22 @@ impl Job {
         } else {
             format!("{cause}; last lines:\n{}", msg.tail.join("\n"))
         };
-        let scope = self.spec.restart_scope;
-        let spent = match scope {
-            RestartScope::Worker => self.ranks[rank as usize].restarts,
-            RestartScope::Job => self.group_restarts,
+        let scope = self.policy.scope;
+        let draw = rand::rng().random_range(0.0..1.0);
+        let (n, backoff_ms) = match self.policy.decide(&self.counts, rank, draw) {
+            Decision::Restart { n, backoff_ms } => (n, backoff_ms),
+            Decision::GiveUp { spent } => {
+                self.ranks[rank as usize].state = RankState::Failed;
+                let reason = format!(
+                    "{} after {spent} restart(s) (max_restarts {}): {with_tail}",
+                    msg.outcome.as_str(),
+                    self.policy.max_restarts
+                );
+                self.fail(reason, ctx);
+                return;
+            }
         };
-        if spent >= self.spec.max_restarts {
-            self.ranks[rank as usize].state = RankState::Failed;
-            let reason = format!(
-                "{} after {spent} restart(s) (max_restarts {}): {with_tail}",
-                msg.outcome.as_str(),
-                self.spec.max_restarts
-            );
-            self.fail(reason, ctx);
-            return;
-        }
-        let n = spent + 1;
-        let mut backoff_ms = self.spec.backoff_ms(n);
-        if self.spec.backoff_jitter > 0.0 {
-            let cut = rand::rng().random_range(0.0..self.spec.backoff_jitter);
-            backoff_ms = (backoff_ms as f64 * (1.0 - cut)) as u64;
-        }
+        self.policy.record(&mut self.counts, rank, n);
         let slot = &mut self.ranks[rank as usize];
         self.rt.recorder.record(HistoryOp::RestartDetected {
             job_id: self.id,
@@ -327,8 +343,8 @@ impl Job {
             attempt: slot.next_attempt,
             scope: scope.as_str(),
             reason: msg.outcome,
-            exit_code: msg.exit_code,
-            signal: msg.signal,
+            exit_code: msg.exit.code,
+            signal: msg.exit.signal,
             detail: with_tail,
             detected_at: now(),
             backoff_ms,
@@ -348,13 +364,12 @@ impl Job {
             Some(msg.attempt),
             format!(
                 "{cause}; restart {n}/{} ({} scope) in {backoff_ms} ms",
-                self.spec.max_restarts,
+                self.policy.max_restarts,
                 scope.as_str()
             ),
         );
         match scope {
             RestartScope::Worker => {
-                slot.restarts = n;
                 slot.state = RankState::Backoff;
                 ctx.run_later(Duration::from_millis(backoff_ms), move |act, ctx| {
                     let state = act.ranks[rank as usize].state;
@@ -364,7 +379,6 @@ impl Job {
                 });
             }
             RestartScope::Job => {
-                self.group_restarts = n;
                 slot.state = RankState::Failed;
                 self.phase = Phase::GroupRestart { backoff_ms };
                 self.terminate_live();
@@ -374,6 +388,7 @@ impl Job {
     }
 
     pub fn summary(&self) -> Summary {
+        let status = self.launcher.status();
         Summary::build(SummaryInput {
             id: self.id,
             spec: &self.spec,
@@ -388,8 +403,8 @@ impl Job {
                 .last_checkpoint
                 .as_ref()
                 .map(|c| (c.step, c.at.clone())),
-            slurm_job_id: self.slurm.alloc.as_ref().map(|a| a.job_id),
-            excluded_nodes: self.slurm.excluded.clone(),
+            slurm_job_id: status.slurm_job_id,
+            excluded_nodes: status.excluded_nodes,
         })
     }
 }
@@ -459,14 +474,14 @@ impl Handler<WorkerExited> for Job {
             rank,
             attempt: msg.attempt,
             ended_at: now(),
-            exit_code: msg.exit_code,
-            signal: msg.signal,
+            exit_code: msg.exit.code,
+            signal: msg.exit.signal,
             outcome: msg.outcome,
         });
         slot.pid = None;
         slot.progress.pid = None;
-        if self.phase == Phase::Running {
-            self.count_node_failure(rank, msg.outcome, &msg.detail);
+        if self.phase == Phase::Running && msg.outcome.is_failure() {
+            self.launcher.rank_failed(rank, msg.outcome, &msg.detail);
         }
         let slot = &mut self.ranks[rank as usize];
         match self.phase {
@@ -530,25 +545,18 @@ impl Handler<StopJob> for Job {
     }
 }
 
-/// Server shutdown: kill every rank's group now, leave the job `running` in the database so
-/// the next start resumes it.
+/// Server shutdown: kill every rank now, leave the job `running` in the database so the next
+/// start resumes it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct KillForShutdown;
 
 impl Handler<KillForShutdown> for Job {
-    type Result = ();
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: KillForShutdown, _: &mut Context<Self>) {
+    fn handle(&mut self, _: KillForShutdown, _: &mut Context<Self>) -> Self::Result {
         // No more decisions: the exits that follow are the server's doing, not the ranks'.
         self.phase = Phase::Done;
-        for slot in &self.ranks {
-            if let Some(pid) = slot.pid {
-                crate::launcher::local::signal_group(pid, libc::SIGKILL);
-            }
-        }
-        // Killing srun leaves the steps running: cancel the allocation; the next server
-        // relaunches the job in a new one.
-        self.slurm_release_blocking();
+        Box::pin(self.launcher.kill_all())
     }
 }

@@ -8,10 +8,12 @@ use actix::prelude::*;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::job::{Job, JobInit, KillForShutdown, RankSlot, RankState, StopJob};
-use super::{JobHandle, JobState, Runtime};
-use crate::spec::{JobSpec, RestartScope};
-use crate::store::history::{HistoryOp, Outcome};
+use super::job::{Job, JobInit, KillForShutdown, StopJob};
+use super::messages::JobEnded;
+use super::{JobHandle, Runtime};
+use crate::domain::{JobState, Outcome, RankSlot, RankState, RestartCounts, RestartScope};
+use crate::spec::JobSpec;
+use crate::store::history::HistoryOp;
 use crate::store::{self, jobs::JobRecord, now};
 use crate::trainer::data;
 
@@ -105,6 +107,7 @@ impl Handler<CreateJob> for JobManager {
             .map(move |res: Result<_, ManagerError>, act, ctx| {
                 let (spec, created_at) = res?;
                 let ranks = vec![RankSlot::new(); spec.world_size as usize];
+                let counts = RestartCounts::new(spec.world_size);
                 act.start_job(
                     JobInit {
                         id,
@@ -112,7 +115,7 @@ impl Handler<CreateJob> for JobManager {
                         created_at,
                         started_at: None,
                         ranks,
-                        group_restarts: 0,
+                        counts,
                         restart_events: 0,
                         excluded_nodes: Vec::new(),
                     },
@@ -163,12 +166,12 @@ impl Handler<Restore> for JobManager {
 
     fn handle(&mut self, _: Restore, _: &mut Context<Self>) -> Self::Result {
         let pool = self.rt.pool.clone();
-        let conf = self.rt.settings.slurm_conf.clone();
+        let settings = self.rt.settings.clone();
         Box::pin(
             async move {
                 let mut inits = Vec::new();
                 for record in store::jobs::unfinished(&pool).await? {
-                    inits.push(restore_plan(&pool, record, conf.as_deref()).await?);
+                    inits.push(restore_plan(&pool, record, &settings).await?);
                 }
                 Ok(inits)
             }
@@ -191,7 +194,7 @@ impl Handler<Restore> for JobManager {
 async fn restore_plan(
     pool: &sqlx::SqlitePool,
     record: JobRecord,
-    slurm_conf: Option<&std::path::Path>,
+    settings: &crate::config::Settings,
 ) -> Result<JobInit, ManagerError> {
     let id: Uuid = record
         .job_id
@@ -200,14 +203,7 @@ async fn restore_plan(
     let spec: JobSpec = serde_json::from_value(record.spec)
         .map_err(|e| anyhow::anyhow!("job {id}: stored spec unreadable: {e}"))?;
     let at = now();
-    if spec.slurm.is_some() {
-        // What the dead server held on Slurm (an allocation, steps still running) goes: the
-        // job is relaunched in a new allocation, never next to the old one.
-        let name = crate::launcher::slurm::job_name(&id);
-        if let Err(e) = crate::launcher::slurm::cancel_named(slurm_conf, &name).await {
-            tracing::warn!(job_id = %id, error = %e, "could not cancel the job's old Slurm allocation");
-        }
-    }
+    crate::launcher::forget(&spec, id, settings).await;
     store::jobs::close_orphaned_incarnations(pool, id, &at).await?;
     let excluded_nodes = store::jobs::excluded_nodes(pool, id)
         .await?
@@ -230,16 +226,9 @@ async fn restore_plan(
             RankState::Pending
         };
     }
-    let mut group_restarts = 0;
-    for r in restarts
-        .iter()
-        .filter(|r| r.reason != Outcome::ServerRestart.as_str())
-    {
-        match (r.scope.as_str(), ranks.get_mut(r.rank as usize)) {
-            ("job", _) => group_restarts += 1,
-            (_, Some(slot)) => slot.restarts += 1,
-            _ => {}
-        }
+    let mut counts = RestartCounts::new(spec.world_size);
+    for r in &restarts {
+        counts.count_row(r.rank as u32, &r.scope, &r.reason);
     }
     let mut restart_events = restarts.len() as u32;
     let started = !incarnations.is_empty();
@@ -276,17 +265,10 @@ async fn restore_plan(
         created_at: record.created_at,
         started_at: record.started_at,
         ranks,
-        group_restarts,
+        counts,
         restart_events,
         excluded_nodes,
     })
-}
-
-/// A Job actor has ended and its final state is in the database.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct JobEnded {
-    pub id: Uuid,
 }
 
 impl Handler<JobEnded> for JobManager {

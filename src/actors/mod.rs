@@ -3,13 +3,13 @@
 pub mod checkpoint;
 pub mod job;
 pub mod job_manager;
+pub mod messages;
 pub mod worker;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use actix::Addr;
-use serde::Serialize;
 use sqlx::SqlitePool;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -22,46 +22,7 @@ pub use job::Job;
 pub use job_manager::JobManager;
 pub use worker::Worker;
 
-/// A job's lifecycle: `pending → running → succeeded | failed | stopped`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Stopped,
-}
-
-impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Pending => "pending",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Stopped => "stopped",
-        }
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Stopped
-        )
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => JobState::Pending,
-            "running" => JobState::Running,
-            "succeeded" => JobState::Succeeded,
-            "failed" => JobState::Failed,
-            "stopped" => JobState::Stopped,
-            _ => return None,
-        })
-    }
-}
+use crate::domain::JobState;
 
 /// What every actor shares: the database, the recorder, the log bus and the settings.
 pub struct Runtime {

@@ -7,12 +7,12 @@ use uuid::Uuid;
 use super::error::parse_json;
 use super::openapi::{ApiErrorDoc, JobId, Model};
 use super::{ApiError, AppState, parse_job_id};
-use crate::actors::JobState;
 use crate::actors::job::GetSummary;
 use crate::actors::job_manager::DeleteReport;
 use crate::actors::job_manager::{CreateJob, Delete, Stop};
 use crate::checkpoint::{FINAL_MODEL, sha256_hex};
-use crate::progress::Summary;
+use crate::domain::JobState;
+use crate::domain::progress::Summary;
 use crate::spec::{JobRequest, JobSpec};
 use crate::storage::Store as Storage;
 use crate::store;
@@ -56,6 +56,9 @@ pub async fn create(
             .await
             .map_err(|e| ApiError::InvalidSpec(format!("{field}: {e}")))?;
     }
+    crate::launcher::admit(&spec, &state.rt.settings, &state.rt.base_url)
+        .await
+        .map_err(ApiError::InvalidSpec)?;
     let id = state.manager.send(CreateJob(spec)).await??;
     let job = record(&state, id).await?;
     Ok(HttpResponse::Created().json(job))

@@ -13,19 +13,136 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, OnceLock};
 
+use futures_util::future::LocalBoxFuture;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{ChildStderr, ChildStdout};
 use tokio::sync::oneshot;
 
-/// What to start for one rank.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
+use super::{
+    JobContext, JobLauncher, Launch, Line, LineAssembler, LiveRanks, MAX_LINE_BYTES, Place,
+    Prepared, RankControl, RankProcess,
+};
+use crate::domain::{Exit, ExitCause};
+
+/// The local launcher of one job: every rank a child of this server, MASTER_ADDR loopback.
+pub struct LocalLauncher {
+    live: Arc<LiveRanks>,
+}
+
+impl LocalLauncher {
+    pub fn new(_cx: JobContext) -> Self {
+        LocalLauncher {
+            live: Arc::default(),
+        }
+    }
+}
+
+impl JobLauncher for LocalLauncher {
+    fn prepare(&self, ranks: Vec<u32>) -> LocalBoxFuture<'static, Result<Prepared, String>> {
+        let node = super::hostname();
+        let places = ranks
+            .into_iter()
+            .map(|r| (r, Place { node: node.clone() }))
+            .collect();
+        Box::pin(std::future::ready(Ok(Prepared {
+            master_addr: "127.0.0.1".to_string(),
+            server_url: None,
+            places,
+        })))
+    }
+
+    fn start(
+        &self,
+        rank: u32,
+        attempt: u32,
+        _place: Place,
+        launch: Launch,
+    ) -> LocalBoxFuture<'static, io::Result<RankProcess>> {
+        let live = self.live.clone();
+        Box::pin(async move {
+            let mut process = start_process(launch).await?;
+            live.insert(rank, attempt, process.control.clone());
+            process.exit = super::leave_on_exit(live, rank, attempt, process.exit);
+            Ok(process)
+        })
+    }
+
+    fn release(&self) -> LocalBoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    fn kill_all(&self) -> LocalBoxFuture<'static, ()> {
+        self.live.kill_all();
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// A rank that is a child process of this server: its process group is signalled whole.
+pub struct GroupControl {
+    pub pgid: u32,
+}
+
+impl RankControl for GroupControl {
+    fn terminate(&self) {
+        signal_group(self.pgid, libc::SIGTERM);
+    }
+
+    fn kill(&self) {
+        signal_group(self.pgid, libc::SIGKILL);
+    }
+}
+
+/// Spawns `launch` as a child of this server and hands it over as a rank: its two pipes read
+/// into one line channel, its exit from the pidfd, after which what is left of its process
+/// group is killed.
+pub async fn start_process(launch: Launch) -> io::Result<RankProcess> {
+    let mut running = spawn(launch).await?;
+    let pid = running.pid;
+    let (tx, lines) = super::line_channel();
+    let pipes: [(&'static str, Option<Box<dyn AsyncRead + Unpin>>); 2] = [
+        ("stdout", running.stdout.take().map(|p| Box::new(p) as _)),
+        ("stderr", running.stderr.take().map(|p| Box::new(p) as _)),
+    ];
+    for (stream, pipe) in pipes {
+        let Some(pipe) = pipe else { continue };
+        let tx = tx.clone();
+        tokio::task::spawn_local(async move {
+            read_lines(pipe, MAX_LINE_BYTES, |text| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(Line { stream, text }).await;
+                }
+            })
+            .await
+        });
+    }
+    let watch = running.into_exit();
+    let exit = Box::pin(async move {
+        let status = watch.wait().await;
+        // The rank's leader is gone; so is everything it left in its group.
+        signal_group(pid, libc::SIGKILL);
+        match status {
+            Ok(status) => Exit {
+                code: status.code(),
+                signal: status.signal(),
+                cause: None,
+            },
+            Err(e) => Exit {
+                cause: Some(ExitCause::Unobserved(e.to_string())),
+                ..Exit::default()
+            },
+        }
+    });
+    Ok(RankProcess {
+        pid,
+        lines,
+        exit,
+        control: Arc::new(GroupControl { pgid: pid }),
+    })
 }
 
 struct SpawnRequest {
@@ -163,11 +280,6 @@ impl ExitWatch {
     }
 }
 
-/// Exit code or signal of a finished child.
-pub fn exit_parts(status: ExitStatus) -> (Option<i32>, Option<i32>) {
-    (status.code(), status.signal())
-}
-
 /// Signals a whole process group. Errors (the group is gone) are ignored.
 pub fn signal_group(pgid: u32, signal: i32) {
     if pgid > 1 {
@@ -187,44 +299,22 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     // Small buffers: a thousand ranks means two thousand of them. Longer lines still work,
-    // they are assembled in `line`.
+    // they are assembled in the assembler.
     let mut reader = BufReader::with_capacity(8 * 1024, pipe);
-    let mut line: Vec<u8> = Vec::new();
-    let mut cut = false;
+    let mut lines = LineAssembler::new(max_len);
     while let Ok(chunk) = reader.fill_buf().await {
         if chunk.is_empty() {
-            if !line.is_empty() {
-                emit(finish_line(&mut line, &mut cut)).await;
-            }
             break;
         }
-        let (part, consumed, complete) = match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => (&chunk[..i], i + 1, true),
-            None => (chunk, chunk.len(), false),
-        };
-        let room = max_len.saturating_sub(line.len());
-        if part.len() > room {
-            cut = true;
-        }
-        line.extend_from_slice(&part[..part.len().min(room)]);
+        let (consumed, line) = lines.feed_one(chunk);
         reader.consume(consumed);
-        if complete {
-            emit(finish_line(&mut line, &mut cut)).await;
+        if let Some(line) = line {
+            emit(line).await;
         }
     }
-}
-
-fn finish_line(line: &mut Vec<u8>, cut: &mut bool) -> String {
-    if line.last() == Some(&b'\r') {
-        line.pop();
+    if let Some(line) = lines.finish() {
+        emit(line).await;
     }
-    let mut text = String::from_utf8_lossy(line).into_owned();
-    if *cut {
-        text.push_str(" …[line truncated by trainvisor]");
-    }
-    line.clear();
-    *cut = false;
-    text
 }
 
 /// Kills every process that carries `TRAINVISOR_INSTANCE=<instance>` in its environment:

@@ -1,49 +1,296 @@
-//! How a rank's process is started, watched and stopped: the seam between a `Worker` and
-//! where its rank runs. `local` runs ranks as child processes of the server; `slurm` runs each
-//! rank as a job step whose `srun` client is such a child (see `slurm`), so exit, output and
-//! signals work the same way for both.
+//! Where a rank runs: the seam between a Job and its Workers on one side and the place its
+//! ranks' processes live on the other (child processes of this server, Slurm job steps,
+//! Docker containers). A Job gets one [`JobLauncher`] for its life; a Worker sees only the
+//! [`RankProcess`] handle it starts: output lines, an exit, terminate with grace, kill.
+//! A new place to run ranks is a new file here and one arm in [`for_job`].
 
+pub mod docker;
 pub mod local;
 pub mod slurm;
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::{Arc, Mutex};
 
-pub use local::Launch;
+use futures_util::future::LocalBoxFuture;
+use tokio::sync::mpsc;
+use uuid::Uuid;
 
-/// Where one incarnation runs, as its Job decided.
+use crate::config::Settings;
+use crate::domain::{Exit, Outcome};
+use crate::spec::{JobSpec, LauncherKind};
+use crate::store::Recorder;
+
+/// What to start for one rank: its argv and its environment (the worker contract).
 #[derive(Debug, Clone)]
-pub enum Placement {
-    /// A child process on this host.
-    Local,
-    /// A Slurm job step on one node of the job's allocation.
-    Slurm(slurm::Step),
+pub struct Launch {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
-impl Placement {
+/// Where one rank goes, as its launcher placed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
     /// The node shown in the summary and recorded with the incarnation.
-    pub fn node(&self) -> String {
-        match self {
-            Placement::Local => hostname(),
-            Placement::Slurm(step) => step.node.clone(),
+    pub node: String,
+}
+
+/// The outcome of [`JobLauncher::prepare`]: where each rank goes and how they find each other.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// `MASTER_ADDR`: the address rank 0 is reached at by the others.
+    pub master_addr: String,
+    /// The server as the ranks reach it, when that is not the server's own base URL (a
+    /// container reaches the host through its network's gateway).
+    pub server_url: Option<String>,
+    pub places: Vec<(u32, Place)>,
+}
+
+/// One line a rank printed.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub stream: &'static str,
+    pub text: String,
+}
+
+/// Longest stored log line, in bytes.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Lines in flight between a launcher's readers and the Worker: small, so a rank that prints
+/// faster than the history is written waits on its pipe instead of filling memory.
+const LINE_CHANNEL: usize = 64;
+
+/// Stops a running rank. Both calls return at once; the exit arrives through the handle.
+pub trait RankControl: Send + Sync {
+    /// Ask the rank to stop (SIGTERM or what stands for it).
+    fn terminate(&self);
+    /// Stop it now, with everything it started.
+    fn kill(&self);
+}
+
+/// A rank's process as its Worker holds it.
+pub struct RankProcess {
+    /// The host pid of the rank's process (its srun client on Slurm, the container's main
+    /// process for Docker): what the summary shows and `kill -9` takes.
+    pub pid: u32,
+    /// Its output, line by line, stdout and stderr interleaved as they come; closed when the
+    /// process and everything that held its output are gone.
+    pub lines: mpsc::Receiver<Line>,
+    /// Resolves once, when the process has exited (and was reaped).
+    pub exit: LocalBoxFuture<'static, Exit>,
+    pub control: Arc<dyn RankControl>,
+}
+
+/// What a launcher reports for the summary.
+#[derive(Debug, Clone, Default)]
+pub struct LauncherStatus {
+    /// The Slurm job id of the allocation the ranks run in, while there is one.
+    pub slurm_job_id: Option<u64>,
+    /// Places excluded from the job's launches (bad-node quarantine), in order.
+    pub excluded_nodes: Vec<String>,
+}
+
+/// One job's place to run ranks, for the job's whole life.
+pub trait JobLauncher: Send + Sync {
+    /// Gets ready to run `ranks` (ascending): an allocation, a network. Resolves to where each
+    /// goes; an error fails the job with its text.
+    fn prepare(&self, ranks: Vec<u32>) -> LocalBoxFuture<'static, Result<Prepared, String>>;
+
+    /// Starts incarnation `attempt` of `rank` at `place`.
+    fn start(
+        &self,
+        rank: u32,
+        attempt: u32,
+        place: Place,
+        launch: Launch,
+    ) -> LocalBoxFuture<'static, io::Result<RankProcess>>;
+
+    /// An incarnation of `rank` ended with a failure the Job is about to act on (before it
+    /// decides the restart, so a launcher that tracks its places' health can avoid a bad one).
+    fn rank_failed(&self, _rank: u32, _outcome: Outcome, _detail: &str) {}
+
+    /// The job has ended: give back whatever the launcher holds for it.
+    fn release(&self) -> LocalBoxFuture<'static, ()>;
+
+    /// Server shutdown: kill every live rank now and release; the next server resumes the job.
+    fn kill_all(&self) -> LocalBoxFuture<'static, ()>;
+
+    fn status(&self) -> LauncherStatus {
+        LauncherStatus::default()
+    }
+}
+
+/// What a job's launcher may use of the server.
+#[derive(Clone)]
+pub struct JobContext {
+    pub job_id: Uuid,
+    pub spec: Arc<JobSpec>,
+    pub settings: Settings,
+    /// Marks everything the job starts as this data dir's (see `local::sweep`).
+    pub instance: String,
+    /// The server's own URL (what local ranks reach it at).
+    pub base_url: String,
+    pub recorder: Recorder,
+    /// Nodes excluded from the job's launches so far (restored from the history).
+    pub excluded_nodes: Vec<String>,
+}
+
+impl JobContext {
+    /// A line in the job's log, from the launcher.
+    pub fn note(&self, line: String) {
+        self.recorder.note(self.job_id, None, None, line);
+    }
+}
+
+/// The launcher of a job, from its spec: the one place that matches on the launcher kind.
+pub fn for_job(cx: JobContext) -> Arc<dyn JobLauncher> {
+    match cx.spec.launcher {
+        LauncherKind::Local => Arc::new(local::LocalLauncher::new(cx)),
+        LauncherKind::Slurm => Arc::new(slurm::SlurmLauncher::new(cx)),
+        LauncherKind::Docker => Arc::new(docker::DockerLauncher::new(cx)),
+    }
+}
+
+/// Checks at submission what only the launcher knows (an image exists, a mount is usable),
+/// so a job that cannot start is refused with a 422 and nothing is created.
+pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Result<(), String> {
+    match spec.launcher {
+        LauncherKind::Local | LauncherKind::Slurm => Ok(()),
+        LauncherKind::Docker => docker::admit(spec, settings, base_url).await,
+    }
+}
+
+/// At boot: ends whatever a previous server on this data dir left running (processes,
+/// containers), before any job is resumed.
+pub async fn sweep(instance: &str) -> usize {
+    local::sweep(instance) + docker::sweep(instance).await
+}
+
+/// Before a job is resumed after a server restart: drops what the dead server held for it
+/// (a Slurm allocation), so the job is relaunched afresh, never next to its old ranks.
+pub async fn forget(spec: &JobSpec, job_id: Uuid, settings: &Settings) {
+    if spec.launcher == LauncherKind::Slurm {
+        slurm::forget(job_id, settings).await;
+    }
+}
+
+/// The live ranks of a job's launcher, so it can reach every one of them at once.
+#[derive(Default)]
+pub struct LiveRanks {
+    ranks: Mutex<HashMap<u32, LiveRank>>,
+}
+
+/// A live rank's attempt and control.
+type LiveRank = (u32, Arc<dyn RankControl>);
+
+impl LiveRanks {
+    pub fn insert(&self, rank: u32, attempt: u32, control: Arc<dyn RankControl>) {
+        self.ranks.lock().unwrap().insert(rank, (attempt, control));
+    }
+
+    /// Forgets incarnation `attempt` of `rank` (a newer one stays).
+    pub fn remove(&self, rank: u32, attempt: u32) {
+        let mut ranks = self.ranks.lock().unwrap();
+        if ranks.get(&rank).is_some_and(|(a, _)| *a == attempt) {
+            ranks.remove(&rank);
+        }
+    }
+
+    pub fn get(&self, rank: u32) -> Option<Arc<dyn RankControl>> {
+        self.ranks
+            .lock()
+            .unwrap()
+            .get(&rank)
+            .map(|(_, c)| c.clone())
+    }
+
+    pub fn kill_all(&self) {
+        let controls: Vec<_> = self.ranks.lock().unwrap().values().cloned().collect();
+        for (_, control) in controls {
+            control.kill();
         }
     }
 }
 
-/// Starts `launch` where `placement` says. The returned child is the rank itself (local) or
-/// its srun client (slurm); either way its exit is the rank's exit.
-pub async fn start(launch: Launch, placement: &Placement) -> io::Result<local::Running> {
-    match placement {
-        Placement::Local => local::spawn(launch).await,
-        Placement::Slurm(step) => local::spawn(step.wrap(launch)).await,
+/// Wraps `exit` so that the rank leaves `live` when it exits.
+pub fn leave_on_exit(
+    live: Arc<LiveRanks>,
+    rank: u32,
+    attempt: u32,
+    exit: LocalBoxFuture<'static, Exit>,
+) -> LocalBoxFuture<'static, Exit> {
+    Box::pin(async move {
+        let exit = exit.await;
+        live.remove(rank, attempt);
+        exit
+    })
+}
+
+/// Cuts a byte stream into lines: lines longer than `max_len` bytes are cut and marked,
+/// a trailing `\r` is dropped, invalid UTF-8 is replaced, never an error.
+pub struct LineAssembler {
+    line: Vec<u8>,
+    cut: bool,
+    max_len: usize,
+}
+
+impl LineAssembler {
+    pub fn new(max_len: usize) -> Self {
+        LineAssembler {
+            line: Vec::new(),
+            cut: false,
+            max_len,
+        }
+    }
+
+    /// Takes bytes from `chunk` up to and including its first newline. Returns how many
+    /// bytes it took and the line they completed, if any.
+    pub fn feed_one(&mut self, chunk: &[u8]) -> (usize, Option<String>) {
+        let (part, consumed, complete) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (&chunk[..i], i + 1, true),
+            None => (chunk, chunk.len(), false),
+        };
+        let room = self.max_len.saturating_sub(self.line.len());
+        if part.len() > room {
+            self.cut = true;
+        }
+        self.line.extend_from_slice(&part[..part.len().min(room)]);
+        (consumed, complete.then(|| self.take()))
+    }
+
+    /// Every line `chunk` completes.
+    pub fn feed(&mut self, mut chunk: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        while !chunk.is_empty() {
+            let (consumed, line) = self.feed_one(chunk);
+            out.extend(line);
+            chunk = &chunk[consumed..];
+        }
+        out
+    }
+
+    /// The last line, if the stream ended without a newline.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.line.is_empty() || self.cut).then(|| self.take())
+    }
+
+    fn take(&mut self) -> String {
+        if self.line.last() == Some(&b'\r') {
+            self.line.pop();
+        }
+        let mut text = String::from_utf8_lossy(&self.line).into_owned();
+        if self.cut {
+            text.push_str(" …[line truncated by trainvisor]");
+        }
+        self.line.clear();
+        self.cut = false;
+        text
     }
 }
 
-/// After the child was killed: make sure nothing of the incarnation goes on running. For a
-/// step, killing srun may leave the step's processes on their node; cancel the step.
-pub async fn cleanup_after_kill(placement: &Placement) {
-    if let Placement::Slurm(step) = placement {
-        slurm::cancel_step(step.conf.as_deref(), step.alloc, &step.name).await;
-    }
+/// A channel for a rank's lines.
+pub fn line_channel() -> (mpsc::Sender<Line>, mpsc::Receiver<Line>) {
+    mpsc::channel(LINE_CHANNEL)
 }
 
 /// This host's short name.

@@ -18,8 +18,13 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::local::Launch;
+use super::Launch;
+use crate::config::Settings;
 use crate::spec::SlurmSpec;
+
+mod job;
+
+pub use job::SlurmLauncher;
 
 /// How long a Slurm client command (not salloc, not srun) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
@@ -47,6 +52,14 @@ pub struct Step {
     /// The step's name, `trainvisor-<job>-r<rank>-a<attempt>`.
     pub name: String,
     pub srun_args: Vec<String>,
+}
+
+/// What a dead server held on Slurm for a job (an allocation, steps still running) goes: the
+/// job is relaunched in a new allocation, never next to the old one.
+pub async fn forget(job_id: uuid::Uuid, settings: &Settings) {
+    if let Err(e) = cancel_named(settings.slurm_conf.as_deref(), &job_name(&job_id)).await {
+        tracing::warn!(%job_id, error = %e, "could not cancel the job's old Slurm allocation");
+    }
 }
 
 /// The Slurm job name of a trainvisor job's allocation.

@@ -8,29 +8,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobDefaults;
 
+mod docker;
 mod slurm;
 
+use docker::{DockerRequest, resolve_docker};
+pub use docker::{DockerSpec, parse_mount};
 pub use slurm::{DEFAULT_EXCLUDE_AFTER_FAILURES, LauncherKind, SlurmSpec};
 use slurm::{SlurmRequest, resolve_slurm};
 
-/// What to restart when a rank fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum RestartScope {
-    /// Only the failed rank (independent workers).
-    Worker,
-    /// Every rank, from the latest checkpoint, like torchrun (synchronous training).
-    Job,
-}
-
-impl RestartScope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RestartScope::Worker => "worker",
-            RestartScope::Job => "job",
-        }
-    }
-}
+pub use crate::domain::RestartScope;
 
 /// How the built-in trainer's ranks exchange gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -76,6 +62,11 @@ pub struct JobRequest {
     pub time_limit: Option<String>,
     pub srun_args: Option<Vec<String>>,
     pub exclude_after_failures: Option<i64>,
+    pub image: Option<String>,
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<i64>,
+    pub gpus: Option<String>,
+    pub mounts: Option<Vec<String>>,
 }
 
 /// A validated job spec with every default filled in. Stored as JSON in `jobs.spec`.
@@ -112,6 +103,9 @@ pub struct JobSpec {
     /// The Slurm options, present exactly when `launcher` is `slurm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm: Option<SlurmSpec>,
+    /// The Docker options, present exactly when `launcher` is `docker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerSpec>,
 }
 
 /// Names the runtime sets for every rank; a job's `env` may not override them.
@@ -267,6 +261,16 @@ impl JobRequest {
                 exclude_after_failures: self.exclude_after_failures,
             },
         )?;
+        let docker = resolve_docker(
+            launcher,
+            DockerRequest {
+                image: self.image,
+                cpus: self.cpus,
+                memory_mb: self.memory_mb,
+                gpus: self.gpus,
+                mounts: self.mounts,
+            },
+        )?;
         Ok(JobSpec {
             world_size,
             name: self.name,
@@ -332,6 +336,7 @@ impl JobRequest {
             )?,
             launcher,
             slurm,
+            docker,
         })
     }
 }
@@ -371,13 +376,16 @@ impl JobSpec {
         Ok(())
     }
 
-    /// Exponential backoff before restart number `n` (1-based), without jitter.
-    pub fn backoff_ms(&self, n: u32) -> u64 {
-        let exp = self
-            .backoff_multiplier
-            .powi(n.saturating_sub(1).min(64) as i32);
-        let ms = self.backoff_initial_ms as f64 * exp;
-        ms.min(self.backoff_max_ms as f64) as u64
+    /// The job's restart policy.
+    pub fn restart_policy(&self) -> crate::domain::RestartPolicy {
+        crate::domain::RestartPolicy {
+            scope: self.restart_scope,
+            max_restarts: self.max_restarts,
+            backoff_initial_ms: self.backoff_initial_ms,
+            backoff_multiplier: self.backoff_multiplier,
+            backoff_max_ms: self.backoff_max_ms,
+            backoff_jitter: self.backoff_jitter,
+        }
     }
 
     /// The checkpoint directory of one job: `<checkpoint_dir>/<job_id>`.
@@ -422,10 +430,10 @@ mod tests {
         }
         .resolve(&defaults())
         .unwrap();
-        assert_eq!(spec.backoff_ms(1), 500);
-        assert_eq!(spec.backoff_ms(2), 1000);
-        assert_eq!(spec.backoff_ms(3), 2000);
-        assert_eq!(spec.backoff_ms(30), 30_000);
+        assert_eq!(spec.restart_policy().backoff_ms(1), 500);
+        assert_eq!(spec.restart_policy().backoff_ms(2), 1000);
+        assert_eq!(spec.restart_policy().backoff_ms(3), 2000);
+        assert_eq!(spec.restart_policy().backoff_ms(30), 30_000);
     }
 
     #[test]
@@ -546,7 +554,7 @@ mod properties {
                     // What is stored reads back as the same spec.
                     let stored = serde_json::to_string(&spec).unwrap();
                     assert_eq!(serde_json::from_str::<JobSpec>(&stored).unwrap(), spec);
-                    let _ = spec.backoff_ms(u32::MAX);
+                    let _ = spec.restart_policy().backoff_ms(u32::MAX);
                 }
                 Err(e) => {
                     refused += 1;

@@ -13,6 +13,8 @@ pub enum LauncherKind {
     Local,
     /// Slurm job steps (`srun`) inside an allocation the job owns.
     Slurm,
+    /// Docker containers of the job's `image`, on a network of the job's own.
+    Docker,
 }
 
 impl LauncherKind {
@@ -20,6 +22,7 @@ impl LauncherKind {
         match self {
             LauncherKind::Local => "local",
             LauncherKind::Slurm => "slurm",
+            LauncherKind::Docker => "docker",
         }
     }
 
@@ -27,6 +30,7 @@ impl LauncherKind {
         match s {
             "local" => Some(LauncherKind::Local),
             "slurm" => Some(LauncherKind::Slurm),
+            "docker" => Some(LauncherKind::Docker),
             _ => None,
         }
     }
@@ -96,7 +100,7 @@ pub(super) fn resolve_slurm(
     world_size: u32,
     req: SlurmRequest,
 ) -> Result<Option<SlurmSpec>, SpecError> {
-    if launcher == LauncherKind::Local {
+    if launcher != LauncherKind::Slurm {
         let given = [
             ("partition", req.partition.is_some()),
             ("nodes", req.nodes.is_some()),

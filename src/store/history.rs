@@ -4,37 +4,9 @@
 use sqlx::SqliteConnection;
 use uuid::Uuid;
 
-use crate::actors::JobState;
+use crate::domain::{JobState, Outcome};
 
-/// How an incarnation ended. Also the `reason` of a restart caused by it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Succeeded,
-    ExitCode,
-    Signal,
-    HeartbeatTimeout,
-    SpawnError,
-    Stopped,
-    ServerRestart,
-    /// The rank's Slurm node went down (or stopped responding).
-    NodeFailure,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Succeeded => "succeeded",
-            Outcome::ExitCode => "exit_code",
-            Outcome::Signal => "signal",
-            Outcome::HeartbeatTimeout => "heartbeat_timeout",
-            Outcome::SpawnError => "spawn_error",
-            Outcome::Stopped => "stopped",
-            Outcome::ServerRestart => "server_restart",
-            Outcome::NodeFailure => "node_failure",
-        }
-    }
-}
-
+/// One write of the history.
 #[derive(Debug, Clone)]
 pub enum HistoryOp {
     JobState {

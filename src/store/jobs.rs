@@ -13,7 +13,7 @@ pub struct JobRecord {
     #[sqlx(rename = "id")]
     pub job_id: String,
     pub name: Option<String>,
-    #[schema(value_type = crate::actors::JobState)]
+    #[schema(value_type = crate::domain::JobState)]
     pub state: String,
     pub world_size: i64,
     pub created_at: String,

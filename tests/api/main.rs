@@ -5,6 +5,7 @@ mod browser;
 mod campaigns;
 mod cli;
 mod deploy;
+mod docker_launcher;
 mod docker_support;
 mod failures;
 mod hardening;

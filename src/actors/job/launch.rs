@@ -4,13 +4,12 @@
 use actix::prelude::*;
 use rand::Rng;
 
-use super::{Job, RankState};
+use super::{Job, Phase, RankState};
 use crate::actors::hash_token;
-use crate::actors::worker::LaunchRank;
-use crate::launcher::Placement;
-use crate::launcher::local::Launch;
-use crate::spec::{LauncherKind, RestartScope};
-use crate::store::history::{HistoryOp, Outcome};
+use crate::actors::messages::LaunchRank;
+use crate::domain::{Outcome, RestartScope};
+use crate::launcher::{Launch, Place, Prepared};
+use crate::store::history::HistoryOp;
 use crate::store::now;
 
 impl Job {
@@ -29,24 +28,36 @@ impl Job {
     }
 
     /// Launches the next incarnation of each of `ranks` (ascending) through the job's
-    /// launcher. On Slurm the ranks first get nodes; without a usable allocation they wait
-    /// for one.
+    /// launcher, once it has places for them (on Slurm, an allocation may take a while).
     pub(super) fn start_ranks(&mut self, ranks: Vec<u32>, ctx: &mut Context<Job>) {
-        match self.spec.launcher {
-            LauncherKind::Local => {
-                for rank in ranks {
-                    self.launch(rank, None, "127.0.0.1".to_string(), ctx);
-                }
-            }
-            LauncherKind::Slurm => {
-                if !self.slurm_ready_or_wait(&ranks, ctx) {
-                    return;
-                }
-                let placed = self.place(&ranks);
-                let master = self.slurm_master_addr();
-                for (rank, node) in placed {
-                    self.launch(rank, Some(node), master.clone(), ctx);
-                }
+        ctx.spawn(
+            self.launcher
+                .prepare(ranks)
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    if act.phase != Phase::Running {
+                        // Stopped, failed or restarting as a group meanwhile: nothing to launch.
+                        return;
+                    }
+                    match res {
+                        Ok(prepared) => act.launch_prepared(prepared, ctx),
+                        Err(e) => act.fail(e, ctx),
+                    }
+                }),
+        );
+    }
+
+    fn launch_prepared(&mut self, prepared: Prepared, ctx: &mut Context<Job>) {
+        let Prepared {
+            master_addr,
+            server_url,
+            places,
+        } = prepared;
+        let server_url = server_url.unwrap_or_else(|| self.rt.base_url.clone());
+        for (rank, place) in places {
+            // A rank that came back to life meanwhile keeps its incarnation.
+            if !self.ranks[rank as usize].state.is_live() {
+                self.launch(rank, place, &master_addr, &server_url, ctx);
             }
         }
     }
@@ -57,8 +68,9 @@ impl Job {
     fn launch(
         &mut self,
         rank: u32,
-        node: Option<String>,
-        master_addr: String,
+        place: Place,
+        master_addr: &str,
+        server_url: &str,
         ctx: &mut Context<Job>,
     ) {
         let token = new_token();
@@ -73,15 +85,11 @@ impl Job {
         slot.state = RankState::Starting;
         slot.pid = None;
         slot.progress.attempt = attempt;
-        let placement = match node {
-            Some(node) => Placement::Slurm(self.step(rank, attempt, node)),
-            None => Placement::Local,
-        };
-        let node = placement.node();
+        let node = place.node.clone();
         self.ranks[rank as usize].progress.node = Some(node.clone());
         let launch = Launch {
             argv: self.argv(),
-            env: self.env(rank, attempt, &token, &master_addr),
+            env: self.env(rank, attempt, &token, master_addr, server_url),
         };
         let recorded = self
             .rt
@@ -110,7 +118,7 @@ impl Job {
                     RankState::Starting => act.workers[rank as usize].do_send(LaunchRank {
                         attempt,
                         launch,
-                        placement,
+                        place,
                     }),
                     // Stopped (or the group failed) before the process existed.
                     RankState::Stopping => {
@@ -149,6 +157,7 @@ impl Job {
         attempt: u32,
         token: &str,
         master_addr: &str,
+        server_url: &str,
     ) -> Vec<(String, String)> {
         let spec = &self.spec;
         let mut env: Vec<(String, String)> = spec
@@ -181,12 +190,9 @@ impl Job {
             ("HEARTBEAT_TIMEOUT", spec.heartbeat_timeout_s.to_string()),
             (
                 "TRAINVISOR_HEARTBEAT_URL",
-                format!(
-                    "{}/jobs/{}/workers/{rank}/heartbeat",
-                    self.rt.base_url, self.id
-                ),
+                format!("{server_url}/jobs/{}/workers/{rank}/heartbeat", self.id),
             ),
-            ("TRAINVISOR_SERVER_URL", self.rt.base_url.clone()),
+            ("TRAINVISOR_SERVER_URL", server_url.to_string()),
             ("TRAINVISOR_TOKEN", token.to_string()),
             ("TRAINVISOR_INSTANCE", self.rt.instance.clone()),
             (

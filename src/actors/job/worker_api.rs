@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::{Job, RankState};
 use crate::actors::checkpoint::{Committed, RegisterPart};
 use crate::actors::hash_token;
-use crate::actors::worker::Beat;
+use crate::actors::messages::Beat;
 use crate::checkpoint::PartInfo;
 
 /// Progress events (for charts) at most this often per job.

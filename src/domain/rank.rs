@@ -2,43 +2,8 @@
 
 use std::collections::HashSet;
 
-use crate::progress::RankView;
-
-/// Where a rank stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RankState {
-    Pending,
-    Starting,
-    Running,
-    Backoff,
-    Stopping,
-    Succeeded,
-    Failed,
-    Stopped,
-}
-
-impl RankState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RankState::Pending => "pending",
-            RankState::Starting => "starting",
-            RankState::Running => "running",
-            RankState::Backoff => "backoff",
-            RankState::Stopping => "stopping",
-            RankState::Succeeded => "succeeded",
-            RankState::Failed => "failed",
-            RankState::Stopped => "stopped",
-        }
-    }
-
-    /// A process exists or is being spawned.
-    pub(super) fn is_live(self) -> bool {
-        matches!(
-            self,
-            RankState::Starting | RankState::Running | RankState::Stopping
-        )
-    }
-}
+use super::RankState;
+use super::progress::RankView;
 
 /// One rank's bookkeeping, restored from the history after a server restart.
 #[derive(Debug, Clone)]
@@ -46,8 +11,6 @@ pub struct RankSlot {
     pub state: RankState,
     /// The attempt number the next launch uses; the current incarnation is `next_attempt - 1`.
     pub next_attempt: u32,
-    /// Restarts of this rank that count against `max_restarts` (worker scope).
-    pub restarts: u32,
     pub pid: Option<u32>,
     pub token_hash: String,
     /// Tokens of earlier incarnations: their heartbeats get 409.
@@ -62,7 +25,6 @@ impl RankSlot {
         RankSlot {
             state: RankState::Pending,
             next_attempt: 0,
-            restarts: 0,
             pid: None,
             token_hash: String::new(),
             past_tokens: HashSet::new(),

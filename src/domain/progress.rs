@@ -9,10 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::actors::JobState;
-use crate::actors::job::RankSlot;
+use super::{JobState, RankSlot, ts};
 use crate::spec::JobSpec;
-use crate::store::ts;
 
 /// What the last heartbeats of one rank said.
 #[derive(Debug, Clone, Default)]
@@ -134,13 +132,6 @@ pub struct Summary {
     #[serde(default)]
     pub excluded_nodes: Vec<String>,
     pub workers: Vec<WorkerSummary>,
-}
-
-impl<'de> Deserialize<'de> for JobState {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        JobState::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown state {s}")))
-    }
 }
 
 pub struct SummaryInput<'a> {

@@ -1,0 +1,617 @@
+//! The Docker launcher: each rank is a container of the job's image, as Determined runs its
+//! trials, driven through the Docker Engine API over its Unix socket (`bollard`).
+//!
+//! - One user-defined network per job, `trainvisor-<job id>`. Rank r's container carries the
+//!   alias `rank-r` on it, and `MASTER_ADDR` is `rank-0`, the address of rank 0's container.
+//! - A container reaches the server through its network's gateway (the host), so the server
+//!   must listen on an address other than loopback (`--bind 0.0.0.0:PORT`, which needs an API
+//!   token) or be given `--advertise-url`; a job is refused at the door otherwise.
+//! - Local `dataset` and `checkpoint_dir` are bind-mounted at the same paths, so the worker
+//!   contract's paths hold inside the container; the built-in trainer is this binary, mounted
+//!   read-only at its own path. Ranks run as the server's user and group, so what they write
+//!   belongs to the server.
+//! - `docker-init` is the container's PID 1: it forwards SIGTERM to the rank and reaps what
+//!   the rank leaves behind.
+//! - Every container and network carries the labels `trainvisor.instance` (the data dir's id)
+//!   and `trainvisor.job`: the next server on the same data dir removes what a crashed
+//!   predecessor left, and nothing of anyone else's.
+//! - Exit comes from the engine's wait; the OOM killer is read from the container's state and
+//!   is its own restart reason (`oom_killed`).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, EndpointSettings, HostConfig, NetworkCreateRequest,
+    NetworkingConfig,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use futures_util::future::LocalBoxFuture;
+
+use super::{
+    JobContext, JobLauncher, Launch, Line, LineAssembler, LiveRanks, MAX_LINE_BYTES, Place,
+    Prepared, RankControl, RankProcess,
+};
+use crate::config::Settings;
+use crate::domain::{Exit, ExitCause};
+use crate::spec::{DockerSpec, JobSpec, parse_mount};
+
+const LABEL_INSTANCE: &str = "trainvisor.instance";
+const LABEL_JOB: &str = "trainvisor.job";
+/// How long a container's last lines may take after it exited.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct DockerLauncher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cx: JobContext,
+    docker: tokio::sync::OnceCell<Docker>,
+    /// Held while the job's network is made, so ranks that start together share one.
+    network: tokio::sync::Mutex<Option<Network>>,
+    live: Arc<LiveRanks>,
+    /// Containers of the job that exist now, by name.
+    containers: Mutex<HashMap<String, u32>>,
+    released: AtomicBool,
+}
+
+#[derive(Clone)]
+struct Network {
+    name: String,
+    /// The server's URL as the job's containers reach it.
+    server_url: String,
+}
+
+impl DockerLauncher {
+    pub fn new(cx: JobContext) -> Self {
+        DockerLauncher {
+            inner: Arc::new(Inner {
+                cx,
+                docker: tokio::sync::OnceCell::new(),
+                network: tokio::sync::Mutex::new(None),
+                live: Arc::default(),
+                containers: Mutex::new(HashMap::new()),
+                released: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+/// A client of the engine named by `DOCKER_HOST` (the local Unix socket by default), speaking
+/// the newest API version both sides know.
+pub async fn connect() -> Result<Docker, String> {
+    let docker = Docker::connect_with_defaults()
+        .map_err(|e| format!("cannot reach the Docker engine: {e}"))?;
+    docker
+        .negotiate_version()
+        .await
+        .map_err(|e| format!("cannot reach the Docker engine: {e}"))
+}
+
+fn job_network(job_id: &uuid::Uuid) -> String {
+    format!("trainvisor-{job_id}")
+}
+
+fn not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+impl Inner {
+    fn spec(&self) -> Result<&DockerSpec, String> {
+        self.cx
+            .spec
+            .docker
+            .as_ref()
+            .ok_or_else(|| "launcher docker without an image".to_string())
+    }
+
+    async fn docker(&self) -> Result<Docker, String> {
+        self.docker.get_or_try_init(connect).await.cloned()
+    }
+
+    /// The job's network, made on first use.
+    async fn network(&self) -> Result<Network, String> {
+        let mut held = self.network.lock().await;
+        if let Some(net) = held.as_ref() {
+            return Ok(net.clone());
+        }
+        let docker = self.docker().await?;
+        let name = job_network(&self.cx.job_id);
+        let labels = HashMap::from([
+            (LABEL_INSTANCE.to_string(), self.cx.instance.clone()),
+            (LABEL_JOB.to_string(), self.cx.job_id.to_string()),
+        ]);
+        let created = docker
+            .create_network(NetworkCreateRequest {
+                name: name.clone(),
+                driver: Some("bridge".to_string()),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => {}
+            // Made by an earlier incarnation of this job on this server: reuse it.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {}
+            Err(e) => return Err(format!("creating network {name}: {e}")),
+        }
+        let inspect = docker
+            .inspect_network(&name, None)
+            .await
+            .map_err(|e| format!("inspecting network {name}: {e}"))?;
+        let gateway = inspect
+            .ipam
+            .and_then(|i| i.config)
+            .and_then(|c| c.into_iter().find_map(|c| c.gateway))
+            .ok_or_else(|| format!("network {name} has no gateway"))?;
+        let server_url = server_url(&self.cx.settings, &self.cx.base_url, &gateway)?;
+        let net = Network { name, server_url };
+        *held = Some(net.clone());
+        Ok(net)
+    }
+
+    fn container_body(
+        &self,
+        rank: u32,
+        attempt: u32,
+        launch: Launch,
+        network: &str,
+    ) -> Result<ContainerCreateBody, String> {
+        let spec = self.spec()?;
+        let job = &self.cx.spec;
+        let mut binds = Vec::new();
+        for location in [&job.dataset, &job.checkpoint_dir] {
+            if !location.contains("://") {
+                binds.push(format!("{location}:{location}"));
+            }
+        }
+        if job.command.is_none() {
+            let exe = self.cx.settings.trainer_exe.to_string_lossy().into_owned();
+            binds.push(format!("{exe}:{exe}:ro"));
+        }
+        binds.extend(spec.mounts.iter().cloned());
+        let labels = HashMap::from([
+            (LABEL_INSTANCE.to_string(), self.cx.instance.clone()),
+            (LABEL_JOB.to_string(), self.cx.job_id.to_string()),
+            ("trainvisor.rank".to_string(), rank.to_string()),
+            ("trainvisor.attempt".to_string(), attempt.to_string()),
+        ]);
+        let alias = format!("rank-{rank}");
+        // SAFETY: plain syscalls without arguments.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Ok(ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: Some(launch.argv),
+            // An image's ENTRYPOINT would wrap the command; the command is the whole argv.
+            entrypoint: Some(Vec::new()),
+            env: Some(
+                launch
+                    .env
+                    .into_iter()
+                    .filter(|(k, _)| k != "TRAINVISOR_API_TOKEN")
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+            ),
+            hostname: Some(alias.clone()),
+            user: Some(format!("{uid}:{gid}")),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                binds: Some(binds),
+                network_mode: Some(network.to_string()),
+                init: Some(true),
+                nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
+                memory: spec.memory_mb.map(|m| (m * 1024 * 1024) as i64),
+                // Swap as large as memory means none: the limit is the limit.
+                memory_swap: spec.memory_mb.map(|m| (m * 1024 * 1024) as i64),
+                device_requests: spec.gpus.as_deref().map(gpu_request),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    network.to_string(),
+                    EndpointSettings {
+                        aliases: Some(vec![alias]),
+                        ..Default::default()
+                    },
+                )])),
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Creates, starts and follows the container of incarnation `attempt` of `rank`.
+    async fn start(
+        self: Arc<Self>,
+        rank: u32,
+        attempt: u32,
+        launch: Launch,
+    ) -> Result<RankProcess, String> {
+        if self.released.load(Ordering::SeqCst) {
+            return Err("the job has ended".to_string());
+        }
+        let docker = self.docker().await?;
+        let network = self.network().await?;
+        let name = format!("trainvisor-{}-r{rank}-a{attempt}", self.cx.job_id);
+        let body = self.container_body(rank, attempt, launch, &network.name)?;
+        // A bind source that does not exist would be made by the engine, as root.
+        let checkpoints = &self.cx.spec.checkpoint_dir;
+        if !checkpoints.contains("://") {
+            std::fs::create_dir_all(checkpoints)
+                .map_err(|e| format!("creating checkpoint_dir {checkpoints}: {e}"))?;
+        }
+        docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::new().name(&name).build()),
+                body,
+            )
+            .await
+            .map_err(|e| format!("creating container {name}: {e}"))?;
+        self.containers.lock().unwrap().insert(name.clone(), rank);
+        if let Err(e) = docker.start_container(&name, None).await {
+            self.remove(&docker, &name).await;
+            return Err(format!("starting container {name}: {e}"));
+        }
+        let pid = docker
+            .inspect_container(&name, None)
+            .await
+            .ok()
+            .and_then(|c| c.state?.pid)
+            .unwrap_or(0)
+            .max(0) as u32;
+        let (tx, lines) = super::line_channel();
+        let mut logs = docker.logs(
+            &name,
+            Some(
+                LogsOptionsBuilder::new()
+                    .follow(true)
+                    .stdout(true)
+                    .stderr(true)
+                    .build(),
+            ),
+        );
+        let forward = tokio::task::spawn_local(async move {
+            let mut out = LineAssembler::new(MAX_LINE_BYTES);
+            let mut err = LineAssembler::new(MAX_LINE_BYTES);
+            while let Some(Ok(chunk)) = logs.next().await {
+                let (stream, assembler, bytes) = match chunk {
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        ("stdout", &mut out, message)
+                    }
+                    LogOutput::StdErr { message } => ("stderr", &mut err, message),
+                    LogOutput::StdIn { .. } => continue,
+                };
+                for text in assembler.feed(&bytes) {
+                    if tx.send(Line { stream, text }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            for (stream, assembler) in [("stdout", &mut out), ("stderr", &mut err)] {
+                if let Some(text) = assembler.finish() {
+                    let _ = tx.send(Line { stream, text }).await;
+                }
+            }
+        });
+        let control = Arc::new(ContainerControl {
+            docker: docker.clone(),
+            name: name.clone(),
+        });
+        self.live.insert(rank, attempt, control.clone());
+        let inner = self.clone();
+        let exit = Box::pin(async move {
+            let exit = wait(&docker, &name).await;
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, forward).await;
+            inner.remove(&docker, &name).await;
+            inner.live.remove(rank, attempt);
+            exit
+        });
+        Ok(RankProcess {
+            pid,
+            lines,
+            exit,
+            control,
+        })
+    }
+
+    async fn remove(&self, docker: &Docker, name: &str) {
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        match docker.remove_container(name, Some(options)).await {
+            Ok(()) => {}
+            Err(e) if not_found(&e) => {}
+            Err(e) => tracing::warn!(container = name, error = %e, "could not remove container"),
+        }
+        self.containers.lock().unwrap().remove(name);
+    }
+
+    /// Removes every container of the job, then its network.
+    async fn remove_all(&self) {
+        let Ok(docker) = self.docker().await else {
+            return;
+        };
+        let names: Vec<String> = self.containers.lock().unwrap().keys().cloned().collect();
+        for name in names {
+            self.remove(&docker, &name).await;
+        }
+        let filter = format!("{LABEL_JOB}={}", self.cx.job_id);
+        remove_labelled(&docker, &filter).await;
+    }
+}
+
+/// Waits for a container to stop; its exit code (a signal for 128 + n), and whether the OOM
+/// killer ended it.
+async fn wait(docker: &Docker, name: &str) -> Exit {
+    let options = WaitContainerOptionsBuilder::new()
+        .condition("not-running")
+        .build();
+    let code = match docker.wait_container(name, Some(options)).next().await {
+        Some(Ok(r)) => r.status_code,
+        Some(Err(DockerError::DockerContainerWaitError { code, .. })) => code,
+        Some(Err(e)) => {
+            return Exit {
+                cause: Some(ExitCause::Unobserved(e.to_string())),
+                ..Exit::default()
+            };
+        }
+        None => {
+            return Exit {
+                cause: Some(ExitCause::Unobserved("the engine ended the wait".into())),
+                ..Exit::default()
+            };
+        }
+    };
+    let oom = docker
+        .inspect_container(name, None)
+        .await
+        .ok()
+        .and_then(|c| c.state?.oom_killed)
+        .unwrap_or(false);
+    let (code, signal) = match code {
+        c if (129..=128 + 64).contains(&c) => (None, Some((c - 128) as i32)),
+        c => (Some(c as i32), None),
+    };
+    Exit {
+        code,
+        signal,
+        cause: oom.then_some(ExitCause::OomKilled),
+    }
+}
+
+/// A rank's container: signals go to its PID 1 (docker-init), which passes them on.
+struct ContainerControl {
+    docker: Docker,
+    name: String,
+}
+
+impl ContainerControl {
+    fn signal(&self, signal: &'static str) {
+        let (docker, name) = (self.docker.clone(), self.name.clone());
+        tokio::task::spawn_local(async move {
+            let options = KillContainerOptionsBuilder::new().signal(signal).build();
+            // A container that has already stopped answers 409: nothing to do.
+            let _ = docker.kill_container(&name, Some(options)).await;
+        });
+    }
+}
+
+impl RankControl for ContainerControl {
+    fn terminate(&self) {
+        self.signal("SIGTERM");
+    }
+
+    fn kill(&self) {
+        self.signal("SIGKILL");
+    }
+}
+
+impl JobLauncher for DockerLauncher {
+    fn prepare(&self, ranks: Vec<u32>) -> LocalBoxFuture<'static, Result<Prepared, String>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let network = inner.network().await?;
+            Ok(Prepared {
+                master_addr: "rank-0".to_string(),
+                server_url: Some(network.server_url),
+                places: ranks
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r,
+                            Place {
+                                node: format!("rank-{r}"),
+                            },
+                        )
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    fn start(
+        &self,
+        rank: u32,
+        attempt: u32,
+        _place: Place,
+        launch: Launch,
+    ) -> LocalBoxFuture<'static, io::Result<RankProcess>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            inner
+                .start(rank, attempt, launch)
+                .await
+                .map_err(io::Error::other)
+        })
+    }
+
+    fn release(&self) -> LocalBoxFuture<'static, ()> {
+        self.inner.released.store(true, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.remove_all().await })
+    }
+
+    fn kill_all(&self) -> LocalBoxFuture<'static, ()> {
+        self.release()
+    }
+}
+
+/// The server's URL as a container on a network with this gateway reaches it.
+fn server_url(settings: &Settings, base_url: &str, gateway: &str) -> Result<String, String> {
+    if let Some(url) = &settings.advertise_url {
+        return Ok(url.clone());
+    }
+    let bound: std::net::SocketAddr = base_url
+        .trim_start_matches("http://")
+        .parse()
+        .map_err(|_| format!("cannot tell the server's address from {base_url}"))?;
+    let listen_ip = settings.bind.rsplit_once(':').and_then(|(host, _)| {
+        host.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .ok()
+    });
+    match listen_ip {
+        Some(ip) if ip.is_unspecified() => Ok(format!("http://{gateway}:{}", bound.port())),
+        Some(ip) if !ip.is_loopback() => Ok(base_url.to_string()),
+        _ => Err(format!(
+            "containers cannot reach a server that listens on loopback ({}): start it with \
+             --bind 0.0.0.0:PORT (and an API token) or give --advertise-url",
+            settings.bind
+        )),
+    }
+}
+
+fn gpu_request(gpus: &str) -> Vec<DeviceRequest> {
+    let (count, device_ids) = match gpus {
+        "all" => (Some(-1), None),
+        g => match g.parse::<i64>() {
+            Ok(n) if !g.contains(',') => (Some(n), None),
+            _ => (None, Some(g.split(',').map(str::to_string).collect())),
+        },
+    };
+    vec![DeviceRequest {
+        count,
+        device_ids,
+        capabilities: Some(vec![vec!["gpu".to_string()]]),
+        ..Default::default()
+    }]
+}
+
+/// Checks at submission that the job can start: the engine answers, the image is present
+/// (it is never pulled), the server is reachable from a container, and every bind mount's
+/// source exists.
+pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Result<(), String> {
+    let Some(d) = &spec.docker else {
+        return Err("image is required with \"launcher\": \"docker\"".to_string());
+    };
+    server_url(settings, base_url, "0.0.0.0")?;
+    // The server's own demo dataset is made on the first job that uses it.
+    let demo = settings.job_defaults.dataset.to_string_lossy();
+    if !spec.dataset.contains("://")
+        && spec.dataset != demo
+        && !std::path::Path::new(&spec.dataset).is_dir()
+    {
+        return Err(format!(
+            "dataset: {} is not a directory on this host, so it cannot be mounted into the \
+             ranks' containers",
+            spec.dataset
+        ));
+    }
+    if !spec.checkpoint_dir.contains("://") && !spec.checkpoint_dir.starts_with('/') {
+        return Err(format!(
+            "checkpoint_dir: {} must be an absolute path to be mounted into the containers",
+            spec.checkpoint_dir
+        ));
+    }
+    for m in &d.mounts {
+        let (source, _, _) = parse_mount(m).map_err(|why| format!("mounts: {m:?}: {why}"))?;
+        if !std::path::Path::new(source).exists() {
+            return Err(format!("mounts: {source} does not exist on this host"));
+        }
+    }
+    let docker = connect().await?;
+    match docker.inspect_image(&d.image).await {
+        Ok(_) => Ok(()),
+        Err(e) if not_found(&e) => Err(format!(
+            "image: {} is not present on the Docker engine (trainvisor never pulls: build or \
+             load it first)",
+            d.image
+        )),
+        Err(e) => Err(format!("image: inspecting {}: {e}", d.image)),
+    }
+}
+
+/// Removes the containers and networks that carry `label` (a `key=value` filter).
+async fn remove_labelled(docker: &Docker, label: &str) -> usize {
+    let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+    let mut removed = 0;
+    let containers = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap_or_default();
+    let options = RemoveContainerOptionsBuilder::new().force(true).build();
+    for c in containers {
+        if let Some(id) = c.id
+            && docker
+                .remove_container(&id, Some(options.clone()))
+                .await
+                .is_ok()
+        {
+            removed += 1;
+        }
+    }
+    let networks = docker
+        .list_networks(Some(
+            ListNetworksOptionsBuilder::new().filters(&filters).build(),
+        ))
+        .await
+        .unwrap_or_default();
+    for id in networks.into_iter().filter_map(|n| n.id) {
+        // The engine lets go of a removed container's endpoint a moment later.
+        for attempt in 0..20 {
+            match docker.remove_network(&id).await {
+                Ok(()) => {
+                    removed += 1;
+                    break;
+                }
+                Err(e) if not_found(&e) => break,
+                Err(e) if attempt == 19 => {
+                    tracing::warn!(network = %id, error = %e, "could not remove network");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    removed
+}
+
+/// At boot: removes every container and network a previous server on this data dir left.
+/// Without a reachable engine there is nothing to remove.
+pub async fn sweep(instance: &str) -> usize {
+    let Ok(Ok(docker)) = tokio::time::timeout(Duration::from_secs(5), connect()).await else {
+        return 0;
+    };
+    remove_labelled(&docker, &format!("{LABEL_INSTANCE}={instance}")).await
+}
