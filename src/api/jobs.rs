@@ -4,8 +4,8 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::error::parse_json;
-use super::openapi::{ApiErrorDoc, JobId, Model};
+use super::error::{ErrorBody, parse_json};
+use super::openapi::{JobId, Model};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobState;
 use crate::actors::job::GetSummary;
@@ -34,8 +34,8 @@ async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
     responses(
         (status = 201, description = "Created; the job starts at once", body = JobRecord),
         (status = 422, description = "The spec is refused (a field out of range, a path outside \
-            the allowed roots, ...); nothing was created", body = ApiErrorDoc),
-        (status = 429, description = "At `--max-jobs` or `--max-workers`", body = ApiErrorDoc),
+            the allowed roots, ...); nothing was created", body = ErrorBody),
+        (status = 429, description = "At `--max-jobs` or `--max-workers`", body = ErrorBody),
     )
 )]
 pub async fn create(
@@ -102,7 +102,7 @@ pub async fn list(
     params(JobId),
     responses(
         (status = 200, description = "The job", body = JobRecord),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn get(
@@ -165,7 +165,7 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
     params(JobId),
     responses(
         (status = 200, description = "The job's summary", body = Summary),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn summary(
@@ -208,7 +208,7 @@ pub async fn summaries(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
     params(JobId),
     responses(
         (status = 200, description = "Incarnations", body = Vec<Incarnation>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn workers(
@@ -230,7 +230,7 @@ pub async fn workers(
     params(JobId),
     responses(
         (status = 200, description = "Restarts", body = Vec<Restart>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn restarts(
@@ -251,7 +251,7 @@ pub async fn restarts(
     params(JobId),
     responses(
         (status = 200, description = "Excluded nodes", body = Vec<store::jobs::ExcludedNode>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn excluded_nodes(
@@ -273,7 +273,7 @@ pub async fn excluded_nodes(
     params(JobId),
     responses(
         (status = 200, description = "The job, now finished", body = JobRecord),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn stop(
@@ -310,8 +310,8 @@ pub struct Deleted {
     params(JobId, DeleteQuery),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
-        (status = 409, description = "The job is running and `force` was not given", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is running and `force` was not given", body = ErrorBody),
     )
 )]
 pub async fn delete(
@@ -412,7 +412,7 @@ pub struct CheckpointsQuery {
     params(JobId, CheckpointsQuery),
     responses(
         (status = 200, description = "Checkpoints", body = Vec<CheckpointRow>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn checkpoints(
@@ -435,7 +435,7 @@ pub async fn checkpoints(
     responses(
         (status = 200, description = "The model file", content_type = "application/octet-stream",
             body = Model, headers(("X-Model-Sha256" = String, description = "SHA-256 of the body, hex"))),
-        (status = 404, description = "No such job, or it has no final model", body = ApiErrorDoc),
+        (status = 404, description = "No such job, or it has no final model", body = ErrorBody),
     )
 )]
 pub async fn model(

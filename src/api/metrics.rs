@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use actix_web::{HttpResponse, web};
 
-use super::openapi::ApiErrorDoc;
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 
 #[utoipa::path(
@@ -15,7 +15,7 @@ use super::{ApiError, AppState};
     responses(
         (status = 200, description = "Prometheus text exposition format",
             content_type = "text/plain", body = String),
-        (status = 401, description = "The server has an API token and none was sent", body = ApiErrorDoc),
+        (status = 401, description = "The server has an API token and none was sent", body = ErrorBody),
     )
 )]
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

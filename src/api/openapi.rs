@@ -12,23 +12,10 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, Secur
 use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use super::error::{Code, ErrorBody};
 use super::{AppState, auth, events, jobs, logs, metrics, page, workers};
 use crate::config::JobDefaults;
 use crate::spec::RESERVED_ENV;
-
-/// Every error: `{"error": CODE, "message": TEXT}`.
-#[derive(ToSchema)]
-#[schema(as = ApiError)]
-#[allow(dead_code)] // Only describes `error::ErrorBody` (which borrows its code).
-pub struct ApiErrorDoc {
-    /// A stable code: `bad_request`, `invalid_json`, `invalid_spec`, `unauthorized`,
-    /// `not_found`, `method_not_allowed`, `conflict`, `stale_incarnation`,
-    /// `payload_too_large`, `unsupported_media_type`, `limit_reached` or `internal`.
-    #[schema(example = "not_found")]
-    error: String,
-    /// What went wrong, for a person.
-    message: String,
-}
 
 /// The `{job_id}` path parameter.
 #[derive(utoipa::IntoParams)]
@@ -244,25 +231,21 @@ impl Modify for CommonResponses {
                     .flatten()
                     .any(|p| matches!(p, RefOr::T(p) if p.parameter_in == ParameterIn::Query));
                 let has_body = op.request_body.is_some();
-                let mut add = |code: &str, description: &str| {
+                let mut add = |code: Code| {
                     op.responses
                         .responses
-                        .entry(code.to_string())
-                        .or_insert_with(|| error_response(description));
+                        .entry(code.status().as_str().to_string())
+                        .or_insert_with(|| error_response(code.meaning()));
                 };
                 if admin {
-                    add(
-                        "401",
-                        "The server has an API token and the request carries neither it nor \
-                         the session cookie",
-                    );
+                    add(Code::Unauthorized);
                 }
                 if has_query {
-                    add("400", "A query parameter is malformed or unknown");
+                    add(Code::BadRequest);
                 }
                 if has_body {
-                    add("400", "The body is not valid JSON of the expected shape");
-                    add("413", "The body is larger than `--max-body-bytes`");
+                    add(Code::InvalidJson);
+                    add(Code::PayloadTooLarge);
                 }
             }
         }
@@ -416,7 +399,7 @@ impl Modify for SecuritySchemes {
         workers::allreduce,
         workers::checkpoint,
     ),
-    components(schemas(ApiErrorDoc)),
+    components(schemas(ErrorBody)),
     modifiers(&SecuritySchemes, &CommonResponses, &OptionalBodies, &JobLinks),
     security(("api_token" = []), ("session_cookie" = [])),
     tags(
@@ -495,6 +478,10 @@ mod tests {
                 );
                 for (code, res) in responses {
                     if !code.starts_with('2') {
+                        assert!(
+                            Code::ALL.iter().any(|c| c.status().as_str() == code),
+                            "{method} {path} documents {code}, which no error code has"
+                        );
                         assert_eq!(
                             res["content"]["application/json"]["schema"]["$ref"],
                             "#/components/schemas/ApiError",
@@ -525,6 +512,16 @@ mod tests {
                 "dangling $ref {name}"
             );
         }
+        // The error codes are the table's.
+        let codes: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
+        let error = &doc["components"]["schemas"]["ApiError"]["properties"]["error"];
+        assert_eq!(error["enum"], json!(codes), "{error}");
+        assert!(
+            error["description"]
+                .as_str()
+                .unwrap()
+                .contains("`busy` (503)")
+        );
         for scheme in ["api_token", "worker_token", "session_cookie"] {
             assert!(doc["components"]["securitySchemes"].get(scheme).is_some());
         }
