@@ -10,7 +10,7 @@ use actix_web_lab::sse;
 use tokio::sync::{broadcast, mpsc};
 
 use super::error::ErrorBody;
-use super::openapi::SseEvent;
+use super::schema::SseEvent;
 use super::{ApiError, AppState};
 
 #[utoipa::path(

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::error::{ErrorBody, parse_json};
-use super::openapi::{JobId, Model};
+use super::schema::{JobId, Model};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobState;
 use crate::actors::job::GetSummary;

@@ -19,7 +19,7 @@ use sqlx::SqlitePool;
 use uuid::Uuid;
 
 use super::error::ErrorBody;
-use super::openapi::{JobId, SseEvent};
+use super::schema::{JobId, SseEvent};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::StreamSlot;
 use crate::bus::{Live, LogLine, Read};

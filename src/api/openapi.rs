@@ -10,76 +10,12 @@ use utoipa::openapi::path::ParameterIn;
 use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
 use super::error::{Code, ErrorBody};
-use super::{AppState, auth, events, jobs, logs, metrics, page, workers};
+use super::{AppState, auth, events, health, jobs, logs, metrics, page, workers};
 use crate::config::JobDefaults;
 use crate::spec::RESERVED_ENV;
-
-/// The `{job_id}` path parameter.
-#[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub struct JobId {
-    /// The job's id (a UUID); anything else is a 404.
-    job_id: uuid::Uuid,
-}
-
-/// The `{job_id}` and `{rank}` path parameters of the worker routes.
-#[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub struct JobRank {
-    /// The job's id (a UUID).
-    job_id: uuid::Uuid,
-    /// The caller's rank.
-    rank: u32,
-}
-
-/// A model file (`model.bin`), as bytes.
-#[derive(ToSchema)]
-#[schema(value_type = String, format = Binary)]
-#[allow(dead_code)]
-pub struct Model(Vec<u8>);
-
-/// One server-sent event of `GET /events` or `GET /jobs/{job_id}/logs/stream`, as an SSE
-/// client reads it (the document describes each event, not the whole stream).
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct SseEvent {
-    /// The event's name (see the operation).
-    event: String,
-    /// Its payload: a JSON text.
-    data: String,
-    /// The seq to resume after (`Last-Event-ID`), on `log` and job events.
-    id: Option<String>,
-}
-
-/// `GET /health`.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct Health {
-    #[schema(example = "ok")]
-    status: String,
-    version: String,
-}
-
-/// Liveness: always open, even with an API token configured.
-#[utoipa::path(
-    get,
-    path = "/health",
-    operation_id = "health",
-    tag = "server",
-    security(()),
-    responses((status = 200, description = "The server is up", body = Health))
-)]
-pub async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
-}
 
 /// This document. Open like `/health`.
 #[utoipa::path(
@@ -375,7 +311,7 @@ impl Modify for SecuritySchemes {
     paths(
         page::index,
         page::file,
-        health,
+        health::health,
         openapi_json,
         auth::session,
         metrics::metrics,
@@ -524,6 +460,28 @@ mod tests {
         );
         for scheme in ["api_token", "worker_token", "session_cookie"] {
             assert!(doc["components"]["securitySchemes"].get(scheme).is_some());
+        }
+    }
+
+    /// The document depends on the handlers, never the other way: shared schemas and
+    /// parameters live in `schema.rs`, so only the routing in `mod.rs` names this module.
+    #[test]
+    fn only_the_routing_imports_openapi() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/api");
+        let mut files = vec![dir.clone()];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            let name = path.file_name().unwrap().to_str().unwrap();
+            if name == "openapi.rs" || name == "mod.rs" {
+                continue;
+            }
+            let src = std::fs::read_to_string(&path).unwrap();
+            for import in ["super::openapi", "api::openapi"] {
+                assert!(!src.contains(import), "{} imports openapi", path.display());
+            }
         }
     }
 

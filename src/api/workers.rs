@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::error::{ErrorBody, parse_json};
-use super::openapi::JobRank;
+use super::schema::JobRank;
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobHandle;
 use crate::actors::job::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
