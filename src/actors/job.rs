@@ -16,7 +16,7 @@ use super::{JobState, Runtime};
 use crate::actors::job_manager::JobEnded;
 use crate::progress::{Progress, Summary, SummaryInput};
 use crate::spec::{JobSpec, RestartScope};
-use crate::storage::Store;
+use crate::storage::BlobStore;
 use crate::store::history::{HistoryOp, Outcome};
 use crate::store::now;
 
@@ -99,8 +99,8 @@ impl Job {
             let world_size = init.spec.world_size;
             let location = init.spec.job_checkpoint_dir(&init.id);
             // The spec was validated, so the location opens.
-            let store = Store::open_with(&location, &rt.settings.s3)
-                .unwrap_or_else(|_| Store::open(".").expect("a path"));
+            let store = BlobStore::open_with(&location, &rt.settings.s3)
+                .unwrap_or_else(|_| BlobStore::open(".").expect("a path"));
             let checkpoint = Checkpoint::new(
                 init.id,
                 init.spec.world_size,

@@ -14,7 +14,7 @@ use crate::actors::job_manager::{CreateJob, Delete, Stop};
 use crate::checkpoint::{FINAL_MODEL, sha256_hex};
 use crate::progress::Summary;
 use crate::spec::{JobRequest, JobSpec};
-use crate::storage::Store as Storage;
+use crate::storage::BlobStore;
 use crate::store;
 use crate::store::jobs::{CheckpointRow, Incarnation, JobRecord, Restart};
 
@@ -446,7 +446,7 @@ pub async fn model(
     let job = record(&state, id).await?;
     let spec: JobSpec = serde_json::from_value(job.spec)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored spec unreadable: {e}")))?;
-    let store = Storage::open_with(&spec.job_checkpoint_dir(&id), &state.rt.settings.s3)
+    let store = BlobStore::open_with(&spec.job_checkpoint_dir(&id), &state.rt.settings.s3)
         .map_err(ApiError::Internal)?;
     match store.get(FINAL_MODEL).await {
         Ok(Some(bytes)) => Ok(HttpResponse::Ok()
