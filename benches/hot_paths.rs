@@ -22,7 +22,7 @@ use trainvisor::bus::{EventBus, LogBus};
 use trainvisor::checkpoint::{Manifest, PartInfo, part_name, sha256_hex};
 use trainvisor::config::JobDefaults;
 use trainvisor::spec::JobRequest;
-use trainvisor::storage::Store;
+use trainvisor::storage::BlobStore;
 use trainvisor::store::{self, Recorder, recorder::NewLine};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -136,7 +136,7 @@ fn log_batching(c: &mut Criterion) {
 fn manifest_commit(c: &mut Criterion) {
     let rt = runtime();
     let dir = temp_dir("commit");
-    let store = Store::open(dir.to_str().expect("a UTF-8 path")).expect("a store");
+    let store = BlobStore::open(dir.to_str().expect("a UTF-8 path")).expect("a store");
     let world = 4u32;
     let mut group = c.benchmark_group("manifest_commit");
     group.sample_size(20);

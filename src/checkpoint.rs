@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::storage::Store;
+use crate::storage::BlobStore;
 
 pub const LATEST: &str = "LATEST";
 pub const MANIFEST: &str = "manifest.json";
@@ -103,7 +103,7 @@ pub struct Resume {
 /// Finds the newest step whose manifest is valid and whose every part is present, of the
 /// listed size and sha256. LATEST is tried first; then every step, newest first.
 pub async fn find_resume(
-    store: &Store,
+    store: &BlobStore,
     rank: u32,
     world_size: u32,
 ) -> std::io::Result<(Option<Resume>, Vec<Rejected>)> {
@@ -131,7 +131,7 @@ pub async fn find_resume(
 }
 
 async fn verify(
-    store: &Store,
+    store: &BlobStore,
     step: u64,
     rank: u32,
     world_size: u32,
@@ -208,7 +208,7 @@ mod properties {
         let mut rng = SplitMix64::new(7);
         for round in 0..60 {
             let dir = std::env::temp_dir().join(format!("tv-prop-{}-{round}", std::process::id()));
-            let store = Store::open(dir.to_str().unwrap()).unwrap();
+            let store = BlobStore::open(dir.to_str().unwrap()).unwrap();
             let world = 1 + rng.below(3) as u32;
             for step in [5u64, 10, 15] {
                 let mut parts = Vec::new();

@@ -399,7 +399,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// `make-dataset --out s3://...`: made in a temp dir, then uploaded.
 fn make_dataset_in_bucket(target: &str, params: &DatasetParams) -> anyhow::Result<()> {
-    let store = crate::storage::Store::open(target)?;
+    let store = crate::storage::BlobStore::open(target)?;
     let tmp = tempfile_dir()?;
     let result = make_dataset(&tmp, params).and_then(|()| {
         tokio::runtime::Builder::new_current_thread()

@@ -1,43 +1,26 @@
 //! Seeded random JSON for the property tests of the spec and manifest parsers and for the
 //! random-body test of the HTTP routes: one generator, so both probe the same corners.
 
-use serde_json::{Value, json};
+use std::sync::LazyLock;
 
+use serde_json::{Value, json};
+use utoipa::PartialSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::Schema;
+
+use crate::spec::JobRequest;
 use crate::trainer::rng::SplitMix64;
 
-/// Every field of the job spec, plus one that does not exist.
-pub const SPEC_FIELDS: &[&str] = &[
-    "world_size",
-    "name",
-    "command",
-    "env",
-    "dataset",
-    "checkpoint_dir",
-    "checkpoint_every",
-    "keep_last",
-    "total_steps",
-    "epochs",
-    "heartbeat_timeout_s",
-    "max_restarts",
-    "restart_scope",
-    "backoff_initial_ms",
-    "backoff_multiplier",
-    "backoff_max_ms",
-    "backoff_jitter",
-    "batch_size",
-    "lr",
-    "seed",
-    "sync",
-    "sleep_sec",
-    "launcher",
-    "partition",
-    "nodes",
-    "ntasks_per_node",
-    "time_limit",
-    "srun_args",
-    "exclude_after_failures",
-    "unknown",
-];
+/// Every field of the job spec, as `JobRequest`'s schema lists them (a field added to the
+/// request is fuzzed with no list to update), plus one that does not exist.
+pub static SPEC_FIELDS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    let RefOr::T(Schema::Object(request)) = JobRequest::schema() else {
+        panic!("JobRequest's schema is an object");
+    };
+    // Leaked once per process, so the list reads like a `&[&str]`.
+    let fields = request.properties.into_keys().map(|field| &*field.leak());
+    fields.chain(["unknown"]).collect()
+});
 
 /// Strings that mean something somewhere: enum values, reserved and invalid env names, NUL,
 /// path tricks, URLs.

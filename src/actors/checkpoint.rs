@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::Runtime;
 use crate::checkpoint::{self, LATEST, Manifest, PartInfo};
-use crate::storage::Store;
+use crate::storage::BlobStore;
 use crate::store::history::HistoryOp;
 use crate::store::now;
 
@@ -20,7 +20,7 @@ pub struct Checkpoint {
     job_id: Uuid,
     world_size: u32,
     keep_last: usize,
-    store: Store,
+    store: BlobStore,
     rt: Arc<Runtime>,
     /// Parts reported per uncommitted step, by rank.
     pending: BTreeMap<u64, BTreeMap<u32, PartInfo>>,
@@ -39,7 +39,7 @@ impl Checkpoint {
         job_id: Uuid,
         world_size: u32,
         keep_last: u32,
-        store: Store,
+        store: BlobStore,
         rt: Arc<Runtime>,
         notify: Recipient<Committed>,
     ) -> Self {
@@ -174,7 +174,7 @@ pub struct CommitDone {
 /// (compare-and-swap where the store supports it), then retention and garbage. An error
 /// before the manifest is written leaves the previous checkpoint as the newest one.
 pub async fn commit(
-    store: &Store,
+    store: &BlobStore,
     manifest: &Manifest,
     keep_last: usize,
     since: Instant,
@@ -218,7 +218,7 @@ pub async fn commit(
 
 /// Moves LATEST to `step`, never backwards: read it with its version, write if it still has
 /// that version (a plain write on stores without conditional writes; LATEST is only a hint).
-async fn advance_latest(store: &Store, step: u64) -> std::io::Result<()> {
+async fn advance_latest(store: &BlobStore, step: u64) -> std::io::Result<()> {
     let body = format!("{}\n", checkpoint::step_dir(step)).into_bytes();
     for _ in 0..8 {
         let current = store.get_versioned(LATEST).await?;
@@ -244,7 +244,7 @@ async fn advance_latest(store: &Store, step: u64) -> std::io::Result<()> {
 /// `step`, those with a manifest beyond the newest `keep_last` (counting `step`) are pruned,
 /// those without one are garbage.
 async fn clean_up(
-    store: &Store,
+    store: &BlobStore,
     step: u64,
     keep_last: usize,
     pruned: &mut Vec<u64>,
@@ -400,7 +400,7 @@ impl Handler<WhenIdle> for Checkpoint {
 
 /// The commit protocol alone, for `trainvisor bench` (S3 checkpoint throughput).
 pub async fn commit_for_bench(
-    store: &Store,
+    store: &BlobStore,
     manifest: &Manifest,
     keep_last: usize,
 ) -> std::io::Result<()> {

@@ -18,7 +18,7 @@ use crate::domain::progress::{Progress, Summary, SummaryInput};
 use crate::domain::{Decision, JobState, Outcome, RestartCounts, RestartPolicy, RestartScope};
 use crate::launcher::{self, JobContext, JobLauncher};
 use crate::spec::JobSpec;
-use crate::storage::Store;
+use crate::storage::BlobStore;
 use crate::store::history::HistoryOp;
 use crate::store::now;
 
@@ -111,8 +111,8 @@ impl Job {
             let init_spec = &spec;
             let location = init_spec.job_checkpoint_dir(&init.id);
             // The spec was validated, so the location opens.
-            let store = Store::open_with(&location, &rt.settings.s3)
-                .unwrap_or_else(|_| Store::open(".").expect("a path"));
+            let store = BlobStore::open_with(&location, &rt.settings.s3)
+                .unwrap_or_else(|_| BlobStore::open(".").expect("a path"));
             let checkpoint = Checkpoint::new(
                 init.id,
                 spec.world_size,

@@ -12,8 +12,7 @@ use actix_web::middleware::Next;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
-use super::error::parse_json;
-use super::openapi::ApiErrorDoc;
+use super::error::{ErrorBody, parse_json};
 use super::workers::bearer;
 use super::{ApiError, AppState};
 use crate::actors::hash_token;
@@ -102,9 +101,9 @@ pub struct SessionReply {
     responses(
         (status = 200, description = "Signed in: the `trainvisor_session` cookie is set (HttpOnly, \
             SameSite=Strict). `auth` is `none` when the server has no API token", body = SessionReply),
-        (status = 400, description = "Not a JSON object with a `token` string", body = ApiErrorDoc),
-        (status = 401, description = "Wrong API token", body = ApiErrorDoc),
-        (status = 413, description = "Body larger than `--max-body-bytes`", body = ApiErrorDoc),
+        (status = 400, description = "Not a JSON object with a `token` string", body = ErrorBody),
+        (status = 401, description = "Wrong API token", body = ErrorBody),
+        (status = 413, description = "Body larger than `--max-body-bytes`", body = ErrorBody),
     )
 )]
 pub async fn session(

@@ -1,4 +1,5 @@
-//! One JSON error type for the whole API: `{"error": CODE, "message": TEXT}`.
+//! One JSON error type for the whole API: `{"error": CODE, "message": TEXT}`, its codes and
+//! statuses from the one table in `error/codes.rs`.
 //! Causes are logged; only the message meant for the client is sent.
 
 use actix_web::body::{BoxBody, MessageBody};
@@ -8,8 +9,12 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
+use utoipa::ToSchema;
 
+pub use self::codes::Code;
 use crate::actors::job_manager::ManagerError;
+
+mod codes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -39,26 +44,37 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
+// Documented as the `ApiError` schema, its `error` as the enum of the table's codes.
+/// Every error: `{"error": CODE, "message": TEXT}`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ApiError)]
+pub struct ErrorBody {
+    #[schema(inline)]
+    error: Code,
+    /// What went wrong, for a person.
     message: String,
 }
 
+impl ErrorBody {
+    fn new(error: Code, message: String) -> Self {
+        ErrorBody { error, message }
+    }
+}
+
 impl ApiError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::InvalidJson(_) => "invalid_json",
-            ApiError::InvalidSpec(_) => "invalid_spec",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::StaleIncarnation(_) => "stale_incarnation",
-            ApiError::TooLarge(_) => "payload_too_large",
-            ApiError::AtLimit(_) => "limit_reached",
-            ApiError::Busy => "busy",
-            ApiError::Internal(_) => "internal",
+            ApiError::BadRequest(_) => Code::BadRequest,
+            ApiError::InvalidJson(_) => Code::InvalidJson,
+            ApiError::InvalidSpec(_) => Code::InvalidSpec,
+            ApiError::Unauthorized(_) => Code::Unauthorized,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::Conflict(_) => Code::Conflict,
+            ApiError::StaleIncarnation(_) => Code::StaleIncarnation,
+            ApiError::TooLarge(_) => Code::PayloadTooLarge,
+            ApiError::AtLimit(_) => Code::LimitReached,
+            ApiError::Busy => Code::Busy,
+            ApiError::Internal(_) => Code::Internal,
         }
     }
 
@@ -69,17 +85,7 @@ impl ApiError {
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
-            ApiError::InvalidSpec(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) | ApiError::StaleIncarnation(_) => StatusCode::CONFLICT,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::AtLimit(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.code().status()
     }
 
     fn error_response(&self) -> HttpResponse {
@@ -91,10 +97,7 @@ impl ResponseError for ApiError {
             tracing::warn!("database busy: answered 503");
             res.insert_header((header::RETRY_AFTER, "1"));
         }
-        res.json(ErrorBody {
-            error: self.code(),
-            message: self.to_string(),
-        })
+        res.json(ErrorBody::new(self.code(), self.to_string()))
     }
 }
 
@@ -185,10 +188,10 @@ fn integral_floats_as_integers(value: &mut serde_json::Value) {
 pub fn method_not_allowed(allow: &'static str) -> HttpResponse {
     HttpResponse::MethodNotAllowed()
         .insert_header((header::ALLOW, allow))
-        .json(ErrorBody {
-            error: "method_not_allowed",
-            message: format!("method not allowed on this route; allowed: {allow}"),
-        })
+        .json(ErrorBody::new(
+            Code::MethodNotAllowed,
+            format!("method not allowed on this route; allowed: {allow}"),
+        ))
 }
 
 /// Turns every error response that is not JSON yet (actix's own: unknown route, wrong method,
@@ -205,24 +208,13 @@ pub fn json_errors<B: MessageBody + 'static>(
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
     let status = res.status();
-    let code = match status {
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        s if s.is_client_error() => "bad_request",
-        _ => "internal",
-    };
+    let code = Code::of_framework_error(status);
     let message = match status {
         StatusCode::NOT_FOUND => "no such route".to_string(),
         StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route".to_string(),
         s => s.canonical_reason().unwrap_or("error").to_lowercase(),
     };
-    let body = serde_json::to_string(&ErrorBody {
-        error: code,
-        message,
-    })
-    .unwrap_or_default();
+    let body = serde_json::to_string(&ErrorBody::new(code, message)).unwrap_or_default();
     let (req, res) = res.into_parts();
     let mut res = res.set_body(BoxBody::new(body));
     res.headers_mut().insert(

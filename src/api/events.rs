@@ -9,7 +9,8 @@ use actix_web::{Responder, web};
 use actix_web_lab::sse;
 use tokio::sync::{broadcast, mpsc};
 
-use super::openapi::{ApiErrorDoc, SseEvent};
+use super::error::ErrorBody;
+use super::schema::SseEvent;
 use super::{ApiError, AppState};
 
 #[utoipa::path(
@@ -22,8 +23,8 @@ use super::{ApiError, AppState};
             `restart`, `checkpoint`, `progress`, `deleted` (each `data` a JSON object with `seq`, \
             `kind`, `job_id`, `at`, `data`) and `resync` when the client fell behind. The stream \
             does not end by itself", content_type = "text/event-stream", body = SseEvent),
-        (status = 401, description = "The server has an API token and none was sent", body = ApiErrorDoc),
-        (status = 429, description = "Too many open streams (`--max-sse-subscribers`)", body = ApiErrorDoc),
+        (status = 401, description = "The server has an API token and none was sent", body = ErrorBody),
+        (status = 429, description = "Too many open streams (`--max-sse-subscribers`)", body = ErrorBody),
     )
 )]
 pub async fn events(state: web::Data<AppState>) -> Result<impl Responder, ApiError> {

@@ -4,8 +4,8 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::error::parse_json;
-use super::openapi::{ApiErrorDoc, JobId, Model};
+use super::error::{ErrorBody, parse_json};
+use super::schema::{JobId, Model};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::job::GetSummary;
 use crate::actors::job_manager::DeleteReport;
@@ -14,7 +14,7 @@ use crate::checkpoint::{FINAL_MODEL, sha256_hex};
 use crate::domain::JobState;
 use crate::domain::progress::Summary;
 use crate::spec::{JobRequest, JobSpec};
-use crate::storage::Store as Storage;
+use crate::storage::BlobStore;
 use crate::store;
 use crate::store::jobs::{CheckpointRow, Incarnation, JobRecord, Restart};
 
@@ -34,8 +34,8 @@ async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
     responses(
         (status = 201, description = "Created; the job starts at once", body = JobRecord),
         (status = 422, description = "The spec is refused (a field out of range, a path outside \
-            the allowed roots, ...); nothing was created", body = ApiErrorDoc),
-        (status = 429, description = "At `--max-jobs` or `--max-workers`", body = ApiErrorDoc),
+            the allowed roots, ...); nothing was created", body = ErrorBody),
+        (status = 429, description = "At `--max-jobs` or `--max-workers`", body = ErrorBody),
     )
 )]
 pub async fn create(
@@ -105,7 +105,7 @@ pub async fn list(
     params(JobId),
     responses(
         (status = 200, description = "The job", body = JobRecord),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn get(
@@ -168,7 +168,7 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
     params(JobId),
     responses(
         (status = 200, description = "The job's summary", body = Summary),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn summary(
@@ -211,7 +211,7 @@ pub async fn summaries(state: web::Data<AppState>) -> Result<HttpResponse, ApiEr
     params(JobId),
     responses(
         (status = 200, description = "Incarnations", body = Vec<Incarnation>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn workers(
@@ -233,7 +233,7 @@ pub async fn workers(
     params(JobId),
     responses(
         (status = 200, description = "Restarts", body = Vec<Restart>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn restarts(
@@ -254,7 +254,7 @@ pub async fn restarts(
     params(JobId),
     responses(
         (status = 200, description = "Excluded nodes", body = Vec<store::jobs::ExcludedNode>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn excluded_nodes(
@@ -276,7 +276,7 @@ pub async fn excluded_nodes(
     params(JobId),
     responses(
         (status = 200, description = "The job, now finished", body = JobRecord),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn stop(
@@ -313,8 +313,8 @@ pub struct Deleted {
     params(JobId, DeleteQuery),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
-        (status = 409, description = "The job is running and `force` was not given", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is running and `force` was not given", body = ErrorBody),
     )
 )]
 pub async fn delete(
@@ -415,7 +415,7 @@ pub struct CheckpointsQuery {
     params(JobId, CheckpointsQuery),
     responses(
         (status = 200, description = "Checkpoints", body = Vec<CheckpointRow>),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn checkpoints(
@@ -438,7 +438,7 @@ pub async fn checkpoints(
     responses(
         (status = 200, description = "The model file", content_type = "application/octet-stream",
             body = Model, headers(("X-Model-Sha256" = String, description = "SHA-256 of the body, hex"))),
-        (status = 404, description = "No such job, or it has no final model", body = ApiErrorDoc),
+        (status = 404, description = "No such job, or it has no final model", body = ErrorBody),
     )
 )]
 pub async fn model(
@@ -449,7 +449,7 @@ pub async fn model(
     let job = record(&state, id).await?;
     let spec: JobSpec = serde_json::from_value(job.spec)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored spec unreadable: {e}")))?;
-    let store = Storage::open_with(&spec.job_checkpoint_dir(&id), &state.rt.settings.s3)
+    let store = BlobStore::open_with(&spec.job_checkpoint_dir(&id), &state.rt.settings.s3)
         .map_err(ApiError::Internal)?;
     match store.get(FINAL_MODEL).await {
         Ok(Some(bytes)) => Ok(HttpResponse::Ok()

@@ -18,7 +18,8 @@ use serde_json::json;
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
-use super::openapi::{ApiErrorDoc, JobId, SseEvent};
+use super::error::ErrorBody;
+use super::schema::{JobId, SseEvent};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::StreamSlot;
 use crate::bus::{Live, LogLine, Read};
@@ -50,8 +51,8 @@ pub struct TailQuery {
     params(JobId, TailQuery),
     responses(
         (status = 200, description = "Log lines", body = LogTail),
-        (status = 400, description = "`tail` out of range, or a bad query string", body = ApiErrorDoc),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
+        (status = 400, description = "`tail` out of range, or a bad query string", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn tail(
@@ -123,9 +124,9 @@ pub struct StreamQuery {
             its seq), `lagged` (the client fell behind; missed lines follow from the database) \
             and a last `end` (data: `{job_id, state}`)", content_type = "text/event-stream", body = SseEvent),
         (status = 400, description = "`tail` out of range, or a Last-Event-ID that is not an integer",
-            body = ApiErrorDoc),
-        (status = 404, description = "No such job", body = ApiErrorDoc),
-        (status = 429, description = "Too many open streams (`--max-sse-subscribers`)", body = ApiErrorDoc),
+            body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 429, description = "Too many open streams (`--max-sse-subscribers`)", body = ErrorBody),
     )
 )]
 pub async fn stream(

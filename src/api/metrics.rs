@@ -1,11 +1,13 @@
-//! `GET /metrics`: Prometheus text format.
+//! `GET /metrics`: Prometheus text format, formatted from `store::jobs::counts` and the
+//! runtime's live figures.
 
 use std::fmt::Write;
 
 use actix_web::{HttpResponse, web};
 
-use super::openapi::ApiErrorDoc;
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
+use crate::store;
 
 #[utoipa::path(
     get,
@@ -15,44 +17,31 @@ use super::{ApiError, AppState};
     responses(
         (status = 200, description = "Prometheus text exposition format",
             content_type = "text/plain", body = String),
-        (status = 401, description = "The server has an API token and none was sent", body = ApiErrorDoc),
+        (status = 401, description = "The server has an API token and none was sent", body = ErrorBody),
     )
 )]
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let pool = &state.rt.pool;
-    let by_state: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-            .fetch_all(pool)
-            .await?;
-    let restarts: Vec<(String, i64)> =
-        sqlx::query_as("SELECT reason, COUNT(*) FROM restarts GROUP BY reason")
-            .fetch_all(pool)
-            .await?;
-    let running: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM incarnations WHERE ended_at IS NULL AND pid IS NOT NULL",
-    )
-    .fetch_one(pool)
-    .await?;
+    let counts = store::jobs::counts(&state.rt.pool).await?;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "# HELP trainvisor_jobs Jobs by state.\n# TYPE trainvisor_jobs gauge"
     );
-    for (s, n) in by_state {
+    for (s, n) in counts.jobs_by_state {
         let _ = writeln!(out, "trainvisor_jobs{{state=\"{s}\"}} {n}");
     }
     let _ = writeln!(
         out,
         "# HELP trainvisor_restarts_total Restart decisions by reason.\n# TYPE trainvisor_restarts_total counter"
     );
-    for (r, n) in restarts {
+    for (r, n) in counts.restarts_by_reason {
         let _ = writeln!(out, "trainvisor_restarts_total{{reason=\"{r}\"}} {n}");
     }
     let _ = writeln!(
         out,
         "# HELP trainvisor_workers_running Worker processes running.\n# TYPE trainvisor_workers_running gauge"
     );
-    let _ = writeln!(out, "trainvisor_workers_running {running}");
+    let _ = writeln!(out, "trainvisor_workers_running {}", counts.workers_running);
     let _ = writeln!(
         out,
         "# HELP trainvisor_live_jobs Jobs with a live actor.\n# TYPE trainvisor_live_jobs gauge"

@@ -3,11 +3,13 @@
 pub mod auth;
 pub mod error;
 mod events;
+mod health;
 mod jobs;
 mod logs;
 mod metrics;
 pub mod openapi;
 mod page;
+mod schema;
 pub mod workers;
 
 use std::sync::Arc;
@@ -44,7 +46,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     // Resources (not bare routes) so a known path with the wrong method is a 405.
     cfg.service(resource("/", "GET").get(page::index))
         .service(resource("/static/{file}", "GET").get(page::file))
-        .service(resource("/health", "GET").get(openapi::health))
+        .service(resource("/health", "GET").get(health::health))
         .service(resource("/openapi.json", "GET").get(openapi::openapi_json))
         .service(resource("/session", "POST").post(auth::session))
         .service(resource("/metrics", "GET").get(metrics::metrics))

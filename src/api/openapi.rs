@@ -10,89 +10,12 @@ use utoipa::openapi::path::ParameterIn;
 use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-use super::{AppState, auth, events, jobs, logs, metrics, page, workers};
+use super::error::{Code, ErrorBody};
+use super::{AppState, auth, events, health, jobs, logs, metrics, page, workers};
 use crate::config::JobDefaults;
 use crate::spec::RESERVED_ENV;
-
-/// Every error: `{"error": CODE, "message": TEXT}`.
-#[derive(ToSchema)]
-#[schema(as = ApiError)]
-#[allow(dead_code)] // Only describes `error::ErrorBody` (which borrows its code).
-pub struct ApiErrorDoc {
-    /// A stable code: `bad_request`, `invalid_json`, `invalid_spec`, `unauthorized`,
-    /// `not_found`, `method_not_allowed`, `conflict`, `stale_incarnation`,
-    /// `payload_too_large`, `unsupported_media_type`, `limit_reached` or `internal`.
-    #[schema(example = "not_found")]
-    error: String,
-    /// What went wrong, for a person.
-    message: String,
-}
-
-/// The `{job_id}` path parameter.
-#[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub struct JobId {
-    /// The job's id (a UUID); anything else is a 404.
-    job_id: uuid::Uuid,
-}
-
-/// The `{job_id}` and `{rank}` path parameters of the worker routes.
-#[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub struct JobRank {
-    /// The job's id (a UUID).
-    job_id: uuid::Uuid,
-    /// The caller's rank.
-    rank: u32,
-}
-
-/// A model file (`model.bin`), as bytes.
-#[derive(ToSchema)]
-#[schema(value_type = String, format = Binary)]
-#[allow(dead_code)]
-pub struct Model(Vec<u8>);
-
-/// One server-sent event of `GET /events` or `GET /jobs/{job_id}/logs/stream`, as an SSE
-/// client reads it (the document describes each event, not the whole stream).
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct SseEvent {
-    /// The event's name (see the operation).
-    event: String,
-    /// Its payload: a JSON text.
-    data: String,
-    /// The seq to resume after (`Last-Event-ID`), on `log` and job events.
-    id: Option<String>,
-}
-
-/// `GET /health`.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct Health {
-    #[schema(example = "ok")]
-    status: String,
-    version: String,
-}
-
-/// Liveness: always open, even with an API token configured.
-#[utoipa::path(
-    get,
-    path = "/health",
-    operation_id = "health",
-    tag = "server",
-    security(()),
-    responses((status = 200, description = "The server is up", body = Health))
-)]
-pub async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
-}
 
 /// This document. Open like `/health`.
 #[utoipa::path(
@@ -244,25 +167,21 @@ impl Modify for CommonResponses {
                     .flatten()
                     .any(|p| matches!(p, RefOr::T(p) if p.parameter_in == ParameterIn::Query));
                 let has_body = op.request_body.is_some();
-                let mut add = |code: &str, description: &str| {
+                let mut add = |code: Code| {
                     op.responses
                         .responses
-                        .entry(code.to_string())
-                        .or_insert_with(|| error_response(description));
+                        .entry(code.status().as_str().to_string())
+                        .or_insert_with(|| error_response(code.meaning()));
                 };
                 if admin {
-                    add(
-                        "401",
-                        "The server has an API token and the request carries neither it nor \
-                         the session cookie",
-                    );
+                    add(Code::Unauthorized);
                 }
                 if has_query {
-                    add("400", "A query parameter is malformed or unknown");
+                    add(Code::BadRequest);
                 }
                 if has_body {
-                    add("400", "The body is not valid JSON of the expected shape");
-                    add("413", "The body is larger than `--max-body-bytes`");
+                    add(Code::InvalidJson);
+                    add(Code::PayloadTooLarge);
                 }
             }
         }
@@ -392,7 +311,7 @@ impl Modify for SecuritySchemes {
     paths(
         page::index,
         page::file,
-        health,
+        health::health,
         openapi_json,
         auth::session,
         metrics::metrics,
@@ -416,7 +335,7 @@ impl Modify for SecuritySchemes {
         workers::allreduce,
         workers::checkpoint,
     ),
-    components(schemas(ApiErrorDoc)),
+    components(schemas(ErrorBody)),
     modifiers(&SecuritySchemes, &CommonResponses, &OptionalBodies, &JobLinks),
     security(("api_token" = []), ("session_cookie" = [])),
     tags(
@@ -429,136 +348,4 @@ impl Modify for SecuritySchemes {
 pub struct ApiDoc;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::spec::JobRequest;
-
-    fn resolves(defaults: &JobDefaults, field: &str, value: f64) -> bool {
-        let mut body = json!({"world_size": 1});
-        // backoff_initial_ms may not exceed backoff_max_ms: test each bound on its own.
-        match field {
-            "backoff_initial_ms" => body["backoff_max_ms"] = json!(3_600_000),
-            "backoff_max_ms" => body["backoff_initial_ms"] = json!(0),
-            _ => {}
-        }
-        body[field] = json!(value);
-        let body = serde_json::to_vec(&body).unwrap();
-        let request: JobRequest = match super::super::error::parse_json(&body, false) {
-            Ok(r) => r,
-            Err(_) => return false,
-        };
-        request.resolve(defaults).is_ok()
-    }
-
-    /// `(METHOD, path)` of every route `api::routes` registers, read from its source: each
-    /// `resource(path, allow)` with the methods chained on it, which must equal `allow`.
-    fn routes_in_mod_rs() -> std::collections::BTreeSet<(String, String)> {
-        let src = include_str!("mod.rs");
-        let body = &src[src.find("pub fn routes(").expect("routes() in mod.rs")..];
-        let mut routes = std::collections::BTreeSet::new();
-        for chunk in body.split("resource(\"").skip(1) {
-            let (path, rest) = chunk.split_once('"').unwrap();
-            let allow = rest.split('"').nth(1).unwrap();
-            let chained = rest.split(".service(").next().unwrap();
-            let mut methods: Vec<String> = ["get", "post", "delete", "put", "patch"]
-                .iter()
-                .filter(|m| chained.contains(&format!(".{m}(")))
-                .map(|m| m.to_uppercase())
-                .collect();
-            methods.sort();
-            let mut allowed: Vec<String> = allow.split(", ").map(str::to_string).collect();
-            allowed.sort();
-            assert_eq!(
-                methods, allowed,
-                "{path}: Allow header vs registered methods"
-            );
-            for m in methods {
-                routes.insert((m, path.to_string()));
-            }
-        }
-        routes
-    }
-
-    #[test]
-    fn every_route_is_documented_and_nothing_else() {
-        let doc = document(&JobDefaults::for_data_dir(std::path::Path::new("/data")));
-        assert_eq!(doc["openapi"], "3.1.0");
-        let mut documented = std::collections::BTreeSet::new();
-        for (path, item) in doc["paths"].as_object().unwrap() {
-            for (method, op) in item.as_object().unwrap() {
-                documented.insert((method.to_uppercase(), path.clone()));
-                // Every operation says what it answers, and every error is an ApiError.
-                let responses = op["responses"].as_object().unwrap();
-                assert!(
-                    responses.keys().any(|c| c.starts_with('2')),
-                    "{method} {path}"
-                );
-                for (code, res) in responses {
-                    if !code.starts_with('2') {
-                        assert_eq!(
-                            res["content"]["application/json"]["schema"]["$ref"],
-                            "#/components/schemas/ApiError",
-                            "{method} {path} {code}"
-                        );
-                    }
-                }
-            }
-        }
-        let ids: Vec<&str> = doc["paths"]
-            .as_object()
-            .unwrap()
-            .values()
-            .flat_map(|item| item.as_object().unwrap().values())
-            .map(|op| op["operationId"].as_str().expect("an operationId"))
-            .collect();
-        let unique: std::collections::BTreeSet<_> = ids.iter().collect();
-        assert_eq!(unique.len(), ids.len(), "operationIds repeat: {ids:?}");
-        let served = routes_in_mod_rs();
-        assert!(served.len() >= 24, "parsed only {served:?}");
-        assert_eq!(documented, served);
-        // References resolve.
-        let text = doc.to_string();
-        for name in text.split("#/components/schemas/").skip(1) {
-            let name = name.split('"').next().unwrap();
-            assert!(
-                doc["components"]["schemas"].get(name).is_some(),
-                "dangling $ref {name}"
-            );
-        }
-        for scheme in ["api_token", "worker_token", "session_cookie"] {
-            assert!(doc["components"]["securitySchemes"].get(scheme).is_some());
-        }
-    }
-
-    #[test]
-    fn spec_bounds_match_resolve() {
-        let defaults = JobDefaults::for_data_dir(std::path::Path::new("/data"));
-        for &(field, min, max) in SPEC_BOUNDS {
-            assert!(resolves(&defaults, field, min), "{field} = {min} refused");
-            let below = if min.fract() == 0.0 {
-                min - 1.0
-            } else {
-                min / 2.0
-            };
-            assert!(
-                !resolves(&defaults, field, below),
-                "{field} = {below} accepted"
-            );
-            if let Some(max) = max {
-                assert!(resolves(&defaults, field, max), "{field} = {max} refused");
-                let above = if max.fract() == 0.0 {
-                    max + 1.0
-                } else {
-                    max * 1.5
-                };
-                assert!(
-                    !resolves(&defaults, field, above),
-                    "{field} = {above} accepted"
-                );
-            }
-        }
-        let doc = document(&defaults);
-        let ws = &doc["components"]["schemas"]["JobRequest"]["properties"]["world_size"];
-        assert_eq!(ws["maximum"], json!(defaults.max_world_size));
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 use actix_web::{HttpResponse, web};
 
 use super::ApiError;
-use super::openapi::ApiErrorDoc;
+use super::error::ErrorBody;
 
 const FILES: &[(&str, &str, &str)] = &[
     (
@@ -59,7 +59,7 @@ pub async fn index() -> Result<HttpResponse, ApiError> {
     responses(
         (status = 200, description = "The file", content(
             (String = "text/javascript"), (String = "text/css"), (String = "text/html"))),
-        (status = 404, description = "No such file", body = ApiErrorDoc),
+        (status = 404, description = "No such file", body = ErrorBody),
     )
 )]
 pub async fn file(path: web::Path<String>) -> Result<HttpResponse, ApiError> {

@@ -6,8 +6,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::error::parse_json;
-use super::openapi::{ApiErrorDoc, JobRank};
+use super::error::{ErrorBody, parse_json};
+use super::schema::JobRank;
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobHandle;
 use crate::actors::job::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
@@ -121,11 +121,11 @@ pub struct AllReduceReply {
     responses(
         (status = 200, description = "Recorded", body = OkReply),
         (status = 400, description = "Not a JSON object, or `step` not a non-negative integer",
-            body = ApiErrorDoc),
-        (status = 401, description = "No token, or not this rank's", body = ApiErrorDoc),
-        (status = 404, description = "No such job or rank", body = ApiErrorDoc),
+            body = ErrorBody),
+        (status = 401, description = "No token, or not this rank's", body = ErrorBody),
+        (status = 404, description = "No such job or rank", body = ErrorBody),
         (status = 409, description = "The token's incarnation was replaced or the job ended: exit",
-            body = ApiErrorDoc),
+            body = ErrorBody),
     )
 )]
 pub async fn heartbeat(
@@ -177,12 +177,12 @@ pub struct AllReduceBody {
     request_body = AllReduceBody,
     responses(
         (status = 200, description = "The element-wise mean over every rank", body = AllReduceReply),
-        (status = 401, description = "No token, or not this rank's", body = ApiErrorDoc),
-        (status = 404, description = "No such job or rank", body = ApiErrorDoc),
+        (status = 401, description = "No token, or not this rank's", body = ErrorBody),
+        (status = 404, description = "No such job or rank", body = ErrorBody),
         (status = 409, description = "The token's incarnation was replaced or the job ended: exit",
-            body = ApiErrorDoc),
+            body = ErrorBody),
         (status = 422, description = "A step or length that does not match the other ranks'",
-            body = ApiErrorDoc),
+            body = ErrorBody),
     )
 )]
 pub async fn allreduce(
@@ -229,12 +229,12 @@ pub struct CheckpointBody {
     request_body = CheckpointBody,
     responses(
         (status = 200, description = "Recorded", body = OkReply),
-        (status = 401, description = "No token, or not this rank's", body = ApiErrorDoc),
-        (status = 404, description = "No such job or rank", body = ApiErrorDoc),
+        (status = 401, description = "No token, or not this rank's", body = ErrorBody),
+        (status = 404, description = "No such job or rank", body = ErrorBody),
         (status = 409, description = "The token's incarnation was replaced or the job ended: exit",
-            body = ApiErrorDoc),
+            body = ErrorBody),
         (status = 422, description = "A wrong part name, a bad sha256 or a step out of order",
-            body = ApiErrorDoc),
+            body = ErrorBody),
     )
 )]
 pub async fn checkpoint(

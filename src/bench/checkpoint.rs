@@ -2,7 +2,7 @@
 //!
 //! The job's ranks are `sleep` processes; the bench plays each rank with the credentials in its
 //! environment and does exactly what the built-in trainer does per checkpoint: sha256 of the
-//! part, `Store::put` into `CHECKPOINT_DIR` (temp file, fsync, rename, directory fsync), then
+//! part, `BlobStore::put` into `CHECKPOINT_DIR` (temp file, fsync, rename, directory fsync), then
 //! `POST …/workers/{rank}/checkpoint` through the trainer's own client. The 4 ranks write at
 //! the same time. Measured: the server's commit latency (last part registered → manifest
 //! durable and LATEST moved, from the `checkpoints` history), write to commit (the parts'
@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::{Client, Figures, environ, insert_percentiles, ms_between, percentile};
 use crate::checkpoint::{self, PartInfo};
-use crate::storage::Store;
+use crate::storage::BlobStore;
 use crate::store::now;
 use crate::trainer::client::WorkerClient;
 
@@ -28,7 +28,7 @@ const WORLD: u32 = 4;
 struct Rank {
     rank: u32,
     client: WorkerClient,
-    store: Store,
+    store: BlobStore,
 }
 
 async fn ranks(client: &Client, id: &str) -> anyhow::Result<Vec<Rank>> {
@@ -60,7 +60,7 @@ async fn ranks(client: &Client, id: &str) -> anyhow::Result<Vec<Rank>> {
                 rank,
                 &var("TRAINVISOR_TOKEN")?,
             ),
-            store: Store::open(&var("CHECKPOINT_DIR")?)?,
+            store: BlobStore::open(&var("CHECKPOINT_DIR")?)?,
         });
     }
     Ok(out)

@@ -2,7 +2,7 @@
 //! `object_store` put loop of the same sizes against the same server in the same run.
 //!
 //! A checkpoint here is what the checkpoint plane really does: every part through
-//! `Store::put` (multipart above `MULTIPART_THRESHOLD`), then the server's commit (manifest
+//! `BlobStore::put` (multipart above `MULTIPART_THRESHOLD`), then the server's commit (manifest
 //! create-if-absent, LATEST compare-and-swap, retention). The raw loop puts the same bytes as
 //! single `put` requests and nothing else.
 
@@ -16,7 +16,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use super::Figures;
 use crate::actors::checkpoint::commit_for_bench;
 use crate::checkpoint::{self, Manifest, PartInfo};
-use crate::storage::{S3Config, Store};
+use crate::storage::{BlobStore, S3Config};
 
 struct S3sFs {
     child: Child,
@@ -77,7 +77,7 @@ async fn start() -> anyhow::Result<S3sFs> {
             ..S3Config::default()
         },
     };
-    let store = Store::open_with("s3://bench", &server.config)?;
+    let store = BlobStore::open_with("s3://bench", &server.config)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while store.list("").await.is_err() {
         if Instant::now() > deadline {
@@ -113,8 +113,8 @@ pub async fn run(quick: bool, figures: &mut Figures) -> anyhow::Result<()> {
 
     // Interleaved, so both see the same server state and page cache.
     let (mut ckpt_s, mut raw_s) = (0.0, 0.0);
-    let store = Store::open_with("s3://bench/ckpt", &server.config)?;
-    let Store::S3(raw) = Store::open_with("s3://bench/raw", &server.config)? else {
+    let store = BlobStore::open_with("s3://bench/ckpt", &server.config)?;
+    let BlobStore::S3(raw) = BlobStore::open_with("s3://bench/raw", &server.config)? else {
         unreachable!("an s3:// location")
     };
     // What ranks report (sizes and sha256s): computed before the upload, as ranks do.

@@ -1,5 +1,5 @@
 //! Where checkpoints (and the final model) live. The checkpoint plane is written against
-//! `Store`, not against paths: the local filesystem, with every write made durable (temp
+//! `BlobStore`, not against paths: the local filesystem, with every write made durable (temp
 //! file, fsync, rename, directory fsync), or an S3-compatible object store (`s3://bucket/prefix`:
 //! AWS S3, MinIO, Garage, ...) through `object_store`.
 
@@ -13,14 +13,15 @@ use object_store::UpdateVersion;
 
 type Bytes = Vec<u8>;
 
-/// A checkpoint store rooted at one job's checkpoint location. Keys are `/`-separated.
+/// Bytes by key (checkpoints, models, dataset shards), rooted at one location. Keys are
+/// `/`-separated. (Named apart from `crate::store`, the SQLite database.)
 #[derive(Debug, Clone)]
-pub enum Store {
+pub enum BlobStore {
     Local(LocalStore),
     S3(S3Store),
 }
 
-impl Store {
+impl BlobStore {
     /// Opens the store for a location: a filesystem path, `file://` path or `s3://` URL.
     /// S3 settings come from the environment (`S3_ENDPOINT`, `S3_ACCESS_KEY`, ...): what a
     /// worker gets from the server.
@@ -34,7 +35,7 @@ impl Store {
     /// Opens the store for a location with explicit S3 settings (the server's).
     pub fn open_with(location: &str, s3: &S3Config) -> anyhow::Result<Self> {
         if S3Url::is_s3(location) {
-            return Ok(Store::S3(S3Store::open(location, s3)?));
+            return Ok(BlobStore::S3(S3Store::open(location, s3)?));
         }
         if location.contains("://") && !location.starts_with("file://") {
             anyhow::bail!(
@@ -42,15 +43,15 @@ impl Store {
             );
         }
         let path = location.strip_prefix("file://").unwrap_or(location);
-        Ok(Store::Local(LocalStore::new(path)))
+        Ok(BlobStore::Local(LocalStore::new(path)))
     }
 
     /// Writes `key` atomically and durably: readers see the old value or the whole new one.
     /// On S3, parts above `s3::MULTIPART_THRESHOLD` go up as a multipart upload.
     pub async fn put(&self, key: &str, data: Bytes) -> std::io::Result<()> {
         match self {
-            Store::Local(s) => s.put(key, data).await,
-            Store::S3(s) => s.put(key, data).await,
+            BlobStore::Local(s) => s.put(key, data).await,
+            BlobStore::S3(s) => s.put(key, data).await,
         }
     }
 
@@ -58,8 +59,8 @@ impl Store {
     /// which readers never trust blindly. After a power loss it may hold an older value.
     pub async fn put_hint(&self, key: &str, data: Bytes) -> std::io::Result<()> {
         match self {
-            Store::Local(s) => s.put_hint(key, data).await,
-            Store::S3(s) => s.put(key, data).await,
+            BlobStore::Local(s) => s.put_hint(key, data).await,
+            BlobStore::S3(s) => s.put(key, data).await,
         }
     }
 
@@ -67,8 +68,8 @@ impl Store {
     /// conditional writes (Garage) may overwrite instead: callers must not rely on refusal.
     pub async fn put_if_absent(&self, key: &str, data: Bytes) -> std::io::Result<bool> {
         match self {
-            Store::Local(s) => s.put_if_absent(key, data).await,
-            Store::S3(s) => s.put_if_absent(key, data).await,
+            BlobStore::Local(s) => s.put_if_absent(key, data).await,
+            BlobStore::S3(s) => s.put_if_absent(key, data).await,
         }
     }
 
@@ -78,7 +79,7 @@ impl Store {
         key: &str,
     ) -> std::io::Result<Option<(Bytes, UpdateVersion)>> {
         match self {
-            Store::Local(s) => Ok(s.get(key).await?.map(|d| {
+            BlobStore::Local(s) => Ok(s.get(key).await?.map(|d| {
                 (
                     d,
                     UpdateVersion {
@@ -87,7 +88,7 @@ impl Store {
                     },
                 )
             })),
-            Store::S3(s) => s.get_versioned(key).await,
+            BlobStore::S3(s) => s.get_versioned(key).await,
         }
     }
 
@@ -102,48 +103,48 @@ impl Store {
     ) -> std::io::Result<bool> {
         match self {
             // One committer per job writes LATEST, and a rename is atomic.
-            Store::Local(s) => s.put_hint(key, data).await.map(|()| true),
-            Store::S3(s) => s.put_if_version(key, data, expected).await,
+            BlobStore::Local(s) => s.put_hint(key, data).await.map(|()| true),
+            BlobStore::S3(s) => s.put_if_version(key, data, expected).await,
         }
     }
 
     /// The value of `key`, or None if absent.
     pub async fn get(&self, key: &str) -> std::io::Result<Option<Bytes>> {
         match self {
-            Store::Local(s) => s.get(key).await,
-            Store::S3(s) => s.get(key).await,
+            BlobStore::Local(s) => s.get(key).await,
+            BlobStore::S3(s) => s.get(key).await,
         }
     }
 
     /// Size of `key` in bytes, or None if absent.
     pub async fn size(&self, key: &str) -> std::io::Result<Option<u64>> {
         match self {
-            Store::Local(s) => s.size(key).await,
-            Store::S3(s) => s.size(key).await,
+            BlobStore::Local(s) => s.size(key).await,
+            BlobStore::S3(s) => s.size(key).await,
         }
     }
 
     /// Names directly under the root that start with `prefix` (files or directories).
     pub async fn list(&self, prefix: &str) -> std::io::Result<Vec<String>> {
         match self {
-            Store::Local(s) => s.list(prefix).await,
-            Store::S3(s) => s.list(prefix).await,
+            BlobStore::Local(s) => s.list(prefix).await,
+            BlobStore::S3(s) => s.list(prefix).await,
         }
     }
 
     /// Deletes `key` and everything under it.
     pub async fn delete_all(&self, key: &str) -> std::io::Result<()> {
         match self {
-            Store::Local(s) => s.delete_all(key).await,
-            Store::S3(s) => s.delete_all(key).await,
+            BlobStore::Local(s) => s.delete_all(key).await,
+            BlobStore::S3(s) => s.delete_all(key).await,
         }
     }
 
     /// A human-readable location of `key` (for logs and the API).
     pub fn describe(&self, key: &str) -> String {
         match self {
-            Store::Local(s) => s.path(key).display().to_string(),
-            Store::S3(s) => s.describe(key),
+            BlobStore::Local(s) => s.path(key).display().to_string(),
+            BlobStore::S3(s) => s.describe(key),
         }
     }
 }

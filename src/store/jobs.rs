@@ -215,3 +215,62 @@ pub async fn checkpoints(
     .fetch_all(pool)
     .await
 }
+
+/// What `GET /metrics` reports from the database.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// `(state, jobs)` for every state some job is in.
+    pub jobs_by_state: Vec<(String, i64)>,
+    /// `(reason, restarts)` for every reason some restart had.
+    pub restarts_by_reason: Vec<(String, i64)>,
+    /// Incarnations with a process that has not ended.
+    pub workers_running: i64,
+}
+
+pub async fn counts(pool: &SqlitePool) -> sqlx::Result<Counts> {
+    let jobs_by_state = sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        .fetch_all(pool)
+        .await?;
+    let restarts_by_reason =
+        sqlx::query_as("SELECT reason, COUNT(*) FROM restarts GROUP BY reason")
+            .fetch_all(pool)
+            .await?;
+    let workers_running = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM incarnations WHERE ended_at IS NULL AND pid IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Counts {
+        jobs_by_state,
+        restarts_by_reason,
+        workers_running,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The SQL lives in `store/`: a query anywhere else in `src/` fails here.
+    #[test]
+    fn sql_stays_in_store() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut paths = vec![src.clone()];
+        while let Some(path) = paths.pop() {
+            if path.is_dir() {
+                if path != src.join("store") {
+                    paths.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                }
+                continue;
+            }
+            if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for call in ["sqlx::query", "query_as(", "query_scalar(", "sqlx::raw_sql"] {
+                    assert!(
+                        !text.contains(call),
+                        "{} runs SQL ({call}); put the query in store/",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+}

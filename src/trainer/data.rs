@@ -98,7 +98,7 @@ pub fn make_dataset(out: &Path, p: &DatasetParams) -> anyhow::Result<()> {
 
 /// Makes the demo dataset and uploads it to `location` (`s3://...`) unless shards are there.
 pub async fn upload_demo_if_empty(location: &str, s3: &S3Config) -> anyhow::Result<()> {
-    let store = crate::storage::Store::open_with(location, s3)?;
+    let store = crate::storage::BlobStore::open_with(location, s3)?;
     if !store.list("shard-").await?.is_empty() {
         return Ok(());
     }
@@ -116,7 +116,7 @@ pub async fn upload_demo_if_empty(location: &str, s3: &S3Config) -> anyhow::Resu
 
 /// Uploads the files of a dataset directory (shards last but `dataset.json` first, so a
 /// reader never sees shards without their description).
-pub async fn upload_dir(dir: &Path, store: &crate::storage::Store) -> anyhow::Result<()> {
+pub async fn upload_dir(dir: &Path, store: &crate::storage::BlobStore) -> anyhow::Result<()> {
     let mut names: Vec<String> = std::fs::read_dir(dir)?
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::checkpoint::{self, FINAL_MODEL, PartInfo};
 use crate::spec::{JobSpec, SyncMode};
-use crate::storage::Store;
+use crate::storage::BlobStore;
 use client::WorkerClient;
 use data::{Cursor, Dataset, RankStream, Shard};
 use model::Model;
@@ -104,7 +104,7 @@ async fn train(env: Env) -> anyhow::Result<()> {
     let spec = &env.spec;
     let (rank, world) = (env.rank, env.world_size);
     let client = WorkerClient::new(&env.server, &env.job_id, rank, &env.token);
-    let store = Store::open(&env.checkpoint_dir)?;
+    let store = BlobStore::open(&env.checkpoint_dir)?;
     let dataset = Dataset::open(&env.dataset, &env.cache_dir)?;
     let shards = dataset.shards().await?;
     let (features, classes) = dataset.shape(&shards).await?;
@@ -226,7 +226,7 @@ fn report_failed_checkpoint(rank: u32, every: u64, result: anyhow::Result<()>) {
 }
 
 async fn write_part(
-    store: &Store,
+    store: &BlobStore,
     client: &WorkerClient,
     rank: u32,
     header: &PartHeader,

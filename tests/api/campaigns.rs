@@ -319,7 +319,7 @@ async fn campaign_a_full_disk_fails_checkpoints_cleanly_and_training_recovers() 
     let _mounted = SmallDisk::mount(&disk, "256k");
     spec["checkpoint_dir"] = json!(disk);
     let id = app.create_job(spec).await;
-    let store = trainvisor::storage::Store::open(disk.join(&id).to_str().unwrap()).unwrap();
+    let store = trainvisor::storage::BlobStore::open(disk.join(&id).to_str().unwrap()).unwrap();
     wait_for(Duration::from_secs(60), || async {
         let c = app.get_json(&format!("/jobs/{id}/checkpoints")).await;
         (c.as_array().unwrap().len() >= 2).then_some(())

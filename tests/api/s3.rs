@@ -15,7 +15,7 @@ use futures_util::TryStreamExt;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use trainvisor::checkpoint::{self, find_resume};
-use trainvisor::storage::{S3Config, Store};
+use trainvisor::storage::{BlobStore, S3Config};
 use trainvisor::trainer::data::{DatasetParams, make_dataset, upload_dir};
 use trainvisor::trainer::rng::SplitMix64;
 
@@ -210,13 +210,13 @@ impl S3Server {
         format!("s3://{}/{prefix}", self.bucket)
     }
 
-    pub fn store(&self, prefix: &str) -> Store {
-        Store::open_with(&self.url(prefix), &self.config()).unwrap()
+    pub fn store(&self, prefix: &str) -> BlobStore {
+        BlobStore::open_with(&self.url(prefix), &self.config()).unwrap()
     }
 
     /// Every key in the bucket under `prefix`, listed with object_store directly.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let Store::S3(s3) = self.store("") else {
+        let BlobStore::S3(s3) = self.store("") else {
             unreachable!()
         };
         let prefix = object_store::path::Path::from(prefix);
@@ -288,7 +288,7 @@ async fn run_to_end(app: &TestApp, spec: Value) -> String {
 }
 
 /// LATEST in the bucket names a step whose manifest and every part verify.
-async fn assert_latest_valid(store: &Store, world: u32) {
+async fn assert_latest_valid(store: &BlobStore, world: u32) {
     let Some(latest) = store.get(checkpoint::LATEST).await.unwrap() else {
         return;
     };
@@ -769,7 +769,7 @@ async fn s3s_large_parts_go_up_as_multipart() {
         .put("step-0000000001/rank-00000.part", data.clone())
         .await
         .unwrap();
-    let Store::S3(s3) = &store else {
+    let BlobStore::S3(s3) = &store else {
         unreachable!()
     };
     let etag = s3

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use trainvisor::checkpoint::{self, find_resume};
-use trainvisor::storage::Store;
+use trainvisor::storage::BlobStore;
 use trainvisor::trainer::rng::SplitMix64;
 
 use crate::helpers::*;
@@ -46,7 +46,7 @@ async fn run_to_end(app: &TestApp, spec: Value) -> String {
 
 /// LATEST must always name a step whose manifest and every part verify.
 async fn assert_latest_valid(dir: &Path, world: u32) {
-    let store = Store::open(dir.to_str().unwrap()).unwrap();
+    let store = BlobStore::open(dir.to_str().unwrap()).unwrap();
     let Some(latest) = store.get(checkpoint::LATEST).await.unwrap() else {
         return;
     };
@@ -175,7 +175,7 @@ async fn resume_skips_a_corrupt_checkpoint_and_stays_exact() {
 
     let id = app.create_job(spec(&data, 2, slow)).await;
     let dir = job_dir(&app, &id);
-    let store = Store::open(dir.to_str().unwrap()).unwrap();
+    let store = BlobStore::open(dir.to_str().unwrap()).unwrap();
     // Wait for at least two committed steps, then corrupt a part of the newest.
     let newest = wait_for(Duration::from_secs(60), || async {
         let c = app.get_json(&format!("/jobs/{id}/checkpoints")).await;
