@@ -4,6 +4,7 @@
 
 mod api;
 mod checkpoint;
+mod docker;
 pub mod peers;
 mod recovery;
 mod s3;
@@ -40,6 +41,7 @@ pub const SCENARIOS: &[&str] = &[
     "training",
     "checkpoint",
     "slurm",
+    "docker",
     "peers",
     "s3",
 ];
@@ -77,14 +79,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .join(" "),
         );
         let dir = tempfile_dir()?;
-        let server = Server::start(&dir)?;
+        let server = Server::start(&dir, "127.0.0.1:0", None)?;
         figures.insert(
             "server_startup_ms".into(),
             server.startup.as_secs_f64() * 1e3,
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
         figures.insert("idle_rss_mb".into(), rss_mb(server.child.id())?);
-        let client = Client::new(&server.url);
+        let client = Client::new(&server.url, None);
         let kills = if args.quick { 10 } else { 50 };
         if want("recovery") {
             eprintln!("bench: kill -9, worker scope ({kills} kills)");
@@ -164,6 +166,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             slurm::relaunch(&client, &dir, kills, &mut figures)
                 .await
                 .context("Slurm relaunch")?;
+        }
+        if want("docker") {
+            let kills = if args.quick { 5 } else { 30 };
+            eprintln!("bench: container rank kill -9 → replacement ({kills} kills)");
+            docker::recovery(&dir, kills, &mut figures, &mut notes)
+                .await
+                .context("Docker recovery")?;
         }
         if want("peers") {
             let skip = if args.quick {
@@ -290,21 +299,26 @@ struct Server {
 }
 
 impl Server {
-    fn start(dir: &Path) -> anyhow::Result<Self> {
+    /// The server on `bind`, with `token` as its API token, on `<dir>/data`.
+    fn start(dir: &Path, bind: &str, token: Option<&str>) -> anyhow::Result<Self> {
         let t0 = Instant::now();
-        let mut child = Command::new(std::env::current_exe()?)
-            .args([
-                "serve",
-                "--bind",
-                "127.0.0.1:0",
-                "--kill-grace-ms",
-                "200",
-                "--data-dir",
-            ])
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args([
+            "serve",
+            "--bind",
+            bind,
+            "--kill-grace-ms",
+            "200",
+            "--data-dir",
+        ])
+        .arg(dir.join("data"))
+        .env("RUST_LOG", "warn")
+        .env_remove("TRAINVISOR_API_TOKEN")
+        .stdout(Stdio::piped());
+        if let Some(token) = token {
+            cmd.env("TRAINVISOR_API_TOKEN", token);
+        }
+        let mut child = cmd.spawn()?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
         let startup = t0.elapsed();
@@ -312,7 +326,8 @@ impl Server {
             bail!("server did not start: {line:?}");
         };
         Ok(Server {
-            url: url.to_string(),
+            // A server on every address is reached on loopback.
+            url: url.replace("0.0.0.0", "127.0.0.1"),
             child,
             startup,
         })
@@ -336,9 +351,16 @@ pub struct Client {
 }
 
 impl Client {
-    fn new(base: &str) -> Self {
+    fn new(base: &str, token: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         Client {
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .expect("an HTTP client"),
             base: base.to_string(),
         }
     }

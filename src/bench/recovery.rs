@@ -95,13 +95,30 @@ pub async fn worker_scope(
     kills: usize,
     figures: &mut Figures,
 ) -> anyhow::Result<()> {
-    let id = create(
-        client,
-        json!({"world_size": 1, "command": ["sh", "-c", BEAT_THEN_WAIT],
-        "restart_scope": "worker", "backoff_initial_ms": 0, "max_restarts": 100000,
-        "heartbeat_timeout_s": NO_HANG}),
-    )
-    .await?;
+    let spec = json!({"world_size": 1, "command": ["sh", "-c", BEAT_THEN_WAIT]});
+    kill_and_replace(client, spec, kills, "worker_scope", figures).await
+}
+
+/// kill -9 of the one rank of a job made from `spec` (worker scope, zero backoff), `kills`
+/// times: figures `detect_<name>`, `restart_<name>` (replacement running),
+/// `first_heartbeat_<name>` and `kills_<name>`. The rank must heartbeat once with step
+/// `RESTART_COUNT + 1`, then wait.
+pub async fn kill_and_replace(
+    client: &Client,
+    mut spec: Value,
+    kills: usize,
+    name: &str,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    for (k, v) in [
+        ("restart_scope", json!("worker")),
+        ("backoff_initial_ms", json!(0)),
+        ("max_restarts", json!(100000)),
+        ("heartbeat_timeout_s", json!(NO_HANG)),
+    ] {
+        spec[k] = v;
+    }
+    let id = create(client, spec).await?;
     let (mut detect, mut spawn, mut beat) = (vec![], vec![], vec![]);
     for attempt in 0..kills as u64 {
         let pids = ready(client, &id, 1, attempt).await?;
@@ -124,10 +141,10 @@ pub async fn worker_scope(
         )?);
     }
     client.post(&format!("/jobs/{id}/stop"), &json!({})).await?;
-    insert_percentiles(figures, "detect_worker_scope", &detect);
-    insert_percentiles(figures, "restart_worker_scope", &spawn);
-    insert_percentiles(figures, "first_heartbeat_worker_scope", &beat);
-    figures.insert("kills_worker_scope".into(), kills as f64);
+    insert_percentiles(figures, &format!("detect_{name}"), &detect);
+    insert_percentiles(figures, &format!("restart_{name}"), &spawn);
+    insert_percentiles(figures, &format!("first_heartbeat_{name}"), &beat);
+    figures.insert(format!("kills_{name}"), kills as f64);
     Ok(())
 }
 

@@ -321,8 +321,10 @@ impl Inner {
         let exit = Box::pin(async move {
             let exit = wait(&docker, &name).await;
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, forward).await;
-            inner.remove(&docker, &name).await;
             inner.live.remove(rank, attempt);
+            // Removing a container takes the engine a while (~0.2 s here): off the path from
+            // the exit to the restart decision. `release` waits for what is still there.
+            tokio::task::spawn_local(async move { inner.remove(&docker, &name).await });
             exit
         });
         Ok(RankProcess {
