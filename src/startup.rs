@@ -13,7 +13,7 @@ use actix_web::middleware::ErrorHandlers;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 
-use crate::actors::job_manager::{Restore, Shutdown};
+use crate::actors::messages::{Restore, Shutdown};
 use crate::actors::{JobManager, Registry, Runtime};
 use crate::api::{self, ApiError, AppState};
 use crate::bus::{EventBus, LogBus};

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::Runtime;
+use super::messages::{Committed, RegisterPart, WhenIdle};
 use crate::checkpoint::{self, LATEST, Manifest, PartInfo};
 use crate::storage::BlobStore;
 use crate::store::history::HistoryOp;
@@ -313,15 +314,6 @@ impl Actor for Checkpoint {
     }
 }
 
-/// A rank's part of `step` is durable in the store.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub struct RegisterPart {
-    pub rank: u32,
-    pub step: u64,
-    pub part: PartInfo,
-}
-
 impl Handler<RegisterPart> for Checkpoint {
     type Result = ResponseActFuture<Self, Result<(), String>>;
 
@@ -364,19 +356,6 @@ impl Handler<RegisterPart> for Checkpoint {
         )
     }
 }
-
-/// Sent to the Job after each commit (for the summary).
-#[derive(Message, Clone)]
-#[rtype(result = "()")]
-pub struct Committed {
-    pub step: u64,
-    pub at: String,
-}
-
-/// Resolves once no commit is running or waiting, with the newest committed step.
-#[derive(Message)]
-#[rtype(result = "Option<Committed>")]
-pub struct WhenIdle;
 
 impl Handler<WhenIdle> for Checkpoint {
     type Result = ResponseActFuture<Self, Option<Committed>>;

@@ -11,8 +11,11 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::Runtime;
-use super::checkpoint::{Checkpoint, Committed, WhenIdle};
-use super::messages::{JobEnded, StopActor, Terminate, WorkerExited, WorkerStarted};
+use super::checkpoint::Checkpoint;
+use super::messages::{
+    Committed, GetSummary, JobEnded, KillForShutdown, StopActor, StopJob, Terminate, WhenIdle,
+    WorkerExited, WorkerStarted,
+};
 use super::worker::Worker;
 use crate::domain::progress::{Progress, Summary, SummaryInput};
 use crate::domain::{Decision, JobState, Outcome, RestartCounts, RestartPolicy, RestartScope};
@@ -27,9 +30,7 @@ mod worker_api;
 
 use crate::domain::{RankSlot, RankState};
 
-pub use worker_api::{
-    AllReduce, AllReduceRequest, CheckpointPart, Contribution, Heartbeat, WorkerRejected,
-};
+pub use worker_api::{AllReduce, Contribution};
 
 /// What the job as a whole is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +196,7 @@ impl Job {
 
     fn publish_rank(&self, rank: u32) {
         let slot = &self.ranks[rank as usize];
-        let data = serde_json::json!({"rank": rank, "state": slot.state.as_str(), "pid": slot.pid,
+        let data = serde_json::json!({"rank": rank, "state": slot.state.as_str(), "pid": slot.progress.pid,
                                       "attempt": slot.progress.attempt});
         self.rt.recorder.event("worker", self.id, data);
     }
@@ -264,7 +265,23 @@ impl Job {
         );
     }
 
+    /// Ends the job: first gives back what the launcher holds for it (an allocation, a
+    /// network, containers still being removed), so that a job the database calls ended holds
+    /// nothing any more; then records the end and announces it once it is in the database, so
+    /// whoever waits on it reads the final state back.
     fn record_end(&mut self, state: JobState, ctx: &mut Context<Self>) {
+        for worker in &self.workers {
+            worker.do_send(StopActor);
+        }
+        ctx.spawn(
+            self.launcher
+                .release()
+                .into_actor(self)
+                .map(move |(), act, ctx| act.record_ended(state, ctx)),
+        );
+    }
+
+    fn record_ended(&mut self, state: JobState, ctx: &mut Context<Self>) {
         let summary = serde_json::to_string(&self.summary()).ok();
         let reason = self.reason.clone();
         self.note(
@@ -283,26 +300,12 @@ impl Job {
             summary,
         });
         self.rt.recorder.end_of_logs(self.id);
-        for worker in &self.workers {
-            worker.do_send(StopActor);
-        }
-        // Nothing the launcher holds for the job (an allocation, a network) outlives it.
-        let release = self.launcher.release();
-        // Announce the end only once it is in the database, so whoever waits on it reads
-        // the final state back.
-        ctx.spawn(
-            async move {
-                release.await;
-                let _ = ack.await;
-            }
-            .into_actor(self)
-            .map(move |_, act, ctx| {
-                let _ = act.state_tx.send(state);
-                act.publish_job();
-                act.manager.do_send(JobEnded { id: act.id });
-                ctx.stop();
-            }),
-        );
+        ctx.spawn(ack.into_actor(self).map(move |_, act, ctx| {
+            let _ = act.state_tx.send(state);
+            act.publish_job();
+            act.manager.do_send(JobEnded { id: act.id });
+            ctx.stop();
+        }));
     }
 
     fn fail(&mut self, reason: String, ctx: &mut Context<Self>) {
@@ -435,7 +438,6 @@ impl Handler<WorkerStarted> for Job {
         if slot.state == RankState::Starting {
             slot.state = RankState::Running;
         }
-        slot.pid = Some(msg.pid);
         slot.progress.pid = Some(msg.pid);
         slot.progress.started_at = Some(now());
         self.rt.recorder.record(HistoryOp::IncarnationPid {
@@ -478,7 +480,6 @@ impl Handler<WorkerExited> for Job {
             signal: msg.exit.signal,
             outcome: msg.outcome,
         });
-        slot.pid = None;
         slot.progress.pid = None;
         if self.phase == Phase::Running && msg.outcome.is_failure() {
             self.launcher.rank_failed(rank, msg.outcome, &msg.detail);
@@ -511,24 +512,12 @@ impl Handler<WorkerExited> for Job {
     }
 }
 
-/// The live summary of the job.
-#[derive(Message)]
-#[rtype(result = "Summary")]
-pub struct GetSummary;
-
 impl Handler<GetSummary> for Job {
     type Result = MessageResult<GetSummary>;
 
     fn handle(&mut self, _: GetSummary, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.summary())
     }
-}
-
-/// Stop every rank and end the job as `stopped`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct StopJob {
-    pub reason: String,
 }
 
 impl Handler<StopJob> for Job {
@@ -544,12 +533,6 @@ impl Handler<StopJob> for Job {
         self.after_rank_down(ctx);
     }
 }
-
-/// Server shutdown: kill every rank now, leave the job `running` in the database so the next
-/// start resumes it.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct KillForShutdown;
 
 impl Handler<KillForShutdown> for Job {
     type Result = ResponseFuture<()>;

@@ -8,8 +8,11 @@ use actix::prelude::*;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::job::{Job, JobInit, KillForShutdown, StopJob};
-use super::messages::JobEnded;
+use super::job::{Job, JobInit};
+use super::messages::{
+    CreateJob, Delete, DeleteReport, JobEnded, KillForShutdown, ManagerError, Restore, Shutdown,
+    Skipped, Stop, StopJob,
+};
 use super::{JobHandle, Runtime};
 use crate::domain::{JobState, Outcome, RankSlot, RankState, RestartCounts, RestartScope};
 use crate::spec::JobSpec;
@@ -44,30 +47,6 @@ impl JobManager {
 impl Actor for JobManager {
     type Context = Context<Self>;
 }
-
-/// Why a manager request was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ManagerError {
-    #[error("no job with id {0}")]
-    NotFound(Uuid),
-    #[error("job {0} is still running; stop it first or pass ?force=true")]
-    Running(Uuid),
-    #[error("{0}")]
-    AtLimit(String),
-    #[error(transparent)]
-    Internal(#[from] anyhow::Error),
-}
-
-impl From<sqlx::Error> for ManagerError {
-    fn from(e: sqlx::Error) -> Self {
-        ManagerError::Internal(e.into())
-    }
-}
-
-/// Create a job from a validated spec and start it.
-#[derive(Message)]
-#[rtype(result = "Result<Uuid, ManagerError>")]
-pub struct CreateJob(pub JobSpec);
 
 impl Handler<CreateJob> for JobManager {
     type Result = ResponseActFuture<Self, Result<Uuid, ManagerError>>;
@@ -155,11 +134,6 @@ async fn ensure_demo_dataset(
         .map_err(|e| ManagerError::Internal(e.into()))??;
     Ok(())
 }
-
-/// At boot: resume every job the database says is pending or running.
-#[derive(Message)]
-#[rtype(result = "Result<usize, ManagerError>")]
-pub struct Restore;
 
 impl Handler<Restore> for JobManager {
     type Result = ResponseActFuture<Self, Result<usize, ManagerError>>;
@@ -284,13 +258,6 @@ async fn until_terminal(mut state: watch::Receiver<JobState>) {
     let _ = state.wait_for(|s| s.is_terminal()).await;
 }
 
-/// Stop a job; resolves once it is stopped (or had already ended).
-#[derive(Message)]
-#[rtype(result = "Result<(), ManagerError>")]
-pub struct Stop {
-    pub id: Uuid,
-}
-
 impl Handler<Stop> for JobManager {
     type Result = ResponseFuture<Result<(), ManagerError>>;
 
@@ -313,28 +280,6 @@ impl Handler<Stop> for JobManager {
             }
         })
     }
-}
-
-/// Delete jobs and their records. A running job is refused unless `force`, which stops it
-/// first. With `ids: None`, every finished job is deleted.
-#[derive(Message)]
-#[rtype(result = "Result<DeleteReport, ManagerError>")]
-pub struct Delete {
-    pub ids: Option<Vec<Uuid>>,
-    pub force: bool,
-}
-
-#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
-pub struct DeleteReport {
-    pub deleted: Vec<Uuid>,
-    /// Ids not deleted, each with why.
-    pub skipped: Vec<Skipped>,
-}
-
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct Skipped {
-    pub job_id: Uuid,
-    pub reason: String,
 }
 
 impl Handler<Delete> for JobManager {
@@ -389,11 +334,6 @@ impl Handler<Delete> for JobManager {
         })
     }
 }
-
-/// Server shutdown: kill every rank now; jobs stay `running` and resume on the next start.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Shutdown;
 
 impl Handler<Shutdown> for JobManager {
     type Result = ResponseFuture<()>;

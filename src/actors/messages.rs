@@ -1,11 +1,18 @@
-//! The messages the actors send each other (JobManager → Job → Worker and back), in one
-//! place; the messages the HTTP handlers send live beside the actor that answers them.
+//! Every message of the actors, in one place: what the HTTP handlers ask (the JobManager,
+//! a Job), what the actors send each other (JobManager → Job → Worker and back, Job ↔
+//! Checkpoint), and the errors they answer with.
+
+use std::sync::Arc;
 
 use actix::prelude::*;
+use serde_json::Value;
 use uuid::Uuid;
 
+use crate::checkpoint::PartInfo;
+use crate::domain::progress::Summary;
 use crate::domain::{Exit, Outcome};
 use crate::launcher::{Launch, Place};
+use crate::spec::JobSpec;
 
 /// Job → Worker: start incarnation `attempt` of this rank at `place`.
 #[derive(Message)]
@@ -61,3 +68,153 @@ pub struct WorkerExited {
 pub struct JobEnded {
     pub id: Uuid,
 }
+
+// HTTP handlers → JobManager.
+
+/// Why a manager request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("no job with id {0}")]
+    NotFound(Uuid),
+    #[error("job {0} is still running; stop it first or pass ?force=true")]
+    Running(Uuid),
+    #[error("{0}")]
+    AtLimit(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ManagerError {
+    fn from(e: sqlx::Error) -> Self {
+        ManagerError::Internal(e.into())
+    }
+}
+
+/// Create a job from a validated spec and start it.
+#[derive(Message)]
+#[rtype(result = "Result<Uuid, ManagerError>")]
+pub struct CreateJob(pub JobSpec);
+
+/// At boot: resume every job the database says is pending or running.
+#[derive(Message)]
+#[rtype(result = "Result<usize, ManagerError>")]
+pub struct Restore;
+
+/// Stop a job; resolves once it is stopped (or had already ended).
+#[derive(Message)]
+#[rtype(result = "Result<(), ManagerError>")]
+pub struct Stop {
+    pub id: Uuid,
+}
+
+/// Delete jobs and their records. A running job is refused unless `force`, which stops it
+/// first. With `ids: None`, every finished job is deleted.
+#[derive(Message)]
+#[rtype(result = "Result<DeleteReport, ManagerError>")]
+pub struct Delete {
+    pub ids: Option<Vec<Uuid>>,
+    pub force: bool,
+}
+
+/// Server shutdown: kill every rank now; jobs stay `running` and resume on the next start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct DeleteReport {
+    pub deleted: Vec<Uuid>,
+    /// Ids not deleted, each with why.
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Skipped {
+    pub job_id: Uuid,
+    pub reason: String,
+}
+
+// HTTP handlers → Job.
+
+/// The live summary of the job.
+#[derive(Message)]
+#[rtype(result = "Summary")]
+pub struct GetSummary;
+
+/// Stop every rank and end the job as `stopped`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopJob {
+    pub reason: String,
+}
+
+/// Server shutdown: kill every rank now, leave the job `running` in the database so the next
+/// start resumes it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KillForShutdown;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerRejected {
+    /// No such rank.
+    UnknownRank,
+    /// The token belongs to an earlier incarnation, or this one has ended: the worker must stop.
+    Stale,
+    /// The token belongs to no incarnation of this rank.
+    BadToken,
+    /// The request does not fit the job's state (e.g. all-reduce values of the wrong length).
+    Invalid(String),
+}
+
+/// A heartbeat from a worker, with the bearer token it presented.
+#[derive(Message)]
+#[rtype(result = "Result<(), WorkerRejected>")]
+pub struct Heartbeat {
+    pub rank: u32,
+    pub token: String,
+    pub body: Value,
+}
+
+/// A rank's contribution to the all-reduce of `step`; answered with the mean of all ranks'.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<Vec<f64>>, WorkerRejected>")]
+pub struct AllReduceRequest {
+    pub rank: u32,
+    pub token: String,
+    pub step: u64,
+    pub values: Vec<f64>,
+}
+
+/// A rank reports its checkpoint part of `step` as durable.
+#[derive(Message)]
+#[rtype(result = "Result<(), WorkerRejected>")]
+pub struct CheckpointPart {
+    pub rank: u32,
+    pub token: String,
+    pub step: u64,
+    pub part: PartInfo,
+}
+
+// Job ↔ Checkpoint.
+
+/// A rank's part of `step` is durable in the store.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct RegisterPart {
+    pub rank: u32,
+    pub step: u64,
+    pub part: PartInfo,
+}
+
+/// Sent to the Job after each commit (for the summary).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Committed {
+    pub step: u64,
+    pub at: String,
+}
+
+/// Resolves once no commit is running or waiting, with the newest committed step.
+#[derive(Message)]
+#[rtype(result = "Option<Committed>")]
+pub struct WhenIdle;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 pub use self::codes::Code;
-use crate::actors::job_manager::ManagerError;
+use crate::actors::messages::ManagerError;
 
 mod codes;
 

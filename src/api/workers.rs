@@ -10,7 +10,7 @@ use super::error::{ErrorBody, parse_json};
 use super::schema::JobRank;
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::JobHandle;
-use crate::actors::job::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
+use crate::actors::messages::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
 use crate::checkpoint::{PartInfo, part_name};
 use crate::store;
 

@@ -11,7 +11,6 @@ pub struct RankSlot {
     pub state: RankState,
     /// The attempt number the next launch uses; the current incarnation is `next_attempt - 1`.
     pub next_attempt: u32,
-    pub pid: Option<u32>,
     pub token_hash: String,
     /// Tokens of earlier incarnations: their heartbeats get 409.
     pub past_tokens: HashSet<String>,
@@ -25,7 +24,6 @@ impl RankSlot {
         RankSlot {
             state: RankState::Pending,
             next_attempt: 0,
-            pid: None,
             token_hash: String::new(),
             past_tokens: HashSet::new(),
             restart_pending: false,

@@ -49,6 +49,10 @@ use crate::spec::{DockerSpec, JobSpec, parse_mount};
 
 const LABEL_INSTANCE: &str = "trainvisor.instance";
 const LABEL_JOB: &str = "trainvisor.job";
+/// How often, and how many times, a removal the engine has not finished is checked again
+/// (30 s in all: removing a container on a loaded machine can take seconds).
+const REMOVE_POLL: Duration = Duration::from_millis(100);
+const REMOVE_POLLS: u32 = 300;
 /// How long a container's last lines may take after it exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -335,12 +339,18 @@ impl Inner {
         })
     }
 
+    /// Removes a container and waits until it is gone (another removal of it may be under
+    /// way: the engine answers 409 to the second one).
     async fn remove(&self, docker: &Docker, name: &str) {
         let options = RemoveContainerOptionsBuilder::new().force(true).build();
-        match docker.remove_container(name, Some(options)).await {
-            Ok(()) => {}
-            Err(e) if not_found(&e) => {}
-            Err(e) => tracing::warn!(container = name, error = %e, "could not remove container"),
+        for _ in 0..REMOVE_POLLS {
+            match docker.remove_container(name, Some(options.clone())).await {
+                Err(e) if !not_found(&e) => {
+                    tracing::debug!(container = name, error = %e, "container not removed yet");
+                    tokio::time::sleep(REMOVE_POLL).await;
+                }
+                _ => break,
+            }
         }
         self.containers.lock().unwrap().remove(name);
     }
@@ -592,17 +602,17 @@ async fn remove_labelled(docker: &Docker, label: &str) -> usize {
         .unwrap_or_default();
     for id in networks.into_iter().filter_map(|n| n.id) {
         // The engine lets go of a removed container's endpoint a moment later.
-        for attempt in 0..20 {
+        for attempt in 1..=REMOVE_POLLS {
             match docker.remove_network(&id).await {
                 Ok(()) => {
                     removed += 1;
                     break;
                 }
                 Err(e) if not_found(&e) => break,
-                Err(e) if attempt == 19 => {
+                Err(e) if attempt == REMOVE_POLLS => {
                     tracing::warn!(network = %id, error = %e, "could not remove network");
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => tokio::time::sleep(REMOVE_POLL).await,
             }
         }
     }

@@ -83,7 +83,7 @@ impl Job {
         }
         slot.token_hash = hash_token(&token);
         slot.state = RankState::Starting;
-        slot.pid = None;
+        slot.progress.pid = None;
         slot.progress.attempt = attempt;
         let node = place.node.clone();
         self.ranks[rank as usize].progress.node = Some(node.clone());

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::Utc;
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{Job, RankState};
-use crate::actors::checkpoint::{Committed, RegisterPart};
 use crate::actors::hash_token;
 use crate::actors::messages::Beat;
-use crate::checkpoint::PartInfo;
+use crate::actors::messages::{
+    AllReduceRequest, CheckpointPart, Committed, Heartbeat, RegisterPart, WorkerRejected,
+};
 
 /// Progress events (for charts) at most this often per job.
 pub(super) const PROGRESS_EVENT_EVERY: Duration = Duration::from_millis(500);
@@ -32,18 +32,6 @@ impl AllReduce {
         self.values.clear();
         self.waiters.clear();
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorkerRejected {
-    /// No such rank.
-    UnknownRank,
-    /// The token belongs to an earlier incarnation, or this one has ended: the worker must stop.
-    Stale,
-    /// The token belongs to no incarnation of this rank.
-    BadToken,
-    /// The request does not fit the job's state (e.g. all-reduce values of the wrong length).
-    Invalid(String),
 }
 
 impl Job {
@@ -66,15 +54,6 @@ impl Job {
         }
         Ok(slot.next_attempt - 1)
     }
-}
-
-/// A heartbeat from a worker, with the bearer token it presented.
-#[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
-pub struct Heartbeat {
-    pub rank: u32,
-    pub token: String,
-    pub body: Value,
 }
 
 impl Handler<Heartbeat> for Job {
@@ -101,16 +80,6 @@ impl Handler<Heartbeat> for Job {
         }
         Ok(())
     }
-}
-
-/// A rank's contribution to the all-reduce of `step`; answered with the mean of all ranks'.
-#[derive(Message)]
-#[rtype(result = "Result<Arc<Vec<f64>>, WorkerRejected>")]
-pub struct AllReduceRequest {
-    pub rank: u32,
-    pub token: String,
-    pub step: u64,
-    pub values: Vec<f64>,
 }
 
 impl Handler<AllReduceRequest> for Job {
@@ -190,16 +159,6 @@ impl AllReduce {
         self.waiters.push(tx);
         Ok(Err(rx))
     }
-}
-
-/// A rank reports its checkpoint part of `step` as durable.
-#[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
-pub struct CheckpointPart {
-    pub rank: u32,
-    pub token: String,
-    pub step: u64,
-    pub part: PartInfo,
 }
 
 impl Handler<CheckpointPart> for Job {
