@@ -209,7 +209,7 @@ impl Job {
         self.allreduce.reset();
         let live: Vec<u32> = self.live_ranks().collect();
         for rank in live {
-            self.ranks[rank as usize].state = RankState::Stopping;
+            self.ranks[rank as usize].state = RankState::stopping();
             self.workers[rank as usize].do_send(Terminate);
         }
     }
@@ -241,12 +241,12 @@ impl Job {
         }
         self.phase = Phase::Done;
         let end_state = match state {
-            JobState::Succeeded => RankState::Succeeded,
-            JobState::Failed => RankState::Failed,
-            _ => RankState::Stopped,
+            JobState::Succeeded => RankState::succeeded(),
+            JobState::Failed => RankState::failed(None),
+            _ => RankState::stopped(),
         };
         for slot in &mut self.ranks {
-            if slot.state != RankState::Succeeded {
+            if !slot.state.is_succeeded() {
                 slot.state = end_state;
             }
         }
@@ -328,7 +328,7 @@ impl Job {
         let (n, backoff_ms) = match self.policy.decide(&self.counts, rank, draw) {
             Decision::Restart { n, backoff_ms } => (n, backoff_ms),
             Decision::GiveUp { spent } => {
-                self.ranks[rank as usize].state = RankState::Failed;
+                self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
                 let reason = format!(
                     "{} after {spent} restart(s) (max_restarts {}): {with_tail}",
                     msg.outcome.as_str(),
@@ -373,16 +373,16 @@ impl Job {
         );
         match scope {
             RestartScope::Worker => {
-                slot.state = RankState::Backoff;
+                slot.state = RankState::backoff(backoff_ms);
                 ctx.run_later(Duration::from_millis(backoff_ms), move |act, ctx| {
                     let state = act.ranks[rank as usize].state;
-                    if act.phase == Phase::Running && state == RankState::Backoff {
+                    if act.phase == Phase::Running && matches!(state, RankState::Backoff { .. }) {
                         act.start_ranks(vec![rank], ctx);
                     }
                 });
             }
             RestartScope::Job => {
-                slot.state = RankState::Failed;
+                slot.state = RankState::failed(Some(msg.outcome));
                 self.phase = Phase::GroupRestart { backoff_ms };
                 self.terminate_live();
                 self.after_rank_down(ctx);
@@ -435,8 +435,8 @@ impl Handler<WorkerStarted> for Job {
         if msg.attempt + 1 != slot.next_attempt {
             return;
         }
-        if slot.state == RankState::Starting {
-            slot.state = RankState::Running;
+        if matches!(slot.state, RankState::Starting { .. }) {
+            slot.state = RankState::running();
         }
         slot.progress.pid = Some(msg.pid);
         slot.progress.started_at = Some(now());
@@ -488,21 +488,21 @@ impl Handler<WorkerExited> for Job {
         match self.phase {
             Phase::Running => match msg.outcome {
                 Outcome::Succeeded => {
-                    slot.state = RankState::Succeeded;
-                    if self.ranks.iter().all(|r| r.state == RankState::Succeeded) {
+                    slot.state = RankState::succeeded();
+                    if self.ranks.iter().all(|r| r.state.is_succeeded()) {
                         self.finish(JobState::Succeeded, ctx);
                     }
                 }
                 // Stopped while running only happens when the job is being stopped.
-                Outcome::Stopped => slot.state = RankState::Stopped,
+                Outcome::Stopped => slot.state = RankState::stopped(),
                 _ => self.on_failure(msg, ctx),
             },
             Phase::GroupRestart { .. } | Phase::Stopping | Phase::Failing => {
-                if slot.state != RankState::Failed {
+                if !slot.state.is_failed() {
                     slot.state = if msg.outcome == Outcome::Succeeded {
-                        RankState::Succeeded
+                        RankState::succeeded()
                     } else {
-                        RankState::Stopped
+                        RankState::stopped()
                     };
                 }
                 self.after_rank_down(ctx);

@@ -195,7 +195,7 @@ async fn restore_plan(
         slot.past_tokens.insert(inc.token_hash.clone());
         slot.progress.attempt = inc.attempt as u32;
         slot.state = if inc.outcome.as_deref() == Some(Outcome::Succeeded.as_str()) {
-            RankState::Succeeded
+            RankState::succeeded()
         } else {
             RankState::Pending
         };
@@ -209,7 +209,7 @@ async fn restore_plan(
     if started {
         let mut conn = pool.acquire().await?;
         for (rank, slot) in ranks.iter_mut().enumerate() {
-            if spec.restart_scope == RestartScope::Worker && slot.state == RankState::Succeeded {
+            if spec.restart_scope == RestartScope::Worker && slot.state.is_succeeded() {
                 continue;
             }
             if spec.restart_scope == RestartScope::Job {

@@ -85,6 +85,12 @@ impl Progress {
 pub struct WorkerSummary {
     pub rank: u32,
     pub state: String,
+    /// When the rank got into `state`.
+    #[serde(default)]
+    pub state_since: Option<String>,
+    /// While in `backoff`: when its next launch is due.
+    #[serde(default)]
+    pub backoff_until: Option<String>,
     pub pid: Option<u32>,
     /// Where the rank runs: its Slurm node, or the server's host name (local launcher).
     pub node: Option<String>,
@@ -183,6 +189,11 @@ impl Summary {
                 WorkerSummary {
                     rank: rank as u32,
                     state: slot.state.as_str().to_string(),
+                    state_since: slot.state.since().map(ts),
+                    backoff_until: match slot.state {
+                        super::RankState::Backoff { until, .. } => Some(ts(until)),
+                        _ => None,
+                    },
                     pid: p.pid,
                     node: p.node.clone(),
                     attempt: p.attempt,

@@ -1,6 +1,7 @@
 //! States as data: a job's lifecycle, a rank's state as its Job sees it, and how one
 //! incarnation of a rank ended. Their strings are what the database and the API carry.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// A job's lifecycle: `pending → running → succeeded | failed | stopped`.
@@ -51,30 +52,97 @@ impl<'de> Deserialize<'de> for JobState {
     }
 }
 
-/// Where a rank stands, as its Job sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a rank stands, as its Job sees it, with when it got there (pueue's `TaskStatus`).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RankState {
     Pending,
-    Starting,
-    Running,
-    Backoff,
-    Stopping,
-    Succeeded,
-    Failed,
-    Stopped,
+    /// Its incarnation's row is being written or its process started.
+    Starting {
+        since: DateTime<Utc>,
+    },
+    Running {
+        since: DateTime<Utc>,
+    },
+    /// Waiting out its backoff before the next launch.
+    Backoff {
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
+    Stopping {
+        since: DateTime<Utc>,
+    },
+    Succeeded {
+        at: DateTime<Utc>,
+    },
+    /// Failed for good, or stopped because the group failed; `outcome` says how its last
+    /// incarnation ended when it was the cause.
+    Failed {
+        at: DateTime<Utc>,
+        outcome: Option<Outcome>,
+    },
+    Stopped {
+        at: DateTime<Utc>,
+    },
 }
 
 impl RankState {
+    pub fn starting() -> Self {
+        RankState::Starting { since: Utc::now() }
+    }
+
+    pub fn running() -> Self {
+        RankState::Running { since: Utc::now() }
+    }
+
+    pub fn backoff(ms: u64) -> Self {
+        let since = Utc::now();
+        let until = since + chrono::Duration::milliseconds(ms.min(i64::MAX as u64) as i64);
+        RankState::Backoff { since, until }
+    }
+
+    pub fn stopping() -> Self {
+        RankState::Stopping { since: Utc::now() }
+    }
+
+    pub fn succeeded() -> Self {
+        RankState::Succeeded { at: Utc::now() }
+    }
+
+    pub fn failed(outcome: Option<Outcome>) -> Self {
+        RankState::Failed {
+            at: Utc::now(),
+            outcome,
+        }
+    }
+
+    pub fn stopped() -> Self {
+        RankState::Stopped { at: Utc::now() }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RankState::Pending => "pending",
-            RankState::Starting => "starting",
-            RankState::Running => "running",
-            RankState::Backoff => "backoff",
-            RankState::Stopping => "stopping",
-            RankState::Succeeded => "succeeded",
-            RankState::Failed => "failed",
-            RankState::Stopped => "stopped",
+            RankState::Starting { .. } => "starting",
+            RankState::Running { .. } => "running",
+            RankState::Backoff { .. } => "backoff",
+            RankState::Stopping { .. } => "stopping",
+            RankState::Succeeded { .. } => "succeeded",
+            RankState::Failed { .. } => "failed",
+            RankState::Stopped { .. } => "stopped",
+        }
+    }
+
+    /// When the rank got into this state (none while pending).
+    pub fn since(self) -> Option<DateTime<Utc>> {
+        match self {
+            RankState::Pending => None,
+            RankState::Starting { since }
+            | RankState::Running { since }
+            | RankState::Backoff { since, .. }
+            | RankState::Stopping { since } => Some(since),
+            RankState::Succeeded { at }
+            | RankState::Failed { at, .. }
+            | RankState::Stopped { at } => Some(at),
         }
     }
 
@@ -82,8 +150,16 @@ impl RankState {
     pub fn is_live(self) -> bool {
         matches!(
             self,
-            RankState::Starting | RankState::Running | RankState::Stopping
+            RankState::Starting { .. } | RankState::Running { .. } | RankState::Stopping { .. }
         )
+    }
+
+    pub fn is_succeeded(self) -> bool {
+        matches!(self, RankState::Succeeded { .. })
+    }
+
+    pub fn is_failed(self) -> bool {
+        matches!(self, RankState::Failed { .. })
     }
 }
 

@@ -244,3 +244,31 @@ async fn a_command_that_cannot_start_is_a_spawn_error() {
     assert!(incs[0]["pid"].is_null());
     assert_eq!(incs[0]["outcome"], "spawn_error");
 }
+
+/// A rank's state carries its time: the summary says since when, and while it waits out its
+/// backoff, until when.
+#[actix_web::test]
+async fn a_rank_in_backoff_says_until_when() {
+    let app = spawn_app().await;
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh("exit 3"),
+                           "backoff_initial_ms": 4000, "max_restarts": 1}))
+        .await;
+    let worker = wait_for(Duration::from_secs(20), || async {
+        let s = app.summary(&id).await;
+        let w = s["workers"][0].clone();
+        (w["state"] == "backoff").then_some(w)
+    })
+    .await
+    .expect("the rank waits out its backoff");
+    let at = |k: &str| {
+        chrono::DateTime::parse_from_rfc3339(worker[k].as_str().unwrap_or_else(|| panic!("{k}")))
+            .unwrap()
+    };
+    let wait = at("backoff_until") - at("state_since");
+    assert_eq!(wait.num_milliseconds(), 4000, "{worker}");
+    app.stop(&id).await;
+    let summary = app.summary(&id).await;
+    assert!(summary["workers"][0]["state_since"].is_string());
+    assert!(summary["workers"][0]["backoff_until"].is_null());
+}

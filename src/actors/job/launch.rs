@@ -16,7 +16,7 @@ impl Job {
     pub(super) fn ranks_to_launch(&self) -> Vec<u32> {
         let all_restart = self.spec.restart_scope == RestartScope::Job;
         (0..self.spec.world_size)
-            .filter(|&r| all_restart || self.ranks[r as usize].state != RankState::Succeeded)
+            .filter(|&r| all_restart || !self.ranks[r as usize].state.is_succeeded())
             .collect()
     }
 
@@ -82,7 +82,7 @@ impl Job {
             slot.past_tokens.insert(old);
         }
         slot.token_hash = hash_token(&token);
-        slot.state = RankState::Starting;
+        slot.state = RankState::starting();
         slot.progress.pid = None;
         slot.progress.attempt = attempt;
         let node = place.node.clone();
@@ -115,14 +115,14 @@ impl Job {
                     return;
                 }
                 match slot.state {
-                    RankState::Starting => act.workers[rank as usize].do_send(LaunchRank {
+                    RankState::Starting { .. } => act.workers[rank as usize].do_send(LaunchRank {
                         attempt,
                         launch,
                         place,
                     }),
                     // Stopped (or the group failed) before the process existed.
-                    RankState::Stopping => {
-                        slot.state = RankState::Stopped;
+                    RankState::Stopping { .. } => {
+                        slot.state = RankState::stopped();
                         act.rt.recorder.record(HistoryOp::IncarnationEnded {
                             job_id: act.id,
                             rank,

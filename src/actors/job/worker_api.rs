@@ -49,7 +49,10 @@ impl Job {
                 WorkerRejected::BadToken
             });
         }
-        if !matches!(slot.state, RankState::Starting | RankState::Running) {
+        if !matches!(
+            slot.state,
+            RankState::Starting { .. } | RankState::Running { .. }
+        ) {
             return Err(WorkerRejected::Stale);
         }
         Ok(slot.next_attempt - 1)
