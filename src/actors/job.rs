@@ -42,6 +42,9 @@ enum Phase {
     },
     Stopping,
     Failing,
+    /// The server is shutting down: ranks are stopped with grace, the job stays `running` in
+    /// the database, and the next server resumes it.
+    ServerShutdown,
     Done,
 }
 
@@ -69,6 +72,8 @@ pub struct Job {
     allreduce: AllReduce,
     last_progress_event: Option<std::time::Instant>,
     launcher: Arc<dyn JobLauncher>,
+    /// Told when the last rank is down during a server shutdown.
+    shutdown_waiter: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// How a job actor begins: fresh, or resumed after a server restart.
@@ -159,6 +164,7 @@ impl Job {
                 allreduce: AllReduce::default(),
                 last_progress_event: None,
                 launcher,
+                shutdown_waiter: None,
             }
         });
         (addr, state_rx)
@@ -230,6 +236,11 @@ impl Job {
                         act.launch_group(ranks, ctx);
                     }
                 });
+            }
+            Phase::ServerShutdown => {
+                if let Some(all_down) = self.shutdown_waiter.take() {
+                    let _ = all_down.send(());
+                }
             }
             Phase::Running | Phase::Done => {}
         }
@@ -325,7 +336,14 @@ impl Job {
         };
         let scope = self.policy.scope;
         let draw = rand::rng().random_range(0.0..1.0);
-        let (n, backoff_ms) = match self.policy.decide(&self.counts, rank, draw) {
+        // How long the incarnation ran: a failure after a stable run starts the backoff over.
+        let ran_for_s = match self.ranks[rank as usize].state {
+            RankState::Running { since } => {
+                (chrono::Utc::now() - since).num_milliseconds() as f64 / 1000.0
+            }
+            _ => 0.0,
+        };
+        let (n, backoff_ms) = match self.policy.decide(&self.counts, rank, ran_for_s, draw) {
             Decision::Restart { n, backoff_ms } => (n, backoff_ms),
             Decision::GiveUp { spent } => {
                 self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
@@ -338,7 +356,7 @@ impl Job {
                 return;
             }
         };
-        self.policy.record(&mut self.counts, rank, n);
+        self.policy.record(&mut self.counts, rank, n, ran_for_s);
         let slot = &mut self.ranks[rank as usize];
         self.rt.recorder.record(HistoryOp::RestartDetected {
             job_id: self.id,
@@ -497,7 +515,10 @@ impl Handler<WorkerExited> for Job {
                 Outcome::Stopped => slot.state = RankState::stopped(),
                 _ => self.on_failure(msg, ctx),
             },
-            Phase::GroupRestart { .. } | Phase::Stopping | Phase::Failing => {
+            Phase::GroupRestart { .. }
+            | Phase::Stopping
+            | Phase::Failing
+            | Phase::ServerShutdown => {
                 if !slot.state.is_failed() {
                     slot.state = if msg.outcome == Outcome::Succeeded {
                         RankState::succeeded()
@@ -537,9 +558,25 @@ impl Handler<StopJob> for Job {
 impl Handler<KillForShutdown> for Job {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: KillForShutdown, _: &mut Context<Self>) -> Self::Result {
+    /// Every rank gets SIGTERM (or what stands for it) and the server's kill grace, as on
+    /// stop; their ends are recorded as they come. What is still alive after the grace (and
+    /// a margin for the last exits to be recorded) is killed with everything the launcher
+    /// holds.
+    fn handle(&mut self, _: KillForShutdown, ctx: &mut Context<Self>) -> Self::Result {
         // No more decisions: the exits that follow are the server's doing, not the ranks'.
-        self.phase = Phase::Done;
-        Box::pin(self.launcher.kill_all())
+        let winding_down = !matches!(self.phase, Phase::Done);
+        self.phase = Phase::ServerShutdown;
+        let (tx, all_down) = tokio::sync::oneshot::channel();
+        if winding_down {
+            self.shutdown_waiter = Some(tx);
+            self.terminate_live();
+            self.after_rank_down(ctx);
+        }
+        let bound = self.rt.settings.kill_grace + Duration::from_secs(1);
+        let launcher = self.launcher.clone();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(bound, all_down).await;
+            launcher.kill_all().await;
+        })
     }
 }

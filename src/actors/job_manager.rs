@@ -342,9 +342,13 @@ impl Handler<Shutdown> for JobManager {
         let jobs = self.rt.registry.all();
         let recorder = self.rt.recorder.clone();
         Box::pin(async move {
-            for (_, handle) in jobs {
-                let _ = handle.addr.send(KillForShutdown).await;
-            }
+            // Every job's ranks get their grace at the same time: the shutdown takes one
+            // grace period, not one per job.
+            futures_util::future::join_all(
+                jobs.into_iter()
+                    .map(|(_, handle)| handle.addr.send(KillForShutdown)),
+            )
+            .await;
             let _ = tokio::time::timeout(Duration::from_secs(5), recorder.flush()).await;
         })
     }

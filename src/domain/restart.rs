@@ -44,6 +44,9 @@ pub struct RestartPolicy {
     /// Up to this fraction of each backoff is cut at random, so ranks that failed together
     /// do not come back in lockstep.
     pub backoff_jitter: f64,
+    /// A failure after the incarnation ran at least this long starts the backoff over (the
+    /// budget still counts it), as Kubernetes does for a crash loop after 10 minutes.
+    pub backoff_reset_s: f64,
 }
 
 /// What to do about one failure.
@@ -62,6 +65,10 @@ pub struct RestartCounts {
     pub group: u32,
     /// Restarts of each rank (worker scope).
     pub per_rank: Vec<u32>,
+    /// Failures in a row without a stable run in between, of the group and of each rank:
+    /// what the backoff grows with.
+    pub group_streak: u32,
+    pub rank_streak: Vec<u32>,
 }
 
 impl RestartCounts {
@@ -69,6 +76,8 @@ impl RestartCounts {
         RestartCounts {
             group: 0,
             per_rank: vec![0; world_size as usize],
+            group_streak: 0,
+            rank_streak: vec![0; world_size as usize],
         }
     }
 
@@ -79,9 +88,15 @@ impl RestartCounts {
             return;
         }
         match RestartScope::parse(scope) {
-            Some(RestartScope::Job) => self.group += 1,
+            Some(RestartScope::Job) => {
+                self.group += 1;
+                self.group_streak += 1;
+            }
             Some(RestartScope::Worker) => {
                 if let Some(n) = self.per_rank.get_mut(rank as usize) {
+                    *n += 1;
+                }
+                if let Some(n) = self.rank_streak.get_mut(rank as usize) {
                     *n += 1;
                 }
             }
@@ -108,15 +123,28 @@ impl RestartPolicy {
         }
     }
 
-    /// Decides about a failure of `rank`; `draw` is a uniform random number in [0, 1) for the
-    /// jitter. Does not change `counts`: `record` does once the restart is made.
-    pub fn decide(&self, counts: &RestartCounts, rank: u32, draw: f64) -> Decision {
+    fn streak(&self, counts: &RestartCounts, rank: u32) -> u32 {
+        match self.scope {
+            RestartScope::Worker => counts.rank_streak.get(rank as usize).copied().unwrap_or(0),
+            RestartScope::Job => counts.group_streak,
+        }
+    }
+
+    /// Decides about a failure of `rank` whose incarnation ran `ran_for_s` seconds; `draw` is
+    /// a uniform random number in [0, 1) for the jitter. Does not change `counts`: `record`
+    /// does once the restart is made.
+    pub fn decide(&self, counts: &RestartCounts, rank: u32, ran_for_s: f64, draw: f64) -> Decision {
         let spent = self.spent(counts, rank);
         if spent >= self.max_restarts {
             return Decision::GiveUp { spent };
         }
         let n = spent + 1;
-        let mut backoff_ms = self.backoff_ms(n);
+        let streak = if ran_for_s >= self.backoff_reset_s {
+            0
+        } else {
+            self.streak(counts, rank)
+        };
+        let mut backoff_ms = self.backoff_ms(streak + 1);
         if self.backoff_jitter > 0.0 {
             let cut = draw.clamp(0.0, 1.0) * self.backoff_jitter;
             backoff_ms = (backoff_ms as f64 * (1.0 - cut)) as u64;
@@ -124,15 +152,24 @@ impl RestartPolicy {
         Decision::Restart { n, backoff_ms }
     }
 
-    /// Counts restart number `n` of `rank`'s budget as made.
-    pub fn record(&self, counts: &mut RestartCounts, rank: u32, n: u32) {
+    /// Counts restart number `n` of `rank`'s budget as made, after a failure of an
+    /// incarnation that ran `ran_for_s` seconds.
+    pub fn record(&self, counts: &mut RestartCounts, rank: u32, n: u32, ran_for_s: f64) {
+        let stable = ran_for_s >= self.backoff_reset_s;
+        let bump = |streak: &mut u32| *streak = if stable { 1 } else { *streak + 1 };
         match self.scope {
             RestartScope::Worker => {
                 if let Some(c) = counts.per_rank.get_mut(rank as usize) {
                     *c = n;
                 }
+                if let Some(s) = counts.rank_streak.get_mut(rank as usize) {
+                    bump(s);
+                }
             }
-            RestartScope::Job => counts.group = n,
+            RestartScope::Job => {
+                counts.group = n;
+                bump(&mut counts.group_streak);
+            }
         }
     }
 }
@@ -149,6 +186,7 @@ mod tests {
             backoff_multiplier: 2.0,
             backoff_max_ms: 1500,
             backoff_jitter: 0.0,
+            backoff_reset_s: 600.0,
         }
     }
 
@@ -157,25 +195,25 @@ mod tests {
         let p = policy(RestartScope::Worker);
         let mut c = RestartCounts::new(2);
         assert_eq!(
-            p.decide(&c, 0, 0.0),
+            p.decide(&c, 0, 1.0, 0.0),
             Decision::Restart {
                 n: 1,
                 backoff_ms: 500
             }
         );
-        p.record(&mut c, 0, 1);
+        p.record(&mut c, 0, 1, 1.0);
         assert_eq!(
-            p.decide(&c, 0, 0.0),
+            p.decide(&c, 0, 1.0, 0.0),
             Decision::Restart {
                 n: 2,
                 backoff_ms: 1000
             }
         );
-        p.record(&mut c, 0, 2);
-        assert_eq!(p.decide(&c, 0, 0.0), Decision::GiveUp { spent: 2 });
+        p.record(&mut c, 0, 2, 1.0);
+        assert_eq!(p.decide(&c, 0, 1.0, 0.0), Decision::GiveUp { spent: 2 });
         // Rank 1 has its own budget.
         assert!(matches!(
-            p.decide(&c, 1, 0.0),
+            p.decide(&c, 1, 1.0, 0.0),
             Decision::Restart { n: 1, .. }
         ));
     }
@@ -185,9 +223,10 @@ mod tests {
         let mut p = policy(RestartScope::Job);
         p.max_restarts = 10;
         let mut c = RestartCounts::new(4);
-        p.record(&mut c, 3, 5);
+        c.group = 5;
+        c.group_streak = 5;
         assert_eq!(
-            p.decide(&c, 0, 0.0),
+            p.decide(&c, 0, 1.0, 0.0),
             Decision::Restart {
                 n: 6,
                 backoff_ms: 1500
@@ -196,11 +235,39 @@ mod tests {
     }
 
     #[test]
+    fn a_stable_run_starts_the_backoff_over_but_still_counts() {
+        let mut p = policy(RestartScope::Worker);
+        p.max_restarts = 10;
+        let mut c = RestartCounts::new(1);
+        for n in 1..=3 {
+            p.record(&mut c, 0, n, 1.0);
+        }
+        assert_eq!(
+            p.decide(&c, 0, 1.0, 0.0),
+            Decision::Restart {
+                n: 4,
+                backoff_ms: 1500
+            }
+        );
+        // The fourth incarnation ran for an hour: its failure backs off as a first one.
+        assert_eq!(
+            p.decide(&c, 0, 3600.0, 0.0),
+            Decision::Restart {
+                n: 4,
+                backoff_ms: 500
+            }
+        );
+        p.record(&mut c, 0, 4, 3600.0);
+        assert_eq!(c.rank_streak[0], 1);
+        assert_eq!(c.per_rank[0], 4);
+    }
+
+    #[test]
     fn jitter_only_shortens_the_backoff() {
         let mut p = policy(RestartScope::Worker);
         p.backoff_jitter = 0.5;
         let c = RestartCounts::new(1);
-        let Decision::Restart { backoff_ms, .. } = p.decide(&c, 0, 0.999) else {
+        let Decision::Restart { backoff_ms, .. } = p.decide(&c, 0, 1.0, 0.999) else {
             panic!()
         };
         assert!((250..=500).contains(&backoff_ms));

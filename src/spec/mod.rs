@@ -50,6 +50,7 @@ pub struct JobRequest {
     pub backoff_multiplier: Option<f64>,
     pub backoff_max_ms: Option<i64>,
     pub backoff_jitter: Option<f64>,
+    pub backoff_reset_s: Option<f64>,
     pub batch_size: Option<i64>,
     pub lr: Option<f64>,
     pub seed: Option<i64>,
@@ -92,6 +93,9 @@ pub struct JobSpec {
     pub backoff_multiplier: f64,
     pub backoff_max_ms: u64,
     pub backoff_jitter: f64,
+    /// An incarnation that ran this long before failing starts the backoff over.
+    #[serde(default = "default_backoff_reset_s")]
+    pub backoff_reset_s: f64,
     pub batch_size: u32,
     pub lr: f64,
     pub seed: u64,
@@ -134,6 +138,13 @@ pub const RESERVED_ENV: &[&str] = &[
     "S3_RETRY_TIMEOUT_S",
     "TRAINVISOR_CACHE_DIR",
 ];
+
+/// Kubernetes resets a crash-looping container's backoff after it ran 10 minutes.
+pub const DEFAULT_BACKOFF_RESET_S: f64 = 600.0;
+
+fn default_backoff_reset_s() -> f64 {
+    DEFAULT_BACKOFF_RESET_S
+}
 
 /// Why a spec was refused; the message is shown to the client as is.
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +335,12 @@ impl JobRequest {
                 0.0,
                 1.0,
             )?,
+            backoff_reset_s: finite_in(
+                "backoff_reset_s",
+                self.backoff_reset_s.unwrap_or(DEFAULT_BACKOFF_RESET_S),
+                0.0,
+                86_400.0 * 30.0,
+            )?,
             batch_size: in_range("batch_size", self.batch_size.unwrap_or(32), 1, 1_000_000)? as u32,
             lr: finite_in("lr", self.lr.unwrap_or(0.1), 0.0, 1e6)?,
             seed: in_range("seed", self.seed.unwrap_or(0), 0, i64::MAX)? as u64,
@@ -385,6 +402,7 @@ impl JobSpec {
             backoff_multiplier: self.backoff_multiplier,
             backoff_max_ms: self.backoff_max_ms,
             backoff_jitter: self.backoff_jitter,
+            backoff_reset_s: self.backoff_reset_s,
         }
     }
 

@@ -272,3 +272,32 @@ async fn a_rank_in_backoff_says_until_when() {
     assert!(summary["workers"][0]["state_since"].is_string());
     assert!(summary["workers"][0]["backoff_until"].is_null());
 }
+
+/// The backoff grows while a rank keeps failing fast, and starts over after a stable run
+/// (`backoff_reset_s`), as Kubernetes' crash-loop backoff does; the budget counts every
+/// restart either way.
+#[actix_web::test]
+async fn the_backoff_starts_over_after_a_stable_run() {
+    let app = spawn_app().await;
+    // Attempts 0 and 1 fail at once; attempt 2 runs 1.5 s, then fails; attempt 3 succeeds.
+    let script =
+        r#"case "$RESTART_COUNT" in 0|1) exit 1;; 2) sleep 1.5; exit 1;; *) exit 0;; esac"#;
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh(script),
+                           "backoff_initial_ms": 100, "backoff_multiplier": 4.0,
+                           "backoff_reset_s": 1.0, "max_restarts": 5}))
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let backoffs: Vec<u64> = app
+        .restarts(&id)
+        .await
+        .iter()
+        .map(|r| r["backoff_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        backoffs,
+        vec![100, 400, 100],
+        "fast failures grow it, a stable run resets it"
+    );
+}

@@ -155,3 +155,56 @@ fn is_running(pid: u32) -> bool {
             .trim_start()
             .starts_with('Z')
 }
+
+/// SIGTERM to the server gives ranks the kill grace, as a stop does: a rank that traps SIGTERM
+/// saves its state and exits, one that ignores it is killed when the grace is over, and every
+/// incarnation's end is recorded (as `stopped`) before the server exits.
+#[actix_web::test]
+async fn sigterm_gives_ranks_their_grace_and_records_their_ends() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let path = data_dir.path().to_path_buf();
+    let (server, url) = start_server_process(&path);
+    let app = app_at(url, data_dir);
+    let saved = path.join("saved");
+    let script = format!(
+        r#"if [ "$RESTART_COUNT" != 0 ]; then echo done; exit 0; fi
+if [ "$RANK" = 0 ]; then trap 'echo saved > {saved}; exit 0' TERM; else trap '' TERM; fi
+while true; do sleep 0.05; done"#,
+        saved = saved.display()
+    );
+    let id = app
+        .create_job(json!({"world_size": 2, "command": sh(&script), "restart_scope": "worker"}))
+        .await;
+    app.running_pids(&id, 2).await;
+    let instance = std::fs::read_to_string(path.join("instance-id")).unwrap();
+    let sent = std::time::Instant::now();
+    kill(server.id(), libc::SIGTERM);
+    let mut server = server;
+    assert!(server.wait().unwrap().success());
+    // start_server_process runs with --kill-grace-ms 300: the rank that ignores SIGTERM is
+    // killed then, not after a hang (generous bound for a loaded machine).
+    assert!(sent.elapsed() < Duration::from_secs(20));
+    assert_eq!(
+        std::fs::read_to_string(&saved).unwrap_or_default().trim(),
+        "saved",
+        "the rank that traps SIGTERM had the time to save"
+    );
+    assert!(marked_processes(&instance).is_empty());
+
+    let (mut server, url) = start_server_process(&path);
+    let app = app_at(url, app.data_dir);
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded");
+    let first: Vec<_> = app
+        .incarnations(&id)
+        .await
+        .into_iter()
+        .filter(|i| i["attempt"] == 0)
+        .collect();
+    assert_eq!(first.len(), 2);
+    for inc in &first {
+        assert_eq!(inc["outcome"], "stopped", "recorded before exiting: {inc}");
+    }
+    kill(server.id(), libc::SIGTERM);
+    server.wait().unwrap();
+}
