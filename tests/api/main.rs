@@ -4,6 +4,8 @@ mod bad_input;
 mod browser;
 mod campaigns;
 mod cli;
+mod deploy;
+mod docker_support;
 mod failures;
 mod hardening;
 mod helpers;

@@ -41,7 +41,7 @@ pub struct S3Server {
 }
 
 /// A server binary: on PATH, or where `cargo install` puts it (`tests/run` installs both).
-fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     if let Some(path) = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join(name))

@@ -1,0 +1,301 @@
+//! Docker for tests, with no registry: the base image from Debian's packages
+//! (`deploy/base-image.sh`), the trainvisor image around this test build's binary
+//! (`deploy/Dockerfile --target prebuilt`), an S3 server image around the s3s-fs binary the S3
+//! tests install, and guards that remove the containers, networks and volumes a test creates
+//! (also when it fails). Each image is built at most once per test run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The repository's root (deploy/, Cargo.toml).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `docker ARGS` and returns its output (whatever the exit status).
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker (is Docker installed?): {e}"))
+}
+
+/// Runs `docker ARGS`, panics with its stderr unless it succeeds, returns its trimmed stdout.
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A name no other test, run or worktree on this engine uses.
+pub fn unique_name(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The registry-free base (Debian minbase + python3, tini, ca-certificates), built by
+/// `deploy/base-image.sh` on first use and cached in the engine across runs (the script
+/// takes a lock, so parallel callers wait for one build).
+pub fn base_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let out = Command::new(repo_root().join("deploy/base-image.sh"))
+                .stdin(Stdio::null())
+                .output()
+                .expect("deploy/base-image.sh runs");
+            assert!(
+                out.status.success(),
+                "deploy/base-image.sh failed: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            stdout
+                .lines()
+                .last()
+                .expect("base-image.sh prints the image name")
+                .trim()
+                .to_string()
+        })
+        .clone()
+}
+
+/// Builds `deploy/Dockerfile`'s `prebuilt` target around `binary` (stripped) on the base
+/// image; the tag names a digest of the binary, so test runs of other builds never clash.
+fn image_around(binary: &Path, repo: &str) -> String {
+    let base = base_image();
+    let ctx = tempfile::tempdir().expect("a temp build context");
+    let copy = ctx.path().join("trainvisor");
+    std::fs::copy(binary, &copy).expect("copy the binary into the context");
+    let status = Command::new("strip")
+        .arg(&copy)
+        .status()
+        .expect("strip runs (binutils)");
+    assert!(status.success(), "strip {}", copy.display());
+    let digest = Command::new("sha256sum").arg(&copy).output().unwrap();
+    let digest = String::from_utf8_lossy(&digest.stdout)[..16].to_string();
+    let tag = format!("{repo}:{digest}");
+    if docker(&["image", "inspect", &tag]).status.success() {
+        return tag;
+    }
+    let dockerfile = repo_root().join("deploy/Dockerfile");
+    docker_ok(&[
+        "build",
+        "-q",
+        "-f",
+        dockerfile.to_str().unwrap(),
+        "--target",
+        "prebuilt",
+        "--build-arg",
+        &format!("RUNTIME_IMAGE={base}"),
+        "--label",
+        "org.trainvisor.test=1",
+        "-t",
+        &tag,
+        ctx.path().to_str().unwrap(),
+    ]);
+    // Images of earlier test builds, unused for a day, go (the base stays: it is the cache).
+    let _ = docker(&[
+        "image",
+        "prune",
+        "-a",
+        "-f",
+        "--filter",
+        "label=org.trainvisor.test=1",
+        "--filter",
+        "until=24h",
+    ]);
+    tag
+}
+
+/// The trainvisor image around this test build's binary (`CARGO_BIN_EXE_trainvisor`).
+pub fn trainvisor_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            image_around(
+                Path::new(env!("CARGO_BIN_EXE_trainvisor")),
+                "trainvisor-test",
+            )
+        })
+        .clone()
+}
+
+/// An S3 server image built here: the s3s-fs binary (installed by tests/run) on the base
+/// image, serving the directory /data on port 9000. Its entrypoint takes the credentials from
+/// `S3_ACCESS_KEY` / `S3_SECRET_KEY`, as the compose file passes them.
+#[allow(dead_code)] // the Compose test (next commit) uses it
+pub fn s3s_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let base = base_image();
+            let binary = crate::s3::binary("s3s-fs");
+            let ctx = tempfile::tempdir().unwrap();
+            std::fs::copy(&binary, ctx.path().join("s3s-fs")).unwrap();
+            let digest = Command::new("sha256sum")
+                .arg(ctx.path().join("s3s-fs"))
+                .output()
+                .unwrap();
+            let digest = String::from_utf8_lossy(&digest.stdout)[..16].to_string();
+            let tag = format!("trainvisor-test-s3s:{digest}");
+            if docker(&["image", "inspect", &tag]).status.success() {
+                return tag;
+            }
+            std::fs::write(
+                ctx.path().join("entrypoint.sh"),
+                "#!/bin/sh\nexec s3s-fs --host 0.0.0.0 --port 9000 \\\n  \
+                 --access-key \"$S3_ACCESS_KEY\" --secret-key \"$S3_SECRET_KEY\" /data\n",
+            )
+            .unwrap();
+            std::fs::write(
+                ctx.path().join("Dockerfile"),
+                format!(
+                    "FROM {base}\n\
+                     COPY s3s-fs entrypoint.sh /usr/local/bin/\n\
+                     RUN chmod 0755 /usr/local/bin/entrypoint.sh && mkdir -p /data\n\
+                     VOLUME /data\n\
+                     EXPOSE 9000\n\
+                     ENTRYPOINT [\"/usr/bin/tini\", \"--\", \"/usr/local/bin/entrypoint.sh\"]\n"
+                ),
+            )
+            .unwrap();
+            docker_ok(&[
+                "build",
+                "-q",
+                "--label",
+                "org.trainvisor.test=1",
+                "-t",
+                &tag,
+                ctx.path().to_str().unwrap(),
+            ]);
+            tag
+        })
+        .clone()
+}
+
+/// A container this test started; removed (with its anonymous volumes) on drop.
+pub struct Container {
+    pub name: String,
+}
+
+impl Container {
+    /// `docker run -d --name <unique> ARGS`; panics (after removing it) if it cannot start.
+    pub fn run(prefix: &str, args: &[&str]) -> Container {
+        let name = unique_name(prefix);
+        let container = Container { name: name.clone() };
+        let mut full = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--label",
+            "org.trainvisor.test=1",
+        ];
+        full.extend_from_slice(args);
+        docker_ok(&full);
+        container
+    }
+
+    #[allow(dead_code)] // the docker run tests (next commit) use it
+    /// The host address a published container port is reachable at (`-p 127.0.0.1::PORT`).
+    pub fn host_port(&self, port: u16) -> String {
+        let out = docker_ok(&["port", &self.name, &format!("{port}/tcp")]);
+        out.lines()
+            .next()
+            .unwrap_or_else(|| panic!("port {port} of {} is not published", self.name))
+            .trim()
+            .replace("0.0.0.0", "127.0.0.1")
+    }
+
+    /// `docker inspect -f FORMAT`.
+    pub fn inspect(&self, format: &str) -> String {
+        docker_ok(&["inspect", "-f", format, &self.name])
+    }
+
+    /// Everything the container printed so far (stdout and stderr).
+    pub fn logs(&self) -> String {
+        let out = docker(&["logs", &self.name]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// `docker exec` as the image's user; panics unless the command succeeds.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["exec", self.name.as_str()];
+        full.extend_from_slice(cmd);
+        docker_ok(&full)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", "-v", &self.name]);
+    }
+}
+
+/// A named volume this test created; removed on drop (after the containers using it).
+pub struct Volume {
+    pub name: String,
+}
+
+impl Volume {
+    pub fn create(prefix: &str) -> Volume {
+        let name = unique_name(prefix);
+        docker_ok(&[
+            "volume",
+            "create",
+            "--label",
+            "org.trainvisor.test=1",
+            &name,
+        ]);
+        Volume { name }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = docker(&["volume", "rm", "-f", &self.name]);
+    }
+}
+
+/// A bridge network this test created; removed on drop.
+#[allow(dead_code)] // the Compose test (next commit) uses it
+pub struct Network {
+    pub name: String,
+}
+
+#[allow(dead_code)]
+impl Network {
+    pub fn create(prefix: &str) -> Network {
+        let name = unique_name(prefix);
+        docker_ok(&[
+            "network",
+            "create",
+            "--label",
+            "org.trainvisor.test=1",
+            &name,
+        ]);
+        Network { name }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = docker(&["network", "rm", &self.name]);
+    }
+}
