@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::docker_support::{Container, Volume, base_image, docker, docker_ok, trainvisor_image};
+use crate::helpers::{SseReader, TestApp, test_client, wait_for};
 
 /// The images build from nothing but Debian's packages (debootstrap) and this repository, and
 /// the runtime image is what the Dockerfile promises: python3 for Python workers, tini as PID
@@ -133,5 +134,371 @@ fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A container serving on a published loopback port, and a client for it (with its token).
+struct Served {
+    container: Container,
+    app: TestApp,
+}
+
+/// `docker run -d -p 127.0.0.1::8000 ARGS <image>`; waits until the API answers on the host.
+async fn serve(prefix: &str, args: &[&str]) -> Served {
+    let image = trainvisor_image();
+    let mut full = vec!["-p", "127.0.0.1::8000"];
+    full.extend_from_slice(args);
+    full.push(&image);
+    let container = Container::run(prefix, &full);
+    let app = connect(&container).await;
+    Served { container, app }
+}
+
+/// Waits for the server in `c` to answer /health on its published port, and returns a client
+/// that sends the token the log printed when it was generated (or none if it was given).
+async fn connect(c: &Container) -> TestApp {
+    let address = format!("http://{}", c.host_port(8000));
+    let probe = test_client();
+    let up = wait_for(Duration::from_secs(90), || async {
+        let res = probe.get(format!("{address}/health")).send().await.ok()?;
+        res.status().is_success().then_some(())
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "{} never answered /health:\n{}",
+        c.name,
+        c.logs()
+    );
+    let token = generated_token(&c.logs());
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+    }
+    TestApp {
+        address,
+        client: reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_idle_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap(),
+        data_dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+/// The token a server printed when it generated it (`TRAINVISOR_API_TOKEN=…` in its log).
+fn generated_token(logs: &str) -> Option<String> {
+    logs.lines()
+        .find_map(|l| l.trim().strip_prefix("TRAINVISOR_API_TOKEN="))
+        .map(str::to_string)
+}
+
+/// A small dataset in the container's volume (4 shards × 400 rows), made by the image's binary.
+fn small_dataset_in(c: &Container) -> &'static str {
+    c.exec(&[
+        "trainvisor",
+        "make-dataset",
+        "--out",
+        "/data/small",
+        "--shards",
+        "4",
+        "--rows-per-shard",
+        "400",
+        "--features",
+        "8",
+        "--classes",
+        "3",
+        "--seed",
+        "7",
+        "--test-rows",
+        "100",
+    ]);
+    "/data/small"
+}
+
+/// The built-in trainer on the small dataset: long enough (sleep_sec) to be killed in flight.
+fn trainer_spec(dataset: &str) -> Value {
+    json!({"world_size": 2, "dataset": dataset, "total_steps": 120, "batch_size": 16,
+           "checkpoint_every": 5, "lr": 0.2, "seed": 3, "sleep_sec": 0.05,
+           "backoff_initial_ms": 0, "max_restarts": 20})
+}
+
+/// The final model's SHA-256 (checked against the bytes served).
+async fn model_sha(app: &TestApp, id: &str) -> String {
+    let res = app.get(&format!("/jobs/{id}/model")).await;
+    assert_eq!(res.status(), 200, "no model for {id}");
+    let sha = res.headers()["x-model-sha256"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let bytes = res.bytes().await.unwrap();
+    assert_eq!(trainvisor::checkpoint::sha256_hex(&bytes), sha);
+    sha
+}
+
+async fn committed_checkpoints(app: &TestApp, id: &str) -> usize {
+    app.get_json(&format!("/jobs/{id}/checkpoints"))
+        .await
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+async fn wait_checkpoints(app: &TestApp, id: &str, n: usize) {
+    wait_for(Duration::from_secs(120), || async {
+        (committed_checkpoints(app, id).await >= n).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{n} checkpoints are not committed"));
+}
+
+/// (pid, state, command) of every process in the container, read from its /proc. Not
+/// `docker top`: it lists the container's cgroup, which a zombie has already left, so it never
+/// shows one.
+fn processes(c: &Container) -> Vec<(String, String, String)> {
+    let script = r#"for p in /proc/[0-9]*/stat; do cat "$p" 2>/dev/null; echo; done"#;
+    c.exec(&["sh", "-c", script])
+        .lines()
+        .filter_map(|l| {
+            // pid (comm) state ppid ...; comm may hold spaces, so split around the parentheses.
+            let (pid, rest) = l.split_once(" (")?;
+            let (comm, rest) = rest.rsplit_once(") ")?;
+            let state = rest.split_whitespace().next()?;
+            Some((pid.to_string(), state.to_string(), comm.to_string()))
+        })
+        .collect()
+}
+
+fn zombies(c: &Container) -> Vec<(String, String, String)> {
+    processes(c)
+        .into_iter()
+        .filter(|(_, stat, _)| stat.starts_with('Z'))
+        .collect()
+}
+
+/// The seed's quick start against `docker run -p 8000:8000 -v tv-data:/data <image>`: a token
+/// is generated on first start (0600 in the volume, printed once), the curl walk-through
+/// works with it, a restart reads it back without printing it, a given token wins, and a rank
+/// killed with kill -9 inside the container is restarted.
+#[actix_web::test]
+async fn docker_run_quick_start_with_a_generated_token() {
+    let volume = Volume::create("tv-data");
+    let data = format!("{}:/data", volume.name);
+    let Served { container: c, app } = serve("tv-quick", &["-v", &data]).await;
+    let logs = c.logs();
+    let token = generated_token(&logs).unwrap_or_else(|| panic!("no token in the log:\n{logs}"));
+    assert_eq!(token.len(), 64);
+    assert_eq!(
+        c.exec(&["stat", "-c", "%a %u", "/data/api-token"]),
+        "600 10001"
+    );
+    assert_eq!(c.exec(&["cat", "/data/api-token"]), token);
+
+    // Open: /health. Closed without the token: everything else.
+    let bare = test_client();
+    let res = bare.get(app.url("/jobs")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(app.get("/health").await.status(), 200);
+
+    // The walk-through: create, summary, logs, SSE stream, checkpoints, model.
+    let id = app
+        .create_job(json!({"world_size": 4, "total_steps": 40, "checkpoint_every": 10}))
+        .await;
+    let stream = app
+        .client
+        .get(app.url(&format!("/jobs/{id}/logs/stream")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let events = SseReader::new(stream).until_end().await;
+    assert!(events.iter().any(|e| e.event == "log"), "{events:?}");
+    let job = app.wait_finished(&id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let summary = app.summary(&id).await;
+    assert_eq!(summary["step"], 40, "{summary}");
+    assert!(!app.log_lines(&id).await.is_empty());
+    assert_eq!(committed_checkpoints(&app, &id).await.min(1), 1);
+    model_sha(&app, &id).await;
+
+    // kill -9 of a rank inside the container: the rank comes back, the job ends well.
+    let dataset = small_dataset_in(&c);
+    let id = app.create_job(trainer_spec(dataset)).await;
+    let pids = app.running_pids(&id, 2).await;
+    c.exec(&["sh", "-c", &format!("kill -9 {}", pids[0])]);
+    let restarted = wait_for(Duration::from_secs(60), || async {
+        (!app.restarts(&id).await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(restarted.is_some(), "the killed rank was not restarted");
+    let job = app.wait_finished(&id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    // A restart reads the token back and does not print it again.
+    docker_ok(&["restart", "-t", "30", &c.name]);
+    let again = connect(&c).await;
+    let logs = c.logs();
+    assert_eq!(
+        logs.matches(&token).count(),
+        1,
+        "the token is printed once:\n{logs}"
+    );
+    assert!(
+        logs.contains("API token read from /data/api-token"),
+        "{logs}"
+    );
+    let mut app = app;
+    app.address = again.address;
+    assert_eq!(app.get("/jobs").await.status(), 200);
+
+    // A given TRAINVISOR_API_TOKEN wins: nothing generated, nothing written.
+    let other = Volume::create("tv-data");
+    let given = "a-token-given-by-the-operator";
+    let Served { container: c2, .. } = serve(
+        "tv-given",
+        &[
+            "-v",
+            &format!("{}:/data", other.name),
+            "-e",
+            &format!("TRAINVISOR_API_TOKEN={given}"),
+        ],
+    )
+    .await;
+    assert!(generated_token(&c2.logs()).is_none(), "{}", c2.logs());
+    let out = docker(&["exec", &c2.name, "test", "-e", "/data/api-token"]);
+    assert!(!out.status.success(), "no token file when one is given");
+    let address = format!("http://{}/jobs", c2.host_port(8000));
+    let res = bare.get(&address).bearer_auth(given).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+/// `docker kill` (SIGKILL to the whole container) in the middle of training, then
+/// `docker start`: the job resumes from the volume; then `docker stop`: graceful (the server's
+/// own exit, code 0, well within the timeout), and the next start resumes again. The final
+/// model is bit-identical to a failure-free run's.
+#[actix_web::test]
+async fn docker_kill_and_docker_stop_resume_exactly_from_the_volume() {
+    let volume = Volume::create("tv-data");
+    let data = format!("{}:/data", volume.name);
+    let Served {
+        container: c,
+        mut app,
+    } = serve("tv-resume", &["-v", &data]).await;
+    let dataset = small_dataset_in(&c);
+    let reference = app.create_job(trainer_spec(dataset)).await;
+    let job = app
+        .wait_finished(&reference, Duration::from_secs(300))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let reference = model_sha(&app, &reference).await;
+
+    let id = app.create_job(trainer_spec(dataset)).await;
+    wait_checkpoints(&app, &id, 2).await;
+    docker_ok(&["kill", &c.name]);
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "137");
+    docker_ok(&["start", &c.name]);
+    app.address = connect(&c).await.address;
+    let resumed = wait_for(Duration::from_secs(60), || async {
+        let restarts = app.restarts(&id).await;
+        restarts
+            .iter()
+            .any(|r| r["reason"] == "server_restart")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        resumed.is_some(),
+        "the job did not resume after docker start"
+    );
+    let before_stop = committed_checkpoints(&app, &id).await;
+    wait_checkpoints(&app, &id, before_stop + 1).await;
+
+    let started = std::time::Instant::now();
+    docker_ok(&["stop", "-t", "60", &c.name]);
+    let took = started.elapsed();
+    assert_eq!(
+        c.inspect("{{.State.ExitCode}}"),
+        "0",
+        "docker stop: the server exits by itself, not by SIGKILL:\n{}",
+        c.logs()
+    );
+    assert!(took < Duration::from_secs(60), "stopped at the timeout");
+    assert!(c.logs().contains("SIGTERM: shutting down"), "{}", c.logs());
+
+    docker_ok(&["start", &c.name]);
+    app.address = connect(&c).await.address;
+    let job = app.wait_finished(&id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let server_restarts = app
+        .restarts(&id)
+        .await
+        .iter()
+        .filter(|r| r["reason"] == "server_restart")
+        .count();
+    assert!(server_restarts >= 2, "resumed after each start");
+    assert_eq!(
+        model_sha(&app, &id).await,
+        reference,
+        "the run through docker kill and docker stop is not exact"
+    );
+}
+
+/// Ranks that leave orphans behind leave no zombie: tini, PID 1, reaps them (one orphan is
+/// killed with the rank's group when the rank exits, one left the group with setsid and
+/// exits later by itself). The same job with the server as PID 1 (no init) does leave
+/// zombies, which is why the image has tini.
+#[actix_web::test]
+async fn orphans_of_ranks_are_reaped_no_zombies() {
+    let orphans = json!({"world_size": 2,
+        "command": ["sh", "-c", "setsid sleep 1 & sleep 30 & echo spawned; sleep 0.5; exit 0"]});
+    for init in [true, false] {
+        let volume = Volume::create("tv-data");
+        let data = format!("{}:/data", volume.name);
+        let mut args = vec!["-v", data.as_str()];
+        if !init {
+            args.extend(["--entrypoint", "trainvisor"]);
+        }
+        let Served { container: c, app } = serve("tv-reap", &args).await;
+        for _ in 0..3 {
+            let id = app.create_job(orphans.clone()).await;
+            let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+            assert_eq!(job["state"], "succeeded", "{job}");
+        }
+        // The orphans: gone once reaped; left as zombies ("Z") when nothing reaps them.
+        let sleeps = || {
+            processes(&c)
+                .into_iter()
+                .filter(|p| p.2 == "sleep")
+                .collect::<Vec<_>>()
+        };
+        let settled = wait_for(Duration::from_secs(30), || async {
+            let s = sleeps();
+            let all_exited = s.iter().all(|p| p.1 == "Z");
+            (if init {
+                s.is_empty()
+            } else {
+                !s.is_empty() && all_exited
+            })
+            .then_some(s)
+        })
+        .await;
+        let pid1 = processes(&c)
+            .into_iter()
+            .find(|p| p.0 == "1")
+            .map(|p| p.2)
+            .unwrap_or_default();
+        if init {
+            assert_eq!(pid1, "tini", "tini is PID 1");
+            assert!(settled.is_some(), "orphans not reaped: {:?}", sleeps());
+            assert!(zombies(&c).is_empty(), "{:?}", zombies(&c));
+        } else {
+            assert_eq!(pid1, "trainvisor");
+            let zombies = settled.expect("without an init, the orphans stay zombies");
+            // Two orphans per rank (one killed with its group, one exited on its own), two
+            // ranks, three jobs.
+            assert_eq!(zombies.len(), 12, "{zombies:?}");
+        }
     }
 }

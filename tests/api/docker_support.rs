@@ -208,7 +208,6 @@ impl Container {
         container
     }
 
-    #[allow(dead_code)] // the docker run tests (next commit) use it
     /// The host address a published container port is reachable at (`-p 127.0.0.1::PORT`).
     pub fn host_port(&self, port: u16) -> String {
         let out = docker_ok(&["port", &self.name, &format!("{port}/tcp")]);
