@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::docker_support::{Container, Volume, base_image, docker, docker_ok, trainvisor_image};
+use crate::docker_support::{
+    ComposeProject, Container, Network, Volume, base_image, docker, docker_ok, repo_root,
+    s3s_image, trainvisor_image,
+};
 use crate::helpers::{SseReader, TestApp, test_client, wait_for};
 
 /// The images build from nothing but Debian's packages (debootstrap) and this repository, and
@@ -501,4 +504,201 @@ async fn orphans_of_ranks_are_reaped_no_zombies() {
             assert_eq!(zombies.len(), 12, "{zombies:?}");
         }
     }
+}
+
+/// `deploy/compose.yaml` as users run it, with the S3 server image built here from s3s-fs:
+/// the server creates the bucket at start; a trainer job reads its dataset from the bucket and
+/// writes its checkpoints there (nothing in the server's volume); the S3 container is killed
+/// while checkpoints are being written and started again; the job ends with the model of a
+/// failure-free run.
+#[actix_web::test]
+async fn compose_with_s3_keeps_data_and_checkpoints_in_the_bucket() {
+    let image = trainvisor_image();
+    let s3_image = s3s_image();
+    let key = format!("AK{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let bucket = "training-data";
+    let project = ComposeProject::new(
+        "tv-compose",
+        &repo_root().join("deploy/compose.yaml"),
+        &[
+            ("TRAINVISOR_IMAGE", &image),
+            ("S3_IMAGE", &s3_image),
+            ("TRAINVISOR_PUBLISH", "127.0.0.1:"),
+            ("S3_ACCESS_KEY", &key),
+            ("S3_SECRET_KEY", &secret),
+            ("S3_BUCKET", bucket),
+        ],
+    );
+    project.ok(&["up", "-d", "--no-build"]);
+    let tv = project.container("trainvisor");
+    let s3 = project.container("s3");
+    let mut app = connect(&tv).await;
+    let logs = tv.logs();
+    assert!(
+        s3.exec(&["test", "-d", &format!("/data/{bucket}")])
+            .is_empty(),
+        "the bucket is made at start"
+    );
+    assert!(logs.contains("S3 bucket ready"), "{logs}");
+
+    // The dataset goes into the bucket with the image's own binary and the service's S3_* env.
+    let dataset = format!("s3://{bucket}/datasets/small");
+    tv.exec(&[
+        "trainvisor",
+        "make-dataset",
+        "--out",
+        &dataset,
+        "--shards",
+        "4",
+        "--rows-per-shard",
+        "400",
+        "--features",
+        "8",
+        "--classes",
+        "3",
+        "--seed",
+        "7",
+        "--test-rows",
+        "100",
+    ]);
+    let reference = app.create_job(trainer_spec(&dataset)).await;
+    let job = app
+        .wait_finished(&reference, Duration::from_secs(300))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["spec"]["checkpoint_dir"],
+        format!("s3://{bucket}/checkpoints"),
+        "USE_S3 puts checkpoints in the bucket"
+    );
+    let reference = model_sha(&app, &reference).await;
+
+    let id = app.create_job(trainer_spec(&dataset)).await;
+    wait_checkpoints(&app, &id, 2).await;
+    docker_ok(&["kill", &s3.name]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s3.inspect("{{.State.Running}}"), "false", "S3 stays down");
+    let during = committed_checkpoints(&app, &id).await;
+    docker_ok(&["start", &s3.name]);
+    wait_checkpoints(&app, &id, during + 1).await;
+    let job = app.wait_finished(&id, Duration::from_secs(300)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        model_sha(&app, &id).await,
+        reference,
+        "the run through an S3 outage is not exact"
+    );
+
+    // Where things are: the checkpoints as objects in the S3 server's directory, none in the
+    // trainvisor volume.
+    let objects = s3.exec(&["ls", &format!("/data/{bucket}/checkpoints/{id}")]);
+    assert!(objects.lines().any(|l| l.starts_with("step-")), "{objects}");
+    assert!(objects.lines().any(|l| l == "LATEST"), "{objects}");
+    let local = docker(&["exec", &tv.name, "test", "-e", "/data/checkpoints"]);
+    assert!(
+        !local.status.success(),
+        "no checkpoint in the server's volume"
+    );
+    let shards = s3.exec(&["ls", &format!("/data/{bucket}/datasets/small")]);
+    assert!(shards.contains("shard-00000.jsonl"), "{shards}");
+
+    // The seed's commands work on the project.
+    app.address = connect(&tv).await.address;
+    let out = project.ok(&["logs", "--no-color", "trainvisor"]);
+    assert!(out.contains("trainvisor listening on"), "{out}");
+}
+
+/// Waits until a container has exited and returns its exit code.
+fn exit_code(c: &Container) -> i64 {
+    let exited = wait_until(Duration::from_secs(120), || {
+        c.inspect("{{.State.Status}}") == "exited"
+    });
+    assert!(exited, "{} is still running:\n{}", c.name, c.logs());
+    c.inspect("{{.State.ExitCode}}").parse().unwrap()
+}
+
+/// What a configuration error must look like in `docker logs`: one line from trainvisor that
+/// says what is wrong, no panic, no backtrace.
+fn assert_one_clear_line(logs: &str, says: &str) {
+    assert!(
+        !logs.contains("panicked") && !logs.contains("backtrace"),
+        "{logs}"
+    );
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.starts_with("trainvisor: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one line:\n{logs}");
+    assert!(errors[0].contains(says), "{logs}");
+}
+
+/// Bad input stops the container with one clear line in `docker logs` and a non-zero exit: a
+/// /data the image's user cannot write (a host directory owned by root), and an S3 key the S3
+/// server refuses (the secret is not echoed).
+#[test]
+fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
+    let image = trainvisor_image();
+    let host_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        host_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mount = format!("{}:/data", host_dir.path().display());
+    let c = Container::run("tv-rodata", &["-v", &mount, &image]);
+    assert_eq!(exit_code(&c), 1);
+    let logs = c.logs();
+    assert_one_clear_line(&logs, "data dir /data is not writable by uid 10001");
+    assert_eq!(logs.trim().lines().count(), 1, "{logs}");
+
+    let network = Network::create("tv-net");
+    let key = "AKTESTKEY";
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let _s3 = Container::run(
+        "tv-s3",
+        &[
+            "--network",
+            &network.name,
+            "--network-alias",
+            "s3",
+            "-e",
+            &format!("S3_ACCESS_KEY={key}"),
+            "-e",
+            &format!("S3_SECRET_KEY={secret}"),
+            &s3s_image(),
+        ],
+    );
+    let volume = Volume::create("tv-data");
+    let wrong = "not-the-secret-key";
+    let c = Container::run(
+        "tv-badkey",
+        &[
+            "--network",
+            &network.name,
+            "-v",
+            &format!("{}:/data", volume.name),
+            "-e",
+            "USE_S3=true",
+            "-e",
+            "S3_ENDPOINT=http://s3:9000",
+            "-e",
+            "S3_BUCKET=training-data",
+            "-e",
+            &format!("S3_ACCESS_KEY={key}"),
+            "-e",
+            &format!("S3_SECRET_KEY={wrong}"),
+            "-e",
+            "TRAINVISOR_API_TOKEN=a-given-token",
+            &image,
+        ],
+    );
+    assert_eq!(exit_code(&c), 1);
+    let logs = c.logs();
+    assert_one_clear_line(&logs, "refused the credentials for bucket training-data");
+    assert!(
+        logs.contains("check S3_ACCESS_KEY and S3_SECRET_KEY"),
+        "{logs}"
+    );
+    assert!(!logs.contains(wrong) && !logs.contains(&secret), "{logs}");
 }

@@ -135,7 +135,6 @@ pub fn trainvisor_image() -> String {
 /// An S3 server image built here: the s3s-fs binary (installed by tests/run) on the base
 /// image, serving the directory /data on port 9000. Its entrypoint takes the credentials from
 /// `S3_ACCESS_KEY` / `S3_SECRET_KEY`, as the compose file passes them.
-#[allow(dead_code)] // the Compose test (next commit) uses it
 pub fn s3s_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
@@ -273,12 +272,10 @@ impl Drop for Volume {
 }
 
 /// A bridge network this test created; removed on drop.
-#[allow(dead_code)] // the Compose test (next commit) uses it
 pub struct Network {
     pub name: String,
 }
 
-#[allow(dead_code)]
 impl Network {
     pub fn create(prefix: &str) -> Network {
         let name = unique_name(prefix);
@@ -296,5 +293,82 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         let _ = docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// A Compose project with a unique name (its containers, network and volumes carry it), run
+/// with `docker compose` or, where only v1 exists, `docker-compose`; `down -v` on drop.
+pub struct ComposeProject {
+    pub name: String,
+    file: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl ComposeProject {
+    pub fn new(prefix: &str, file: &Path, env: &[(&str, &str)]) -> ComposeProject {
+        ComposeProject {
+            name: unique_name(prefix),
+            file: file.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// `docker compose -p NAME -f FILE ARGS` with the project's variables.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let v2 = Command::new("docker")
+            .args(["compose", "version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let mut cmd = if v2 {
+            let mut c = Command::new("docker");
+            c.arg("compose");
+            c
+        } else {
+            Command::new("docker-compose")
+        };
+        cmd.args(["-p", &self.name, "-f"])
+            .arg(&self.file)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run docker compose / docker-compose: {e}"))
+    }
+
+    /// Like `run`, panicking with the output unless it succeeds; returns trimmed stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "compose {}: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The container of a service, as a handle that does not remove it on drop (the project
+    /// does).
+    pub fn container(&self, service: &str) -> std::mem::ManuallyDrop<Container> {
+        let id = self.ok(&["ps", "-q", service]);
+        let id = id
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("no container for service {service}"));
+        std::mem::ManuallyDrop::new(Container {
+            name: docker_ok(&["inspect", "-f", "{{.Name}}", id])
+                .trim_start_matches('/')
+                .to_string(),
+        })
+    }
+}
+
+impl Drop for ComposeProject {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
     }
 }
