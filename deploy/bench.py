@@ -175,6 +175,9 @@ def main():
             "start_to_healthy_max_ms": round(max(start_to_healthy) * 1000, 1),
             # Of which the engine: `docker start` returning (runc, network, storage driver).
             "docker_start_command_p50_ms": median_ms(start_cmd),
+            # The rest: the server's own start-up until /health answers.
+            "server_after_docker_start_p50_ms": median_ms(
+                [h - c for h, c in zip(start_to_healthy, start_cmd)]),
             "docker_stop_idle_p50_ms": median_ms(stop_graceful),
             "docker_kill_start_to_healthy_p50_ms": median_ms(kill_to_healthy),
             "docker_kill_start_to_training_p50_ms": median_ms(kill_to_training),
