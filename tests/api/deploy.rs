@@ -335,6 +335,25 @@ async fn docker_run_quick_start_with_a_generated_token() {
     assert_eq!(committed_checkpoints(&app, &id).await.min(1), 1);
     model_sha(&app, &id).await;
 
+    // A Python worker: the image's python3 runs it, its heartbeat reaches the server.
+    let script = "import json, os, urllib.request\n\
+        req = urllib.request.Request(os.environ['TRAINVISOR_HEARTBEAT_URL'], \
+        data=json.dumps({'step': 7}).encode(), method='POST', headers={'Authorization': \
+        'Bearer ' + os.environ['TRAINVISOR_TOKEN'], 'Content-Type': 'application/json'})\n\
+        urllib.request.urlopen(req).read()\n\
+        print('python rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n";
+    let id = app
+        .create_job(json!({"world_size": 2, "command": ["python3", "-c", script]}))
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let lines = app.log_lines(&id).await;
+    assert!(
+        lines.iter().any(|l| l["line"] == "python rank 1 of 2"),
+        "{lines:?}"
+    );
+    assert_eq!(app.summary(&id).await["step"], 7);
+
     // kill -9 of a rank inside the container: the rank comes back, the job ends well.
     let dataset = small_dataset_in(&c);
     let id = app.create_job(trainer_spec(dataset)).await;
