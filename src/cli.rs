@@ -121,6 +121,20 @@ enum Command {
         server: ServerArgs,
         job: String,
     },
+    /// Exit 0 if the server answers GET /health, 1 if not (the container's HEALTHCHECK: no
+    /// curl needed).
+    Health {
+        /// The server's base URL.
+        #[arg(
+            long,
+            env = "TRAINVISOR_SERVER",
+            default_value = "http://127.0.0.1:8000"
+        )]
+        server: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+    },
     /// Measure recovery, hang detection, start-up and memory against a fresh server.
     Bench {
         /// Fewer repetitions (for CI and a first look).
@@ -186,6 +200,11 @@ pub struct ServeArgs {
     /// Token the admin API requires (required when binding a non-loopback address).
     #[arg(long, env = "TRAINVISOR_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// File with the API token: read if it exists, else a token is generated, written there
+    /// (mode 0600) and shown once in the log. --api-token wins. The container image sets
+    /// /data/api-token.
+    #[arg(long, env = "TRAINVISOR_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Live jobs at once.
     #[arg(long, env = "TRAINVISOR_MAX_JOBS", default_value_t = 256)]
     max_jobs: usize,
@@ -342,6 +361,15 @@ pub fn main() -> ExitCode {
         Some(Command::Wait { server, job }) => {
             with_client(&server, |c| async move { client::wait(&c, &job).await })
         }
+        Some(Command::Health { server, timeout }) => {
+            let c = client::Client::new(&server, None, false);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(client::health(&c, Duration::from_secs_f64(timeout))))
+                .map(|version| println!("healthy: trainvisor {version} at {server}"))
+        }
         Some(Command::Bench {
             quick,
             out,
@@ -363,7 +391,12 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("trainvisor: {e:#}");
+            // One line, so `docker logs` of a container that cannot start says why at a glance.
+            let message = format!("{e:#}");
+            eprintln!(
+                "trainvisor: {}",
+                message.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
             ExitCode::FAILURE
         }
     }
@@ -388,13 +421,44 @@ where
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::telemetry::init();
-    let settings = args.settings()?;
+    let token_file = args
+        .api_token_file
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty());
+    let mut settings = args.settings()?;
+    crate::startup::prepare_data_dir(&settings.data_dir)?;
+    if let (None, Some(path)) = (&settings.api_token, token_file) {
+        let (token, source) = crate::api_token::load_or_create(&path)?;
+        eprintln!("{}", crate::api_token::announce(&path, &token, &source));
+        settings.api_token = Some(token);
+    }
     actix_web::rt::System::new().block_on(async move {
+        prepare_buckets(&settings).await?;
         let app = Application::build(settings).await?;
         // One machine-readable line on stdout, for scripts that bind port 0.
         println!("trainvisor listening on http://{}", app.local_addr());
         app.run_until_signal().await
     })
+}
+
+/// The server's default `s3://` locations (`USE_S3`, `DATASET_DIR`, `CHECKPOINT_DIR`) are
+/// checked before it serves: reachable with its credentials, the bucket created if missing.
+async fn prepare_buckets(settings: &Settings) -> anyhow::Result<()> {
+    let defaults = &settings.job_defaults;
+    let mut seen = Vec::new();
+    for location in [&defaults.dataset, &defaults.checkpoint_dir] {
+        let location = location.to_string_lossy().into_owned();
+        let Ok(url) = crate::storage::S3Url::parse(&location) else {
+            continue;
+        };
+        if seen.contains(&url.bucket) {
+            continue;
+        }
+        let prepared = crate::storage::bucket::prepare(&location, &settings.s3).await?;
+        tracing::info!(bucket = %url.bucket, ?prepared, "S3 bucket ready");
+        seen.push(url.bucket);
+    }
+    Ok(())
 }
 
 /// `make-dataset --out s3://...`: made in a temp dir, then uploaded.

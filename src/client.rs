@@ -68,6 +68,15 @@ impl Client {
     }
 }
 
+/// `trainvisor health`: the server's version if `GET /health` answers ok within `timeout`.
+pub async fn health(c: &Client, timeout: Duration) -> anyhow::Result<String> {
+    let body = tokio::time::timeout(timeout, c.get("/health"))
+        .await
+        .map_err(|_| anyhow::anyhow!("{} did not answer /health within {timeout:?}", c.base))??;
+    anyhow::ensure!(body["status"] == "ok", "{}/health answered {body}", c.base);
+    Ok(body["version"].as_str().unwrap_or("?").to_string())
+}
+
 /// What `submit` sends.
 pub struct Submit {
     pub world_size: Option<u32>,

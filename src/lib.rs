@@ -1,5 +1,6 @@
 pub mod actors;
 pub mod api;
+pub mod api_token;
 pub mod bench;
 pub mod bus;
 pub mod checkpoint;

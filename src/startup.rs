@@ -31,8 +31,7 @@ impl Application {
     /// Must be called inside an actix System (`#[actix_web::main]`, `#[actix_web::test]`).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let data_dir = settings.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        prepare_data_dir(&data_dir)?;
         let lock = lock_data_dir(&data_dir)?;
         let instance = instance_id(&data_dir)?;
         let swept = crate::launcher::sweep(&instance).await;
@@ -160,6 +159,27 @@ impl Application {
         server.await?;
         Ok(())
     }
+}
+
+/// Creates the data dir and proves this process can write in it, or fails with one line that
+/// says who cannot write where (in a container, the usual cause is a host directory mounted
+/// on /data that the image's non-root user does not own).
+pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    let result = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::File::create(&probe)?;
+        std::fs::remove_file(&probe)
+    });
+    result.map_err(|e| {
+        // SAFETY: getuid and getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        anyhow::anyhow!(
+            "data dir {} is not writable by uid {uid} gid {gid} ({e}): give that user a \
+             directory it can write (in a container: a named volume, e.g. -v tv-data:/data, or \
+             a host directory it owns), or choose another with --data-dir",
+            dir.display()
+        )
+    })
 }
 
 /// One server per data dir: a second one would fight over the database and the workers.

@@ -3,6 +3,7 @@
 //! file, fsync, rename, directory fsync), or an S3-compatible object store (`s3://bucket/prefix`:
 //! AWS S3, MinIO, Garage, ...) through `object_store`.
 
+pub mod bucket;
 pub mod local;
 pub mod s3;
 

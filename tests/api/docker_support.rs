@@ -72,7 +72,8 @@ pub fn base_image() -> String {
 }
 
 /// Builds `deploy/Dockerfile`'s `prebuilt` target around `binary` (stripped) on the base
-/// image; the tag names a digest of the binary, so test runs of other builds never clash.
+/// image; the tag names a digest of the binary, the Dockerfile and the base, so test runs of
+/// other builds never clash and a changed Dockerfile is never served from a stale image.
 fn image_around(binary: &Path, repo: &str) -> String {
     let base = base_image();
     let ctx = tempfile::tempdir().expect("a temp build context");
@@ -83,13 +84,12 @@ fn image_around(binary: &Path, repo: &str) -> String {
         .status()
         .expect("strip runs (binutils)");
     assert!(status.success(), "strip {}", copy.display());
-    let digest = Command::new("sha256sum").arg(&copy).output().unwrap();
-    let digest = String::from_utf8_lossy(&digest.stdout)[..16].to_string();
-    let tag = format!("{repo}:{digest}");
+    let dockerfile = repo_root().join("deploy/Dockerfile");
+    let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &base]);
+    let tag = format!("{repo}:{}", digest(&[&copy, &dockerfile], &base_id));
     if docker(&["image", "inspect", &tag]).status.success() {
         return tag;
     }
-    let dockerfile = repo_root().join("deploy/Dockerfile");
     docker_ok(&[
         "build",
         "-q",
@@ -119,6 +119,28 @@ fn image_around(binary: &Path, repo: &str) -> String {
     tag
 }
 
+/// A short digest of files and a salt (the base image's id): image tags that change whenever
+/// what goes into the image does.
+fn digest(files: &[&Path], salt: &str) -> String {
+    use std::io::Write;
+    let mut sum = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum runs");
+    {
+        let mut stdin = sum.stdin.take().unwrap();
+        for file in files {
+            stdin
+                .write_all(&std::fs::read(file).expect("read a file to digest"))
+                .unwrap();
+        }
+        stdin.write_all(salt.as_bytes()).unwrap();
+    }
+    let out = sum.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..16].to_string()
+}
+
 /// The trainvisor image around this test build's binary (`CARGO_BIN_EXE_trainvisor`).
 pub fn trainvisor_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
@@ -133,9 +155,11 @@ pub fn trainvisor_image() -> String {
 }
 
 /// An S3 server image built here: the s3s-fs binary (installed by tests/run) on the base
-/// image, serving the directory /data on port 9000. Its entrypoint takes the credentials from
-/// `S3_ACCESS_KEY` / `S3_SECRET_KEY`, as the compose file passes them.
-#[allow(dead_code)] // the Compose test (next commit) uses it
+/// image, serving the directory /data on port 9000 (a bucket is a directory). Its entrypoint
+/// takes the credentials from `S3_ACCESS_KEY` / `S3_SECRET_KEY`, or MinIO's
+/// `MINIO_ROOT_USER` / `MINIO_ROOT_PASSWORD`, and ignores its arguments, so it stands in for
+/// MinIO in the compose file and the manifests unchanged. /data is writable by any user, as
+/// a volume is for a pod's `fsGroup` (the StatefulSet runs it as a non-root user).
 pub fn s3s_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
@@ -144,19 +168,13 @@ pub fn s3s_image() -> String {
             let binary = crate::s3::binary("s3s-fs");
             let ctx = tempfile::tempdir().unwrap();
             std::fs::copy(&binary, ctx.path().join("s3s-fs")).unwrap();
-            let digest = Command::new("sha256sum")
-                .arg(ctx.path().join("s3s-fs"))
-                .output()
-                .unwrap();
-            let digest = String::from_utf8_lossy(&digest.stdout)[..16].to_string();
-            let tag = format!("trainvisor-test-s3s:{digest}");
-            if docker(&["image", "inspect", &tag]).status.success() {
-                return tag;
-            }
             std::fs::write(
                 ctx.path().join("entrypoint.sh"),
-                "#!/bin/sh\nexec s3s-fs --host 0.0.0.0 --port 9000 \\\n  \
-                 --access-key \"$S3_ACCESS_KEY\" --secret-key \"$S3_SECRET_KEY\" /data\n",
+                "#!/bin/sh\n\
+                 # Arguments (MinIO's, from compose.yaml or a manifest) are ignored.\n\
+                 exec s3s-fs --host 0.0.0.0 --port 9000 \\\n  \
+                 --access-key \"${S3_ACCESS_KEY:-$MINIO_ROOT_USER}\" \\\n  \
+                 --secret-key \"${S3_SECRET_KEY:-$MINIO_ROOT_PASSWORD}\" /data\n",
             )
             .unwrap();
             std::fs::write(
@@ -164,13 +182,22 @@ pub fn s3s_image() -> String {
                 format!(
                     "FROM {base}\n\
                      COPY s3s-fs entrypoint.sh /usr/local/bin/\n\
-                     RUN chmod 0755 /usr/local/bin/entrypoint.sh && mkdir -p /data\n\
+                     RUN chmod 0755 /usr/local/bin/entrypoint.sh && mkdir -m 0777 /data\n\
                      VOLUME /data\n\
                      EXPOSE 9000\n\
                      ENTRYPOINT [\"/usr/bin/tini\", \"--\", \"/usr/local/bin/entrypoint.sh\"]\n"
                 ),
             )
             .unwrap();
+            let files = ["s3s-fs", "entrypoint.sh", "Dockerfile"].map(|f| ctx.path().join(f));
+            let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &base]);
+            let tag = format!(
+                "trainvisor-test-s3s:{}",
+                digest(&files.each_ref().map(|p| p.as_path()), &base_id)
+            );
+            if docker(&["image", "inspect", &tag]).status.success() {
+                return tag;
+            }
             docker_ok(&[
                 "build",
                 "-q",
@@ -208,7 +235,6 @@ impl Container {
         container
     }
 
-    #[allow(dead_code)] // the docker run tests (next commit) use it
     /// The host address a published container port is reachable at (`-p 127.0.0.1::PORT`).
     pub fn host_port(&self, port: u16) -> String {
         let out = docker_ok(&["port", &self.name, &format!("{port}/tcp")]);
@@ -274,12 +300,10 @@ impl Drop for Volume {
 }
 
 /// A bridge network this test created; removed on drop.
-#[allow(dead_code)] // the Compose test (next commit) uses it
 pub struct Network {
     pub name: String,
 }
 
-#[allow(dead_code)]
 impl Network {
     pub fn create(prefix: &str) -> Network {
         let name = unique_name(prefix);
@@ -297,5 +321,82 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         let _ = docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// A Compose project with a unique name (its containers, network and volumes carry it), run
+/// with `docker compose` or, where only v1 exists, `docker-compose`; `down -v` on drop.
+pub struct ComposeProject {
+    pub name: String,
+    file: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl ComposeProject {
+    pub fn new(prefix: &str, file: &Path, env: &[(&str, &str)]) -> ComposeProject {
+        ComposeProject {
+            name: unique_name(prefix),
+            file: file.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// `docker compose -p NAME -f FILE ARGS` with the project's variables.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let v2 = Command::new("docker")
+            .args(["compose", "version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let mut cmd = if v2 {
+            let mut c = Command::new("docker");
+            c.arg("compose");
+            c
+        } else {
+            Command::new("docker-compose")
+        };
+        cmd.args(["-p", &self.name, "-f"])
+            .arg(&self.file)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run docker compose / docker-compose: {e}"))
+    }
+
+    /// Like `run`, panicking with the output unless it succeeds; returns trimmed stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "compose {}: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The container of a service, as a handle that does not remove it on drop (the project
+    /// does).
+    pub fn container(&self, service: &str) -> std::mem::ManuallyDrop<Container> {
+        let id = self.ok(&["ps", "-q", service]);
+        let id = id
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("no container for service {service}"));
+        std::mem::ManuallyDrop::new(Container {
+            name: docker_ok(&["inspect", "-f", "{{.Name}}", id])
+                .trim_start_matches('/')
+                .to_string(),
+        })
+    }
+}
+
+impl Drop for ComposeProject {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
     }
 }
