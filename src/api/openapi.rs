@@ -15,7 +15,6 @@ use utoipa::{Modify, OpenApi};
 use super::error::{Code, ErrorBody};
 use super::{AppState, auth, events, health, jobs, logs, metrics, page, workers};
 use crate::config::JobDefaults;
-use crate::spec::RESERVED_ENV;
 
 /// This document. Open like `/health`.
 #[utoipa::path(
@@ -134,7 +133,7 @@ pub fn document(defaults: &JobDefaults) -> Value {
             "propertyNames": {
                 "type": "string",
                 "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
-                "not": {"enum": RESERVED_ENV},
+                "not": {"enum": crate::domain::worker_env::reserved_names()},
             },
             "additionalProperties": {"type": "string", "pattern": no_nul},
             "description": "Extra environment of every rank; the names trainvisor sets are reserved",

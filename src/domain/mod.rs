@@ -5,6 +5,7 @@ pub mod progress;
 pub mod rank;
 pub mod restart;
 pub mod state;
+pub mod worker_env;
 
 pub use rank::RankSlot;
 pub use restart::{Decision, RestartCounts, RestartPolicy, RestartScope};

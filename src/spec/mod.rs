@@ -112,33 +112,6 @@ pub struct JobSpec {
     pub docker: Option<DockerSpec>,
 }
 
-/// Names the runtime sets for every rank; a job's `env` may not override them.
-pub const RESERVED_ENV: &[&str] = &[
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "JOB_ID",
-    "RESTART_COUNT",
-    "TORCHELASTIC_RESTART_COUNT",
-    "CHECKPOINT_DIR",
-    "DATASET_DIR",
-    "TRAINVISOR_HEARTBEAT_URL",
-    "TRAINVISOR_TOKEN",
-    "TRAINVISOR_INSTANCE",
-    // S3 settings and credentials come from the server's environment, never from a spec
-    // (which the API echoes).
-    "S3_ENDPOINT",
-    "S3_REGION",
-    "S3_ACCESS_KEY",
-    "S3_SECRET_KEY",
-    "S3_MAX_RETRIES",
-    "S3_RETRY_TIMEOUT_S",
-    "TRAINVISOR_CACHE_DIR",
-];
-
 /// Kubernetes resets a crash-looping container's backoff after it ran 10 minutes.
 pub const DEFAULT_BACKOFF_RESET_S: f64 = 600.0;
 
@@ -208,7 +181,7 @@ impl JobRequest {
                     "env name {key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
                 )));
             }
-            if RESERVED_ENV.contains(&key.as_str()) {
+            if crate::domain::worker_env::is_reserved(key) {
                 return Err(invalid(format!(
                     "env name {key} is set by trainvisor for every rank and cannot be overridden"
                 )));
@@ -565,9 +538,9 @@ mod properties {
                             .is_none_or(|c| !c.is_empty() && !c[0].is_empty())
                     );
                     assert!(
-                        spec.env
-                            .keys()
-                            .all(|k| valid_env_name(k) && !RESERVED_ENV.contains(&k.as_str()))
+                        spec.env.keys().all(
+                            |k| valid_env_name(k) && !crate::domain::worker_env::is_reserved(k)
+                        )
                     );
                     // What is stored reads back as the same spec.
                     let stored = serde_json::to_string(&spec).unwrap();

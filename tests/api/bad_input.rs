@@ -69,6 +69,13 @@ async fn bad_job_specs_are_refused_and_create_nothing() {
             422,
         ),
         (
+            // Set for every rank, but missing from the hand-kept reserved list before the
+            // worker environment became one table.
+            "reserved env name the old list missed",
+            json!({"world_size": 1, "env": {"TRAINVISOR_SERVER_URL": "http://x"}}).to_string(),
+            422,
+        ),
+        (
             "bad restart scope",
             json!({"world_size": 1, "restart_scope": "node"}).to_string(),
             400,

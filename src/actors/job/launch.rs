@@ -7,6 +7,7 @@ use rand::Rng;
 use super::{Job, Phase, RankState};
 use crate::actors::hash_token;
 use crate::actors::messages::LaunchRank;
+use crate::domain::worker_env::RankEnv;
 use crate::domain::{Outcome, RestartScope};
 use crate::launcher::{Launch, Place, Prepared};
 use crate::store::history::HistoryOp;
@@ -150,7 +151,8 @@ impl Job {
         }
     }
 
-    /// The worker contract of DESIGN.md: torchrun's names plus trainvisor's own.
+    /// The worker contract of DESIGN.md (`domain::worker_env`): torchrun's names plus
+    /// trainvisor's own.
     fn env(
         &self,
         rank: u32,
@@ -159,67 +161,21 @@ impl Job {
         master_addr: &str,
         server_url: &str,
     ) -> Vec<(String, String)> {
-        let spec = &self.spec;
-        let mut env: Vec<(String, String)> = spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        // On Slurm, ranks r / ntasks_per_node share a node as torchrun's nodes would.
-        let (local_rank, local_world) = match &spec.slurm {
-            Some(s) => (
-                rank % s.ntasks_per_node,
-                s.ntasks_per_node.min(spec.world_size),
-            ),
-            None => (rank, spec.world_size),
-        };
-        let pairs = [
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", spec.world_size.to_string()),
-            ("LOCAL_RANK", local_rank.to_string()),
-            ("LOCAL_WORLD_SIZE", local_world.to_string()),
-            ("MASTER_ADDR", master_addr.to_string()),
-            ("MASTER_PORT", self.master_port.to_string()),
-            ("JOB_ID", self.id.to_string()),
-            ("RESTART_COUNT", attempt.to_string()),
-            ("TORCHELASTIC_RESTART_COUNT", attempt.to_string()),
-            ("CHECKPOINT_DIR", spec.job_checkpoint_dir(&self.id)),
-            ("DATASET_DIR", spec.dataset.clone()),
-            ("CHECKPOINT_EVERY", spec.checkpoint_every.to_string()),
-            ("SLEEP_SEC", spec.sleep_sec.to_string()),
-            ("HEARTBEAT_TIMEOUT", spec.heartbeat_timeout_s.to_string()),
-            (
-                "TRAINVISOR_HEARTBEAT_URL",
-                format!("{server_url}/jobs/{}/workers/{rank}/heartbeat", self.id),
-            ),
-            ("TRAINVISOR_SERVER_URL", server_url.to_string()),
-            ("TRAINVISOR_TOKEN", token.to_string()),
-            ("TRAINVISOR_INSTANCE", self.rt.instance.clone()),
-            (
-                "TRAINVISOR_SPEC",
-                serde_json::to_string(&**spec).unwrap_or_default(),
-            ),
-        ];
-        env.extend(pairs.into_iter().map(|(k, v)| (k.to_string(), v)));
-        // Object storage: the server's S3 settings and credentials, through the environment
-        // only (never argv, never the spec), and only to jobs that use a bucket.
-        if [&spec.dataset, &spec.checkpoint_dir]
-            .iter()
-            .any(|l| crate::storage::S3Url::is_s3(l))
-        {
-            env.extend(self.rt.settings.s3.worker_env());
+        let cache_dir = self.rt.settings.data_dir.join("cache");
+        RankEnv {
+            job_id: self.id,
+            spec: &self.spec,
+            rank,
+            attempt,
+            token,
+            master_addr,
+            master_port: self.master_port,
+            server_url,
+            instance: &self.rt.instance,
+            cache_dir: &cache_dir.to_string_lossy(),
+            s3: &self.rt.settings.s3.worker_env(),
         }
-        // Where datasets fetched from object storage are cached, shared by every job.
-        env.push((
-            "TRAINVISOR_CACHE_DIR".to_string(),
-            self.rt
-                .settings
-                .data_dir
-                .join("cache")
-                .to_string_lossy()
-                .into_owned(),
-        ));
-        env
+        .build()
     }
 }
 

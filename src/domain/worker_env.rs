@@ -1,0 +1,246 @@
+//! The worker environment, written once: every variable trainvisor sets for a rank and what
+//! it means. The environment of each incarnation is built from this table, the names a job's
+//! `env` may not set are this table's names, and the README's contract table is checked
+//! against it.
+
+use uuid::Uuid;
+
+use crate::spec::JobSpec;
+
+/// One variable of the worker contract.
+pub struct EnvVar {
+    pub name: &'static str,
+    /// Set only for jobs whose `dataset` or `checkpoint_dir` is in object storage.
+    pub s3_only: bool,
+}
+
+const fn var(name: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        s3_only: false,
+    }
+}
+
+const fn s3(name: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        s3_only: true,
+    }
+}
+
+/// Every variable trainvisor sets for a rank, in the order it sets them.
+pub const WORKER_ENV: &[EnvVar] = &[
+    var("RANK"),
+    var("WORLD_SIZE"),
+    var("LOCAL_RANK"),
+    var("LOCAL_WORLD_SIZE"),
+    var("MASTER_ADDR"),
+    var("MASTER_PORT"),
+    var("JOB_ID"),
+    var("RESTART_COUNT"),
+    var("TORCHELASTIC_RESTART_COUNT"),
+    var("CHECKPOINT_DIR"),
+    var("DATASET_DIR"),
+    var("CHECKPOINT_EVERY"),
+    var("SLEEP_SEC"),
+    var("HEARTBEAT_TIMEOUT"),
+    var("TRAINVISOR_HEARTBEAT_URL"),
+    var("TRAINVISOR_SERVER_URL"),
+    var("TRAINVISOR_TOKEN"),
+    var("TRAINVISOR_INSTANCE"),
+    var("TRAINVISOR_SPEC"),
+    // S3 settings and credentials come from the server's environment, never from a spec
+    // (which the API echoes).
+    s3("S3_REGION"),
+    s3("S3_MAX_RETRIES"),
+    s3("S3_RETRY_TIMEOUT_S"),
+    s3("S3_ENDPOINT"),
+    s3("S3_ACCESS_KEY"),
+    s3("S3_SECRET_KEY"),
+    var("TRAINVISOR_CACHE_DIR"),
+];
+
+/// The names a job's `env` may not set: every name of the contract.
+pub fn reserved_names() -> Vec<&'static str> {
+    WORKER_ENV.iter().map(|v| v.name).collect()
+}
+
+pub fn is_reserved(name: &str) -> bool {
+    WORKER_ENV.iter().any(|v| v.name == name)
+}
+
+/// What one incarnation's environment is made of.
+pub struct RankEnv<'a> {
+    pub job_id: Uuid,
+    pub spec: &'a JobSpec,
+    pub rank: u32,
+    pub attempt: u32,
+    pub token: &'a str,
+    pub master_addr: &'a str,
+    pub master_port: u16,
+    /// The server as the rank reaches it.
+    pub server_url: &'a str,
+    pub instance: &'a str,
+    pub cache_dir: &'a str,
+    /// The server's object-storage settings, by name (`S3_*`).
+    pub s3: &'a [(String, String)],
+}
+
+impl RankEnv<'_> {
+    /// The job's own `env`, then every variable of the table that has a value for this rank.
+    pub fn build(&self) -> Vec<(String, String)> {
+        let spec = self.spec;
+        let uses_s3 = [&spec.dataset, &spec.checkpoint_dir]
+            .iter()
+            .any(|l| crate::storage::S3Url::is_s3(l));
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for var in WORKER_ENV {
+            if var.s3_only && !uses_s3 {
+                continue;
+            }
+            if let Some(value) = self.value(var.name) {
+                env.push((var.name.to_string(), value));
+            }
+        }
+        env
+    }
+
+    fn value(&self, name: &str) -> Option<String> {
+        let spec = self.spec;
+        // On Slurm, ranks r / ntasks_per_node share a node as torchrun's nodes would.
+        let (local_rank, local_world) = match &spec.slurm {
+            Some(s) => (
+                self.rank % s.ntasks_per_node,
+                s.ntasks_per_node.min(spec.world_size),
+            ),
+            None => (self.rank, spec.world_size),
+        };
+        Some(match name {
+            "RANK" => self.rank.to_string(),
+            "WORLD_SIZE" => spec.world_size.to_string(),
+            "LOCAL_RANK" => local_rank.to_string(),
+            "LOCAL_WORLD_SIZE" => local_world.to_string(),
+            "MASTER_ADDR" => self.master_addr.to_string(),
+            "MASTER_PORT" => self.master_port.to_string(),
+            "JOB_ID" => self.job_id.to_string(),
+            "RESTART_COUNT" | "TORCHELASTIC_RESTART_COUNT" => self.attempt.to_string(),
+            "CHECKPOINT_DIR" => spec.job_checkpoint_dir(&self.job_id),
+            "DATASET_DIR" => spec.dataset.clone(),
+            "CHECKPOINT_EVERY" => spec.checkpoint_every.to_string(),
+            "SLEEP_SEC" => spec.sleep_sec.to_string(),
+            "HEARTBEAT_TIMEOUT" => spec.heartbeat_timeout_s.to_string(),
+            "TRAINVISOR_HEARTBEAT_URL" => format!(
+                "{}/jobs/{}/workers/{}/heartbeat",
+                self.server_url, self.job_id, self.rank
+            ),
+            "TRAINVISOR_SERVER_URL" => self.server_url.to_string(),
+            "TRAINVISOR_TOKEN" => self.token.to_string(),
+            "TRAINVISOR_INSTANCE" => self.instance.to_string(),
+            "TRAINVISOR_SPEC" => serde_json::to_string(spec).unwrap_or_default(),
+            "TRAINVISOR_CACHE_DIR" => self.cache_dir.to_string(),
+            s3_name => {
+                return self
+                    .s3
+                    .iter()
+                    .find(|(k, _)| k == s3_name)
+                    .map(|(_, v)| v.clone());
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::JobDefaults;
+    use crate::spec::JobRequest;
+
+    fn spec(dataset: &str) -> JobSpec {
+        JobRequest {
+            world_size: Some(2),
+            dataset: Some(dataset.into()),
+            ..Default::default()
+        }
+        .resolve(&JobDefaults::for_data_dir(std::path::Path::new("/d")))
+        .unwrap()
+    }
+
+    fn env_of(spec: &JobSpec, s3: &[(String, String)]) -> Vec<(String, String)> {
+        RankEnv {
+            job_id: Uuid::nil(),
+            spec,
+            rank: 1,
+            attempt: 3,
+            token: "t",
+            master_addr: "127.0.0.1",
+            master_port: 29500,
+            server_url: "http://s",
+            instance: "i",
+            cache_dir: "/c",
+            s3,
+        }
+        .build()
+    }
+
+    #[test]
+    fn every_name_of_the_table_gets_a_value() {
+        let s3: Vec<(String, String)> = WORKER_ENV
+            .iter()
+            .filter(|v| v.s3_only)
+            .map(|v| (v.name.to_string(), "x".to_string()))
+            .collect();
+        let env = env_of(&spec("s3://bucket/data"), &s3);
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            reserved_names(),
+            "the environment is the table, in order"
+        );
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(get("RESTART_COUNT"), "3");
+        assert_eq!(
+            get("TRAINVISOR_HEARTBEAT_URL"),
+            format!("http://s/jobs/{}/workers/1/heartbeat", Uuid::nil())
+        );
+        // Without a bucket, no S3 variable reaches the rank.
+        let local = env_of(&spec("/data"), &s3);
+        assert!(!local.iter().any(|(k, _)| k.starts_with("S3_")));
+    }
+
+    #[test]
+    fn the_readme_contract_table_names_every_variable_and_no_other() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("## What a rank's process gets")
+            .expect("the README's worker-contract section");
+        let section = &readme[start..];
+        let table: Vec<&str> = section
+            .lines()
+            .skip_while(|l| !l.starts_with("| variable"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        let mut documented: Vec<String> = table
+            .iter()
+            .filter_map(|row| row.split('|').nth(1))
+            .flat_map(|cell| {
+                cell.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        documented.sort();
+        let mut names: Vec<String> = reserved_names().iter().map(|s| s.to_string()).collect();
+        names.sort();
+        assert_eq!(
+            documented, names,
+            "README worker-contract table vs WORKER_ENV"
+        );
+    }
+}
