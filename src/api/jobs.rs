@@ -11,7 +11,7 @@ use crate::actors::messages::DeleteReport;
 use crate::actors::messages::{CreateJob, Delete, GetSummary, Stop};
 use crate::checkpoint::{FINAL_MODEL, sha256_hex};
 use crate::domain::JobState;
-use crate::domain::progress::Summary;
+use crate::domain::progress::{Progress, Summary, SummaryInput};
 use crate::spec::{JobRequest, JobSpec};
 use crate::storage::BlobStore;
 use crate::store;
@@ -132,30 +132,20 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
     }
     let spec: JobSpec = serde_json::from_value(job.spec.clone())
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored spec unreadable: {e}")))?;
-    Ok(Summary {
-        job_id: id,
-        name: job.name.clone(),
+    Ok(Summary::build(SummaryInput {
+        id,
+        spec: &spec,
         state: JobState::parse(&job.state).unwrap_or(JobState::Pending),
         reason: job.reason.clone(),
-        world_size: spec.world_size,
-        restart_scope: spec.restart_scope.as_str().to_string(),
-        created_at: job.created_at.clone(),
+        created_at: &job.created_at,
         started_at: job.started_at.clone(),
-        step: None,
-        total_steps: spec.total_steps,
-        progress: None,
-        steps_per_s: None,
-        eta_s: None,
-        loss: None,
+        ranks: &[],
         restarts: job.restarts as u32,
-        last_checkpoint_step: None,
-        last_checkpoint_at: None,
-        last_checkpoint_age_s: None,
-        launcher: spec.launcher.as_str().to_string(),
+        progress: &Progress::default(),
+        last_checkpoint: None,
         slurm_job_id: None,
         excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
-        workers: Vec::new(),
-    })
+    }))
 }
 
 /// State, progress, throughput, ETA, loss, last checkpoint and a per-rank table.
