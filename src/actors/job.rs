@@ -435,6 +435,16 @@ impl Actor for Job {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.publish_job();
+        if !self.spec.env.contains_key("OMP_NUM_THREADS") {
+            // torchrun warns about it too: one thread per rank unless the job says otherwise.
+            self.note(
+                None,
+                None,
+                "OMP_NUM_THREADS=1 is set for every rank, as torchrun does; set it in the job's \
+                 env to change it"
+                    .to_string(),
+            );
+        }
         let ranks = self.ranks_to_launch();
         if ranks.is_empty() {
             // Resumed after every rank had succeeded but before the job's end was recorded.

@@ -12,12 +12,15 @@ pub struct EnvVar {
     pub name: &'static str,
     /// Set only for jobs whose `dataset` or `checkpoint_dir` is in object storage.
     pub s3_only: bool,
+    /// A default, as torchrun's: a job's `env` may set it, and then wins.
+    pub default_only: bool,
 }
 
 const fn var(name: &'static str) -> EnvVar {
     EnvVar {
         name,
         s3_only: false,
+        default_only: false,
     }
 }
 
@@ -25,8 +28,20 @@ const fn s3(name: &'static str) -> EnvVar {
     EnvVar {
         name,
         s3_only: true,
+        default_only: false,
     }
 }
+
+const fn default(name: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        s3_only: false,
+        default_only: true,
+    }
+}
+
+/// The signals torchrun's agent forwards to its workers (`--signals-to-handle`).
+pub const SIGNALS_TO_HANDLE: &str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT";
 
 /// Every variable trainvisor sets for a rank, in the order it sets them.
 pub const WORKER_ENV: &[EnvVar] = &[
@@ -39,6 +54,18 @@ pub const WORKER_ENV: &[EnvVar] = &[
     var("JOB_ID"),
     var("RESTART_COUNT"),
     var("TORCHELASTIC_RESTART_COUNT"),
+    // The rest of torchrun's contract, with the values torchrun would set.
+    var("GROUP_RANK"),
+    var("GROUP_WORLD_SIZE"),
+    var("ROLE_NAME"),
+    var("ROLE_RANK"),
+    var("ROLE_WORLD_SIZE"),
+    var("TORCHELASTIC_RUN_ID"),
+    var("TORCHELASTIC_MAX_RESTARTS"),
+    var("TORCHELASTIC_ERROR_FILE"),
+    var("TORCHELASTIC_SIGNALS_TO_HANDLE"),
+    default("TORCH_NCCL_ASYNC_ERROR_HANDLING"),
+    default("OMP_NUM_THREADS"),
     var("CHECKPOINT_DIR"),
     var("DATASET_DIR"),
     var("CHECKPOINT_EVERY"),
@@ -60,13 +87,22 @@ pub const WORKER_ENV: &[EnvVar] = &[
     var("TRAINVISOR_CACHE_DIR"),
 ];
 
-/// The names a job's `env` may not set: every name of the contract.
+/// The names a job's `env` may not set: every name of the contract but torchrun's defaults.
 pub fn reserved_names() -> Vec<&'static str> {
-    WORKER_ENV.iter().map(|v| v.name).collect()
+    WORKER_ENV
+        .iter()
+        .filter(|v| !v.default_only)
+        .map(|v| v.name)
+        .collect()
 }
 
 pub fn is_reserved(name: &str) -> bool {
-    WORKER_ENV.iter().any(|v| v.name == name)
+    WORKER_ENV.iter().any(|v| v.name == name && !v.default_only)
+}
+
+/// Every name of the contract, defaults included.
+pub fn all_names() -> Vec<&'static str> {
+    WORKER_ENV.iter().map(|v| v.name).collect()
 }
 
 /// What one incarnation's environment is made of.
@@ -82,6 +118,8 @@ pub struct RankEnv<'a> {
     pub server_url: &'a str,
     pub instance: &'a str,
     pub cache_dir: &'a str,
+    /// Where this incarnation may write its error file (`TORCHELASTIC_ERROR_FILE`).
+    pub error_file: &'a str,
     /// The server's object-storage settings, by name (`S3_*`).
     pub s3: &'a [(String, String)],
 }
@@ -99,7 +137,7 @@ impl RankEnv<'_> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for var in WORKER_ENV {
-            if var.s3_only && !uses_s3 {
+            if (var.s3_only && !uses_s3) || (var.default_only && spec.env.contains_key(var.name)) {
                 continue;
             }
             if let Some(value) = self.value(var.name) {
@@ -128,6 +166,17 @@ impl RankEnv<'_> {
             "MASTER_PORT" => self.master_port.to_string(),
             "JOB_ID" => self.job_id.to_string(),
             "RESTART_COUNT" | "TORCHELASTIC_RESTART_COUNT" => self.attempt.to_string(),
+            // torchrun's node: a group of LOCAL_WORLD_SIZE ranks.
+            "GROUP_RANK" => (self.rank / local_world.max(1)).to_string(),
+            "GROUP_WORLD_SIZE" => spec.world_size.div_ceil(local_world.max(1)).to_string(),
+            "ROLE_NAME" => "default".to_string(),
+            "ROLE_RANK" => self.rank.to_string(),
+            "ROLE_WORLD_SIZE" => spec.world_size.to_string(),
+            "TORCHELASTIC_RUN_ID" => self.job_id.to_string(),
+            "TORCHELASTIC_MAX_RESTARTS" => spec.max_restarts.to_string(),
+            "TORCHELASTIC_ERROR_FILE" => self.error_file.to_string(),
+            "TORCHELASTIC_SIGNALS_TO_HANDLE" => SIGNALS_TO_HANDLE.to_string(),
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING" | "OMP_NUM_THREADS" => "1".to_string(),
             "CHECKPOINT_DIR" => spec.job_checkpoint_dir(&self.job_id),
             "DATASET_DIR" => spec.dataset.clone(),
             "CHECKPOINT_EVERY" => spec.checkpoint_every.to_string(),
@@ -181,6 +230,7 @@ mod tests {
             server_url: "http://s",
             instance: "i",
             cache_dir: "/c",
+            error_file: "/e/error.json",
             s3,
         }
         .build()
@@ -195,11 +245,10 @@ mod tests {
             .collect();
         let env = env_of(&spec("s3://bucket/data"), &s3);
         let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(
-            names,
-            reserved_names(),
-            "the environment is the table, in order"
-        );
+        assert_eq!(names, all_names(), "the environment is the table, in order");
+        assert_eq!(get_of(&env, "GROUP_RANK"), "0");
+        assert_eq!(get_of(&env, "ROLE_NAME"), "default");
+        assert_eq!(get_of(&env, "OMP_NUM_THREADS"), "1");
         let get = |k: &str| env.iter().find(|(n, _)| n == k).unwrap().1.clone();
         assert_eq!(get("RESTART_COUNT"), "3");
         assert_eq!(
@@ -209,6 +258,38 @@ mod tests {
         // Without a bucket, no S3 variable reaches the rank.
         let local = env_of(&spec("/data"), &s3);
         assert!(!local.iter().any(|(k, _)| k.starts_with("S3_")));
+    }
+
+    fn get_of(env: &[(String, String)], k: &str) -> String {
+        env.iter().find(|(n, _)| n == k).unwrap().1.clone()
+    }
+
+    #[test]
+    fn torchruns_defaults_yield_to_the_jobs_env_and_nodes_are_groups() {
+        let mut spec = spec("/data");
+        spec.env.insert("OMP_NUM_THREADS".into(), "8".into());
+        spec.world_size = 8;
+        spec.slurm = Some(crate::spec::SlurmSpec {
+            partition: None,
+            nodes: 2,
+            ntasks_per_node: 4,
+            time_limit: None,
+            srun_args: Vec::new(),
+            exclude_after_failures: 2,
+        });
+        let env = env_of(&spec, &[]);
+        assert_eq!(
+            env.iter().filter(|(k, _)| k == "OMP_NUM_THREADS").count(),
+            1,
+            "the job's value, once"
+        );
+        assert_eq!(get_of(&env, "OMP_NUM_THREADS"), "8");
+        assert!(!is_reserved("OMP_NUM_THREADS"));
+        assert!(is_reserved("GROUP_RANK"));
+        // Rank 1 of 8, 4 per node: node 0 of 2.
+        assert_eq!(get_of(&env, "GROUP_RANK"), "0");
+        assert_eq!(get_of(&env, "GROUP_WORLD_SIZE"), "2");
+        assert_eq!(get_of(&env, "LOCAL_WORLD_SIZE"), "4");
     }
 
     #[test]
@@ -236,7 +317,7 @@ mod tests {
             })
             .collect();
         documented.sort();
-        let mut names: Vec<String> = reserved_names().iter().map(|s| s.to_string()).collect();
+        let mut names: Vec<String> = all_names().iter().map(|s| s.to_string()).collect();
         names.sort();
         assert_eq!(
             documented, names,

@@ -265,3 +265,73 @@ async fn synchronous_ranks_resume_after_kill_9_with_an_identical_model() {
     };
     assert_eq!(resumed_step(0), resumed_step(1), "{logs}");
 }
+
+/// torchrun's whole contract reaches a Python rank: what a script or library reads
+/// (`GROUP_RANK`, `ROLE_*`, `TORCHELASTIC_*`, the error file's path), with torchrun's values,
+/// and `OMP_NUM_THREADS=1` unless the job sets it (which the job's log says once).
+#[actix_web::test]
+async fn a_python_rank_sees_torchruns_whole_environment() {
+    let app = spawn_app().await;
+    let script = "import json, os\nprint('ENV ' + json.dumps(dict(os.environ)), flush=True)";
+    let id = app
+        .create_job(
+            json!({"world_size": 2, "command": ["python3", "-c", script],
+                           "max_restarts": 3, "env": {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let lines = app.log_lines(&id).await;
+    let env_of = |rank: u64| -> Value {
+        let line = lines
+            .iter()
+            .find(|l| l["rank"] == rank && l["line"].as_str().unwrap().starts_with("ENV "))
+            .unwrap_or_else(|| panic!("rank {rank} printed its environment"));
+        serde_json::from_str(&line["line"].as_str().unwrap()[4..]).unwrap()
+    };
+    for rank in [0u64, 1] {
+        let env = env_of(rank);
+        assert_eq!(env["GROUP_RANK"], "0");
+        assert_eq!(env["GROUP_WORLD_SIZE"], "1");
+        assert_eq!(env["ROLE_NAME"], "default");
+        assert_eq!(env["ROLE_RANK"], rank.to_string());
+        assert_eq!(env["ROLE_WORLD_SIZE"], "2");
+        assert_eq!(env["LOCAL_RANK"], rank.to_string());
+        assert_eq!(env["TORCHELASTIC_RUN_ID"], id.as_str());
+        assert_eq!(env["TORCHELASTIC_MAX_RESTARTS"], "3");
+        assert_eq!(env["TORCHELASTIC_RESTART_COUNT"], "0");
+        assert_eq!(
+            env["TORCHELASTIC_SIGNALS_TO_HANDLE"],
+            "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+        );
+        assert_eq!(env["OMP_NUM_THREADS"], "1");
+        assert_eq!(
+            env["TORCH_NCCL_ASYNC_ERROR_HANDLING"], "3",
+            "the job's value wins"
+        );
+        let error_file = env["TORCHELASTIC_ERROR_FILE"].as_str().unwrap();
+        assert!(error_file.ends_with(&format!("rank-{rank}-attempt-0.json")));
+        assert!(
+            Path::new(error_file).parent().unwrap().is_dir(),
+            "@record can write its file"
+        );
+        assert!(env.get("TORCHELASTIC_USE_AGENT_STORE").is_none());
+    }
+    let notes = lines
+        .iter()
+        .filter(|l| l["line"].as_str().unwrap().starts_with("OMP_NUM_THREADS=1"))
+        .count();
+    assert_eq!(
+        notes, 1,
+        "the job's log says once that OMP_NUM_THREADS was set"
+    );
+    // A reserved torchrun name cannot be set by a job.
+    let res = app
+        .post_json(
+            "/jobs",
+            &json!({"world_size": 1, "env": {"GROUP_RANK": "5"}}),
+        )
+        .await;
+    let err = assert_json_error(res, 422).await;
+    assert!(err["message"].as_str().unwrap().contains("GROUP_RANK"));
+}

@@ -162,6 +162,18 @@ impl Job {
         server_url: &str,
     ) -> Vec<(String, String)> {
         let cache_dir = self.rt.settings.data_dir.join("cache");
+        // torchrun's error file: where `@record` writes the exception a rank died of, fresh
+        // for every incarnation.
+        let errors = self
+            .rt
+            .settings
+            .data_dir
+            .join("errors")
+            .join(self.id.to_string());
+        if let Err(e) = std::fs::create_dir_all(&errors) {
+            tracing::warn!(error = %e, dir = %errors.display(), "cannot make the error-file dir");
+        }
+        let error_file = errors.join(format!("rank-{rank}-attempt-{attempt}.json"));
         RankEnv {
             job_id: self.id,
             spec: &self.spec,
@@ -173,6 +185,7 @@ impl Job {
             server_url,
             instance: &self.rt.instance,
             cache_dir: &cache_dir.to_string_lossy(),
+            error_file: &error_file.to_string_lossy(),
             s3: &self.rt.settings.s3.worker_env(),
         }
         .build()
