@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::Runtime;
 use super::job::Job;
 use super::messages::{Beat, LaunchRank, StopActor, Terminate, WorkerExited, WorkerStarted};
+use crate::domain::error_file::{self, RootCause};
 use crate::domain::{Ending, Exit, Outcome};
 use crate::launcher::{JobLauncher, RankControl, RankProcess};
 use crate::store::recorder::NewLine;
@@ -91,6 +92,7 @@ impl Worker {
         let addr = ctx.address();
         let recorder = self.rt.recorder.clone();
         let (job_id, rank) = (self.job_id, self.rank);
+        let error_file = error_file::path(&self.rt.settings.data_dir, job_id, rank, attempt);
         actix::spawn(async move {
             let reader = actix::spawn(async move {
                 let mut tail = VecDeque::with_capacity(TAIL_LINES);
@@ -116,10 +118,19 @@ impl Worker {
                 Ok(Ok(tail)) => tail.into_iter().collect(),
                 _ => Vec::new(),
             };
+            // What the rank said it died of, if it wrote torchrun's error file.
+            let root_cause = match exit.code {
+                Some(0) => None,
+                _ => tokio::task::spawn_blocking(move || error_file::read(&error_file))
+                    .await
+                    .ok()
+                    .flatten(),
+            };
             addr.do_send(ProcessExited {
                 attempt,
                 exit,
                 tail,
+                root_cause,
             });
         });
     }
@@ -253,6 +264,7 @@ struct ProcessExited {
     attempt: u32,
     exit: Exit,
     tail: Vec<String>,
+    root_cause: Option<RootCause>,
 }
 
 impl Handler<ProcessExited> for Worker {
@@ -264,16 +276,27 @@ impl Handler<ProcessExited> for Worker {
         };
         let outcome = msg.exit.outcome(inc.ending);
         self.current = None;
-        let detail = msg
+        let mut detail = msg
             .exit
             .describe(outcome, self.heartbeat_timeout.as_secs_f64());
+        // The exception the rank recorded is the root cause; its traceback says more than
+        // the last lines of output.
+        let mut tail = msg.tail;
+        if let Some(cause) = msg.root_cause {
+            detail = format!("{detail}: {}", cause.message);
+            if let Some(tb) = cause.traceback {
+                tail = tb.lines().map(str::to_string).collect();
+                let skip = tail.len().saturating_sub(TAIL_LINES);
+                tail.drain(..skip);
+            }
+        }
         self.job.do_send(WorkerExited {
             rank: self.rank,
             attempt: msg.attempt,
             outcome,
             exit: msg.exit,
             detail,
-            tail: msg.tail,
+            tail,
         });
     }
 }

@@ -1,6 +1,7 @@
 //! The domain: plain types and decisions the actors, the store and the API share. Nothing
 //! here knows actix or sqlx, so every rule in it is testable without a server.
 
+pub mod error_file;
 pub mod progress;
 pub mod rank;
 pub mod restart;

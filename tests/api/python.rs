@@ -335,3 +335,69 @@ async fn a_python_rank_sees_torchruns_whole_environment() {
     let err = assert_json_error(res, 422).await;
     assert!(err["message"].as_str().unwrap().contains("GROUP_RANK"));
 }
+
+/// A rank that dies of an exception and records it as torch's `@record` does (stdlib here:
+/// the same JSON into `TORCHELASTIC_ERROR_FILE`) gets that exception as the root cause: in the
+/// restart's detail with its traceback, in the job's failure reason, and in the job's log.
+#[actix_web::test]
+async fn the_error_file_is_the_root_cause() {
+    let app = spawn_app().await;
+    let script = r#"
+import json, os, sys, time, traceback
+def record(fn):
+    try:
+        fn()
+    except Exception as e:
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": {"message": f"{type(e).__name__}: {e}",
+                       "extraInfo": {"py_callstack": traceback.format_exc(),
+                                     "timestamp": str(int(time.time()))}}}, f)
+        raise
+def load_shard():
+    raise ValueError("shard 7 is corrupt")
+def main():
+    print("loading", flush=True)
+    load_shard()
+record(main)
+"#;
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": ["python3", "-c", script],
+                           "max_restarts": 1, "backoff_initial_ms": 0}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("exited with code 1: ValueError: shard 7 is corrupt"),
+        "{reason}"
+    );
+    assert!(reason.contains("in load_shard"), "the traceback: {reason}");
+    let restarts = app.restarts(&id).await;
+    assert_eq!(restarts.len(), 1);
+    let detail = restarts[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("ValueError: shard 7 is corrupt"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("Traceback (most recent call last)"),
+        "{detail}"
+    );
+    let summary = app.summary(&id).await;
+    assert!(
+        summary["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ValueError: shard 7 is corrupt")
+    );
+    let logged = app.log_lines(&id).await.iter().any(|l| {
+        l["stream"] == "system"
+            && l["line"]
+                .as_str()
+                .unwrap()
+                .contains("ValueError: shard 7 is corrupt")
+    });
+    assert!(logged, "the job's log names the root cause");
+}

@@ -7,6 +7,7 @@ use rand::Rng;
 use super::{Job, Phase, RankState};
 use crate::actors::hash_token;
 use crate::actors::messages::LaunchRank;
+use crate::domain::error_file;
 use crate::domain::worker_env::RankEnv;
 use crate::domain::{Outcome, RestartScope};
 use crate::launcher::{Launch, Place, Prepared};
@@ -164,16 +165,12 @@ impl Job {
         let cache_dir = self.rt.settings.data_dir.join("cache");
         // torchrun's error file: where `@record` writes the exception a rank died of, fresh
         // for every incarnation.
-        let errors = self
-            .rt
-            .settings
-            .data_dir
-            .join("errors")
-            .join(self.id.to_string());
-        if let Err(e) = std::fs::create_dir_all(&errors) {
-            tracing::warn!(error = %e, dir = %errors.display(), "cannot make the error-file dir");
+        let error_file = error_file::path(&self.rt.settings.data_dir, self.id, rank, attempt);
+        if let Some(dir) = error_file.parent()
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot make the error-file dir");
         }
-        let error_file = errors.join(format!("rank-{rank}-attempt-{attempt}.json"));
         RankEnv {
             job_id: self.id,
             spec: &self.spec,
