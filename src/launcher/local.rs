@@ -81,6 +81,38 @@ impl JobLauncher for LocalLauncher {
     }
 }
 
+/// A local job's command must name a program the server can run: a path to an executable
+/// file, or a name found on the server's `PATH`.
+pub fn admit(spec: &crate::spec::JobSpec) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(program) = spec.command.as_ref().and_then(|c| c.first()) else {
+        return Ok(());
+    };
+    let executable = |p: &std::path::Path| {
+        p.is_file()
+            && p.metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| executable(&d.join(program))))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "command: {program} is not an executable file{} on the server",
+            if program.contains('/') {
+                ""
+            } else {
+                " found on the PATH"
+            }
+        ))
+    }
+}
+
 /// A rank that is a child process of this server: its process group is signalled whole.
 pub struct GroupControl {
     pub pgid: u32,

@@ -151,13 +151,69 @@ pub fn for_job(cx: JobContext) -> Arc<dyn JobLauncher> {
     }
 }
 
-/// Checks at submission what only the launcher knows (an image exists, a mount is usable),
-/// so a job that cannot start is refused with a 422 and nothing is created.
+/// Checks at submission what is knowable then (the dataset has shards, the checkpoint dir
+/// can be written, the command exists, an image is present), so a job that could never start
+/// is refused with a 422 naming the field, and nothing is created.
 pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Result<(), String> {
+    check_locations(spec, settings)?;
     match spec.launcher {
-        LauncherKind::Local | LauncherKind::Slurm => Ok(()),
+        LauncherKind::Local => local::admit(spec),
+        LauncherKind::Slurm => Ok(()),
         LauncherKind::Docker => docker::admit(spec, settings, base_url).await,
     }
+}
+
+/// The built-in trainer's dataset must hold shard files; a local checkpoint dir must be
+/// creatable and writable. (The server's own demo dataset is made on first use.)
+fn check_locations(spec: &JobSpec, settings: &Settings) -> Result<(), String> {
+    use std::path::Path;
+    let demo = settings.job_defaults.dataset.to_string_lossy();
+    if spec.command.is_none() && !spec.dataset.contains("://") && spec.dataset != demo {
+        let dir = Path::new(&spec.dataset);
+        if !dir.is_dir() {
+            return Err(format!(
+                "dataset: {} is not a directory on the server",
+                spec.dataset
+            ));
+        }
+        match crate::trainer::data::shard_files(dir) {
+            Ok(shards) if !shards.is_empty() => {}
+            _ => {
+                return Err(format!(
+                    "dataset: {} holds no shard files (shard-*.jsonl) for the built-in trainer \
+                     (trainvisor make-dataset makes some)",
+                    spec.dataset
+                ));
+            }
+        }
+    }
+    if !spec.checkpoint_dir.contains("://") {
+        // The nearest directory that exists must be one the server can write into.
+        let mut dir = Path::new(&spec.checkpoint_dir);
+        while !dir.exists() {
+            match dir.parent() {
+                Some(parent) => dir = parent,
+                None => break,
+            }
+        }
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| {
+            format!(
+                "checkpoint_dir: {} is not a usable path",
+                spec.checkpoint_dir
+            )
+        })?;
+        // SAFETY: access(2) on a NUL-terminated path we own.
+        let writable = dir.is_dir() && unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0;
+        if !writable {
+            return Err(format!(
+                "checkpoint_dir: {} cannot be created or written by the server ({} is not a \
+                 writable directory)",
+                spec.checkpoint_dir,
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// At boot: ends whatever a previous server on this data dir left running (processes,

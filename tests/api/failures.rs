@@ -225,9 +225,18 @@ async fn heartbeat_tokens_are_checked_per_incarnation() {
 #[actix_web::test]
 async fn a_command_that_cannot_start_is_a_spawn_error() {
     let app = spawn_app().await;
+    // Executable, so it passes the check at the door, but its interpreter does not exist:
+    // exec fails in the child.
+    let trainer = app.data_dir.path().join("trainer.sh");
+    std::fs::write(&trainer, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(
+        &trainer,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let id = app
         .create_job(
-            json!({"world_size": 1, "command": ["/nonexistent/trainer"], "max_restarts": 1,
+            json!({"world_size": 1, "command": [trainer], "max_restarts": 1,
                            "backoff_initial_ms": 0}),
         )
         .await;
@@ -300,4 +309,54 @@ async fn the_backoff_starts_over_after_a_stable_run() {
         vec![100, 400, 100],
         "fast failures grow it, a stable run resets it"
     );
+}
+
+/// What is knowable at submission is refused at the door, with a 422 that names the field,
+/// and nothing is created: a program that is not there, a dataset without shards for the
+/// built-in trainer, a checkpoint dir the server cannot write.
+#[actix_web::test]
+async fn what_can_never_start_is_refused_at_the_door() {
+    let app = spawn_app().await;
+    let empty = app.data_dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let file = app.data_dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for (spec, field) in [
+        (
+            json!({"world_size": 1, "command": ["no-such-program-anywhere"]}),
+            "command",
+        ),
+        (
+            json!({"world_size": 1, "command": ["/nonexistent/trainer"]}),
+            "command",
+        ),
+        (
+            json!({"world_size": 1, "dataset": "/no/such/dataset"}),
+            "dataset",
+        ),
+        (json!({"world_size": 1, "dataset": empty}), "dataset"),
+        (
+            json!({"world_size": 1, "checkpoint_dir": file.join("ckpt")}),
+            "checkpoint_dir",
+        ),
+    ] {
+        let res = app.post_json("/jobs", &spec).await;
+        let err = assert_json_error(res, 422).await;
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{field}:")),
+            "{spec}: {err}"
+        );
+    }
+    let jobs = app.get_json("/jobs").await;
+    assert_eq!(
+        jobs.as_array().map(Vec::len),
+        Some(0),
+        "nothing was created: {jobs}"
+    );
+    // A command on the PATH, and a dataset the user's own command reads, are fine.
+    app.create_job(json!({"world_size": 1, "command": ["true"], "dataset": "/no/such/dataset"}))
+        .await;
 }

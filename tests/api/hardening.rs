@@ -198,11 +198,12 @@ async fn log_retention_drops_the_oldest_lines_and_counts_them() {
         .await;
     app.wait_finished(&id, Duration::from_secs(30)).await;
     // Trimming runs after the batch that holds the job's end, so read until the two agree:
-    // every line printed (1000, plus the final system note) is either kept or counted.
+    // every line (1000 printed, the OMP_NUM_THREADS note and the final system note) is either
+    // kept or counted.
     let (lines, dropped) = wait_for(Duration::from_secs(10), || async {
         let dropped = app.job(&id).await["logs_dropped"].as_i64().unwrap_or(0);
         let lines = app.log_lines(&id).await;
-        (lines.len() as i64 + dropped == 1001 && dropped > 0).then_some((lines, dropped))
+        (lines.len() as i64 + dropped == 1002 && dropped > 0).then_some((lines, dropped))
     })
     .await
     .expect("kept + dropped lines account for every line");
