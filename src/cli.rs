@@ -280,7 +280,14 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
-        Some(Command::Worker) => crate::trainer::run(),
+        Some(Command::Worker) => match crate::trainer::run() {
+            // A configuration error ends with its own exit code, which fails the job at once.
+            Err(e) if e.downcast_ref::<crate::trainer::ConfigError>().is_some() => {
+                eprintln!("trainvisor worker: {e:#}");
+                std::process::exit(crate::domain::failure_policy::EXIT_CONFIG);
+            }
+            other => other,
+        },
         Some(Command::MakeDataset {
             out,
             shards,

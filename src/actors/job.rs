@@ -17,6 +17,7 @@ use super::messages::{
     WorkerExited, WorkerStarted,
 };
 use super::worker::Worker;
+use crate::domain::failure_policy::{self, CrashLoop, FailureAction};
 use crate::domain::progress::{Progress, Summary, SummaryInput};
 use crate::domain::{Decision, JobState, Outcome, RestartCounts, RestartPolicy, RestartScope};
 use crate::launcher::{self, JobContext, JobLauncher};
@@ -72,6 +73,7 @@ pub struct Job {
     allreduce: AllReduce,
     last_progress_event: Option<std::time::Instant>,
     launcher: Arc<dyn JobLauncher>,
+    crash_loop: CrashLoop,
     /// Told when the last rank is down during a server shutdown.
     shutdown_waiter: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -128,6 +130,7 @@ impl Job {
                 ctx.address().recipient(),
             )
             .start();
+            let spec_world = spec.world_size;
             let workers = (0..spec.world_size)
                 .map(|rank| {
                     Worker::new(
@@ -164,6 +167,7 @@ impl Job {
                 allreduce: AllReduce::default(),
                 last_progress_event: None,
                 launcher,
+                crash_loop: CrashLoop::new(spec_world),
                 shutdown_waiter: None,
             }
         });
@@ -343,7 +347,30 @@ impl Job {
             }
             _ => 0.0,
         };
-        let (n, backoff_ms) = match self.policy.decide(&self.counts, rank, ran_for_s, draw) {
+        // The job's failure policy first: some failures end the job, some cost nothing.
+        let (action, why) = failure_policy::action_for(
+            &self.spec.failure_policy,
+            self.spec.command.is_none(),
+            msg.exit.code,
+            msg.exit.signal,
+        );
+        if action == FailureAction::FailJob {
+            self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
+            let why = why.unwrap_or_default();
+            self.fail(format!("failure_policy: {why}: {with_tail}"), ctx);
+            return;
+        }
+        let counted = action == FailureAction::Count;
+        let policy = if counted {
+            self.policy
+        } else {
+            // Not counted: no budget to run out of.
+            RestartPolicy {
+                max_restarts: u32::MAX,
+                ..self.policy
+            }
+        };
+        let (n, backoff_ms) = match policy.decide(&self.counts, rank, ran_for_s, draw) {
             Decision::Restart { n, backoff_ms } => (n, backoff_ms),
             Decision::GiveUp { spent } => {
                 self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
@@ -356,7 +383,32 @@ impl Job {
                 return;
             }
         };
-        self.policy.record(&mut self.counts, rank, n, ran_for_s);
+        // A deterministic error that repeats without progress will repeat again: end the job
+        // instead of spending its budget (killed or hung ranks, and failures the policy
+        // ignores, are not such errors).
+        if counted
+            && self.spec.crash_loop_after > 0
+            && matches!(msg.outcome, Outcome::ExitCode | Outcome::SpawnError)
+        {
+            let progress = (
+                self.ranks[rank as usize].progress.step,
+                self.last_checkpoint.as_ref().map(|c| c.step),
+            );
+            let times = self.crash_loop.observe(rank, &msg.detail, progress);
+            if times >= self.spec.crash_loop_after {
+                self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
+                let reason = format!(
+                    "crash_loop: rank {rank} failed {times} times in a row the same way with no \
+                     progress in between (crash_loop_after {}): {with_tail}",
+                    self.spec.crash_loop_after
+                );
+                self.fail(reason, ctx);
+                return;
+            }
+        }
+        if counted {
+            self.policy.record(&mut self.counts, rank, n, ran_for_s);
+        }
         let slot = &mut self.ranks[rank as usize];
         self.rt.recorder.record(HistoryOp::RestartDetected {
             job_id: self.id,
@@ -383,11 +435,20 @@ impl Job {
             self.id,
             Some(rank),
             Some(msg.attempt),
-            format!(
-                "{cause}; restart {n}/{} ({} scope) in {backoff_ms} ms",
-                self.policy.max_restarts,
-                scope.as_str()
-            ),
+            if counted {
+                format!(
+                    "{cause}; restart {n}/{} ({} scope) in {backoff_ms} ms",
+                    self.policy.max_restarts,
+                    scope.as_str()
+                )
+            } else {
+                format!(
+                    "{cause}; restart not counted against max_restarts ({}) ({} scope) in \
+                     {backoff_ms} ms",
+                    why.unwrap_or_default(),
+                    scope.as_str()
+                )
+            },
         );
         match scope {
             RestartScope::Worker => {

@@ -66,6 +66,7 @@ const SPEC_BOUNDS: &[(&str, f64, Option<f64>)] = &[
     ("backoff_max_ms", 0.0, Some(3_600_000.0)),
     ("backoff_jitter", 0.0, Some(1.0)),
     ("backoff_reset_s", 0.0, Some(2_592_000.0)),
+    ("crash_loop_after", 0.0, Some(1e6)),
     ("batch_size", 1.0, Some(1e6)),
     ("lr", 0.0, Some(1e6)),
     ("seed", 0.0, None),

@@ -2,6 +2,7 @@
 //! here knows actix or sqlx, so every rule in it is testable without a server.
 
 pub mod error_file;
+pub mod failure_policy;
 pub mod progress;
 pub mod rank;
 pub mod restart;

@@ -51,6 +51,8 @@ pub struct JobRequest {
     pub backoff_max_ms: Option<i64>,
     pub backoff_jitter: Option<f64>,
     pub backoff_reset_s: Option<f64>,
+    pub failure_policy: Option<Vec<crate::domain::failure_policy::FailureRule>>,
+    pub crash_loop_after: Option<i64>,
     pub batch_size: Option<i64>,
     pub lr: Option<f64>,
     pub seed: Option<i64>,
@@ -96,6 +98,13 @@ pub struct JobSpec {
     /// An incarnation that ran this long before failing starts the backoff over.
     #[serde(default = "default_backoff_reset_s")]
     pub backoff_reset_s: f64,
+    /// Rules on exit codes and signals: fail the job, ignore, or count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failure_policy: Vec<crate::domain::failure_policy::FailureRule>,
+    /// Failures of one rank in a row, with the same cause and no progress, that end the job
+    /// as `crash_loop`; 0 turns the check off.
+    #[serde(default = "default_crash_loop_after")]
+    pub crash_loop_after: u32,
     pub batch_size: u32,
     pub lr: f64,
     pub seed: u64,
@@ -117,6 +126,13 @@ pub const DEFAULT_BACKOFF_RESET_S: f64 = 600.0;
 
 fn default_backoff_reset_s() -> f64 {
     DEFAULT_BACKOFF_RESET_S
+}
+
+/// Three identical failures without progress: the fourth would be the same.
+pub const DEFAULT_CRASH_LOOP_AFTER: i64 = 3;
+
+fn default_crash_loop_after() -> u32 {
+    DEFAULT_CRASH_LOOP_AFTER as u32
 }
 
 /// Why a spec was refused; the message is shown to the client as is.
@@ -308,6 +324,22 @@ impl JobRequest {
                 0.0,
                 1.0,
             )?,
+            failure_policy: {
+                let rules = self.failure_policy.unwrap_or_default();
+                if rules.len() > 16 {
+                    return Err(invalid("failure_policy may hold at most 16 rules"));
+                }
+                if let Some(why) = rules.iter().find_map(|r| r.problem()) {
+                    return Err(invalid(why));
+                }
+                rules
+            },
+            crash_loop_after: in_range(
+                "crash_loop_after",
+                self.crash_loop_after.unwrap_or(DEFAULT_CRASH_LOOP_AFTER),
+                0,
+                1_000_000,
+            )? as u32,
             backoff_reset_s: finite_in(
                 "backoff_reset_s",
                 self.backoff_reset_s.unwrap_or(DEFAULT_BACKOFF_RESET_S),

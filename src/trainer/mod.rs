@@ -92,8 +92,18 @@ struct Progress {
     loss: Option<f64>,
 }
 
+/// A problem no restart can fix (the dataset, the spec): the worker exits with
+/// `failure_policy::EXIT_CONFIG`, which fails the job at once with this message.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+fn config_error(e: anyhow::Error) -> anyhow::Error {
+    ConfigError(format!("{e:#}")).into()
+}
+
 pub fn run() -> anyhow::Result<()> {
-    let env = Env::from_env()?;
+    let env = Env::from_env().map_err(config_error)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -105,14 +115,15 @@ async fn train(env: Env) -> anyhow::Result<()> {
     let (rank, world) = (env.rank, env.world_size);
     let client = WorkerClient::new(&env.server, &env.job_id, rank, &env.token);
     let store = BlobStore::open(&env.checkpoint_dir)?;
-    let dataset = Dataset::open(&env.dataset, &env.cache_dir)?;
-    let shards = dataset.shards().await?;
-    let (features, classes) = dataset.shape(&shards).await?;
+    let dataset = Dataset::open(&env.dataset, &env.cache_dir).map_err(config_error)?;
+    let shards = dataset.shards().await.map_err(config_error)?;
+    let (features, classes) = dataset.shape(&shards).await.map_err(config_error)?;
     let total_steps = match spec.total_steps {
         Some(n) => n,
         None => one_epoch_steps(&env, &dataset, &shards).await? * spec.epochs.unwrap_or(1),
     };
-    let mut stream = RankStream::new(shards, rank as usize, world as usize, &dataset.describe())?;
+    let mut stream = RankStream::new(shards, rank as usize, world as usize, &dataset.describe())
+        .map_err(config_error)?;
 
     let mut model = Model::init(classes, features, spec.seed);
     let mut step = 0u64;

@@ -294,7 +294,8 @@ async fn the_backoff_starts_over_after_a_stable_run() {
     let id = app
         .create_job(json!({"world_size": 1, "command": sh(script),
                            "backoff_initial_ms": 100, "backoff_multiplier": 4.0,
-                           "backoff_reset_s": 1.0, "max_restarts": 5}))
+                           "backoff_reset_s": 1.0, "max_restarts": 5,
+                           "crash_loop_after": 0}))
         .await;
     let job = app.wait_finished(&id, Duration::from_secs(60)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -359,4 +360,97 @@ async fn what_can_never_start_is_refused_at_the_door() {
     // A command on the PATH, and a dataset the user's own command reads, are fine.
     app.create_job(json!({"world_size": 1, "command": ["true"], "dataset": "/no/such/dataset"}))
         .await;
+}
+
+/// The failure policy: an exit code that fails the job at once, one that is ignored (restarted
+/// without counting), and the built-in trainer's configuration errors, which no restart fixes.
+#[actix_web::test]
+async fn the_failure_policy_fails_ignores_or_counts() {
+    let app = spawn_app().await;
+    let policy = json!([{"exit_codes": [4, 5], "action": "fail_job"},
+                        {"exit_codes": [7], "action": "ignore"}]);
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": sh("exit 5"), "max_restarts": 10,
+                           "backoff_initial_ms": 0, "failure_policy": policy}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("failure_policy: exit code 5 matches failure_policy rule 1"),
+        "{reason}"
+    );
+    assert!(app.restarts(&id).await.is_empty(), "no restart was tried");
+
+    // Exit 7 three times, then success, with no budget at all: ignored failures cost nothing.
+    let script = r#"[ "$RESTART_COUNT" -lt 3 ] && exit 7; exit 0"#;
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": sh(script), "max_restarts": 0,
+                           "backoff_initial_ms": 0, "failure_policy": policy}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(app.restarts(&id).await.len(), 3);
+
+    // The built-in trainer with more ranks than shards: rank 4 has no data, which exits with
+    // the configuration-error code and fails the job at once.
+    let data = small_dataset(&app);
+    let id = app
+        .create_job(json!({"world_size": 5, "dataset": data, "max_restarts": 10,
+                           "backoff_initial_ms": 0}))
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "failed");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("failure_policy: a configuration error of the built-in trainer"),
+        "{reason}"
+    );
+    assert!(reason.contains("configuration error"), "{reason}");
+
+    // Malformed rules are refused.
+    for bad in [
+        json!([{"action": "fail_job"}]),
+        json!([{"exit_codes": [1], "signals": [9], "action": "count"}]),
+        json!([{"exit_codes": [0], "action": "count"}]),
+        json!([{"exit_codes": [1], "action": "retry"}]),
+    ] {
+        let res = app
+            .post_json("/jobs", &json!({"world_size": 1, "failure_policy": bad}))
+            .await;
+        assert!(res.status().is_client_error(), "{bad}");
+    }
+}
+
+/// A rank that fails the same way again and again without progress is a crash loop: the job
+/// ends as such after `crash_loop_after` failures instead of spending its whole budget.
+#[actix_web::test]
+async fn a_crash_loop_ends_the_job_early() {
+    let app = spawn_app().await;
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": sh("echo 'No such file: data.csv' >&2; exit 2"),
+                           "max_restarts": 50, "backoff_initial_ms": 0}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "failed");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("crash_loop: rank 0 failed 3 times"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("No such file: data.csv"),
+        "the repeated message: {reason}"
+    );
+    assert_eq!(
+        app.restarts(&id).await.len(),
+        2,
+        "the third failure ended it"
+    );
 }
