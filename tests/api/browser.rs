@@ -550,6 +550,24 @@ async fn the_page_runs_watches_and_stops_a_job() {
     .await;
 }
 
+/// The restart history of a job whose rank recorded its exception shows that exception.
+#[actix_web::test]
+async fn the_page_shows_the_root_cause_of_a_failure() {
+    let app = spawn_app().await;
+    let id = app.create_job(crate::python::recording_job()).await;
+    app.wait_finished(&id, Duration::from_secs(60)).await;
+    with_page(&app, "root-cause", async |page, app| {
+        open_page(page, &format!("{}/#/jobs/{id}", app.address)).await;
+        page.wait(
+            "the restart history names the exception the rank recorded",
+            "const r = document.querySelector('[data-testid=restarts] tbody tr[data-rank=\"0\"]');
+             return r && r.textContent.includes('ValueError: shard 7 is corrupt');",
+        )
+        .await;
+    })
+    .await;
+}
+
 #[actix_web::test]
 async fn the_page_signs_in_when_the_server_has_an_api_token() {
     let app = spawn_app_with(|s| s.api_token = Some("s3cret-token".into())).await;

@@ -152,3 +152,18 @@ async fn errors_are_explained() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+/// `trainvisor status` of a job whose rank recorded its exception names that exception.
+#[actix_web::test]
+async fn status_names_the_root_cause() {
+    let app = spawn_app().await;
+    let id = app.create_job(crate::python::recording_job()).await;
+    app.wait_finished(&id, Duration::from_secs(60)).await;
+    let out = cli(&app, &["status", &id]).await;
+    assert!(
+        out.stdout.contains("ValueError: shard 7 is corrupt"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}

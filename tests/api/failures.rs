@@ -454,3 +454,22 @@ async fn a_crash_loop_ends_the_job_early() {
         "the third failure ended it"
     );
 }
+
+/// Progress between failures is not a crash loop: a rank that gets further each time (a new
+/// step in its heartbeats) before failing the same way keeps its restarts.
+#[actix_web::test]
+async fn progress_between_failures_is_not_a_crash_loop() {
+    let app = spawn_app().await;
+    let script = r#"curl -s -o /dev/null -X POST -H "Authorization: Bearer $TRAINVISOR_TOKEN" -d "{\"step\": $((RESTART_COUNT * 10))}" "$TRAINVISOR_HEARTBEAT_URL"
+[ "$RESTART_COUNT" -ge 4 ] && exit 0
+echo 'lost the connection' >&2; exit 2"#;
+    let id = app
+        .create_job(
+            json!({"world_size": 1, "command": sh(script), "max_restarts": 10,
+                           "backoff_initial_ms": 0}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(app.restarts(&id).await.len(), 4);
+}

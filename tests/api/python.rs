@@ -339,10 +339,9 @@ async fn a_python_rank_sees_torchruns_whole_environment() {
 /// A rank that dies of an exception and records it as torch's `@record` does (stdlib here:
 /// the same JSON into `TORCHELASTIC_ERROR_FILE`) gets that exception as the root cause: in the
 /// restart's detail with its traceback, in the job's failure reason, and in the job's log.
-#[actix_web::test]
-async fn the_error_file_is_the_root_cause() {
-    let app = spawn_app().await;
-    let script = r#"
+/// A Python rank that dies of `ValueError: shard 7 is corrupt` and records it in
+/// `TORCHELASTIC_ERROR_FILE` as torch's `@record` does (stdlib, same JSON).
+pub const RECORDS_ITS_ERROR: &str = r#"
 import json, os, sys, time, traceback
 def record(fn):
     try:
@@ -360,12 +359,17 @@ def main():
     load_shard()
 record(main)
 "#;
-    let id = app
-        .create_job(
-            json!({"world_size": 1, "command": ["python3", "-c", script],
-                           "max_restarts": 1, "backoff_initial_ms": 0}),
-        )
-        .await;
+
+/// A 1-rank job of `RECORDS_ITS_ERROR` that fails for good after one restart.
+pub fn recording_job() -> Value {
+    json!({"world_size": 1, "command": ["python3", "-c", RECORDS_ITS_ERROR],
+           "max_restarts": 1, "backoff_initial_ms": 0})
+}
+
+#[actix_web::test]
+async fn the_error_file_is_the_root_cause() {
+    let app = spawn_app().await;
+    let id = app.create_job(recording_job()).await;
     let job = app.wait_finished(&id, Duration::from_secs(60)).await;
     assert_eq!(job["state"], "failed", "{job}");
     let reason = job["reason"].as_str().unwrap();

@@ -458,3 +458,33 @@ async fn after_a_server_crash_the_job_runs_in_one_new_allocation() {
     kill(server.id(), libc::SIGTERM);
     server.wait().unwrap();
 }
+
+/// torchrun's node is a Slurm node: 4 ranks over 2 nodes × 2 tasks get GROUP_RANK 0, 0, 1, 1
+/// and the per-node LOCAL_* values, as torchrun on each node would set them.
+#[actix_web::test]
+async fn torchruns_variables_follow_the_nodes() {
+    let cluster = Cluster::start();
+    let app = app_on(&cluster).await;
+    let script = "import json, os\nprint('ENV ' + json.dumps(dict(os.environ)), flush=True)";
+    let id = run_ok(
+        &app,
+        json!({"world_size": 4, "launcher": "slurm", "nodes": 2, "ntasks_per_node": 2,
+               "command": ["python3", "-c", script]}),
+    )
+    .await;
+    let lines = app.log_lines(&id).await;
+    for rank in 0..4u64 {
+        let line = lines
+            .iter()
+            .find(|l| l["rank"] == rank && l["line"].as_str().unwrap().starts_with("ENV "))
+            .unwrap_or_else(|| panic!("rank {rank} printed its environment"));
+        let env: Value = serde_json::from_str(&line["line"].as_str().unwrap()[4..]).unwrap();
+        assert_eq!(env["GROUP_RANK"], (rank / 2).to_string(), "rank {rank}");
+        assert_eq!(env["GROUP_WORLD_SIZE"], "2");
+        assert_eq!(env["LOCAL_RANK"], (rank % 2).to_string());
+        assert_eq!(env["LOCAL_WORLD_SIZE"], "2");
+        assert_eq!(env["ROLE_RANK"], rank.to_string());
+        assert_eq!(env["TORCHELASTIC_RUN_ID"], id.as_str());
+    }
+    cluster.wait_nothing_of(&id).await;
+}
