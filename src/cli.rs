@@ -135,6 +135,19 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         timeout: f64,
     },
+    /// Check an installation end to end: a small job, a rank killed and restarted from its
+    /// checkpoint with the exact model, the SSE stream and the history. Exit 0 if all pass.
+    Validate {
+        /// A running server to check; without it, one is started on a temp data dir.
+        #[arg(long, env = "TRAINVISOR_SERVER")]
+        server: Option<String>,
+        /// The server's API token, if it has one.
+        #[arg(long, env = "TRAINVISOR_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print the results as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure recovery, hang detection, start-up and memory against a fresh server.
     Bench {
         /// Fewer repetitions (for CI and a first look).
@@ -377,6 +390,18 @@ pub fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(client::health(&c, Duration::from_secs_f64(timeout))))
                 .map(|version| println!("healthy: trainvisor {version} at {server}"))
         }
+        Some(Command::Validate {
+            server,
+            token,
+            json,
+        }) => match crate::validate::run(crate::validate::ValidateArgs {
+            server,
+            token,
+            json,
+        }) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
         Some(Command::Bench {
             quick,
             out,

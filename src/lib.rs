@@ -16,3 +16,4 @@ pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod trainer;
+pub mod validate;

@@ -292,15 +292,15 @@ pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// The server under test: this binary's `serve`, on port 0.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    url: String,
+    pub(crate) url: String,
     startup: Duration,
 }
 
 impl Server {
     /// The server on `bind`, with `token` as its API token, on `<dir>/data`.
-    fn start(dir: &Path, bind: &str, token: Option<&str>) -> anyhow::Result<Self> {
+    pub(crate) fn start(dir: &Path, bind: &str, token: Option<&str>) -> anyhow::Result<Self> {
         let t0 = Instant::now();
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args([
@@ -351,7 +351,7 @@ pub struct Client {
 }
 
 impl Client {
-    fn new(base: &str, token: Option<&str>) -> Self {
+    pub(crate) fn new(base: &str, token: Option<&str>) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
             headers.insert(reqwest::header::AUTHORIZATION, value);
@@ -384,6 +384,45 @@ impl Client {
             bail!("POST {path}: {} {}", res.status(), res.text().await?);
         }
         Ok(res.json().await?)
+    }
+
+    /// GET `path`: its status and the value of `header`.
+    pub async fn head_header(
+        &self,
+        path: &str,
+        header: &str,
+    ) -> anyhow::Result<(u16, Option<String>)> {
+        let res = self.http.get(format!("{}{path}", self.base)).send().await?;
+        let value = res
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((res.status().as_u16(), value))
+    }
+
+    /// GET `path` as text, until the body holds `needle`, ends, or `timeout` passes.
+    pub async fn text_until(
+        &self,
+        path: &str,
+        needle: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        use futures_util::StreamExt;
+        let res = self.http.get(format!("{}{path}", self.base)).send().await?;
+        if !res.status().is_success() {
+            bail!("GET {path}: {}", res.status());
+        }
+        let mut body = res.bytes_stream();
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk?));
+            if text.contains(needle) {
+                break;
+            }
+        }
+        Ok(text)
     }
 
     /// Polls `check` every millisecond until it yields a value (or 120 s pass: a bound for a

@@ -18,3 +18,4 @@ mod schemathesis;
 mod server_restart;
 mod slurm;
 mod trainer;
+mod validate;
