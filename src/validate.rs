@@ -370,15 +370,7 @@ impl Checks<'_> {
 }
 
 fn make_small_dataset(dir: &Path) -> anyhow::Result<String> {
-    let params = DatasetParams {
-        shards: 4,
-        rows_per_shard: 400,
-        features: 8,
-        classes: 3,
-        seed: 7,
-        label_noise: 0.02,
-        test_rows: 200,
-    };
+    let params = DatasetParams::small();
     make_dataset(dir, &params)?;
     Ok(dir.display().to_string())
 }

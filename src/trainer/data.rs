@@ -37,6 +37,22 @@ impl Default for DatasetParams {
     }
 }
 
+impl DatasetParams {
+    /// A dataset small enough to train in a second: 4 shards × 400 rows, 8 features, 3
+    /// classes (what `trainvisor validate` and the tests use).
+    pub fn small() -> Self {
+        DatasetParams {
+            shards: 4,
+            rows_per_shard: 400,
+            features: 8,
+            classes: 3,
+            seed: 7,
+            label_noise: 0.02,
+            test_rows: 500,
+        }
+    }
+}
+
 /// Writes `shard-00000.jsonl` … and `test.jsonl` into `out`: features drawn from N(0, 1),
 /// labels from a fixed random linear teacher, a fraction of them replaced at random. The
 /// same parameters always give the same bytes. Files are written to temp names and renamed,

@@ -185,15 +185,7 @@ pub fn listening_url(child: &mut std::process::Child) -> String {
 pub fn small_dataset(app: &TestApp) -> std::path::PathBuf {
     use trainvisor::trainer::data::{DatasetParams, make_dataset};
     let dir = app.data_dir.path().join("small");
-    let params = DatasetParams {
-        shards: 4,
-        rows_per_shard: 400,
-        features: 8,
-        classes: 3,
-        seed: 7,
-        label_noise: 0.02,
-        test_rows: 500,
-    };
+    let params = DatasetParams::small();
     make_dataset(&dir, &params).unwrap();
     dir
 }
