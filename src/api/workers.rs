@@ -14,14 +14,19 @@ use crate::actors::messages::{AllReduceRequest, CheckpointPart, Heartbeat, Worke
 use crate::checkpoint::{PartInfo, part_name};
 use crate::store;
 
-/// The bearer token of a request, if any.
+/// The bearer token of a request, if any. The scheme is case-insensitive (RFC 9110, 11.1):
+/// `bearer x` and `BEARER x` are as good as `Bearer x`.
 pub fn bearer(req: &HttpRequest) -> Option<&str> {
-    req.headers()
+    let value = req
+        .headers()
         .get(actix_web::http::header::AUTHORIZATION)?
         .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// Who is calling: the live job, the rank and the token it presented.

@@ -218,3 +218,26 @@ async fn log_retention_drops_the_oldest_lines_and_counts_them() {
         "the oldest are dropped"
     );
 }
+
+#[actix_web::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let app = spawn_app_with(|s| s.api_token = Some("s3cret".into())).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let res = app
+            .client
+            .get(app.url("/jobs"))
+            .header("Authorization", format!("{scheme} s3cret"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "scheme {scheme}");
+    }
+    let res = app
+        .client
+        .get(app.url("/jobs"))
+        .header("Authorization", "Basic s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+}
