@@ -64,6 +64,16 @@ async fn bad_job_specs_are_refused_and_create_nothing() {
             422,
         ),
         (
+            "duplicate keys",
+            r#"{"world_size": 1, "world_size": 2}"#.to_string(),
+            400,
+        ),
+        (
+            "duplicate keys in a nested object",
+            r#"{"world_size": 1, "env": {"A": "1", "A": "2"}}"#.to_string(),
+            400,
+        ),
+        (
             "reserved env name",
             json!({"world_size": 1, "env": {"RANK": "3"}}).to_string(),
             422,
