@@ -453,6 +453,12 @@ where
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::telemetry::init();
+    if std::env::args().any(|a| a == "--api-token" || a.starts_with("--api-token=")) {
+        eprintln!(
+            "trainvisor: warning: --api-token is visible to every user of this machine in \
+             /proc/<pid>/cmdline and `ps`; prefer TRAINVISOR_API_TOKEN or --api-token-file"
+        );
+    }
     let token_file = args
         .api_token_file
         .clone()

@@ -20,6 +20,9 @@ use crate::bus::{EventBus, LogBus};
 use crate::config::Settings;
 use crate::store::{self, Recorder};
 
+/// The shortest API token accepted on an address other than loopback.
+pub const MIN_PUBLIC_TOKEN_CHARS: usize = 12;
+
 pub struct Application {
     addr: SocketAddr,
     server: Server,
@@ -58,6 +61,17 @@ impl Application {
             anyhow::bail!(
                 "refusing to listen on {addr} without an API token: POST /jobs runs commands. \
                  Set --api-token (TRAINVISOR_API_TOKEN) or bind a loopback address"
+            );
+        }
+        if !addr.ip().is_loopback()
+            && let Some(token) = &settings.api_token
+            && token.chars().count() < MIN_PUBLIC_TOKEN_CHARS
+        {
+            anyhow::bail!(
+                "refusing to listen on {addr} with an API token of {} characters: on an address \
+                 other than loopback it must have at least {MIN_PUBLIC_TOKEN_CHARS} (e.g. \
+                 `openssl rand -hex 32`)",
+                token.chars().count()
             );
         }
         let reachable = if addr.ip().is_unspecified() {

@@ -241,3 +241,41 @@ async fn the_bearer_scheme_is_case_insensitive() {
         .unwrap();
     assert_eq!(res.status(), 401);
 }
+
+/// A token too short to resist guessing is refused on an address other than loopback, and a
+/// token given on the command line (visible in `ps`) draws a warning.
+#[actix_web::test]
+async fn weak_or_visible_tokens_are_called_out() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut settings = trainvisor::config::Settings::new("0.0.0.0:0", data_dir.path());
+    settings.api_token = Some("x".into());
+    let err = match trainvisor::startup::Application::build(settings).await {
+        Ok(_) => panic!("a one-character token was accepted on 0.0.0.0"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("at least 12"), "{err}");
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--api-token",
+            "a-long-enough-token",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _url = listening_url(&mut server);
+    server.kill().unwrap();
+    let out = server.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--api-token is visible") && stderr.contains("TRAINVISOR_API_TOKEN"),
+        "{stderr}"
+    );
+}
