@@ -251,6 +251,16 @@ pub struct ServeArgs {
     /// slurm.conf for the Slurm commands the server runs (default: Slurm's own lookup).
     #[arg(long, env = "SLURM_CONF")]
     slurm_conf: Option<PathBuf>,
+    /// Warn (and /health says disk_low) when the data dir has less free space than this.
+    #[arg(long, env = "TRAINVISOR_LOW_DISK_MB", default_value_t = 512)]
+    low_disk_mb: u64,
+    /// Milliseconds a request body may take to arrive whole; slower ones get 408 and are closed.
+    #[arg(long, env = "TRAINVISOR_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    body_timeout_ms: u64,
+    /// Concurrent HTTP connections (default: the open-file limit less a reserve for ranks and
+    /// SQLite).
+    #[arg(long, env = "TRAINVISOR_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
 }
 
 fn parse_launcher(s: &str) -> Result<crate::spec::LauncherKind, String> {
@@ -280,6 +290,9 @@ impl ServeArgs {
             .filter(|u| !u.is_empty())
             .map(|u| u.trim_end_matches('/').to_string());
         settings.slurm_conf = self.slurm_conf.filter(|p| !p.as_os_str().is_empty());
+        settings.low_disk_bytes = self.low_disk_mb.saturating_mul(1 << 20);
+        settings.body_timeout = Duration::from_millis(self.body_timeout_ms.max(1));
+        settings.max_connections = self.max_connections.map(|n| n.max(1));
         if !settings.allowed_roots.is_empty() {
             // The defaults live in the data dir, so it is always allowed.
             settings.allowed_roots.push(settings.data_dir.clone());

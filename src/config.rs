@@ -135,6 +135,16 @@ pub struct Settings {
     /// `SLURM_CONF` for the Slurm commands the server runs (salloc, srun, squeue, scancel,
     /// sinfo); none means theirs (the environment's `SLURM_CONF` or `/etc/slurm/slurm.conf`).
     pub slurm_conf: Option<PathBuf>,
+    /// Free space on the data dir's file system under which the server warns (and `/health`
+    /// says `disk_low`).
+    pub low_disk_bytes: u64,
+    /// A request body must arrive whole within this; slower ones get 408 and are closed.
+    pub body_timeout: Duration,
+    /// How long the page's session cookie is good for.
+    pub session_ttl: Duration,
+    /// Concurrent HTTP connections; none: derived from the open-file limit, keeping a reserve
+    /// of descriptors for ranks and SQLite (`startup::connection_cap`).
+    pub max_connections: Option<usize>,
     /// How to reach `s3://` locations (the seed's `S3_*` env); workers of jobs that use S3 get
     /// the same settings, credentials included, through their environment only.
     pub s3: crate::storage::S3Config,
@@ -160,6 +170,10 @@ impl Settings {
             max_log_lines_per_job: 1_000_000,
             advertise_url: None,
             slurm_conf: None,
+            low_disk_bytes: 512 << 20,
+            body_timeout: Duration::from_secs(10),
+            max_connections: None,
+            session_ttl: Duration::from_secs(12 * 3600),
             s3: crate::storage::S3Config::default(),
         }
     }

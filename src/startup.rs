@@ -85,6 +85,14 @@ impl Application {
             .unwrap_or_else(|| format!("http://{reachable}"));
         let max_body = settings.max_body_bytes;
         let http_workers = settings.http_workers;
+        recorder
+            .health()
+            .watch_disk(data_dir.clone(), settings.low_disk_bytes);
+        let open_files = raise_open_file_limit();
+        let max_connections = settings
+            .max_connections
+            .unwrap_or_else(|| connection_cap(open_files));
+        tracing::debug!(open_files, max_connections, "connection limit");
         let rt = Arc::new(Runtime {
             pool,
             recorder,
@@ -125,8 +133,14 @@ impl Application {
                 }))
         })
         .workers(http_workers)
-        // Longer than most clients' idle pools, so a reused connection is rarely one the
-        // server is closing at that very moment.
+        // The cap is per HTTP worker; past it the listener stops accepting (the kernel's
+        // backlog holds new connections) instead of running out of descriptors.
+        .max_connections(max_connections.div_ceil(http_workers).max(1))
+        // The idle limits: headers must arrive within 5 s, and an idle kept-alive connection
+        // is closed after 75 s (longer than most clients' idle pools, so a reused connection
+        // is rarely one the server is closing at that very moment). The body has its own
+        // deadline (`api::body`).
+        .client_request_timeout(std::time::Duration::from_secs(5))
         .keep_alive(std::time::Duration::from_secs(75))
         .disable_signals()
         .shutdown_timeout(5)
@@ -173,6 +187,39 @@ impl Application {
         server.await?;
         Ok(())
     }
+}
+
+/// Descriptors kept out of reach of HTTP connections, for ranks (pipes, pidfds), SQLite and
+/// the checkpoint files, so a flood of connections never fails a job.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one (the default soft limit of 1024 is what a
+/// flood of connections exhausts first) and returns the limit now in force.
+fn raise_open_file_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur as u64
+    }
+}
+
+/// Concurrent connections for an open-file limit: the limit less a reserve (256, or a
+/// quarter of a small limit), never fewer than 16.
+pub fn connection_cap(open_files: u64) -> usize {
+    let reserve = FD_RESERVE.min(open_files / 4);
+    open_files.saturating_sub(reserve).clamp(16, 1 << 20) as usize
 }
 
 /// Creates the data dir and proves this process can write in it, or fails with one line that

@@ -1,9 +1,11 @@
 //! API authentication. With an API token configured (`--api-token`), every route but
-//! `/health`, `/openapi.json`, the page's own files, `POST /session` and the worker routes
+//! `/health`, `/ready`, `/openapi.json`, the page's own files, `POST /session` and the worker routes
 //! (which take their incarnation's token) needs either `Authorization: Bearer <api token>` or the session cookie
 //! that `POST /session` sets. The cookie is how the page and its EventSource streams (which
-//! cannot set headers) authenticate: HttpOnly, SameSite=Strict, holding a digest of the token,
-//! never the token itself.
+//! cannot set headers) authenticate: HttpOnly, SameSite=Strict, holding the time it was issued
+//! and a digest of that time and the token, never the token itself. It expires after
+//! `Settings::session_ttl` (12 h; and says so in `Max-Age`), and a new token invalidates every cookie issued
+//! for the old one.
 
 use actix_web::body::MessageBody;
 use actix_web::cookie::{Cookie, SameSite};
@@ -19,9 +21,28 @@ use crate::actors::hash_token;
 
 pub const SESSION_COOKIE: &str = "trainvisor_session";
 
-/// The cookie value for a token: a digest, so a leaked cookie does not reveal the token.
-fn session_value(token: &str) -> String {
-    hash_token(&format!("trainvisor-session:{token}"))
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The cookie value for a token issued at `issued` (Unix seconds): `<issued>.<digest>`, so a
+/// leaked cookie reveals neither the token nor a way to extend its life.
+fn session_value(token: &str, issued: u64) -> String {
+    let digest = hash_token(&format!("trainvisor-session:{issued}:{token}"));
+    format!("{issued}.{digest}")
+}
+
+/// Whether a cookie value was issued for `token` less than `ttl` ago.
+fn session_valid(value: &str, token: &str, now: u64, ttl: std::time::Duration) -> bool {
+    let Some(issued) = value
+        .split_once('.')
+        .and_then(|(t, _)| t.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    issued <= now && now - issued < ttl.as_secs() && same(value, &session_value(token, issued))
 }
 
 /// Constant-time comparison of two digests.
@@ -34,8 +55,10 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 fn is_open(path: &str) -> bool {
-    if matches!(path, "/" | "/health" | "/openapi.json" | "/session")
-        || path.starts_with("/static/")
+    if matches!(
+        path,
+        "/" | "/health" | "/ready" | "/openapi.json" | "/session"
+    ) || path.starts_with("/static/")
     {
         return true;
     }
@@ -51,10 +74,10 @@ pub async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let expected = req
+    let settings = req
         .app_data::<web::Data<AppState>>()
-        .and_then(|s| s.rt.settings.api_token.clone());
-    let Some(token) = expected else {
+        .map(|s| (s.rt.settings.api_token.clone(), s.rt.settings.session_ttl));
+    let Some((Some(token), ttl)) = settings else {
         return next.call(req).await;
     };
     if is_open(req.path()) {
@@ -64,7 +87,7 @@ pub async fn require_token(
         bearer(req.request()).is_some_and(|t| same(&hash_token(t), &hash_token(&token)));
     let by_cookie = req
         .cookie(SESSION_COOKIE)
-        .is_some_and(|c| same(c.value(), &session_value(&token)));
+        .is_some_and(|c| session_valid(c.value(), &token, unix_now(), ttl));
     if by_header || by_cookie {
         return next.call(req).await;
     }
@@ -108,8 +131,9 @@ pub struct SessionReply {
 )]
 pub async fn session(
     state: web::Data<AppState>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let body = super::body::read(&state, body).await?;
     let request: SessionRequest = parse_json(&body, false)?;
     let Some(token) = state.rt.settings.api_token.as_deref() else {
         return Ok(HttpResponse::Ok().json(serde_json::json!({"auth": "none"})));
@@ -117,10 +141,14 @@ pub async fn session(
     if !same(&hash_token(&request.token), &hash_token(token)) {
         return Err(ApiError::Unauthorized("wrong API token".into()));
     }
-    let cookie = Cookie::build(SESSION_COOKIE, session_value(token))
+    let ttl = state.rt.settings.session_ttl;
+    let cookie = Cookie::build(SESSION_COOKIE, session_value(token, unix_now()))
         .path("/")
         .http_only(true)
         .same_site(SameSite::Strict)
+        .max_age(actix_web::cookie::time::Duration::seconds(
+            ttl.as_secs() as i64
+        ))
         .finish();
     Ok(HttpResponse::Ok()
         .cookie(cookie)
@@ -134,6 +162,7 @@ mod tests {
     #[test]
     fn only_the_worker_routes_and_the_page_are_open() {
         assert!(is_open("/health"));
+        assert!(is_open("/ready"));
         assert!(is_open("/openapi.json"));
         assert!(is_open("/static/app.js"));
         assert!(is_open("/jobs/abc/workers/0/heartbeat"));
@@ -141,5 +170,26 @@ mod tests {
         assert!(!is_open("/jobs"));
         assert!(!is_open("/jobs/abc/workers/0/heartbeat/x"));
         assert!(!is_open("/events"));
+    }
+
+    #[test]
+    fn session_cookies_expire_and_belong_to_one_token() {
+        let ttl = std::time::Duration::from_secs(100);
+        let v = session_value("token-one", 1000);
+        assert!(session_valid(&v, "token-one", 1000, ttl));
+        assert!(session_valid(&v, "token-one", 1099, ttl));
+        assert!(!session_valid(&v, "token-one", 1100, ttl), "expired");
+        assert!(
+            !session_valid(&v, "token-one", 999, ttl),
+            "issued in the future"
+        );
+        assert!(!session_valid(&v, "token-two", 1000, ttl), "another token");
+        let (_, digest) = v.split_once('.').unwrap();
+        let extended = format!("1050.{digest}");
+        assert!(
+            !session_valid(&extended, "token-one", 1060, ttl),
+            "the time cannot be changed"
+        );
+        assert!(!session_valid("garbage", "token-one", 1000, ttl));
     }
 }

@@ -34,12 +34,18 @@ pub enum ApiError {
     StaleIncarnation(String),
     #[error("{0}")]
     TooLarge(String),
+    /// The body did not arrive within `--body-timeout-ms`.
+    #[error("{0}")]
+    BodyTimeout(String),
     #[error("{0}")]
     AtLimit(String),
     /// The database stayed locked past its busy timeout (a long checkpoint of the WAL on a
     /// loaded disk): nothing was changed, the client may retry.
     #[error("the server is busy: the database stayed locked; nothing was changed, retry")]
     Busy,
+    /// The history cannot be written (a full or failing disk under the data dir).
+    #[error("{0}")]
+    StorageUnavailable(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -72,10 +78,20 @@ impl ApiError {
             ApiError::Conflict(_) => Code::Conflict,
             ApiError::StaleIncarnation(_) => Code::StaleIncarnation,
             ApiError::TooLarge(_) => Code::PayloadTooLarge,
+            ApiError::BodyTimeout(_) => Code::BodyTimeout,
             ApiError::AtLimit(_) => Code::LimitReached,
             ApiError::Busy => Code::Busy,
+            ApiError::StorageUnavailable(_) => Code::StorageUnavailable,
             ApiError::Internal(_) => Code::Internal,
         }
+    }
+
+    /// New work refused because the history cannot be written.
+    pub fn storage_unavailable(reason: &str) -> Self {
+        ApiError::StorageUnavailable(format!(
+            "the server cannot record history now ({reason}); new jobs are refused until it \
+             can: free space in the data dir (running jobs go on and are recorded once it can)"
+        ))
     }
 
     pub fn job_not_found(id: impl std::fmt::Display) -> Self {
@@ -93,9 +109,19 @@ impl ResponseError for ApiError {
             tracing::error!(error = ?cause, "internal error");
         }
         let mut res = HttpResponse::build(self.status_code());
-        if let ApiError::Busy = self {
-            tracing::warn!("database busy: answered 503");
-            res.insert_header((header::RETRY_AFTER, "1"));
+        match self {
+            ApiError::Busy => {
+                tracing::warn!("database busy: answered 503");
+                res.insert_header((header::RETRY_AFTER, "1"));
+            }
+            ApiError::StorageUnavailable(_) => {
+                res.insert_header((header::RETRY_AFTER, "5"));
+            }
+            // The rest of the body may still be on its way: do not wait for it.
+            ApiError::BodyTimeout(_) | ApiError::TooLarge(_) => {
+                res.force_close();
+            }
+            _ => {}
         }
         res.json(ErrorBody::new(self.code(), self.to_string()))
     }
@@ -105,6 +131,9 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         if is_busy(&e) {
             return ApiError::Busy;
+        }
+        if crate::store::is_storage_fault(&e) {
+            return ApiError::storage_unavailable(&e.to_string());
         }
         ApiError::Internal(e.into())
     }
@@ -137,6 +166,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::AtLimit(why) => ApiError::AtLimit(why),
             ManagerError::Internal(e) => match e.downcast_ref::<sqlx::Error>() {
                 Some(db) if is_busy(db) => ApiError::Busy,
+                Some(db) if crate::store::is_storage_fault(db) => {
+                    ApiError::storage_unavailable(&db.to_string())
+                }
                 _ => ApiError::Internal(e),
             },
         }

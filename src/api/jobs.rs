@@ -35,12 +35,16 @@ async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
         (status = 422, description = "The spec is refused (a field out of range, a path outside \
             the allowed roots, ...); nothing was created", body = ErrorBody),
         (status = 429, description = "At `--max-jobs` or `--max-workers`", body = ErrorBody),
+        (status = 503, description = "The history cannot be written now (a full disk): \
+            nothing was created; retry", body = ErrorBody),
     )
 )]
 pub async fn create(
     state: web::Data<AppState>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    super::health::refuse_if_degraded(&state)?;
+    let body = super::body::read(&state, body).await?;
     let request: JobRequest = parse_json(&body, false)?;
     let spec = request
         .resolve(&state.rt.settings.job_defaults)
@@ -355,7 +359,11 @@ pub struct PurgeRequest {
         (status = 200, description = "What was deleted and what was skipped (and why)", body = DeleteReport),
     )
 )]
-pub async fn purge(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+pub async fn purge(
+    state: web::Data<AppState>,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = super::body::read(&state, body).await?;
     let request: PurgeRequest = parse_json(&body, true)?;
     let ids = match request.job_ids {
         Some(raw) => {

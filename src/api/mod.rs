@@ -1,6 +1,7 @@
 //! HTTP routes, grouped by resource.
 
 pub mod auth;
+mod body;
 pub mod error;
 mod events;
 mod health;
@@ -47,6 +48,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/", "GET").get(page::index))
         .service(resource("/static/{file}", "GET").get(page::file))
         .service(resource("/health", "GET").get(health::health))
+        .service(resource("/ready", "GET").get(health::ready))
         .service(resource("/openapi.json", "GET").get(openapi::openapi_json))
         .service(resource("/session", "POST").post(auth::session))
         .service(resource("/metrics", "GET").get(metrics::metrics))

@@ -182,6 +182,7 @@ impl Modify for CommonResponses {
                 }
                 if has_body {
                     add(Code::InvalidJson);
+                    add(Code::BodyTimeout);
                     add(Code::PayloadTooLarge);
                 }
             }
@@ -278,7 +279,7 @@ impl Modify for SecuritySchemes {
         let mut admin = Http::new(HttpAuthScheme::Bearer);
         admin.description = Some(
             "The server's API token (`--api-token`, `TRAINVISOR_API_TOKEN`). Needed only when \
-             the server has one; every route but `/health`, `/openapi.json`, the page, \
+             the server has one; every route but `/health`, `/ready`, `/openapi.json`, the page, \
              `POST /session` and the worker routes then requires it (or the session cookie)."
                 .into(),
         );
@@ -313,6 +314,7 @@ impl Modify for SecuritySchemes {
         page::index,
         page::file,
         health::health,
+        health::ready,
         openapi_json,
         auth::session,
         metrics::metrics,

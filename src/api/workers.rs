@@ -1,5 +1,7 @@
 //! The worker API, authorized by each incarnation's bearer token:
-//! `POST /jobs/{job_id}/workers/{rank}/heartbeat | allreduce | checkpoint`.
+//! `POST /jobs/{job_id}/workers/{rank}/heartbeat | allreduce | checkpoint`. The token and the
+//! job are checked before the body is read; a token that was never this rank's gets `401`
+//! before anything about the job's state is said.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -9,8 +11,8 @@ use uuid::Uuid;
 use super::error::{ErrorBody, parse_json};
 use super::schema::JobRank;
 use super::{ApiError, AppState, parse_job_id};
-use crate::actors::JobHandle;
 use crate::actors::messages::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
+use crate::actors::{JobHandle, hash_token};
 use crate::checkpoint::{PartInfo, part_name};
 use crate::store;
 
@@ -53,6 +55,14 @@ async fn caller(
         })?
         .to_string();
     let Some(job) = state.rt.registry.get(&id) else {
+        // Only a worker of this job learns that it has ended: anyone else (a wrong token) is
+        // told nothing about the job.
+        let ours = store::jobs::issued_token(&state.rt.pool, id, rank, &hash_token(&token)).await?;
+        if !ours {
+            return Err(ApiError::Unauthorized(format!(
+                "token is not valid for rank {rank} of job {id}"
+            )));
+        }
         return match store::jobs::get(&state.rt.pool, id).await? {
             Some(job) => Err(ApiError::StaleIncarnation(format!(
                 "job {id} is {}; this worker must exit",
@@ -137,8 +147,10 @@ pub async fn heartbeat(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<(String, String)>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let c = caller(&state, &req, path.into_inner()).await?;
+    let body = super::body::read(&state, body).await?;
     let body: Value = parse_json(&body, true)?;
     if !body.is_object() {
         return Err(ApiError::InvalidJson(
@@ -152,7 +164,6 @@ pub async fn heartbeat(
             "step must be a non-negative integer (or null: no step yet)".into(),
         ));
     }
-    let c = caller(&state, &req, path.into_inner()).await?;
     let msg = Heartbeat {
         rank: c.rank,
         token: c.token.clone(),
@@ -194,10 +205,11 @@ pub async fn allreduce(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<(String, String)>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body: AllReduceBody = parse_json(&body, false)?;
     let c = caller(&state, &req, path.into_inner()).await?;
+    let body = super::body::read(&state, body).await?;
+    let body: AllReduceBody = parse_json(&body, false)?;
     let msg = AllReduceRequest {
         rank: c.rank,
         token: c.token.clone(),
@@ -246,10 +258,11 @@ pub async fn checkpoint(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<(String, String)>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body: CheckpointBody = parse_json(&body, false)?;
     let c = caller(&state, &req, path.into_inner()).await?;
+    let body = super::body::read(&state, body).await?;
+    let body: CheckpointBody = parse_json(&body, false)?;
     if body.part != part_name(c.rank) {
         return Err(ApiError::InvalidSpec(format!(
             "rank {} must name its part {:?}",

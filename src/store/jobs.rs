@@ -126,6 +126,23 @@ pub async fn incarnations(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Incar
     .await
 }
 
+/// Whether `token_hash` is the digest of a token issued to some incarnation of this rank.
+pub async fn issued_token(
+    pool: &SqlitePool,
+    id: Uuid,
+    rank: u32,
+    token_hash: &str,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM incarnations WHERE job_id = ? AND rank = ? AND token_hash = ?)",
+    )
+    .bind(id.to_string())
+    .bind(rank)
+    .bind(token_hash)
+    .fetch_one(pool)
+    .await
+}
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Restart {
     pub rank: i64,

@@ -60,6 +60,8 @@ struct Env {
     checkpoint_dir: String,
     cache_dir: PathBuf,
     spec: JobSpec,
+    /// torchrun's `TORCHELASTIC_RESTART_COUNT`: 0 on the first run.
+    restart_count: u64,
 }
 
 fn var(name: &str) -> anyhow::Result<String> {
@@ -80,6 +82,10 @@ impl Env {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| std::env::temp_dir().join("trainvisor-cache")),
             spec: serde_json::from_str(&var("TRAINVISOR_SPEC")?).context("TRAINVISOR_SPEC")?,
+            restart_count: std::env::var("TORCHELASTIC_RESTART_COUNT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         })
     }
 }
@@ -142,6 +148,12 @@ async fn train(env: Env) -> anyhow::Result<()> {
         println!(
             "rank {rank}: resumed from step {step} (shard {} line {})",
             header.cursor.shard_idx, header.cursor.line_idx
+        );
+    } else if env.restart_count > 0 {
+        println!(
+            "rank {rank}: no committed checkpoint yet (no {}): restart {} retrains from step 0",
+            store.describe(checkpoint::LATEST),
+            env.restart_count
         );
     } else {
         println!(
@@ -215,7 +227,10 @@ async fn train(env: Env) -> anyhow::Result<()> {
         report_failed_checkpoint(rank, spec.checkpoint_every, last.await?);
     }
     if rank == 0 {
-        store.put(FINAL_MODEL, model.to_bytes()).await?;
+        store
+            .put(FINAL_MODEL, model.to_bytes())
+            .await
+            .with_context(|| format!("writing the final model {}", store.describe(FINAL_MODEL)))?;
     }
     // A last heartbeat so the summary shows the final step.
     let _ = client

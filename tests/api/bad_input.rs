@@ -172,7 +172,9 @@ async fn unknown_ids_routes_and_queries_get_json_errors() {
         .send()
         .await
         .unwrap();
-    assert_json_error(res, 400).await;
+    // The token is checked before the body is read: a token that was never this rank's
+    // learns nothing, not even that its body was bad.
+    assert_json_error(res, 401).await;
 }
 
 #[actix_web::test]

@@ -809,7 +809,7 @@ fn k8s_validate(files: &[std::path::PathBuf]) -> Result<String, String> {
 
 /// The manifests validate offline against the official Kubernetes schemas (strict: no unknown
 /// field), alone and as `kubectl kustomize` renders them where kubectl is installed; and they
-/// keep the promises the README makes: one replica replaced with Recreate, probes on /health,
+/// keep the promises the README makes: one replica replaced with Recreate, readiness on /ready and liveness on /health,
 /// a restrictive securityContext, a Role that grants nothing (the server calls no Kubernetes
 /// API) bound to a ServiceAccount whose token is not mounted, network policies for both pods.
 #[test]
@@ -868,9 +868,8 @@ fn kubernetes_manifests_validate_offline() {
     assert_eq!(pod["automountServiceAccountToken"], false);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let container = &pod["containers"][0];
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(container[probe]["httpGet"]["path"], "/health", "{probe}");
-    }
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/health");
     let sc = &container["securityContext"];
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);

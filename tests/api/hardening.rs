@@ -279,3 +279,60 @@ async fn weak_or_visible_tokens_are_called_out() {
         "{stderr}"
     );
 }
+
+/// A heartbeat to a finished job: its own worker's token learns the job ended (409); any
+/// other token learns nothing (401), not even the job's state.
+#[actix_web::test]
+async fn only_a_jobs_own_token_learns_that_it_ended() {
+    let app = spawn_app().await;
+    let out = app.data_dir.path().join("token");
+    let id = app
+        .create_job(json!({"world_size": 1,
+            "command": sh(&format!("printf %s \"$TRAINVISOR_TOKEN\" > {}", out.display()))}))
+        .await;
+    app.wait_finished(&id, Duration::from_secs(30)).await;
+    let token = std::fs::read_to_string(&out).unwrap();
+    let beat = |token: String| {
+        app.client
+            .post(app.url(&format!("/jobs/{id}/workers/0/heartbeat")))
+            .bearer_auth(token)
+            .body("{}")
+            .send()
+    };
+    let res = beat("a-token-never-issued".into()).await.unwrap();
+    assert_eq!(res.status(), 401);
+    let body = res.text().await.unwrap();
+    assert!(!body.contains("succeeded"), "{body}");
+    let res = beat(token).await.unwrap();
+    assert_eq!(res.status(), 409);
+    assert!(res.text().await.unwrap().contains("succeeded"));
+}
+
+/// The page's session cookie expires (`Max-Age`, and the server checks the time it holds) and
+/// is bound to the token: a server with another token refuses it.
+#[actix_web::test]
+async fn session_cookies_expire_and_die_with_their_token() {
+    let app = spawn_app_with(|s| {
+        s.api_token = Some("first-token-value".into());
+        s.session_ttl = Duration::from_secs(2);
+    })
+    .await;
+    let other = spawn_app_with(|s| s.api_token = Some("second-token-value".into())).await;
+    let res = app
+        .post_json("/session", &json!({"token": "first-token-value"}))
+        .await;
+    assert_eq!(res.status(), 200);
+    let set = res.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.contains("Max-Age=2"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let with_cookie = |app: &TestApp| {
+        app.client
+            .get(app.url("/jobs"))
+            .header("Cookie", cookie.clone())
+            .send()
+    };
+    assert_eq!(with_cookie(&app).await.unwrap().status(), 200);
+    assert_eq!(with_cookie(&other).await.unwrap().status(), 401);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(with_cookie(&app).await.unwrap().status(), 401, "expired");
+}

@@ -62,6 +62,9 @@ error_codes! {
     StaleIncarnation = CONFLICT, "stale_incarnation",
         "A worker call from an incarnation that has been replaced, or of a job that has \
          ended: the worker must exit";
+    BodyTimeout = REQUEST_TIMEOUT, "body_timeout",
+        "The request body did not arrive whole within `--body-timeout-ms` (10 s); the \
+         connection is closed";
     PayloadTooLarge = PAYLOAD_TOO_LARGE, "payload_too_large",
         "The body is larger than `--max-body-bytes` (1 MiB)";
     UnsupportedMediaType = UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
@@ -73,6 +76,10 @@ error_codes! {
         "At `--max-jobs`, `--max-workers` or `--max-sse-subscribers`; nothing was changed";
     Internal = INTERNAL_SERVER_ERROR, "internal",
         "A fault of the server; the cause is in its log, never in the answer";
+    StorageUnavailable = SERVICE_UNAVAILABLE, "storage_unavailable",
+        "The history cannot be written now (the data dir's disk is full or failing): new jobs \
+         are refused until it can, running jobs go on and catch up by themselves; the message \
+         gives the storage error. Nothing was changed; retry after `Retry-After` (5 s)";
     Busy = SERVICE_UNAVAILABLE, "busy",
         "SQLite stayed locked past its 30 s busy timeout (a loaded disk); nothing was \
          changed, retry after `Retry-After` (1 s)";
