@@ -94,6 +94,7 @@ fn log_batching(c: &mut Criterion) {
             .expect("a job row");
         let recorder = Recorder::start(
             pool,
+            dir.clone(),
             Arc::new(LogBus::default()),
             Arc::new(EventBus::default()),
             u64::MAX / 2,

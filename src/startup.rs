@@ -48,6 +48,7 @@ impl Application {
         let events = Arc::new(EventBus::default());
         let recorder = Recorder::start(
             pool.clone(),
+            data_dir.clone(),
             bus.clone(),
             events.clone(),
             settings.max_log_lines_per_job,

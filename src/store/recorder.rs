@@ -8,6 +8,7 @@
 //! when workers print faster than the disk can take: readers wait, the actors never do.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,7 @@ impl Recorder {
     /// stored sequence id.
     pub async fn start(
         pool: SqlitePool,
+        data_dir: PathBuf,
         bus: Arc<LogBus>,
         events: Arc<EventBus>,
         max_lines_per_job: u64,
@@ -72,6 +74,7 @@ impl Recorder {
         let health = Arc::new(StoreHealth::default());
         let task = Task {
             pool,
+            data_dir,
             bus,
             events,
             health: health.clone(),
@@ -216,6 +219,8 @@ impl Retention {
 /// What the recorder task keeps between batches.
 struct Task {
     pool: SqlitePool,
+    /// Where the database lives: its free space decides when a degraded period ends.
+    data_dir: PathBuf,
     bus: Arc<LogBus>,
     events: Arc<EventBus>,
     health: Arc<StoreHealth>,
@@ -232,6 +237,8 @@ struct Task {
 /// The first retry of a failed write comes after this, doubling up to `RETRY_MAX`.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A degraded period ends when the data dir has this much free space again (and writes work).
+const RECOVERED_FREE_BYTES: u64 = 8 << 20;
 
 async fn run(mut task: Task, mut rx: mpsc::UnboundedReceiver<Op>) {
     let mut incoming = Vec::with_capacity(MAX_BATCH);
@@ -255,6 +262,8 @@ async fn run(mut task: Task, mut rx: mpsc::UnboundedReceiver<Op>) {
         task.take(&mut incoming);
         if !task.queue.is_empty() {
             task.write_next().await;
+        } else {
+            task.try_recover();
         }
     }
 }
@@ -300,14 +309,7 @@ impl Task {
             return;
         }
         self.dropped.clear();
-        self.retry_in = RETRY_MIN;
-        if let Some(was) = self.health.set_ok() {
-            tracing::warn!(
-                since = %was.since,
-                logs_dropped = self.health.logs_dropped(),
-                "the history is being recorded again"
-            );
-        }
+        self.try_recover();
         for job in self.retention.due(&published) {
             if let Err(e) = self.retention.trim(&self.pool, job).await {
                 tracing::error!(error = %e, %job, "recorder: log retention failed");
@@ -325,6 +327,28 @@ impl Task {
             }
         }
         self.health.set_pending(self.queue.len());
+    }
+
+    /// Ends a degraded period once a write has succeeded and the data dir has room again. A
+    /// full disk often still takes a small write (SQLite reuses the WAL's space), so success
+    /// alone would flap between refusing and taking new work while the disk stays full.
+    fn try_recover(&mut self) {
+        if self.health.degraded().is_none() {
+            return;
+        }
+        let free = super::health::free_bytes(&self.data_dir).unwrap_or(u64::MAX);
+        if free < RECOVERED_FREE_BYTES {
+            return;
+        }
+        self.retry_in = RETRY_MIN;
+        if let Some(was) = self.health.set_ok() {
+            tracing::warn!(
+                since = %was.since,
+                logs_dropped = self.health.logs_dropped(),
+                free_mb = free >> 20,
+                "the history is being recorded again"
+            );
+        }
     }
 
     fn failed(&mut self, e: sqlx::Error, batch: Vec<Op>) {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -275,32 +275,6 @@ async fn campaign_an_external_reader_holding_a_transaction_does_not_stall_the_se
     reader.wait().await.unwrap();
 }
 
-/// A small tmpfs mounted for the test, unmounted when dropped.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(path: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .expect("mount runs");
-        assert!(
-            out.status.success(),
-            "this campaign mounts a small tmpfs to fill it, which needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallDisk(path.to_path_buf())
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[actix_web::test]
 async fn campaign_a_full_disk_fails_checkpoints_cleanly_and_training_recovers() {
     let app = spawn_app().await;
@@ -316,8 +290,8 @@ async fn campaign_a_full_disk_fails_checkpoints_cleanly_and_training_recovers() 
     );
     let expected = model_sha(&app.client, &app.address, &reference).await;
 
-    let disk = app.data_dir.path().join("small-disk");
-    let _mounted = SmallDisk::mount(&disk, "256k");
+    let mounted = Tmpfs::mount("256k");
+    let disk = mounted.path();
     spec["checkpoint_dir"] = json!(disk);
     let id = app.create_job(spec).await;
     let store = trainvisor::storage::BlobStore::open(disk.join(&id).to_str().unwrap()).unwrap();
@@ -327,14 +301,7 @@ async fn campaign_a_full_disk_fails_checkpoints_cleanly_and_training_recovers() 
     })
     .await
     .expect("checkpoints before the disk fills");
-    // Fill the disk.
-    let ballast = disk.join("ballast");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&ballast).unwrap();
-        let block = vec![0u8; 4096];
-        while f.write_all(&block).is_ok() {}
-    }
+    let ballast = mounted.fill();
     let full_since = Instant::now();
     let error = wait_for(Duration::from_secs(30), || async {
         app.log_lines(&id).await.into_iter().find(|l| {

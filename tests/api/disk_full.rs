@@ -9,41 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, listening_url, sh, test_client, wait_for};
-
-/// A tmpfs mounted for the test, unmounted (lazily) when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok,
-            "mounting a tmpfs needs root (the CI runs the tests as root)"
-        );
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+use crate::helpers::{TestApp, Tmpfs, listening_url, sh, test_client, wait_for};
 
 struct Server {
     child: std::process::Child,
@@ -105,7 +71,7 @@ async fn health(app: &TestApp) -> Value {
 }
 
 #[actix_web::test]
-async fn a_full_data_disk_degrades_refuses_new_jobs_and_catches_up_by_itself() {
+async fn campaign_a_full_data_dir_degrades_refuses_new_jobs_and_catches_up_by_itself() {
     let disk = Tmpfs::mount("20m");
     let data_dir = disk.path().join("data");
     let marks = tempfile::tempdir().unwrap();
@@ -122,6 +88,7 @@ async fn a_full_data_disk_degrades_refuses_new_jobs_and_catches_up_by_itself() {
     let id = app
         .create_job(json!({"world_size": 2, "command": sh(&script)}))
         .await;
+    let submitted = std::time::Instant::now();
 
     let degraded = wait_for(Duration::from_secs(60), || async {
         let h = health(app).await;
@@ -129,6 +96,7 @@ async fn a_full_data_disk_degrades_refuses_new_jobs_and_catches_up_by_itself() {
     })
     .await
     .expect("/health says degraded while the disk is full");
+    let degraded_after_s = submitted.elapsed().as_secs_f64();
     let reason = degraded["degraded"]["reason"].as_str().unwrap().to_string();
     assert!(
         reason.contains("full") || reason.contains("I/O"),
@@ -167,8 +135,17 @@ async fn a_full_data_disk_degrades_refuses_new_jobs_and_catches_up_by_itself() {
     .expect("both ranks ran and exited");
 
     // Space comes back: everything queued is written, in order, without a restart.
+    let h = health(app).await;
+    assert_eq!(
+        h["status"], "degraded",
+        "still degraded while the disk is full: {h}"
+    );
+    let pending = h["pending_writes"].as_u64().unwrap();
+    let full_for_s = submitted.elapsed().as_secs_f64() - degraded_after_s;
     std::fs::remove_file(&filler).unwrap();
+    let freed = std::time::Instant::now();
     let job = app.wait_finished(&id, Duration::from_secs(60)).await;
+    let caught_up_ms = freed.elapsed().as_secs_f64() * 1e3;
     assert_eq!(job["state"], "succeeded", "{job}");
     let h = wait_for(Duration::from_secs(30), || async {
         let h = health(app).await;
@@ -212,6 +189,15 @@ async fn a_full_data_disk_degrades_refuses_new_jobs_and_catches_up_by_itself() {
             .any(|l| l["line"] == "after-the-disk-was-full")
     );
 
+    println!(
+        "campaign (f): /health said degraded {degraded_after_s:.2} s after the job started; for \
+         the next {full_for_s:.1} s POST /jobs \
+         got 503 storage_unavailable and /ready 503; {pending} state writes were still waiting at the end; \
+         {} log lines dropped and counted; {caught_up_ms:.0} ms after the filler was removed the \
+         job was recorded succeeded with both incarnations, no restart needed",
+        job["logs_dropped"]
+    );
+
     // A restart runs nothing again: both jobs are recorded finished.
     server.stop();
     let server = start(&data_dir);
@@ -221,15 +207,6 @@ async fn a_full_data_disk_degrades_refuses_new_jobs_and_catches_up_by_itself() {
     }
     assert_eq!(server.app.incarnations(&id).await.len(), 2);
     assert_eq!(marked_pids(marks.path()).len(), 2, "no rank ran again");
-}
-
-/// Fills a file system to the last byte.
-fn fill(dir: &Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
-    let block = vec![1u8; 64 << 10];
-    while f.write_all(&block).is_ok() {}
-    let _ = f.sync_all();
 }
 
 /// Directories under `dir` named like a checkpoint step.
@@ -257,7 +234,7 @@ async fn a_full_checkpoint_disk_leaves_no_empty_steps_and_names_the_file() {
     let disk = Tmpfs::mount("1m");
     let checkpoints = disk.path().join("ckpt");
     std::fs::create_dir(&checkpoints).unwrap();
-    fill(disk.path());
+    disk.fill();
     let app = crate::helpers::spawn_app().await;
     let dataset = crate::helpers::small_dataset(&app);
     let id = app

@@ -33,7 +33,7 @@ async fn until_closed(mut s: TcpStream) -> String {
 }
 
 #[actix_web::test]
-async fn a_slow_body_flood_is_cut_off_while_health_and_a_job_stay_fine() {
+async fn campaign_a_slow_body_flood_is_cut_off_while_health_and_a_job_stay_fine() {
     let data_dir = tempfile::tempdir().unwrap();
     // The whole server runs under a soft and hard limit of 256 open files.
     let mut child = std::process::Command::new("sh")
@@ -99,9 +99,10 @@ async fn a_slow_body_flood_is_cut_off_while_health_and_a_job_stay_fine() {
         *answers.entry(status).or_default() += 1;
     }
     let cut_s = started.elapsed().as_secs_f64();
-    eprintln!(
-        "slow-body flood of {FLOOD}: /health answered after {health_s:.2} s, all cut off \
-         after {cut_s:.2} s: {answers:?}"
+    println!(
+        "campaign (g): {FLOOD} connections stalled mid-body under a 256-file limit: /health \
+         answered after {health_s:.2} s, every one was answered and closed after {cut_s:.2} s \
+         ({answers:?}); a rank killed meanwhile was replaced"
     );
     assert_eq!(
         answers.get("408").copied().unwrap_or(0),
