@@ -17,6 +17,7 @@ use super::messages::{
 };
 use super::worker::Worker;
 use crate::domain::failure_policy::CrashLoop;
+use crate::domain::incident::{Incident, IncidentEnd, IncidentRow};
 use crate::domain::progress::{Progress, Summary, SummaryInput};
 use crate::domain::{JobState, Outcome, RestartCounts, RestartPolicy};
 use crate::launcher::{self, JobContext, JobLauncher};
@@ -25,6 +26,7 @@ use crate::storage::BlobStore;
 use crate::store::history::HistoryOp;
 use crate::store::now;
 
+mod incidents;
 mod launch;
 mod restart;
 mod worker_api;
@@ -74,6 +76,9 @@ pub struct Job {
     last_progress_event: Option<std::time::Instant>,
     launcher: Arc<dyn JobLauncher>,
     crash_loop: CrashLoop,
+    /// This run's incidents, and those of earlier servers' runs (closed, from the history).
+    incidents: Vec<Incident>,
+    past_incidents: Vec<IncidentRow>,
     /// Told when the last rank is down during a server shutdown.
     shutdown_waiter: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -89,6 +94,8 @@ pub struct JobInit {
     pub restart_events: u32,
     /// Nodes already excluded from the job's launches (restored from the history).
     pub excluded_nodes: Vec<String>,
+    /// Incidents of earlier runs (restored from the history, all closed).
+    pub incidents: Vec<IncidentRow>,
 }
 
 impl Job {
@@ -168,6 +175,8 @@ impl Job {
                 last_progress_event: None,
                 launcher,
                 crash_loop: CrashLoop::new(spec_world),
+                incidents: Vec::new(),
+                past_incidents: init.incidents,
                 shutdown_waiter: None,
             }
         });
@@ -297,6 +306,7 @@ impl Job {
     }
 
     fn record_ended(&mut self, state: JobState, ctx: &mut Context<Self>) {
+        self.close_incidents(IncidentEnd::JobEnded);
         let summary = serde_json::to_string(&self.summary()).ok();
         let reason = self.reason.clone();
         self.note(
@@ -332,6 +342,7 @@ impl Job {
 
     pub fn summary(&self) -> Summary {
         let status = self.launcher.status();
+        let step = self.ranks.iter().filter_map(|r| r.progress.step).min();
         Summary::build(SummaryInput {
             id: self.id,
             spec: &self.spec,
@@ -348,6 +359,7 @@ impl Job {
                 .map(|c| (c.step, c.at.clone())),
             slurm_job_id: status.slurm_job_id,
             excluded_nodes: status.excluded_nodes,
+            goodput: self.goodput(step),
         })
     }
 }
@@ -405,6 +417,7 @@ impl Handler<WorkerStarted> for Job {
                 restarted_at: now(),
             });
         }
+        self.incident_spawned(msg.rank);
         if self.state == JobState::Pending {
             self.set_state(JobState::Running, None, None);
         }
@@ -498,6 +511,7 @@ impl Handler<KillForShutdown> for Job {
         // No more decisions: the exits that follow are the server's doing, not the ranks'.
         let winding_down = !matches!(self.phase, Phase::Done);
         self.phase = Phase::ServerShutdown;
+        self.close_incidents(IncidentEnd::ServerRestart);
         let (tx, all_down) = tokio::sync::oneshot::channel();
         if winding_down {
             self.shutdown_waiter = Some(tx);

@@ -97,6 +97,7 @@ impl Handler<CreateJob> for JobManager {
                         counts,
                         restart_events: 0,
                         excluded_nodes: Vec::new(),
+                        incidents: Vec::new(),
                     },
                     ctx,
                 );
@@ -179,6 +180,8 @@ async fn restore_plan(
     let at = now();
     crate::launcher::forget(&spec, id, settings).await;
     store::jobs::close_orphaned_incarnations(pool, id, &at).await?;
+    store::jobs::close_open_incidents(pool, id, &at).await?;
+    let incidents = store::jobs::incidents(pool, id).await?;
     let excluded_nodes = store::jobs::excluded_nodes(pool, id)
         .await?
         .into_iter()
@@ -242,6 +245,7 @@ async fn restore_plan(
         counts,
         restart_events,
         excluded_nodes,
+        incidents,
     })
 }
 

@@ -166,6 +166,15 @@ pub enum WorkerRejected {
     Invalid(String),
 }
 
+/// Is this token the current incarnation's of `rank`? Asked before a worker call's body is
+/// read, so a wrong token is refused without reading it.
+#[derive(Message)]
+#[rtype(result = "Result<(), WorkerRejected>")]
+pub struct Authorize {
+    pub rank: u32,
+    pub token: String,
+}
+
 /// A heartbeat from a worker, with the bearer token it presented.
 #[derive(Message)]
 #[rtype(result = "Result<(), WorkerRejected>")]

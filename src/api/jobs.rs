@@ -147,6 +147,7 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         restarts: job.restarts as u32,
         progress: &Progress::default(),
         last_checkpoint: None,
+        goodput: None,
         slurm_job_id: None,
         excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
     }))

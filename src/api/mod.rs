@@ -5,6 +5,7 @@ mod body;
 pub mod error;
 mod events;
 mod health;
+mod incidents;
 mod jobs;
 mod logs;
 mod metrics;
@@ -68,6 +69,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/jobs/{job_id}/summary", "GET").get(jobs::summary))
         .service(resource("/jobs/{job_id}/workers", "GET").get(jobs::workers))
         .service(resource("/jobs/{job_id}/restarts", "GET").get(jobs::restarts))
+        .service(resource("/jobs/{job_id}/incidents", "GET").get(incidents::incidents))
         .service(resource("/jobs/{job_id}/excluded_nodes", "GET").get(jobs::excluded_nodes))
         .service(resource("/jobs/{job_id}/stop", "POST").post(jobs::stop))
         .service(resource("/jobs/{job_id}/logs", "GET").get(logs::tail))

@@ -13,7 +13,7 @@ use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{Code, ErrorBody};
-use super::{AppState, auth, events, health, jobs, logs, metrics, page, workers};
+use super::{AppState, auth, events, health, incidents, jobs, logs, metrics, page, workers};
 use crate::config::JobDefaults;
 
 /// This document. Open like `/health`.
@@ -328,6 +328,7 @@ impl Modify for SecuritySchemes {
         jobs::summary,
         jobs::workers,
         jobs::restarts,
+        incidents::incidents,
         jobs::excluded_nodes,
         jobs::stop,
         logs::tail,

@@ -11,7 +11,9 @@ use uuid::Uuid;
 use super::error::{ErrorBody, parse_json};
 use super::schema::JobRank;
 use super::{ApiError, AppState, parse_job_id};
-use crate::actors::messages::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
+use crate::actors::messages::{
+    AllReduceRequest, Authorize, CheckpointPart, Heartbeat, WorkerRejected,
+};
 use crate::actors::{JobHandle, hash_token};
 use crate::checkpoint::{PartInfo, part_name};
 use crate::store;
@@ -71,12 +73,21 @@ async fn caller(
             None => Err(ApiError::job_not_found(id)),
         };
     };
-    Ok(Caller {
+    let caller = Caller {
         id,
         rank,
         token,
         job,
-    })
+    };
+    let check = Authorize {
+        rank,
+        token: caller.token.clone(),
+    };
+    match caller.job.addr.send(check).await {
+        Ok(Ok(())) => Ok(caller),
+        Ok(Err(why)) => Err(rejected(&caller, why)),
+        Err(_) => Err(ended(&caller)),
+    }
 }
 
 fn rejected(c: &Caller, why: WorkerRejected) -> ApiError {

@@ -3,6 +3,7 @@
 
 pub mod error_file;
 pub mod failure_policy;
+pub mod incident;
 pub mod progress;
 pub mod rank;
 pub mod restart;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::incident::Goodput;
 use super::{JobState, RankSlot, ts};
 use crate::spec::JobSpec;
 
@@ -137,6 +138,10 @@ pub struct Summary {
     /// Nodes excluded from this job's launches (bad-node quarantine), in order.
     #[serde(default)]
     pub excluded_nodes: Vec<String>,
+    /// Where the wall time went: failures, time recovering, steps redone, goodput (null
+    /// before the job runs). The incidents behind it: `GET /jobs/{id}/incidents`.
+    #[serde(default)]
+    pub goodput: Option<Goodput>,
     pub workers: Vec<WorkerSummary>,
 }
 
@@ -153,6 +158,7 @@ pub struct SummaryInput<'a> {
     pub last_checkpoint: Option<(u64, String)>,
     pub slurm_job_id: Option<u64>,
     pub excluded_nodes: Vec<String>,
+    pub goodput: Option<Goodput>,
 }
 
 impl Summary {
@@ -236,6 +242,7 @@ impl Summary {
             launcher: input.spec.launcher.as_str().to_string(),
             slurm_job_id: input.slurm_job_id,
             excluded_nodes: input.excluded_nodes,
+            goodput: input.goodput,
             workers,
         }
     }

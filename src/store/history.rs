@@ -4,6 +4,7 @@
 use sqlx::SqliteConnection;
 use uuid::Uuid;
 
+use crate::domain::incident::IncidentRow;
 use crate::domain::{JobState, Outcome};
 
 /// One write of the history.
@@ -84,6 +85,8 @@ pub enum HistoryOp {
         reason: &'static str,
         detail: String,
     },
+    /// An incident opened or moved on (written whole each time: a few times per failure).
+    Incident { job_id: Uuid, row: Box<IncidentRow> },
 }
 
 impl HistoryOp {
@@ -280,6 +283,35 @@ impl HistoryOp {
                 .bind(failures)
                 .bind(reason)
                 .bind(detail)
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::Incident { job_id, row } => {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO incidents
+                     (job_id, seq, rank, reason, detail, scope, ranks, backoff_ms, detected_at,
+                      spawned_at, first_heartbeat_at, training_at, ended_at, end_state,
+                      last_step, resumed_step, steps_lost, seconds_lost)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(job_id.to_string())
+                .bind(row.seq)
+                .bind(row.rank)
+                .bind(&row.reason)
+                .bind(&row.detail)
+                .bind(&row.scope)
+                .bind(serde_json::to_string(&row.ranks).unwrap_or_default())
+                .bind(row.backoff_ms as i64)
+                .bind(&row.detected_at)
+                .bind(&row.spawned_at)
+                .bind(&row.first_heartbeat_at)
+                .bind(&row.training_at)
+                .bind(&row.ended_at)
+                .bind(&row.end)
+                .bind(row.last_step.map(|s| s as i64))
+                .bind(row.resumed_step.map(|s| s as i64))
+                .bind(row.steps_lost as i64)
+                .bind(row.seconds_lost)
                 .execute(conn)
                 .await?;
             }

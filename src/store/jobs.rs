@@ -5,6 +5,7 @@ use serde::Serialize;
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
+use crate::domain::incident::IncidentRow;
 use crate::spec::JobSpec;
 
 /// A job as `GET /jobs/{id}` shows it.
@@ -177,6 +178,79 @@ pub async fn close_orphaned_incarnations(
     sqlx::query(
         "UPDATE incarnations SET ended_at = ?, outcome = 'server_restart'
          WHERE job_id = ? AND ended_at IS NULL",
+    )
+    .bind(at)
+    .bind(id.to_string())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A job's incidents, oldest first.
+pub async fn incidents(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<IncidentRow>> {
+    let rows: Vec<IncidentDb> = sqlx::query_as(
+        "SELECT seq, rank, reason, detail, scope, ranks, backoff_ms, detected_at, spawned_at,
+                first_heartbeat_at, training_at, ended_at, end_state, last_step, resumed_step,
+                steps_lost, seconds_lost
+         FROM incidents WHERE job_id = ? ORDER BY seq",
+    )
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(IncidentDb::into_row).collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct IncidentDb {
+    seq: i64,
+    rank: i64,
+    reason: String,
+    detail: String,
+    scope: String,
+    ranks: String,
+    backoff_ms: i64,
+    detected_at: String,
+    spawned_at: Option<String>,
+    first_heartbeat_at: Option<String>,
+    training_at: Option<String>,
+    ended_at: Option<String>,
+    end_state: String,
+    last_step: Option<i64>,
+    resumed_step: Option<i64>,
+    steps_lost: i64,
+    seconds_lost: f64,
+}
+
+impl IncidentDb {
+    fn into_row(self) -> IncidentRow {
+        IncidentRow {
+            seq: self.seq as u32,
+            rank: self.rank as u32,
+            reason: self.reason,
+            detail: self.detail,
+            scope: self.scope,
+            ranks: serde_json::from_str(&self.ranks).unwrap_or_default(),
+            backoff_ms: self.backoff_ms as u64,
+            detected_at: self.detected_at,
+            spawned_at: self.spawned_at,
+            first_heartbeat_at: self.first_heartbeat_at,
+            training_at: self.training_at,
+            ended_at: self.ended_at,
+            end: self.end_state,
+            last_step: self.last_step.map(|s| s as u64),
+            resumed_step: self.resumed_step.map(|s| s as u64),
+            steps_lost: self.steps_lost as u64,
+            seconds_lost: self.seconds_lost,
+        }
+    }
+}
+
+/// Closes the incidents a dead server left open: they ended with it, at `at`.
+pub async fn close_open_incidents(pool: &SqlitePool, id: Uuid, at: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE incidents SET end_state = 'server_restart', ended_at = ?1,
+           seconds_lost = MAX(0, (julianday(?1) - julianday(detected_at)) * 86400.0)
+         WHERE job_id = ?2 AND end_state = 'open'",
     )
     .bind(at)
     .bind(id.to_string())

@@ -148,7 +148,33 @@ pub fn running_pids_in(summary: &Value) -> Vec<u32> {
 
 /// The real binary as a child process serving `data_dir` on a free loopback port; returns it
 /// and its base URL (read from its first stdout line).
-pub fn start_server_process(data_dir: &std::path::Path) -> (std::process::Child, String) {
+/// A server child process that is killed when dropped, so a test that panics leaves no server
+/// behind (one would hold the test harness's output open and hang the run).
+pub struct ServerProcess(pub std::process::Child);
+
+impl std::ops::Deref for ServerProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ServerProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub fn start_server_process(data_dir: &std::path::Path) -> (ServerProcess, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
         .args([
             "serve",
@@ -164,7 +190,7 @@ pub fn start_server_process(data_dir: &std::path::Path) -> (std::process::Child,
         .spawn()
         .expect("server starts");
     let url = listening_url(&mut child);
-    (child, url)
+    (ServerProcess(child), url)
 }
 
 /// The base URL a server child process prints on its first stdout line (piped).

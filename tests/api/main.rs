@@ -11,6 +11,7 @@ mod docker_support;
 mod failures;
 mod hardening;
 mod helpers;
+mod incidents;
 mod lifecycle;
 mod logs;
 mod python;

@@ -134,6 +134,8 @@ impl Job {
                 )
             },
         );
+        self.open_incident(rank, msg.outcome, &cause, scope, backoff_ms);
+        let slot = &mut self.ranks[rank as usize];
         match scope {
             RestartScope::Worker => {
                 slot.state = RankState::backoff(backoff_ms);

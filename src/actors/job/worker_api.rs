@@ -12,7 +12,7 @@ use super::{Job, RankState};
 use crate::actors::hash_token;
 use crate::actors::messages::Beat;
 use crate::actors::messages::{
-    AllReduceRequest, CheckpointPart, Committed, Heartbeat, RegisterPart, WorkerRejected,
+    AllReduceRequest, Authorize, CheckpointPart, Committed, Heartbeat, RegisterPart, WorkerRejected,
 };
 
 /// Progress events (for charts) at most this often per job.
@@ -59,13 +59,23 @@ impl Job {
     }
 }
 
+impl Handler<Authorize> for Job {
+    type Result = Result<(), WorkerRejected>;
+
+    fn handle(&mut self, msg: Authorize, _: &mut Context<Self>) -> Self::Result {
+        self.authorize(msg.rank, &msg.token).map(|_| ())
+    }
+}
+
 impl Handler<Heartbeat> for Job {
     type Result = Result<(), WorkerRejected>;
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
         let attempt = self.authorize(msg.rank, &msg.token)?;
+        let step = msg.body.get("step").and_then(serde_json::Value::as_u64);
         let slot = &mut self.ranks[msg.rank as usize];
         slot.progress.record_heartbeat(Utc::now(), msg.body);
+        self.incident_heartbeat(msg.rank, step);
         self.workers[msg.rank as usize].do_send(Beat { attempt });
         self.progress.observe(&self.ranks);
         if self

@@ -1,0 +1,107 @@
+//! A Job's incidents: opened when a failure is answered with a restart, moved on as the
+//! replacements start, beat and step past the checkpoint they resumed from, closed when the
+//! job (or the server) ends first; each change is recorded whole. Goodput for the summary.
+
+use chrono::{DateTime, Utc};
+
+use super::Job;
+use crate::domain::incident::{Failure, Goodput, Incident, IncidentEnd};
+use crate::domain::{Outcome, RestartScope};
+use crate::store::history::HistoryOp;
+
+impl Job {
+    /// A failure of `rank` is being answered with a restart of `scope`.
+    pub(super) fn open_incident(
+        &mut self,
+        rank: u32,
+        reason: Outcome,
+        detail: &str,
+        scope: RestartScope,
+        backoff_ms: u64,
+    ) {
+        let now = Utc::now();
+        let ranks: Vec<u32> = match scope {
+            RestartScope::Worker => vec![rank],
+            RestartScope::Job => (0..self.spec.world_size)
+                .filter(|&r| r == rank || !self.ranks[r as usize].state.is_succeeded())
+                .collect(),
+        };
+        // A restarted rank that fails again ends the incident it was recovering from.
+        for i in 0..self.incidents.len() {
+            let inc = &mut self.incidents[i];
+            if inc.is_open() && ranks.iter().any(|&r| inc.covers(r)) {
+                inc.close(IncidentEnd::FailedAgain, now);
+                self.record_incident(i, now);
+            }
+        }
+        let last_step = ranks
+            .iter()
+            .filter_map(|&r| self.ranks[r as usize].progress.step)
+            .max();
+        let seq = (self.past_incidents.len() + self.incidents.len()) as u32 + 1;
+        self.incidents.push(Incident::open(Failure {
+            seq,
+            rank,
+            reason,
+            detail: detail.to_string(),
+            scope,
+            ranks,
+            backoff_ms,
+            at: now,
+            last_step,
+            resumed_step: self.last_checkpoint.as_ref().map(|c| c.step),
+        }));
+        self.record_incident(self.incidents.len() - 1, now);
+    }
+
+    /// A process of `rank` is running.
+    pub(super) fn incident_spawned(&mut self, rank: u32) {
+        let now = Utc::now();
+        for i in 0..self.incidents.len() {
+            if self.incidents[i].spawned(rank, now) {
+                self.record_incident(i, now);
+            }
+        }
+    }
+
+    /// A heartbeat of `rank` (its current incarnation) reporting `step`.
+    pub(super) fn incident_heartbeat(&mut self, rank: u32, step: Option<u64>) {
+        let now = Utc::now();
+        for i in 0..self.incidents.len() {
+            if self.incidents[i].heartbeat(rank, step, now) {
+                self.record_incident(i, now);
+            }
+        }
+    }
+
+    /// The job or the server ends: what is still open ends with it.
+    pub(super) fn close_incidents(&mut self, end: IncidentEnd) {
+        let now = Utc::now();
+        for i in 0..self.incidents.len() {
+            if self.incidents[i].close(end, now) {
+                self.record_incident(i, now);
+            }
+        }
+    }
+
+    fn record_incident(&self, i: usize, now: DateTime<Utc>) {
+        self.rt.recorder.record(HistoryOp::Incident {
+            job_id: self.id,
+            row: Box::new(self.incidents[i].row(now)),
+        });
+    }
+
+    /// Where the job's wall time went, from its start (running) to its end or now.
+    pub(super) fn goodput(&self, step: Option<u64>) -> Option<Goodput> {
+        let started: DateTime<Utc> = self.started_at.as_deref()?.parse().ok()?;
+        let now = Utc::now();
+        let wall_s = (now - started).num_milliseconds() as f64 / 1000.0;
+        let rows: Vec<_> = self
+            .past_incidents
+            .iter()
+            .cloned()
+            .chain(self.incidents.iter().map(|i| i.row(now)))
+            .collect();
+        Some(Goodput::of(&rows, wall_s, step))
+    }
+}

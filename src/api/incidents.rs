@@ -1,0 +1,43 @@
+//! `GET /jobs/{job_id}/incidents`: every failure of a job and its recovery timeline, from the
+//! history (so they outlive the server that saw them).
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+
+use super::error::ErrorBody;
+use super::schema::JobId;
+use super::{ApiError, AppState, parse_job_id};
+use crate::domain::incident::IncidentRow;
+use crate::store;
+
+/// A job's incidents, oldest first.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/incidents",
+    operation_id = "job_incidents",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "Incidents: root cause, timeline (detected, spawned, first \
+            heartbeat, training again), steps and seconds lost", body = Vec<IncidentRow>),
+        (status = 404, description = "No such job", body = ErrorBody),
+    )
+)]
+pub async fn incidents(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    if store::jobs::get(&state.rt.pool, id).await?.is_none() {
+        return Err(ApiError::job_not_found(id));
+    }
+    let mut rows = store::jobs::incidents(&state.rt.pool, id).await?;
+    // An open incident costs time until it ends: count it up to now.
+    let now = Utc::now();
+    for row in rows.iter_mut().filter(|r| r.end == "open") {
+        if let Ok(at) = row.detected_at.parse::<DateTime<Utc>>() {
+            row.seconds_lost = (now - at).num_milliseconds().max(0) as f64 / 1000.0;
+        }
+    }
+    Ok(HttpResponse::Ok().json(rows))
+}

@@ -1,0 +1,364 @@
+//! Incidents and goodput: one record per failure of a job (a group restart is one incident
+//! covering every rank), with its timeline — detected, replacement(s) spawned, first
+//! heartbeat, training again (the first step past the checkpoint resumed from) — and what it
+//! cost (steps redone, seconds lost). From a job's incidents, its goodput: the fraction of its
+//! wall time not lost to failures.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Outcome, RestartScope, ts};
+
+/// How an incident ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentEnd {
+    /// Still recovering.
+    Open,
+    /// The job trains again.
+    Recovered,
+    /// The job ended (failed, stopped or succeeded) before it trained again.
+    JobEnded,
+    /// The server stopped or died before the job trained again.
+    ServerRestart,
+    /// A restarted rank failed again before the job trained again: a new incident follows.
+    FailedAgain,
+}
+
+impl IncidentEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IncidentEnd::Open => "open",
+            IncidentEnd::Recovered => "recovered",
+            IncidentEnd::JobEnded => "job_ended",
+            IncidentEnd::ServerRestart => "server_restart",
+            IncidentEnd::FailedAgain => "failed_again",
+        }
+    }
+}
+
+/// One failure of a job and the recovery from it.
+#[derive(Debug, Clone)]
+pub struct Incident {
+    /// 1, 2, … within the job.
+    pub seq: u32,
+    /// The rank whose failure started it (the root cause).
+    pub rank: u32,
+    pub reason: Outcome,
+    pub detail: String,
+    pub scope: RestartScope,
+    /// The ranks restarted for it: the failed one (worker scope) or all (job scope).
+    pub ranks: Vec<u32>,
+    pub backoff_ms: u64,
+    pub detected_at: DateTime<Utc>,
+    /// Every replacement process is running.
+    pub spawned_at: Option<DateTime<Utc>>,
+    /// The first heartbeat of a replacement.
+    pub first_heartbeat_at: Option<DateTime<Utc>>,
+    /// Every replaced rank reported a step past `resumed_step`: the job trains again.
+    pub training_at: Option<DateTime<Utc>>,
+    /// The highest step the restarted ranks had reached when it was detected.
+    pub last_step: Option<u64>,
+    /// The step of the checkpoint the replacements resume from (none: from the start).
+    pub resumed_step: Option<u64>,
+    pub end: IncidentEnd,
+    /// When it ended (recovered, or the job or server ended first).
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Ranks of the incident not yet spawned again / not yet past the resumed step.
+    not_spawned: BTreeSet<u32>,
+    not_training: BTreeSet<u32>,
+}
+
+/// What opens an incident.
+pub struct Failure {
+    pub seq: u32,
+    pub rank: u32,
+    pub reason: Outcome,
+    pub detail: String,
+    pub scope: RestartScope,
+    pub ranks: Vec<u32>,
+    pub backoff_ms: u64,
+    pub at: DateTime<Utc>,
+    pub last_step: Option<u64>,
+    pub resumed_step: Option<u64>,
+}
+
+impl Incident {
+    pub fn open(f: Failure) -> Self {
+        let set: BTreeSet<u32> = f.ranks.iter().copied().collect();
+        Incident {
+            seq: f.seq,
+            rank: f.rank,
+            reason: f.reason,
+            detail: f.detail,
+            scope: f.scope,
+            ranks: f.ranks,
+            backoff_ms: f.backoff_ms,
+            detected_at: f.at,
+            spawned_at: None,
+            first_heartbeat_at: None,
+            training_at: None,
+            last_step: f.last_step,
+            resumed_step: f.resumed_step,
+            end: IncidentEnd::Open,
+            ended_at: None,
+            not_spawned: set.clone(),
+            not_training: set,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.end == IncidentEnd::Open
+    }
+
+    /// Whether `rank` is one of the ranks restarted for it.
+    pub fn covers(&self, rank: u32) -> bool {
+        self.ranks.contains(&rank)
+    }
+
+    /// A replacement of `rank` is running. Returns true when the record changed.
+    pub fn spawned(&mut self, rank: u32, at: DateTime<Utc>) -> bool {
+        if !self.is_open() || !self.not_spawned.remove(&rank) {
+            return false;
+        }
+        if self.not_spawned.is_empty() {
+            self.spawned_at = Some(at);
+            return true;
+        }
+        false
+    }
+
+    /// A heartbeat of a replacement of `rank`, at `step` if it reported one. The job trains
+    /// again once every restarted rank has reported a step past the one resumed from (or, for
+    /// ranks that report no steps, has sent a heartbeat). Returns true when the record changed.
+    pub fn heartbeat(&mut self, rank: u32, step: Option<u64>, at: DateTime<Utc>) -> bool {
+        if !self.is_open() || !self.ranks.contains(&rank) || !self.not_spawned.is_empty() {
+            return false;
+        }
+        let mut changed = false;
+        if self.first_heartbeat_at.is_none() {
+            self.first_heartbeat_at = Some(at);
+            changed = true;
+        }
+        let past = match (step, self.last_step) {
+            (Some(step), _) => step > self.resumed_step.unwrap_or(0),
+            // A rank that never reported steps trains again when it is heard from.
+            (None, None) => true,
+            (None, Some(_)) => false,
+        };
+        if past && self.not_training.remove(&rank) && self.not_training.is_empty() {
+            self.training_at = Some(at);
+            self.end = IncidentEnd::Recovered;
+            self.ended_at = Some(at);
+            changed = true;
+        }
+        changed
+    }
+
+    /// The job or the server ended while the incident was open.
+    pub fn close(&mut self, end: IncidentEnd, at: DateTime<Utc>) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        self.end = end;
+        self.ended_at = Some(at);
+        true
+    }
+
+    /// Steps done before the failure that must be done again.
+    pub fn steps_lost(&self) -> u64 {
+        self.last_step
+            .unwrap_or(0)
+            .saturating_sub(self.resumed_step.unwrap_or(0))
+    }
+
+    /// Seconds from detection to training again (or to the end, or to `now` while open).
+    pub fn seconds_lost(&self, now: DateTime<Utc>) -> f64 {
+        let until = self.ended_at.unwrap_or(now);
+        ((until - self.detected_at).num_milliseconds().max(0)) as f64 / 1000.0
+    }
+
+    /// The record as the database and the API carry it.
+    pub fn row(&self, now: DateTime<Utc>) -> IncidentRow {
+        IncidentRow {
+            seq: self.seq,
+            rank: self.rank,
+            reason: self.reason.as_str().to_string(),
+            detail: self.detail.clone(),
+            scope: self.scope.as_str().to_string(),
+            ranks: self.ranks.clone(),
+            backoff_ms: self.backoff_ms,
+            detected_at: ts(self.detected_at),
+            spawned_at: self.spawned_at.map(ts),
+            first_heartbeat_at: self.first_heartbeat_at.map(ts),
+            training_at: self.training_at.map(ts),
+            ended_at: self.ended_at.map(ts),
+            end: self.end.as_str().to_string(),
+            last_step: self.last_step,
+            resumed_step: self.resumed_step,
+            steps_lost: self.steps_lost(),
+            seconds_lost: self.seconds_lost(now),
+        }
+    }
+}
+
+/// An incident as stored and served: `GET /jobs/{id}/incidents`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct IncidentRow {
+    pub seq: u32,
+    /// The rank whose failure started it.
+    pub rank: u32,
+    /// `exit_code | signal | heartbeat_timeout | spawn_error | oom_killed | …`.
+    pub reason: String,
+    pub detail: String,
+    /// `worker` (the failed rank restarted) or `job` (every rank restarted: one incident).
+    pub scope: String,
+    pub ranks: Vec<u32>,
+    pub backoff_ms: u64,
+    pub detected_at: String,
+    pub spawned_at: Option<String>,
+    pub first_heartbeat_at: Option<String>,
+    pub training_at: Option<String>,
+    pub ended_at: Option<String>,
+    /// `open | recovered | job_ended | server_restart | failed_again`.
+    pub end: String,
+    pub last_step: Option<u64>,
+    pub resumed_step: Option<u64>,
+    pub steps_lost: u64,
+    pub seconds_lost: f64,
+}
+
+/// Where a job's wall time went: `goodput` in the summary.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Goodput {
+    pub incidents: u32,
+    /// From the job's start (running) to its end, or to now.
+    pub wall_s: f64,
+    /// Wall time less the time recovering.
+    pub training_s: f64,
+    /// Σ seconds from each failure's detection to training again.
+    pub recovering_s: f64,
+    /// The part of `recovering_s` spent waiting in restart backoff.
+    pub backoff_s: f64,
+    /// Σ steps done again after resuming from an older checkpoint.
+    pub steps_redone: u64,
+    /// The training time those steps took the first time (at the job's mean step time).
+    pub redo_s: f64,
+    /// (wall − recovering − redo) / wall: 1.0 for a job that never failed.
+    pub goodput: f64,
+}
+
+impl Goodput {
+    /// `step` is the job's step now (the slowest rank's).
+    pub fn of(incidents: &[IncidentRow], wall_s: f64, step: Option<u64>) -> Goodput {
+        let recovering_s: f64 = incidents.iter().map(|i| i.seconds_lost).sum();
+        let backoff_s = incidents
+            .iter()
+            .map(|i| (i.backoff_ms as f64 / 1000.0).min(i.seconds_lost))
+            .sum();
+        let steps_redone: u64 = incidents.iter().map(|i| i.steps_lost).sum();
+        let wall_s = wall_s.max(0.0);
+        let training_s = (wall_s - recovering_s).max(0.0);
+        let executed = step.unwrap_or(0) + steps_redone;
+        let redo_s = if executed > 0 {
+            training_s * steps_redone as f64 / executed as f64
+        } else {
+            0.0
+        };
+        let goodput = if wall_s > 0.0 {
+            ((wall_s - recovering_s - redo_s) / wall_s).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        Goodput {
+            incidents: incidents.len() as u32,
+            wall_s,
+            training_s,
+            recovering_s,
+            backoff_s,
+            steps_redone,
+            redo_s,
+            goodput,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn failure(ranks: Vec<u32>, last: Option<u64>, resumed: Option<u64>) -> Failure {
+        Failure {
+            seq: 1,
+            rank: ranks[0],
+            reason: Outcome::Signal,
+            detail: "killed".into(),
+            scope: if ranks.len() > 1 {
+                RestartScope::Job
+            } else {
+                RestartScope::Worker
+            },
+            ranks,
+            backoff_ms: 500,
+            at: Utc::now(),
+            last_step: last,
+            resumed_step: resumed,
+        }
+    }
+
+    #[test]
+    fn a_group_restart_recovers_when_every_rank_steps_past_the_checkpoint() {
+        let t0 = Utc::now();
+        let at = |ms| t0 + Duration::milliseconds(ms);
+        let mut i = Incident::open(failure(vec![0, 1], Some(37), Some(30)));
+        assert!(!i.heartbeat(0, Some(31), at(10)), "not spawned yet");
+        assert!(!i.spawned(0, at(600)));
+        assert!(i.spawned(1, at(650)));
+        assert_eq!(i.spawned_at, Some(at(650)));
+        assert!(i.heartbeat(0, Some(30), at(900)), "first heartbeat");
+        assert!(!i.heartbeat(0, Some(31), at(950)), "rank 1 is not past yet");
+        assert!(i.heartbeat(1, Some(31), at(1000)));
+        assert_eq!(i.end, IncidentEnd::Recovered);
+        assert_eq!(i.training_at, Some(at(1000)));
+        assert_eq!(i.steps_lost(), 7);
+        assert!(!i.close(IncidentEnd::JobEnded, at(2000)), "already ended");
+        let row = i.row(at(5000));
+        assert_eq!(row.first_heartbeat_at, Some(ts(at(900))));
+        assert!(row.detected_at <= row.spawned_at.clone().unwrap());
+        assert!(row.spawned_at <= row.first_heartbeat_at);
+        assert!(row.first_heartbeat_at <= row.training_at);
+    }
+
+    #[test]
+    fn without_a_checkpoint_every_step_is_lost_and_ranks_without_steps_count_on_heartbeat() {
+        let mut i = Incident::open(failure(vec![2], Some(12), None));
+        assert_eq!(i.steps_lost(), 12);
+        let mut quiet = Incident::open(failure(vec![2], None, None));
+        let t = Utc::now();
+        quiet.spawned(2, t);
+        assert!(quiet.heartbeat(2, None, t));
+        assert_eq!(quiet.end, IncidentEnd::Recovered);
+        assert!(i.close(IncidentEnd::ServerRestart, t));
+        assert_eq!(i.end.as_str(), "server_restart");
+    }
+
+    #[test]
+    fn goodput_is_one_without_failures_and_lower_with_them() {
+        assert_eq!(Goodput::of(&[], 100.0, Some(1000)).goodput, 1.0);
+        let mut i = Incident::open(failure(vec![0], Some(500), Some(400)));
+        let t = i.detected_at;
+        i.spawned(0, t);
+        i.heartbeat(0, Some(401), t + Duration::seconds(10));
+        let g = Goodput::of(&[i.row(t)], 100.0, Some(1000));
+        assert_eq!(g.recovering_s, 10.0);
+        assert_eq!(g.steps_redone, 100);
+        assert_eq!(g.backoff_s, 0.5);
+        // 90 s of training did 1100 steps; 100 of them were redone.
+        assert!((g.redo_s - 90.0 * 100.0 / 1100.0).abs() < 1e-9);
+        assert!((g.goodput - (100.0 - 10.0 - g.redo_s) / 100.0).abs() < 1e-9);
+        assert!(g.goodput < 1.0);
+    }
+}

@@ -1,0 +1,194 @@
+//! Incidents and goodput (issue 15, item 1): a failure-free job has none and goodput 1.0; a
+//! kill -9 of one rank of a group-restart job is one incident whose phases are in order and
+//! whose steps lost are the checkpoint arithmetic; worker-scope kills are one incident each;
+//! an incident open when the server is killed is closed as `server_restart`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn trainer(dataset: &std::path::Path, extra: Value) -> Value {
+    let mut spec = json!({"world_size": 2, "dataset": dataset, "total_steps": 160,
+                          "batch_size": 16, "checkpoint_every": 10, "sleep_sec": 0.02,
+                          "backoff_initial_ms": 200});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    spec
+}
+
+async fn incidents(app: &TestApp, id: &str) -> Vec<Value> {
+    app.get_json(&format!("/jobs/{id}/incidents"))
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Waits until the job's global step reaches `step`, then kills `rank` with SIGKILL.
+async fn kill_at_step(app: &TestApp, id: &str, rank: usize, step: u64) {
+    let pid = wait_for(Duration::from_secs(60), || async {
+        let s = app.summary(id).await;
+        let w = &s["workers"][rank];
+        (s["step"].as_u64().unwrap_or(0) >= step && w["state"] == "running")
+            .then(|| w["pid"].as_u64())
+            .flatten()
+    })
+    .await
+    .expect("the rank runs past the step");
+    kill(pid as u32, libc::SIGKILL);
+}
+
+/// The timestamps of an incident's phases are present and in order.
+fn assert_phases_in_order(i: &Value) {
+    let phase = |k: &str| i[k].as_str().unwrap_or_else(|| panic!("{k} missing: {i}"));
+    let (d, s, h, t) = (
+        phase("detected_at"),
+        phase("spawned_at"),
+        phase("first_heartbeat_at"),
+        phase("training_at"),
+    );
+    assert!(d <= s && s <= h && h <= t, "phases out of order: {i}");
+    assert_eq!(i["ended_at"].as_str(), Some(t), "{i}");
+}
+
+#[actix_web::test]
+async fn a_group_restart_is_one_incident_with_its_timeline_and_its_cost() {
+    let app = spawn_app().await;
+    let data = small_dataset(&app);
+
+    let clean = app
+        .create_job(trainer(&data, json!({"restart_scope": "job"})))
+        .await;
+    assert_eq!(
+        app.wait_finished(&clean, Duration::from_secs(120)).await["state"],
+        "succeeded"
+    );
+    assert!(incidents(&app, &clean).await.is_empty());
+    let g = &app.summary(&clean).await["goodput"];
+    assert_eq!(g["goodput"], 1.0, "{g}");
+    assert_eq!(g["incidents"], 0, "{g}");
+
+    let id = app
+        .create_job(trainer(&data, json!({"restart_scope": "job"})))
+        .await;
+    kill_at_step(&app, &id, 1, 45).await;
+    let job = app.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    let all = incidents(&app, &id).await;
+    assert_eq!(all.len(), 1, "one incident for the group restart: {all:?}");
+    let i = &all[0];
+    assert_eq!(i["seq"], 1);
+    assert_eq!(i["rank"], 1);
+    assert_eq!(i["reason"], "signal");
+    assert_eq!(i["scope"], "job");
+    assert_eq!(i["ranks"], json!([0, 1]));
+    assert_eq!(i["end"], "recovered");
+    assert_phases_in_order(i);
+    let last = i["last_step"].as_u64().unwrap();
+    let resumed = i["resumed_step"]
+        .as_u64()
+        .expect("a checkpoint to resume from");
+    assert!(last >= 45, "{i}");
+    assert_eq!(resumed % 10, 0, "checkpoints are every 10 steps: {i}");
+    assert!(resumed <= last && last - resumed <= 20, "{i}");
+    assert_eq!(i["steps_lost"].as_u64().unwrap(), last - resumed, "{i}");
+    assert!(
+        i["seconds_lost"].as_f64().unwrap() >= 0.2,
+        "the backoff at least: {i}"
+    );
+
+    // The job's log says it resumed from the incident's step.
+    let lines = app.log_lines(&id).await;
+    assert!(
+        lines.iter().any(|l| l["line"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("resumed from step {resumed} "))),
+        "{lines:?}"
+    );
+
+    let g = &app.summary(&id).await["goodput"];
+    assert_eq!(g["incidents"], 1, "{g}");
+    assert_eq!(g["steps_redone"], i["steps_lost"], "{g}");
+    let goodput = g["goodput"].as_f64().unwrap();
+    assert!(goodput > 0.0 && goodput < 1.0, "{g}");
+    assert!(g["recovering_s"].as_f64().unwrap() > 0.0, "{g}");
+}
+
+#[actix_web::test]
+async fn worker_scope_kills_are_one_incident_each() {
+    let app = spawn_app().await;
+    let data = small_dataset(&app);
+    let id = app
+        .create_job(trainer(
+            &data,
+            json!({"sync": "none", "restart_scope": "worker"}),
+        ))
+        .await;
+    kill_at_step(&app, &id, 0, 30).await;
+    wait_for(Duration::from_secs(60), || async {
+        let all = incidents(&app, &id).await;
+        (all.len() == 1 && all[0]["end"] == "recovered").then_some(())
+    })
+    .await
+    .expect("the first incident recovers");
+    kill_at_step(&app, &id, 1, 90).await;
+    let job = app.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let all = incidents(&app, &id).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    for (n, (i, rank)) in all.iter().zip([0, 1]).enumerate() {
+        assert_eq!(i["seq"], n + 1);
+        assert_eq!(i["rank"], rank);
+        assert_eq!(i["ranks"], json!([rank]));
+        assert_eq!(i["scope"], "worker");
+        assert_eq!(i["end"], "recovered");
+        assert_phases_in_order(i);
+    }
+    assert_eq!(app.summary(&id).await["goodput"]["incidents"], 2);
+}
+
+#[actix_web::test]
+async fn an_incident_open_when_the_server_dies_is_closed_as_server_restart() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = start_server_process(data_dir.path());
+    let app = TestApp {
+        address: url,
+        client: test_client(),
+        data_dir: tempfile::tempdir().unwrap(),
+    };
+    // A rank that fails at once, with a long backoff: the incident stays open.
+    let id = app
+        .create_job(json!({"world_size": 1, "command": sh("sleep 0.3; exit 3"),
+                           "backoff_initial_ms": 60000, "backoff_max_ms": 60000,
+                           "max_restarts": 3}))
+        .await;
+    wait_for(Duration::from_secs(30), || async {
+        let all = incidents(&app, &id).await;
+        (all.len() == 1 && all[0]["end"] == "open").then_some(())
+    })
+    .await
+    .expect("an open incident");
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    let (mut server, url) = start_server_process(data_dir.path());
+    let app = TestApp {
+        address: url,
+        client: test_client(),
+        data_dir: tempfile::tempdir().unwrap(),
+    };
+    let all = incidents(&app, &id).await;
+    assert_eq!(all[0]["end"], "server_restart", "{all:?}");
+    assert_eq!(all[0]["reason"], "exit_code");
+    assert!(all[0]["ended_at"].is_string());
+    assert!(all[0]["seconds_lost"].as_f64().unwrap() > 0.0, "{all:?}");
+    app.stop(&id).await;
+    app.wait_finished(&id, Duration::from_secs(30)).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
