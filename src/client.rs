@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+mod incidents;
+
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -212,7 +214,22 @@ fn describe_summary(s: &Value) -> String {
 
 pub async fn status(c: &Client, job: &str) -> anyhow::Result<()> {
     let s = c.get(&format!("/jobs/{job}/summary")).await?;
-    c.print(&s, describe_summary);
+    if c.json {
+        c.print(&s, describe_summary);
+        return Ok(());
+    }
+    let all = c.get(&format!("/jobs/{job}/incidents")).await?;
+    let all = all.as_array().cloned().unwrap_or_default();
+    let mut text = describe_summary(&s);
+    if let Some(line) = incidents::describe_goodput(&s["goodput"]) {
+        text.push('\n');
+        text.push_str(&line);
+    }
+    if !all.is_empty() {
+        text.push_str("\nincidents:\n");
+        text.push_str(&incidents::describe_incidents(&all));
+    }
+    println!("{text}");
     Ok(())
 }
 

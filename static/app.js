@@ -328,6 +328,7 @@
       summaryAt: 0,          // performance.now() when the summary arrived (for heartbeat ages)
       summaryAsked: 0,       // performance.now() when it was last requested
       restarts: [],
+      incidents: [],
       checkpoints: [],
       missing: false,
       expectRestarts: 0,     // restart decisions the events told of
@@ -348,6 +349,16 @@
         seedHistory(id, s);
         renderJobs();
         renderOpen();
+        const g = s.goodput;
+        if (g && (open.incidents.length < g.incidents || open.incidents.some((i) => i.end === "open"))) {
+          open.refreshIncidents();
+        }
+      }),
+      refreshIncidents: coalesced(async () => {
+        const r = await api("GET", `/jobs/${id}/incidents`).catch((e) => onJobFetchError(id, e));
+        if (!r || !open || open.id !== id) return;
+        open.incidents = r;
+        renderIncidents();
       }),
       refreshRestarts: coalesced(async () => {
         const r = await fetchFresh(
@@ -407,6 +418,7 @@
     setFollow(true);
     renderOpen();
     renderRestarts();
+    renderIncidents();
     renderCheckpoints();
     if (!jobs.has(id)) fetchJob(id);
     refreshOpenAll();
@@ -551,6 +563,48 @@
       if (opened.has(tr.dataset.restart)) { const d = tr.querySelector("details"); if (d) d.open = true; }
     }
     $("restarts-empty").hidden = rows.length > 0;
+  }
+
+  // One row per incident: its cause, then its recovery as a bar whose segments are the
+  // phases (waiting to relaunch, starting, catching up to the checkpoint), each labelled with
+  // its name and duration so the bar reads without a legend.
+  function renderIncidents() {
+    const list = open ? open.incidents : [];
+    const s = open && open.summary;
+    const g = s && s.goodput;
+    setText($("goodput"), g ? `Goodput ${fmtNum(g.goodput, 3)}: of ${fmtNum(g.wall_s, 1)} s, ` +
+      `${fmtNum(g.recovering_s, 1)} s recovering (${fmtNum(g.backoff_s, 1)} s in backoff), ` +
+      `${g.steps_redone} steps redone` : "");
+    const longest = Math.max(0.001, ...list.map((i) => i.seconds_lost));
+    const rows = list.map((i) => {
+      const t0 = parseTs(i.detected_at);
+      const at = (k) => (i[k] ? (parseTs(i[k]) - t0) / 1000 : null);
+      const phases = [
+        ["relaunch", 0, at("spawned_at")],
+        ["start", at("spawned_at"), at("first_heartbeat_at")],
+        ["catch up", at("first_heartbeat_at"), at("training_at")],
+      ];
+      const bar = el("div", { class: "incident-bar", role: "img",
+        "aria-label": phases.filter(([, a, b]) => a !== null && b !== null)
+          .map(([n, a, b]) => `${n} ${fmtNum(b - a, 2)} s`).join(", ") || "no phase yet" });
+      for (const [name, a, b] of phases) {
+        if (a === null || b === null) continue;
+        const w = Math.max(0, b - a);
+        bar.append(el("span", { class: "phase", "data-phase": name.replace(" ", "-"),
+          style: `width:${(100 * w / longest).toFixed(2)}%`, title: `${name} ${fmtNum(w, 2)} s`,
+          text: `${name} ${fmtNum(w, 2)} s` }));
+      }
+      const ranks = i.ranks.length === 1 ? `rank ${i.ranks[0]}` : `ranks ${i.ranks.join(",")}`;
+      return el("li", { "data-seq": i.seq, "data-end": i.end, "data-rank": i.rank },
+        el("p", { class: "incident-head" },
+          el("strong", { text: `#${i.seq} rank ${i.rank} ${i.reason}` }), " ",
+          el("span", { text: `${(i.detail || "").split("\n")[0]} — ${i.scope} restart of ${ranks} — ` }),
+          el("span", { class: "badge", "data-state": i.end === "recovered" ? "succeeded" : "failed", text: i.end }),
+          el("span", { class: "muted", text: ` ${fmtTime(i.detected_at)}; lost ${i.steps_lost} steps, ${fmtNum(i.seconds_lost, 2)} s` })),
+        bar);
+    });
+    $("incidents").replaceChildren(...rows);
+    $("incidents-empty").hidden = rows.length > 0;
   }
 
   function renderCheckpoints() {

@@ -409,6 +409,25 @@ async fn the_page_runs_watches_and_stops_a_job() {
              return r && r.lastChild.textContent !== 'pending';",
         )
         .await;
+        // The incident timeline: the failure, then its phases as labelled bar segments.
+        let incident = page
+            .wait(
+                "incident #1 of rank 0 with its relaunch and start phases",
+                "const i = document.querySelector('[data-testid=incidents] li[data-seq=\"1\"]');
+                 const phases = i ? [...i.querySelectorAll('.phase')].map(p => p.dataset.phase) : [];
+                 return i && phases.includes('start') ? {rank: i.dataset.rank, phases,
+                   text: i.textContent} : null;",
+            )
+            .await;
+        assert_eq!(incident["rank"], "0", "{incident}");
+        assert_eq!(incident["phases"][0], "relaunch", "{incident}");
+        let text = incident["text"].as_str().unwrap();
+        assert!(text.contains("#1 rank 0 signal"), "{text}");
+        assert!(text.contains("worker restart of rank 0"), "{text}");
+        assert!(
+            text.contains("relaunch ") && text.contains(" s"),
+            "{text}"
+        );
         page.wait(
             "the list counts the restart",
             &format!(

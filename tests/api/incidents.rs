@@ -117,6 +117,28 @@ async fn a_group_restart_is_one_incident_with_its_timeline_and_its_cost() {
     let goodput = g["goodput"].as_f64().unwrap();
     assert!(goodput > 0.0 && goodput < 1.0, "{g}");
     assert!(g["recovering_s"].as_f64().unwrap() > 0.0, "{g}");
+
+    // `trainvisor status` shows the goodput and the incident's cause and phases.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args(["status", &id])
+        .env("TRAINVISOR_SERVER", &app.address)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("trainvisor status after a group restart:\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("goodput 0."), "{text}");
+    assert!(text.contains("#1 rank 1 signal: "), "{text}");
+    assert!(
+        text.contains("job restart of ranks 0,1 — recovered"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("lost {} steps", i["steps_lost"])),
+        "{text}"
+    );
+    assert!(text.contains("training +"), "{text}");
 }
 
 #[actix_web::test]

@@ -1,0 +1,102 @@
+//! `trainvisor status`'s account of a job's failures: its goodput line and one row per
+//! incident, with each recovery phase as seconds after the failure was detected.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+/// `goodput 0.93  (wall 61.0 s, recovering 2.4 s of which backoff 0.2 s, 15 steps redone)`.
+pub fn describe_goodput(g: &Value) -> Option<String> {
+    let goodput = g["goodput"].as_f64()?;
+    let secs = |k: &str| g[k].as_f64().unwrap_or(0.0);
+    Some(format!(
+        "goodput {goodput:.3}  (wall {:.1} s, recovering {:.1} s of which backoff {:.1} s, \
+         {}, {})",
+        secs("wall_s"),
+        secs("recovering_s"),
+        secs("backoff_s"),
+        plural(
+            g["steps_redone"].as_u64().unwrap_or(0),
+            "step redone",
+            "steps redone"
+        ),
+        plural(
+            g["incidents"].as_u64().unwrap_or(0),
+            "incident",
+            "incidents"
+        ),
+    ))
+}
+
+/// One line per incident, then its timeline:
+/// `#1 rank 1 signal: killed by SIGKILL — job restart of ranks 0,1 — recovered`
+/// `   detected 12:00:01.123  spawned +0.21 s  first heartbeat +0.35 s  training +1.02 s  lost 15 steps, 1.0 s`.
+pub fn describe_incidents(incidents: &[Value]) -> String {
+    let mut out = String::new();
+    for i in incidents {
+        let ranks: Vec<String> = i["ranks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r.to_string())
+            .collect();
+        out.push_str(&format!(
+            "#{} rank {} {}: {} — {} restart of rank{} {} — {}\n",
+            i["seq"],
+            i["rank"],
+            i["reason"].as_str().unwrap_or_default(),
+            i["detail"].as_str().unwrap_or_default(),
+            i["scope"].as_str().unwrap_or_default(),
+            if ranks.len() == 1 { "" } else { "s" },
+            ranks.join(","),
+            i["end"].as_str().unwrap_or_default(),
+        ));
+        let detected = at(&i["detected_at"]);
+        let phase = |k: &str| match (detected, at(&i[k])) {
+            (Some(d), Some(t)) => format!("+{:.2} s", (t - d).num_milliseconds() as f64 / 1000.0),
+            _ => "-".to_string(),
+        };
+        out.push_str(&format!(
+            "   detected {}  spawned {}  first heartbeat {}  training {}  lost {}, {:.1} s\n",
+            detected
+                .map(|d| d.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                .unwrap_or_default(),
+            phase("spawned_at"),
+            phase("first_heartbeat_at"),
+            phase("training_at"),
+            plural(i["steps_lost"].as_u64().unwrap_or(0), "step", "steps"),
+            i["seconds_lost"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    out.trim_end().to_string()
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn at(v: &Value) -> Option<DateTime<Utc>> {
+    v.as_str()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_incident_reads_as_its_cause_then_its_phases_after_detection() {
+        let text = describe_incidents(&[json!({
+            "seq": 1, "rank": 1, "reason": "signal", "detail": "killed by SIGKILL",
+            "scope": "job", "ranks": [0, 1], "end": "recovered",
+            "detected_at": "2026-12-03T12:00:01.000Z", "spawned_at": "2026-12-03T12:00:01.210Z",
+            "first_heartbeat_at": "2026-12-03T12:00:01.350Z",
+            "training_at": "2026-12-03T12:00:02.020Z", "steps_lost": 15, "seconds_lost": 1.02
+        })]);
+        assert_eq!(
+            text,
+            "#1 rank 1 signal: killed by SIGKILL — job restart of ranks 0,1 — recovered\n   \
+             detected 2026-12-03 12:00:01.000  spawned +0.21 s  first heartbeat +0.35 s  \
+             training +1.02 s  lost 15 steps, 1.0 s"
+        );
+    }
+}
