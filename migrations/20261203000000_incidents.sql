@@ -20,5 +20,6 @@ CREATE TABLE incidents (
     resumed_step       INTEGER,                 -- the checkpoint resumed from (NULL: the start)
     steps_lost         INTEGER NOT NULL,        -- last_step - resumed_step: done again
     seconds_lost       REAL NOT NULL,           -- detected_at to training_at (or ended_at)
+    stacks             TEXT NOT NULL DEFAULT '[]', -- JSON: every rank's stacks before a hung rank was killed
     PRIMARY KEY (job_id, seq)
 );

@@ -601,7 +601,11 @@
           el("span", { text: `${(i.detail || "").split("\n")[0]} — ${i.scope} restart of ${ranks} — ` }),
           el("span", { class: "badge", "data-state": i.end === "recovered" ? "succeeded" : "failed", text: i.end }),
           el("span", { class: "muted", text: ` ${fmtTime(i.detected_at)}; lost ${i.steps_lost} steps, ${fmtNum(i.seconds_lost, 2)} s` })),
-        bar);
+        bar,
+        // A hung rank: what every rank was doing before it was killed.
+        ...(i.stacks || []).map((st) => el("details", { class: "stacks", "data-rank": st.rank, "data-kind": st.kind },
+          el("summary", { text: `stacks of rank ${st.rank} (pid ${st.pid}, ${st.kind})` }),
+          el("pre", { text: st.text }))));
     });
     $("incidents").replaceChildren(...rows);
     $("incidents-empty").hidden = rows.length > 0;

@@ -79,6 +79,9 @@ pub struct Job {
     /// This run's incidents, and those of earlier servers' runs (closed, from the history).
     incidents: Vec<Incident>,
     past_incidents: Vec<IncidentRow>,
+    /// Every rank's stacks taken when this rank was declared hung, for the incident its
+    /// failure opens.
+    hang_stacks: Option<(u32, Vec<crate::domain::incident::RankStacks>)>,
     /// Told when the last rank is down during a server shutdown.
     shutdown_waiter: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -177,6 +180,7 @@ impl Job {
                 crash_loop: CrashLoop::new(spec_world),
                 incidents: Vec::new(),
                 past_incidents: init.incidents,
+                hang_stacks: None,
                 shutdown_waiter: None,
             }
         });

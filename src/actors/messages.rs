@@ -31,6 +31,28 @@ pub struct Beat {
     pub attempt: u32,
 }
 
+/// Worker → Job: incarnation `attempt` of `rank` sent no heartbeat in time. The Job captures
+/// every rank's stacks, then answers with [`KillHung`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RankHung {
+    pub rank: u32,
+    pub attempt: u32,
+}
+
+/// Job → Worker: capture what the current incarnation's processes are doing (within about a
+/// second); none when it has no process on this host.
+#[derive(Message)]
+#[rtype(result = "Option<crate::domain::incident::RankStacks>")]
+pub struct CaptureStacks;
+
+/// Job → Worker: the stacks are taken; terminate hung incarnation `attempt`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KillHung {
+    pub attempt: u32,
+}
+
 /// Job → Worker: stop the current incarnation (terminate, then kill after the grace period).
 #[derive(Message)]
 #[rtype(result = "()")]

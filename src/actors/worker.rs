@@ -12,10 +12,14 @@ use uuid::Uuid;
 
 use super::Runtime;
 use super::job::Job;
-use super::messages::{Beat, LaunchRank, StopActor, Terminate, WorkerExited, WorkerStarted};
+use super::messages::{
+    Beat, CaptureStacks, KillHung, LaunchRank, RankHung, StopActor, Terminate, WorkerExited,
+    WorkerStarted,
+};
 use crate::domain::error_file::{self, RootCause};
+use crate::domain::incident::RankStacks;
 use crate::domain::{Ending, Exit, Outcome};
-use crate::launcher::{JobLauncher, RankControl, RankProcess};
+use crate::launcher::{JobLauncher, RankControl, RankProcess, stacks};
 use crate::store::recorder::NewLine;
 
 pub use crate::launcher::MAX_LINE_BYTES;
@@ -24,6 +28,9 @@ pub use crate::launcher::MAX_LINE_BYTES;
 const TAIL_LINES: usize = 20;
 /// How long output may keep flowing after the process exited (escaped grandchildren).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a rank's stacks may take to capture; a hung rank is killed after this at most
+/// even if the Job never answers.
+pub const STACKS_LIMIT: Duration = Duration::from_secs(1);
 
 pub struct Worker {
     job: Addr<Job>,
@@ -39,6 +46,9 @@ struct Incarnation {
     attempt: u32,
     /// None until the launcher has started the process.
     control: Option<Arc<dyn RankControl>>,
+    pid: u32,
+    /// SIGTERM (or what stands for it) has been sent.
+    signalled: bool,
     last_beat: Option<Instant>,
     watchdog_armed: bool,
     ending: Ending,
@@ -81,6 +91,7 @@ impl Worker {
             return;
         };
         inc.control = Some(control.clone());
+        inc.pid = pid;
         if inc.ending != Ending::Natural {
             control.kill();
         }
@@ -142,11 +153,12 @@ impl Worker {
         };
         if inc.ending == Ending::Natural {
             inc.ending = Ending::Terminated;
-        } else if inc.control.is_some() && inc.ending == Ending::Terminated {
+        } else if inc.control.is_some() && inc.signalled {
             return;
         }
         let attempt = inc.attempt;
         if let Some(control) = inc.control.clone() {
+            inc.signalled = true;
             control.terminate();
             ctx.run_later(grace, move |act, _| {
                 if act.current_mut(attempt).is_some() {
@@ -159,7 +171,9 @@ impl Worker {
     fn arm_watchdog(&mut self, attempt: u32, after: Duration, ctx: &mut Context<Self>) {
         ctx.run_later(after, move |act, ctx| {
             let timeout = act.heartbeat_timeout;
-            let Some(inc) = act.current_mut(attempt) else { return };
+            let Some(inc) = act.current_mut(attempt) else {
+                return;
+            };
             let silent = inc.last_beat.map(|t| t.elapsed()).unwrap_or_default();
             if silent < timeout {
                 act.arm_watchdog(attempt, timeout - silent, ctx);
@@ -174,14 +188,29 @@ impl Worker {
                 Some(act.rank),
                 Some(attempt),
                 format!(
-                    "rank {} sent no heartbeat for {:.3}s (timeout {:.3}s): killing its process group",
+                    "rank {} sent no heartbeat for {:.3}s (timeout {:.3}s): taking every rank's \
+                     stacks, then killing its process group",
                     act.rank,
                     silent.as_secs_f64(),
                     timeout.as_secs_f64()
                 ),
             );
-            act.terminate(ctx);
+            // The Job takes every rank's stacks first and then answers with KillHung; it is
+            // killed after the capture limit whatever happens.
+            act.job.do_send(RankHung {
+                rank: act.rank,
+                attempt,
+            });
+            ctx.run_later(STACKS_LIMIT * 2, move |act, ctx| {
+                act.kill_hung(attempt, ctx)
+            });
         });
+    }
+
+    fn kill_hung(&mut self, attempt: u32, ctx: &mut Context<Self>) {
+        if self.current_mut(attempt).is_some() {
+            self.terminate(ctx);
+        }
     }
 }
 
@@ -197,6 +226,8 @@ impl Handler<LaunchRank> for Worker {
         self.current = Some(Incarnation {
             attempt,
             control: None,
+            pid: 0,
+            signalled: false,
             last_beat: None,
             watchdog_armed: false,
             ending: Ending::Natural,
@@ -238,6 +269,41 @@ impl Handler<Beat> for Worker {
             inc.watchdog_armed = true;
             self.arm_watchdog(msg.attempt, timeout, ctx);
         }
+    }
+}
+
+impl Handler<CaptureStacks> for Worker {
+    type Result = ResponseFuture<Option<RankStacks>>;
+
+    fn handle(&mut self, _: CaptureStacks, _: &mut Context<Self>) -> Self::Result {
+        let target = self.current.as_ref().and_then(|inc| {
+            let group = inc.control.as_ref()?.host_group()?;
+            Some((inc.attempt, inc.pid, group))
+        });
+        let (data_dir, job_id, rank) = (self.rt.settings.data_dir.clone(), self.job_id, self.rank);
+        Box::pin(async move {
+            let (attempt, pid, group) = target?;
+            let file = stacks::path(&data_dir, job_id, rank, attempt);
+            let (kind, text) =
+                tokio::task::spawn_blocking(move || stacks::capture(group, &file, STACKS_LIMIT))
+                    .await
+                    .ok()?;
+            Some(RankStacks {
+                rank,
+                attempt,
+                pid,
+                kind,
+                text,
+            })
+        })
+    }
+}
+
+impl Handler<KillHung> for Worker {
+    type Result = ();
+
+    fn handle(&mut self, msg: KillHung, ctx: &mut Context<Self>) {
+        self.kill_hung(msg.attempt, ctx);
     }
 }
 

@@ -4,6 +4,9 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+/// Lines of each rank's stacks printed (the API has them all).
+const STACK_LINES: usize = 12;
+
 /// `goodput 0.93  (wall 61.0 s, recovering 2.4 s of which backoff 0.2 s, 15 steps redone)`.
 pub fn describe_goodput(g: &Value) -> Option<String> {
     let goodput = g["goodput"].as_f64()?;
@@ -66,6 +69,25 @@ pub fn describe_incidents(incidents: &[Value]) -> String {
             plural(i["steps_lost"].as_u64().unwrap_or(0), "step", "steps"),
             i["seconds_lost"].as_f64().unwrap_or(0.0),
         ));
+        // A hung rank's incident: what every rank was doing before it was killed.
+        for s in i["stacks"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "   stacks of rank {} (pid {}, {}):\n",
+                s["rank"],
+                s["pid"],
+                s["kind"].as_str().unwrap_or_default()
+            ));
+            let text = s["text"].as_str().unwrap_or_default();
+            for line in text.lines().take(STACK_LINES) {
+                out.push_str(&format!("     {line}\n"));
+            }
+            let more = text.lines().count().saturating_sub(STACK_LINES);
+            if more > 0 {
+                out.push_str(&format!(
+                    "     … {more} more lines in GET /jobs/{{id}}/incidents\n"
+                ));
+            }
+        }
     }
     out.trim_end().to_string()
 }

@@ -66,6 +66,9 @@ pub struct Incident {
     pub end: IncidentEnd,
     /// When it ended (recovered, or the job or server ended first).
     pub ended_at: Option<DateTime<Utc>>,
+    /// What every rank was doing when this (hung) rank was declared hung, captured before
+    /// anything was killed. Empty for other failures.
+    pub stacks: Vec<RankStacks>,
     /// Ranks of the incident not yet spawned again / not yet past the resumed step.
     not_spawned: BTreeSet<u32>,
     not_training: BTreeSet<u32>,
@@ -83,6 +86,21 @@ pub struct Failure {
     pub at: DateTime<Utc>,
     pub last_step: Option<u64>,
     pub resumed_step: Option<u64>,
+    pub stacks: Vec<RankStacks>,
+}
+
+/// The stacks of one rank's processes, captured before a hung rank was killed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct RankStacks {
+    pub rank: u32,
+    pub attempt: u32,
+    /// The rank's process (group leader).
+    pub pid: u32,
+    /// `python` (every thread's Python stack, from faulthandler), `native` (each thread's wait
+    /// channel and kernel stack from /proc) or `none` (nothing left to look at).
+    pub kind: String,
+    /// At most 64 KiB.
+    pub text: String,
 }
 
 impl Incident {
@@ -102,6 +120,7 @@ impl Incident {
             training_at: None,
             last_step: f.last_step,
             resumed_step: f.resumed_step,
+            stacks: f.stacks,
             end: IncidentEnd::Open,
             ended_at: None,
             not_spawned: set.clone(),
@@ -200,6 +219,7 @@ impl Incident {
             resumed_step: self.resumed_step,
             steps_lost: self.steps_lost(),
             seconds_lost: self.seconds_lost(now),
+            stacks: self.stacks.clone(),
         }
     }
 }
@@ -228,6 +248,9 @@ pub struct IncidentRow {
     pub resumed_step: Option<u64>,
     pub steps_lost: u64,
     pub seconds_lost: f64,
+    /// For a hung rank: what every rank of the job was doing before it was killed.
+    #[serde(default)]
+    pub stacks: Vec<RankStacks>,
 }
 
 /// Where a job's wall time went: `goodput` in the summary.
@@ -306,6 +329,7 @@ mod tests {
             at: Utc::now(),
             last_step: last,
             resumed_step: resumed,
+            stacks: Vec::new(),
         }
     }
 

@@ -14,6 +14,9 @@ pub struct EnvVar {
     pub s3_only: bool,
     /// A default, as torchrun's: a job's `env` may set it, and then wins.
     pub default_only: bool,
+    /// Put in front of the value the rank would have had (the job's `env`, else the
+    /// server's environment); a job's `env` may set it.
+    pub prepends: bool,
 }
 
 const fn var(name: &'static str) -> EnvVar {
@@ -21,6 +24,16 @@ const fn var(name: &'static str) -> EnvVar {
         name,
         s3_only: false,
         default_only: false,
+        prepends: false,
+    }
+}
+
+const fn prepend(name: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        s3_only: false,
+        default_only: false,
+        prepends: true,
     }
 }
 
@@ -29,6 +42,7 @@ const fn s3(name: &'static str) -> EnvVar {
         name,
         s3_only: true,
         default_only: false,
+        prepends: false,
     }
 }
 
@@ -37,6 +51,7 @@ const fn default(name: &'static str) -> EnvVar {
         name,
         s3_only: false,
         default_only: true,
+        prepends: false,
     }
 }
 
@@ -85,19 +100,25 @@ pub const WORKER_ENV: &[EnvVar] = &[
     s3("S3_ACCESS_KEY"),
     s3("S3_SECRET_KEY"),
     var("TRAINVISOR_CACHE_DIR"),
+    // Local ranks only: where a Python rank's stacks are written when a hung rank is being
+    // diagnosed, and the hook that registers them (see launcher::stacks).
+    var("TRAINVISOR_STACKS_FILE"),
+    prepend("PYTHONPATH"),
 ];
 
 /// The names a job's `env` may not set: every name of the contract but torchrun's defaults.
 pub fn reserved_names() -> Vec<&'static str> {
     WORKER_ENV
         .iter()
-        .filter(|v| !v.default_only)
+        .filter(|v| !v.default_only && !v.prepends)
         .map(|v| v.name)
         .collect()
 }
 
 pub fn is_reserved(name: &str) -> bool {
-    WORKER_ENV.iter().any(|v| v.name == name && !v.default_only)
+    WORKER_ENV
+        .iter()
+        .any(|v| v.name == name && !v.default_only && !v.prepends)
 }
 
 /// Every name of the contract, defaults included.
@@ -122,6 +143,16 @@ pub struct RankEnv<'a> {
     pub error_file: &'a str,
     /// The server's object-storage settings, by name (`S3_*`).
     pub s3: &'a [(String, String)],
+    /// For ranks on this host: where their Python stacks go, the directory of the hook that
+    /// registers them, and the `PYTHONPATH` the rank would have had without it.
+    pub stacks: Option<StacksEnv<'a>>,
+}
+
+/// The part of the environment that lets trainvisor take a local Python rank's stacks.
+pub struct StacksEnv<'a> {
+    pub file: &'a str,
+    pub hooks_dir: &'a str,
+    pub inherited_pythonpath: Option<&'a str>,
 }
 
 impl RankEnv<'_> {
@@ -134,6 +165,9 @@ impl RankEnv<'_> {
         let mut env: Vec<(String, String)> = spec
             .env
             .iter()
+            .filter(|(k, _)| {
+                self.stacks.is_none() || !WORKER_ENV.iter().any(|v| v.prepends && v.name == *k)
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for var in WORKER_ENV {
@@ -191,6 +225,20 @@ impl RankEnv<'_> {
             "TRAINVISOR_INSTANCE" => self.instance.to_string(),
             "TRAINVISOR_SPEC" => serde_json::to_string(spec).unwrap_or_default(),
             "TRAINVISOR_CACHE_DIR" => self.cache_dir.to_string(),
+            "TRAINVISOR_STACKS_FILE" => self.stacks.as_ref()?.file.to_string(),
+            "PYTHONPATH" => {
+                let s = self.stacks.as_ref()?;
+                let before = spec
+                    .env
+                    .get("PYTHONPATH")
+                    .map(String::as_str)
+                    .or(s.inherited_pythonpath)
+                    .filter(|p| !p.is_empty());
+                match before {
+                    Some(p) => format!("{}:{p}", s.hooks_dir),
+                    None => s.hooks_dir.to_string(),
+                }
+            }
             s3_name => {
                 return self
                     .s3
@@ -232,6 +280,11 @@ mod tests {
             cache_dir: "/c",
             error_file: "/e/error.json",
             s3,
+            stacks: Some(StacksEnv {
+                file: "/e/rank.stacks",
+                hooks_dir: "/h",
+                inherited_pythonpath: Some("/server/lib"),
+            }),
         }
         .build()
     }
@@ -284,6 +337,17 @@ mod tests {
             "the job's value, once"
         );
         assert_eq!(get_of(&env, "OMP_NUM_THREADS"), "8");
+        // PYTHONPATH: the stacks hook first, then the rank's own (the job's beats the server's).
+        assert_eq!(get_of(&env, "PYTHONPATH"), "/h:/server/lib");
+        spec.env.insert("PYTHONPATH".into(), "/mine".into());
+        let env = env_of(&spec, &[]);
+        assert_eq!(
+            env.iter().filter(|(k, _)| k == "PYTHONPATH").count(),
+            1,
+            "composed once"
+        );
+        assert_eq!(get_of(&env, "PYTHONPATH"), "/h:/mine");
+        assert!(!is_reserved("PYTHONPATH"));
         assert!(!is_reserved("OMP_NUM_THREADS"));
         assert!(is_reserved("GROUP_RANK"));
         // Rank 1 of 8, 4 per node: node 0 of 2.

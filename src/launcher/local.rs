@@ -126,6 +126,10 @@ impl RankControl for GroupControl {
     fn kill(&self) {
         signal_group(self.pgid, libc::SIGKILL);
     }
+
+    fn host_group(&self) -> Option<u32> {
+        Some(self.pgid)
+    }
 }
 
 /// Spawns `launch` as a child of this server and hands it over as a rank: its two pipes read

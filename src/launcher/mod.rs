@@ -7,6 +7,7 @@
 pub mod docker;
 pub mod local;
 pub mod slurm;
+pub mod stacks;
 
 use std::collections::HashMap;
 use std::io;
@@ -66,6 +67,11 @@ pub trait RankControl: Send + Sync {
     fn terminate(&self);
     /// Stop it now, with everything it started.
     fn kill(&self);
+    /// The process group of the rank's processes when they run on this host, where their
+    /// stacks can be taken before a hung rank is killed; none elsewhere.
+    fn host_group(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A rank's process as its Worker holds it.

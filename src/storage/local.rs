@@ -131,7 +131,6 @@ pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
 /// Temp file and rename (readers see the old or the whole new file); with `durable`, the file
 /// and the directory are fsynced too.
 fn write_atomic(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
-    let new_dir = missing_parent(path);
     let (dir, tmp) = temp_beside(path)?;
     let result = (|| {
         write_new(&tmp, data, durable)?;
@@ -143,27 +142,23 @@ fn write_atomic(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
-        undo_dir(new_dir);
+        undo_dir(path);
     }
     result
 }
 
-/// The parent of `path` when it does not exist yet (a write that fails removes it again).
-fn missing_parent(path: &Path) -> Option<&Path> {
-    path.parent().filter(|p| !p.is_dir())
-}
-
-/// Removes a directory a failed write created, if it is still empty: a full disk must not
-/// leave one empty step directory per failed checkpoint.
-fn undo_dir(dir: Option<&Path>) {
-    if let Some(dir) = dir {
+/// After a failed write of `path`: removes its directory if it is empty, whoever created it
+/// (two ranks writing parts of one step race to create it, and the one that did may fail
+/// first, while the other's temp file is still there): a full disk must not leave one empty
+/// step directory per failed checkpoint.
+fn undo_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
         let _ = fs::remove_dir(dir);
     }
 }
 
 /// Like `write_durable`, but refuses to replace an existing file (`Ok(false)`).
 fn create_durable(path: &Path, data: &[u8]) -> io::Result<bool> {
-    let new_dir = missing_parent(path);
     let (dir, tmp) = temp_beside(path)?;
     let result = (|| {
         write_new(&tmp, data, true)?;
@@ -177,7 +172,7 @@ fn create_durable(path: &Path, data: &[u8]) -> io::Result<bool> {
     })();
     let _ = fs::remove_file(&tmp);
     if result.is_err() {
-        undo_dir(new_dir);
+        undo_dir(path);
     }
     result
 }

@@ -291,8 +291,8 @@ impl HistoryOp {
                     "INSERT OR REPLACE INTO incidents
                      (job_id, seq, rank, reason, detail, scope, ranks, backoff_ms, detected_at,
                       spawned_at, first_heartbeat_at, training_at, ended_at, end_state,
-                      last_step, resumed_step, steps_lost, seconds_lost)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      last_step, resumed_step, steps_lost, seconds_lost, stacks)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(job_id.to_string())
                 .bind(row.seq)
@@ -312,6 +312,7 @@ impl HistoryOp {
                 .bind(row.resumed_step.map(|s| s as i64))
                 .bind(row.steps_lost as i64)
                 .bind(row.seconds_lost)
+                .bind(serde_json::to_string(&row.stacks).unwrap_or_else(|_| "[]".into()))
                 .execute(conn)
                 .await?;
             }

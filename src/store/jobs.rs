@@ -191,7 +191,7 @@ pub async fn incidents(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Incident
     let rows: Vec<IncidentDb> = sqlx::query_as(
         "SELECT seq, rank, reason, detail, scope, ranks, backoff_ms, detected_at, spawned_at,
                 first_heartbeat_at, training_at, ended_at, end_state, last_step, resumed_step,
-                steps_lost, seconds_lost
+                steps_lost, seconds_lost, stacks
          FROM incidents WHERE job_id = ? ORDER BY seq",
     )
     .bind(id.to_string())
@@ -219,6 +219,7 @@ struct IncidentDb {
     resumed_step: Option<i64>,
     steps_lost: i64,
     seconds_lost: f64,
+    stacks: String,
 }
 
 impl IncidentDb {
@@ -241,6 +242,7 @@ impl IncidentDb {
             resumed_step: self.resumed_step.map(|s| s as u64),
             steps_lost: self.steps_lost as u64,
             seconds_lost: self.seconds_lost,
+            stacks: serde_json::from_str(&self.stacks).unwrap_or_default(),
         }
     }
 }

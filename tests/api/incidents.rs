@@ -135,7 +135,7 @@ async fn a_group_restart_is_one_incident_with_its_timeline_and_its_cost() {
         "{text}"
     );
     assert!(
-        text.contains(&format!("lost {} steps", i["steps_lost"])),
+        text.contains(&format!("lost {} step", i["steps_lost"])),
         "{text}"
     );
     assert!(text.contains("training +"), "{text}");
@@ -213,4 +213,128 @@ async fn an_incident_open_when_the_server_dies_is_closed_as_server_restart() {
     app.wait_finished(&id, Duration::from_secs(30)).await;
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// A 3-rank job whose rank 1 hangs in a known function on its first incarnation: ranks 0 and 1
+/// are Python (stacks from faulthandler), rank 2 is a shell loop (native stacks from /proc).
+const HANGS_ONCE: &str = r#"
+import json, os, time, urllib.request
+def beat(step):
+    req = urllib.request.Request(os.environ["TRAINVISOR_HEARTBEAT_URL"],
+        data=json.dumps({"step": step}).encode(), method="POST",
+        headers={"Authorization": "Bearer " + os.environ["TRAINVISOR_TOKEN"],
+                 "Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=5).read()
+def stuck_in_here():
+    time.sleep(600)
+def waiting_for_peers():
+    for step in range(1, 60):
+        beat(step)
+        time.sleep(0.2)
+if os.environ["RANK"] == "1":
+    beat(1)
+    if os.environ["RESTART_COUNT"] == "0":
+        stuck_in_here()
+else:
+    waiting_for_peers()
+"#;
+
+#[actix_web::test]
+async fn a_hung_ranks_stacks_and_its_peers_are_taken_before_it_is_killed() {
+    let app = spawn_app().await;
+    let shell = format!("for i in $(seq 40); do {}; sleep 0.3; done", beat("{}"));
+    // One command for every rank: rank 2 runs the shell loop, the others the Python script.
+    let command = sh(&format!(
+        "if [ \"$RANK\" = 2 ]; then {shell}; else exec python3 -c '{}'; fi",
+        HANGS_ONCE.replace('\'', "'\\''")
+    ));
+    let id = app
+        .create_job(
+            json!({"world_size": 3, "command": command, "restart_scope": "worker",
+                           "heartbeat_timeout_s": 1.5, "max_restarts": 2,
+                           "backoff_initial_ms": 100}),
+        )
+        .await;
+    let job = app.wait_finished(&id, Duration::from_secs(90)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    let all = incidents(&app, &id).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let i = &all[0];
+    assert_eq!(i["reason"], "heartbeat_timeout", "{i}");
+    assert_eq!(i["rank"], 1);
+    let stacks = i["stacks"]
+        .as_array()
+        .expect("stacks kept with the incident");
+    let of = |rank: u64| {
+        stacks
+            .iter()
+            .find(|s| s["rank"] == rank)
+            .unwrap_or_else(|| panic!("no stacks of rank {rank}: {stacks:?}"))
+    };
+    let hung = of(1);
+    assert_eq!(hung["kind"], "python", "{hung}");
+    let text = hung["text"].as_str().unwrap();
+    assert!(text.contains("in stuck_in_here"), "{text}");
+    assert!(text.contains("(most recent call first)"), "{text}");
+    let peer = of(0);
+    assert_eq!(peer["kind"], "python", "{peer}");
+    assert!(
+        peer["text"].as_str().unwrap().contains("waiting_for_peers"),
+        "{peer}"
+    );
+    let native = of(2);
+    assert_eq!(native["kind"], "native", "{native}");
+    let text = native["text"].as_str().unwrap();
+    assert!(
+        text.contains("process ") && text.contains("thread "),
+        "{text}"
+    );
+    assert!(text.contains("sh -c"), "{text}");
+
+    // Taken before the kill: the log says so before rank 1's end, with the innermost frame.
+    let lines: Vec<String> = app
+        .log_lines(&id)
+        .await
+        .iter()
+        .map(|l| l["line"].as_str().unwrap().to_string())
+        .collect();
+    for l in lines
+        .iter()
+        .filter(|l| l.starts_with("stacks of") || l.contains("sent no heartbeat"))
+    {
+        println!("{l}");
+    }
+    println!("rank 1's stacks:\n{}", hung["text"].as_str().unwrap());
+    println!("rank 2's stacks:\n{text}");
+    let taken = lines
+        .iter()
+        .position(|l| l.starts_with("stacks of rank 1 ") && l.contains("stuck_in_here"))
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    let ended = lines
+        .iter()
+        .position(|l| l.contains("rank 1") && l.contains("heartbeat"))
+        .unwrap();
+    assert!(ended < taken, "the hang is declared first: {lines:#?}");
+
+    // `trainvisor status` prints them under the incident.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args(["status", &id])
+        .env("TRAINVISOR_SERVER", &app.address)
+        .output()
+        .await
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("stacks of rank 1 (pid "), "{status}");
+    assert!(status.contains("in stuck_in_here"), "{status}");
+    assert!(
+        status.contains("stacks of rank 2 ") && status.contains(", native):"),
+        "{status}"
+    );
+    assert!(
+        !lines[..taken]
+            .iter()
+            .any(|l| l.contains("restart") && l.contains("rank 1")),
+        "nothing restarted rank 1 before its stacks were taken: {lines:#?}"
+    );
 }

@@ -2,10 +2,13 @@
 //! replacements start, beat and step past the checkpoint they resumed from, closed when the
 //! job (or the server) ends first; each change is recorded whole. Goodput for the summary.
 
+use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
 use super::Job;
-use crate::domain::incident::{Failure, Goodput, Incident, IncidentEnd};
+use crate::actors::messages::{CaptureStacks, KillHung, RankHung};
+use crate::actors::worker::STACKS_LIMIT;
+use crate::domain::incident::{Failure, Goodput, Incident, IncidentEnd, RankStacks};
 use crate::domain::{Outcome, RestartScope};
 use crate::store::history::HistoryOp;
 
@@ -50,6 +53,10 @@ impl Job {
             at: now,
             last_step,
             resumed_step: self.last_checkpoint.as_ref().map(|c| c.step),
+            stacks: match self.hang_stacks.take() {
+                Some((hung, stacks)) if hung == rank => stacks,
+                _ => Vec::new(),
+            },
         }));
         self.record_incident(self.incidents.len() - 1, now);
     }
@@ -104,4 +111,58 @@ impl Job {
             .collect();
         Some(Goodput::of(&rows, wall_s, step))
     }
+}
+
+impl Handler<RankHung> for Job {
+    type Result = ();
+
+    /// Before a hung rank is killed: what every rank of the job is doing, kept for the
+    /// incident its failure opens, with one line per rank in the job's log.
+    fn handle(&mut self, msg: RankHung, ctx: &mut Context<Self>) {
+        let asks: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| tokio::time::timeout(STACKS_LIMIT * 2, w.send(CaptureStacks)))
+            .collect();
+        ctx.spawn(futures_util::future::join_all(asks).into_actor(self).map(
+            move |answers, act, _| {
+                let stacks: Vec<RankStacks> =
+                    answers.into_iter().filter_map(|a| a.ok()?.ok()?).collect();
+                for s in &stacks {
+                    let lines = s.text.lines().count();
+                    act.note(
+                        Some(s.rank),
+                        Some(s.attempt),
+                        format!(
+                            "stacks of rank {} (pid {}) before rank {} is killed: {} ({} lines; \
+                                 GET /jobs/{}/incidents){}",
+                            s.rank,
+                            s.pid,
+                            msg.rank,
+                            s.kind,
+                            lines,
+                            act.id,
+                            innermost(&s.text)
+                                .map(|f| format!(", innermost: {f}"))
+                                .unwrap_or_default()
+                        ),
+                    );
+                }
+                act.hang_stacks = Some((msg.rank, stacks));
+                if let Some(w) = act.workers.get(msg.rank as usize) {
+                    w.do_send(KillHung {
+                        attempt: msg.attempt,
+                    });
+                }
+            },
+        ));
+    }
+}
+
+/// The innermost frame of the first thread listed in a faulthandler dump:
+/// `File "train.py", line 5 in wait_for_peers`.
+fn innermost(text: &str) -> Option<&str> {
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("File \""))
 }

@@ -8,8 +8,9 @@ use super::{Job, Phase, RankState};
 use crate::actors::hash_token;
 use crate::actors::messages::LaunchRank;
 use crate::domain::error_file;
-use crate::domain::worker_env::RankEnv;
+use crate::domain::worker_env::{RankEnv, StacksEnv};
 use crate::domain::{Outcome, RestartScope};
+use crate::launcher::stacks;
 use crate::launcher::{Launch, Place, Prepared};
 use crate::store::history::HistoryOp;
 use crate::store::now;
@@ -171,6 +172,13 @@ impl Job {
         {
             tracing::warn!(error = %e, dir = %dir.display(), "cannot make the error-file dir");
         }
+        // Local ranks: the Python stacks hook (first on PYTHONPATH) and its output file.
+        let local = self.spec.launcher == crate::spec::LauncherKind::Local;
+        let stacks_file = stacks::path(&self.rt.settings.data_dir, self.id, rank, attempt);
+        let hooks_dir = local.then(|| stacks::hooks_dir(&self.rt.settings.data_dir));
+        let inherited = std::env::var("PYTHONPATH").ok();
+        let stacks_file = stacks_file.to_string_lossy();
+        let hooks = hooks_dir.as_ref().map(|d| d.to_string_lossy());
         RankEnv {
             job_id: self.id,
             spec: &self.spec,
@@ -184,6 +192,11 @@ impl Job {
             cache_dir: &cache_dir.to_string_lossy(),
             error_file: &error_file.to_string_lossy(),
             s3: &self.rt.settings.s3.worker_env(),
+            stacks: hooks.as_deref().map(|hooks_dir| StacksEnv {
+                file: &stacks_file,
+                hooks_dir,
+                inherited_pythonpath: inherited.as_deref(),
+            }),
         }
         .build()
     }

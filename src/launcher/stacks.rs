@@ -1,0 +1,230 @@
+//! What a rank's processes on this host are doing, captured before a hung rank is killed:
+//! Python stacks of every thread through `faulthandler` (registered by a `sitecustomize` the
+//! ranks get on their `PYTHONPATH`), and for other processes the kernel's view from `/proc`
+//! (each thread's name, wait channel and kernel stack where readable). Bounded in size and time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+/// At most this much text per rank.
+pub const MAX_BYTES: usize = 64 * 1024;
+/// At most this many processes of a rank described.
+const MAX_PROCESSES: usize = 16;
+
+/// Loaded by every Python rank started by the local launcher (it is first on their
+/// `PYTHONPATH`): registers `faulthandler` for all threads on a real-time signal, writing to
+/// `TRAINVISOR_STACKS_FILE`, and says so in that file with its pid and signal, so only
+/// processes that can take the signal get it. Then it hands over to any other
+/// `sitecustomize` further down the path, as if it had not been there.
+pub const SITECUSTOMIZE: &str = r##"# Written by trainvisor: lets it capture this rank's Python stacks before killing a hung rank.
+def _trainvisor_stacks():
+    import os
+    path = os.environ.get("TRAINVISOR_STACKS_FILE")
+    if not path:
+        return
+    try:
+        import faulthandler, signal
+        sig = signal.SIGRTMIN + 2
+        f = open(path, "a", buffering=1)
+        faulthandler.register(sig, file=f, all_threads=True, chain=False)
+        f.write("# trainvisor: faulthandler on signal %d in pid %d\n" % (sig, os.getpid()))
+        f.flush()
+        import sys
+        sys._trainvisor_stacks_file = f
+    except Exception:
+        pass
+
+def _trainvisor_chain():
+    import importlib, os, sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    mine = sys.modules.pop("sitecustomize", None)
+    saved = list(sys.path)
+    try:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+        importlib.import_module("sitecustomize")
+    except ImportError:
+        if mine is not None:
+            sys.modules["sitecustomize"] = mine
+    finally:
+        sys.path[:] = saved
+
+_trainvisor_stacks()
+_trainvisor_chain()
+"##;
+
+/// The directory holding [`SITECUSTOMIZE`] under the data dir, written once per data dir
+/// and server process.
+pub fn hooks_dir(data_dir: &Path) -> PathBuf {
+    static WRITTEN: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    let dir = data_dir.join("python-hooks");
+    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !written.contains(&dir) {
+        let _ = std::fs::create_dir_all(&dir);
+        match std::fs::write(dir.join("sitecustomize.py"), SITECUSTOMIZE) {
+            Ok(()) => {
+                written.insert(dir.clone());
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot write the Python stacks hook"),
+        }
+    }
+    dir
+}
+
+/// Where incarnation `attempt` of `rank` writes its Python stacks (beside its error file).
+pub fn path(data_dir: &Path, job_id: Uuid, rank: u32, attempt: u32) -> PathBuf {
+    data_dir
+        .join("errors")
+        .join(job_id.to_string())
+        .join(format!("rank-{rank}-attempt-{attempt}.stacks"))
+}
+
+/// The stacks of the processes in process group `pgid`: Python ones through the signal they
+/// registered in `file`, the others from `/proc`. Returns within about `limit`.
+pub fn capture(pgid: u32, file: &Path, limit: Duration) -> (String, String) {
+    let started = Instant::now();
+    let procs = group_members(pgid);
+    if procs.is_empty() {
+        return ("none".into(), "no process left in the rank's group".into());
+    }
+    let (registered, offset) = registered(file);
+    let python: BTreeMap<u32, i32> = registered
+        .into_iter()
+        .filter(|(pid, _)| procs.contains(pid))
+        .collect();
+    for (&pid, &sig) in &python {
+        // SAFETY: signals a pid of the rank's own group that registered this signal itself.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+    let mut text = String::new();
+    if !python.is_empty() {
+        text = wait_for_dump(file, offset, started + limit);
+    }
+    let kind = if text.is_empty() { "native" } else { "python" };
+    for &pid in procs
+        .iter()
+        .filter(|p| !python.contains_key(p))
+        .take(MAX_PROCESSES)
+    {
+        if text.len() >= MAX_BYTES {
+            break;
+        }
+        text.push_str(&native(pid));
+    }
+    if text.len() > MAX_BYTES {
+        let mut cut = MAX_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("\n… (cut at 64 KiB)");
+    }
+    (kind.into(), text)
+}
+
+/// Pids whose process group is `pgid`, in order.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // pid (comm) state ppid pgrp …: comm may hold spaces and parentheses.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(2)?.parse::<u32>().ok()
+                })
+                == Some(pgid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The (pid, signal) pairs the hook registered in `file`, and the file's length now.
+fn registered(file: &Path) -> (BTreeMap<u32, i32>, u64) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let pairs = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("# trainvisor: faulthandler on signal ")?;
+            let (sig, pid) = rest.split_once(" in pid ")?;
+            Some((pid.trim().parse().ok()?, sig.trim().parse().ok()?))
+        })
+        .collect();
+    (pairs, text.len() as u64)
+}
+
+/// What the signalled processes wrote after `offset`, once it has stopped growing for a
+/// moment or `deadline` has passed.
+fn wait_for_dump(file: &Path, offset: u64, deadline: Instant) -> String {
+    let len = || std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let mut last = offset;
+    let mut still_since: Option<Instant> = None;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = len();
+        if now > last {
+            last = now;
+            still_since = Some(Instant::now());
+        } else if still_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(100)) {
+            break;
+        }
+    }
+    let mut out = String::new();
+    if let Ok(mut f) = std::fs::File::open(file)
+        && f.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let _ = f.take(MAX_BYTES as u64).read_to_string(&mut out);
+    }
+    out.lines()
+        .filter(|l| !l.starts_with("# trainvisor: "))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_string()
+}
+
+/// A process as the kernel sees it: its command line, then each thread's name, wait channel
+/// and kernel stack (readable by root only; the user-space native stack needs a debugger,
+/// which trainvisor does not run).
+fn native(pid: u32) -> String {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let mut cmdline: String = read(format!("/proc/{pid}/cmdline")).replace('\0', " ");
+    if cmdline.chars().count() > 160 {
+        cmdline = cmdline.chars().take(160).collect::<String>() + "…";
+    }
+    let mut out = format!("process {pid}: {}\n", cmdline.trim().replace('\n', " "));
+    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    for tid in tids.into_iter().take(64) {
+        let base = format!("/proc/{pid}/task/{tid}");
+        let comm = read(format!("{base}/comm"));
+        let wchan = read(format!("{base}/wchan"));
+        out.push_str(&format!(
+            "  thread {tid} ({}): waiting in {}\n",
+            comm.trim(),
+            if wchan.trim().is_empty() || wchan.trim() == "0" {
+                "- (running)"
+            } else {
+                wchan.trim()
+            }
+        ));
+        for frame in read(format!("{base}/stack")).lines().take(24) {
+            out.push_str(&format!("    {frame}\n"));
+        }
+    }
+    out
+}
