@@ -498,6 +498,16 @@
       tr.dataset.state = w.state;
       cState.firstChild.dataset.state = w.state;
       setText(cState.firstChild, w.state);
+      // A straggler: flagged beside its state, with its rate in the tooltip.
+      tr.dataset.straggler = w.straggler ? "true" : "false";
+      let flag = cState.querySelector(".straggler");
+      if (w.straggler && !flag) {
+        flag = el("span", { class: "badge straggler", "data-state": "failed", text: "straggler" });
+        cState.append(" ", flag);
+      } else if (!w.straggler && flag) {
+        flag.remove();
+      }
+      if (flag && w.straggler) flag.title = `${fmtNum(w.steps_per_s)} steps/s, slower than the job's median`;
       setText(cPid, w.pid ?? "—");
       setText(cAttempt, w.attempt);
       setText(cRestarts, w.restarts);
@@ -759,6 +769,10 @@
       open.refreshSummary();
       // A relaunch fills in its restart's restarted_at.
       if (open.restarts.some((r) => !r.restarted_at)) open.refreshRestarts();
+    });
+    es.addEventListener("straggler", (ev) => {
+      const msg = parse(ev);
+      if (open && open.id === String(msg && msg.job_id)) open.refreshSummary();
     });
     es.addEventListener("restart", (ev) => {
       const msg = parse(ev);

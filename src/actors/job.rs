@@ -29,6 +29,7 @@ use crate::store::now;
 mod incidents;
 mod launch;
 mod restart;
+mod stragglers;
 mod worker_api;
 
 use crate::domain::{RankSlot, RankState};
@@ -82,6 +83,7 @@ pub struct Job {
     /// Every rank's stacks taken when this rank was declared hung, for the incident its
     /// failure opens.
     hang_stacks: Option<(u32, Vec<crate::domain::incident::RankStacks>)>,
+    stragglers: crate::domain::straggler::Stragglers,
     /// Told when the last rank is down during a server shutdown.
     shutdown_waiter: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -141,6 +143,7 @@ impl Job {
             )
             .start();
             let spec_world = spec.world_size;
+            let straggler_policy = spec.straggler_policy();
             let workers = (0..spec.world_size)
                 .map(|rank| {
                     Worker::new(
@@ -181,6 +184,7 @@ impl Job {
                 incidents: Vec::new(),
                 past_incidents: init.incidents,
                 hang_stacks: None,
+                stragglers: crate::domain::straggler::Stragglers::new(spec_world, straggler_policy),
                 shutdown_waiter: None,
             }
         });
@@ -364,6 +368,7 @@ impl Job {
             slurm_job_id: status.slurm_job_id,
             excluded_nodes: status.excluded_nodes,
             goodput: self.goodput(step),
+            rank_rates: self.rank_rates(),
         })
     }
 }
@@ -373,6 +378,9 @@ impl Actor for Job {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.publish_job();
+        ctx.run_interval(stragglers::CHECK_EVERY, |act, ctx| {
+            act.check_stragglers(ctx)
+        });
         if !self.spec.env.contains_key("OMP_NUM_THREADS") {
             // torchrun warns about it too: one thread per rank unless the job says otherwise.
             self.note(
@@ -448,6 +456,7 @@ impl Handler<WorkerExited> for Job {
             outcome: msg.outcome,
         });
         slot.progress.pid = None;
+        self.straggler_gone(rank);
         if self.phase == Phase::Running && msg.outcome.is_failure() {
             self.launcher.rank_failed(rank, msg.outcome, &msg.detail);
         }

@@ -53,6 +53,14 @@ pub struct KillHung {
     pub attempt: u32,
 }
 
+/// Job → Worker: incarnation `attempt` is a straggler to restart (`straggler_action:
+/// restart`): terminate it; its exit is a failure with reason `straggler`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RestartStraggler {
+    pub attempt: u32,
+}
+
 /// Job → Worker: stop the current incarnation (terminate, then kill after the grace period).
 #[derive(Message)]
 #[rtype(result = "()")]

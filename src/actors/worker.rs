@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::Runtime;
 use super::job::Job;
 use super::messages::{
-    Beat, CaptureStacks, KillHung, LaunchRank, RankHung, StopActor, Terminate, WorkerExited,
-    WorkerStarted,
+    Beat, CaptureStacks, KillHung, LaunchRank, RankHung, RestartStraggler, StopActor, Terminate,
+    WorkerExited, WorkerStarted,
 };
 use crate::domain::error_file::{self, RootCause};
 use crate::domain::incident::RankStacks;
@@ -304,6 +304,20 @@ impl Handler<KillHung> for Worker {
 
     fn handle(&mut self, msg: KillHung, ctx: &mut Context<Self>) {
         self.kill_hung(msg.attempt, ctx);
+    }
+}
+
+impl Handler<RestartStraggler> for Worker {
+    type Result = ();
+
+    fn handle(&mut self, msg: RestartStraggler, ctx: &mut Context<Self>) {
+        let Some(inc) = self.current_mut(msg.attempt) else {
+            return;
+        };
+        if inc.ending == Ending::Natural {
+            inc.ending = Ending::Straggler;
+            self.terminate(ctx);
+        }
     }
 }
 

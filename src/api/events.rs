@@ -1,5 +1,5 @@
 //! `GET /events`: an SSE stream of job and rank changes (`job`, `worker`, `restart`,
-//! `checkpoint`, `progress`, `deleted`), each `data` a JSON object with `seq`, `kind`,
+//! `checkpoint`, `progress`, `straggler`, `deleted`), each `data` a JSON object with `seq`, `kind`,
 //! `job_id`, `at` and `data`. Nothing is replayed: a client reads the current state from the
 //! API when it connects, and again when it receives `resync` (it fell behind).
 
@@ -20,7 +20,7 @@ use super::{ApiError, AppState};
     tag = "server",
     responses(
         (status = 200, description = "Server-sent events: `hello` first, then `job`, `worker`, \
-            `restart`, `checkpoint`, `progress`, `deleted` (each `data` a JSON object with `seq`, \
+            `restart`, `checkpoint`, `progress`, `straggler`, `deleted` (each `data` a JSON object with `seq`, \
             `kind`, `job_id`, `at`, `data`) and `resync` when the client fell behind. The stream \
             does not end by itself", content_type = "text/event-stream", body = SseEvent),
         (status = 401, description = "The server has an API token and none was sent", body = ErrorBody),

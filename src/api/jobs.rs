@@ -148,6 +148,7 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         progress: &Progress::default(),
         last_checkpoint: None,
         goodput: None,
+        rank_rates: Vec::new(),
         slurm_job_id: None,
         excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
     }))

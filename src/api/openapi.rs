@@ -67,6 +67,8 @@ const SPEC_BOUNDS: &[(&str, f64, Option<f64>)] = &[
     ("backoff_jitter", 0.0, Some(1.0)),
     ("backoff_reset_s", 0.0, Some(2_592_000.0)),
     ("crash_loop_after", 0.0, Some(1e6)),
+    ("straggler_fraction", 0.01, Some(0.99)),
+    ("straggler_window_s", 1.0, Some(86_400.0)),
     ("batch_size", 1.0, Some(1e6)),
     ("lr", 0.0, Some(1e6)),
     ("seed", 0.0, None),

@@ -8,6 +8,7 @@ pub mod progress;
 pub mod rank;
 pub mod restart;
 pub mod state;
+pub mod straggler;
 pub mod worker_env;
 
 pub use rank::RankSlot;

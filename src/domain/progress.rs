@@ -102,6 +102,13 @@ pub struct WorkerSummary {
     pub last_heartbeat_at: Option<String>,
     pub heartbeat_age_s: Option<f64>,
     pub step: Option<u64>,
+    /// This rank's own steps/s over the last seconds (null until it has two steps).
+    #[serde(default)]
+    pub steps_per_s: Option<f64>,
+    /// Stepping slower than the job's median by `straggler_fraction` for
+    /// `straggler_window_s`.
+    #[serde(default)]
+    pub straggler: bool,
     /// The latest heartbeat body as the worker sent it.
     pub heartbeat: Option<Value>,
 }
@@ -159,6 +166,8 @@ pub struct SummaryInput<'a> {
     pub slurm_job_id: Option<u64>,
     pub excluded_nodes: Vec<String>,
     pub goodput: Option<Goodput>,
+    /// Per rank: its own steps/s and whether it is a straggler (empty: unknown).
+    pub rank_rates: Vec<(Option<f64>, bool)>,
 }
 
 impl Summary {
@@ -210,6 +219,8 @@ impl Summary {
                         .last_heartbeat
                         .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
                     step: p.step,
+                    steps_per_s: input.rank_rates.get(rank).and_then(|r| r.0),
+                    straggler: input.rank_rates.get(rank).is_some_and(|r| r.1),
                     heartbeat: p.heartbeat.clone(),
                 }
             })

@@ -179,10 +179,12 @@ pub enum Outcome {
     NodeFailure,
     /// The kernel's OOM killer ended the rank at its memory limit (a container's limit).
     OomKilled,
+    /// Restarted for stepping too slowly (`straggler_action: restart`).
+    Straggler,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Succeeded,
         Outcome::ExitCode,
         Outcome::Signal,
@@ -192,6 +194,7 @@ impl Outcome {
         Outcome::ServerRestart,
         Outcome::NodeFailure,
         Outcome::OomKilled,
+        Outcome::Straggler,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -205,6 +208,7 @@ impl Outcome {
             Outcome::ServerRestart => "server_restart",
             Outcome::NodeFailure => "node_failure",
             Outcome::OomKilled => "oom_killed",
+            Outcome::Straggler => "straggler",
         }
     }
 
@@ -228,6 +232,8 @@ pub enum Ending {
     Terminated,
     /// Declared hung (no heartbeat for the job's timeout) and killed.
     Hung,
+    /// Declared a straggler and restarted (`straggler_action: restart`).
+    Straggler,
 }
 
 /// How a launcher saw a process end.
@@ -252,6 +258,7 @@ impl Exit {
     pub fn outcome(&self, ending: Ending) -> Outcome {
         match (ending, &self.cause) {
             (Ending::Hung, _) => Outcome::HeartbeatTimeout,
+            (Ending::Straggler, _) => Outcome::Straggler,
             (_, Some(ExitCause::NodeFailure(_))) => Outcome::NodeFailure,
             (_, Some(ExitCause::OomKilled)) => Outcome::OomKilled,
             (Ending::Terminated, _) => Outcome::Stopped,
@@ -267,6 +274,10 @@ impl Exit {
             (Some(ExitCause::Unobserved(e)), _) => format!("could not wait for the process: {e}"),
             (_, Outcome::HeartbeatTimeout) => {
                 format!("no heartbeat for {heartbeat_timeout_s:.3}s (heartbeat_timeout_s)")
+            }
+            (_, Outcome::Straggler) => {
+                "stepped slower than the job's median for straggler_window_s (straggler_action: restart)"
+                    .to_string()
             }
             (Some(ExitCause::NodeFailure(what)), _) => what.clone(),
             (Some(ExitCause::OomKilled), _) => {

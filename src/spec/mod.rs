@@ -53,6 +53,9 @@ pub struct JobRequest {
     pub backoff_reset_s: Option<f64>,
     pub failure_policy: Option<Vec<crate::domain::failure_policy::FailureRule>>,
     pub crash_loop_after: Option<i64>,
+    pub straggler_fraction: Option<f64>,
+    pub straggler_window_s: Option<f64>,
+    pub straggler_action: Option<StragglerAction>,
     pub batch_size: Option<i64>,
     pub lr: Option<f64>,
     pub seed: Option<i64>,
@@ -105,6 +108,14 @@ pub struct JobSpec {
     /// as `crash_loop`; 0 turns the check off.
     #[serde(default = "default_crash_loop_after")]
     pub crash_loop_after: u32,
+    /// A rank stepping slower than the job's median by more than this fraction…
+    #[serde(default = "default_straggler_fraction")]
+    pub straggler_fraction: f64,
+    /// …for this long is a straggler: flagged, and restarted with `straggler_action: restart`.
+    #[serde(default = "default_straggler_window_s")]
+    pub straggler_window_s: f64,
+    #[serde(default)]
+    pub straggler_action: StragglerAction,
     pub batch_size: u32,
     pub lr: f64,
     pub seed: u64,
@@ -133,6 +144,30 @@ pub const DEFAULT_CRASH_LOOP_AFTER: i64 = 3;
 
 fn default_crash_loop_after() -> u32 {
     DEFAULT_CRASH_LOOP_AFTER as u32
+}
+
+/// What is done with a straggler besides flagging it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StragglerAction {
+    /// Flag it (summary, page, event, log line) and nothing else.
+    #[default]
+    None,
+    /// Restart it as a failure with reason `straggler`, with the job's `restart_scope`.
+    Restart,
+}
+
+/// A rank at half the median's speed or slower…
+pub const DEFAULT_STRAGGLER_FRACTION: f64 = 0.5;
+/// …for a whole minute.
+pub const DEFAULT_STRAGGLER_WINDOW_S: f64 = 60.0;
+
+fn default_straggler_fraction() -> f64 {
+    DEFAULT_STRAGGLER_FRACTION
+}
+
+fn default_straggler_window_s() -> f64 {
+    DEFAULT_STRAGGLER_WINDOW_S
 }
 
 /// Why a spec was refused; the message is shown to the client as is.
@@ -346,6 +381,21 @@ impl JobRequest {
                 0.0,
                 86_400.0 * 30.0,
             )?,
+            straggler_fraction: finite_in(
+                "straggler_fraction",
+                self.straggler_fraction
+                    .unwrap_or(DEFAULT_STRAGGLER_FRACTION),
+                0.01,
+                0.99,
+            )?,
+            straggler_window_s: finite_in(
+                "straggler_window_s",
+                self.straggler_window_s
+                    .unwrap_or(DEFAULT_STRAGGLER_WINDOW_S),
+                1.0,
+                86_400.0,
+            )?,
+            straggler_action: self.straggler_action.unwrap_or_default(),
             batch_size: in_range("batch_size", self.batch_size.unwrap_or(32), 1, 1_000_000)? as u32,
             lr: finite_in("lr", self.lr.unwrap_or(0.1), 0.0, 1e6)?,
             seed: in_range("seed", self.seed.unwrap_or(0), 0, i64::MAX)? as u64,
@@ -396,6 +446,15 @@ impl JobSpec {
             }
         }
         Ok(())
+    }
+
+    /// When a rank is a straggler.
+    pub fn straggler_policy(&self) -> crate::domain::straggler::StragglerPolicy {
+        crate::domain::straggler::StragglerPolicy {
+            fraction: self.straggler_fraction,
+            window: std::time::Duration::from_secs_f64(self.straggler_window_s),
+            restart: self.straggler_action == StragglerAction::Restart,
+        }
     }
 
     /// The job's restart policy.

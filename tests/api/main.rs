@@ -20,5 +20,6 @@ mod schemathesis;
 mod server_restart;
 mod slow_clients;
 mod slurm;
+mod stragglers;
 mod trainer;
 mod validate;

@@ -73,6 +73,9 @@ impl Handler<Heartbeat> for Job {
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
         let attempt = self.authorize(msg.rank, &msg.token)?;
         let step = msg.body.get("step").and_then(serde_json::Value::as_u64);
+        if let Some(step) = step {
+            self.straggler_step(msg.rank, attempt, step);
+        }
         let slot = &mut self.ranks[msg.rank as usize];
         slot.progress.record_heartbeat(Utc::now(), msg.body);
         self.incident_heartbeat(msg.rank, step);
