@@ -368,6 +368,7 @@
         if (!r || !open || open.id !== id) return;
         open.restarts = r;
         renderRestarts();
+        renderCharts();
       }),
       refreshCheckpoints: coalesced(async () => {
         const c = await fetchFresh(
@@ -395,6 +396,7 @@
 
   function refreshOpenAll() {
     if (!open) return;
+    loadHistory(open.id);
     open.refreshSummary();
     open.refreshRestarts();
     open.refreshCheckpoints();
@@ -643,7 +645,20 @@
     if (h.length > MAX_POINTS) h.splice(0, h.length - MAX_POINTS);
   }
 
-  // The API keeps no progress history: a view opened mid-run starts from the summary.
+  // The job's stored history (GET /jobs/{id}/progress), then what arrived live after it.
+  async function loadHistory(id) {
+    const samples = await api("GET", `/jobs/${id}/progress`).catch(() => null);
+    if (!samples || !samples.length) return;
+    const stored = samples.map((p) => ({ t: parseTs(p.at), step: p.step, loss: p.loss, rate: p.steps_per_s }))
+      .filter((p) => Number.isFinite(p.t));
+    const lastStored = stored.length ? stored[stored.length - 1].t : -Infinity;
+    const live = (history.get(id) || []).filter((p) => p.t > lastStored);
+    const merged = stored.concat(live);
+    history.set(id, merged.slice(Math.max(0, merged.length - MAX_POINTS)));
+    if (open && open.id === id) renderCharts();
+  }
+
+  // Before the stored history arrives (or for a job without one): a point from the summary.
   function seedHistory(id, s) {
     if ((history.get(id) || []).length || s.state !== "running") return;
     if (s.loss === null && s.steps_per_s === null) return;
@@ -652,8 +667,10 @@
 
   function renderCharts() {
     const h = (open && history.get(open.id)) || [];
-    drawChart($("chart-loss"), h, "loss");
-    drawChart($("chart-rate"), h, "rate");
+    // Restarts are marked on the charts where they were detected.
+    const marks = open ? open.restarts.map((r) => parseTs(r.detected_at)).filter(Number.isFinite) : [];
+    drawChart($("chart-loss"), h, "loss", marks);
+    drawChart($("chart-rate"), h, "rate", marks);
   }
 
   function svg(tag, attrs, text) {
@@ -663,7 +680,7 @@
     return node;
   }
 
-  function drawChart(root, points, key) {
+  function drawChart(root, points, key, marks = []) {
     const W = 480, H = 150, L = 52, R = 10, T = 10, B = 24;
     const pts = points.filter((p) => Number.isFinite(p[key]));
     root.dataset.points = String(pts.length);
@@ -673,7 +690,7 @@
     ];
     if (!pts.length) {
       nodes.push(svg("text", { x: (L + W - R) / 2, y: (T + H - B) / 2, "text-anchor": "middle" },
-        "no data yet (from heartbeats while the page is open)"));
+        "no data yet"));
       root.replaceChildren(...nodes);
       return;
     }
@@ -685,6 +702,12 @@
     const t1 = Math.max(pts[pts.length - 1].t, t0 + 1000);
     const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
     const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
+    const shown = marks.filter((m) => m >= t0 && m <= t1);
+    root.dataset.restarts = String(shown.length);
+    for (const m of shown) {
+      nodes.push(svg("line", { class: "restart-mark", x1: x(m), y1: T, x2: x(m), y2: H - B },
+        undefined));
+    }
     if (pts.length === 1) {
       nodes.push(svg("circle", { class: "dot", cx: x(pts[0].t), cy: y(pts[0][key]), r: 3 }));
     } else {

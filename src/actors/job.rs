@@ -75,6 +75,9 @@ pub struct Job {
     last_checkpoint: Option<Committed>,
     allreduce: AllReduce,
     last_progress_event: Option<std::time::Instant>,
+    /// When this actor started, and when it last stored a progress sample.
+    born: std::time::Instant,
+    last_sample: Option<std::time::Instant>,
     launcher: Arc<dyn JobLauncher>,
     crash_loop: CrashLoop,
     /// This run's incidents, and those of earlier servers' runs (closed, from the history).
@@ -179,6 +182,8 @@ impl Job {
                 last_checkpoint: None,
                 allreduce: AllReduce::default(),
                 last_progress_event: None,
+                born: std::time::Instant::now(),
+                last_sample: None,
                 launcher,
                 crash_loop: CrashLoop::new(spec_world),
                 incidents: Vec::new(),

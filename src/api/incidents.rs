@@ -1,5 +1,6 @@
-//! `GET /jobs/{job_id}/incidents`: every failure of a job and its recovery timeline, from the
-//! history (so they outlive the server that saw them).
+//! `GET /jobs/{job_id}/incidents` and `GET /jobs/{job_id}/progress`: every failure of a job
+//! with its recovery timeline, and its progress over time, from the history (so they outlive
+//! the server that saw them).
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -9,6 +10,7 @@ use super::schema::JobId;
 use super::{ApiError, AppState, parse_job_id};
 use crate::domain::incident::IncidentRow;
 use crate::store;
+use crate::store::jobs::ProgressSample;
 
 /// A job's incidents, oldest first.
 #[utoipa::path(
@@ -40,4 +42,28 @@ pub async fn incidents(
         }
     }
     Ok(HttpResponse::Ok().json(rows))
+}
+
+/// A job's progress over time (step, steps/s, loss), oldest first: one sample every
+/// max(2 s, running time / 1000) while it runs.
+#[utoipa::path(
+    get,
+    path = "/jobs/{job_id}/progress",
+    operation_id = "job_progress",
+    tag = "jobs",
+    params(JobId),
+    responses(
+        (status = 200, description = "Progress samples, oldest first", body = Vec<ProgressSample>),
+        (status = 404, description = "No such job", body = ErrorBody),
+    )
+)]
+pub async fn progress(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_job_id(&path)?;
+    if store::jobs::get(&state.rt.pool, id).await?.is_none() {
+        return Err(ApiError::job_not_found(id));
+    }
+    Ok(HttpResponse::Ok().json(store::jobs::progress(&state.rt.pool, id).await?))
 }

@@ -70,6 +70,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/jobs/{job_id}/workers", "GET").get(jobs::workers))
         .service(resource("/jobs/{job_id}/restarts", "GET").get(jobs::restarts))
         .service(resource("/jobs/{job_id}/incidents", "GET").get(incidents::incidents))
+        .service(resource("/jobs/{job_id}/progress", "GET").get(incidents::progress))
         .service(resource("/jobs/{job_id}/excluded_nodes", "GET").get(jobs::excluded_nodes))
         .service(resource("/jobs/{job_id}/stop", "POST").post(jobs::stop))
         .service(resource("/jobs/{job_id}/logs", "GET").get(logs::tail))

@@ -331,6 +331,7 @@ impl Modify for SecuritySchemes {
         jobs::workers,
         jobs::restarts,
         incidents::incidents,
+        incidents::progress,
         jobs::excluded_nodes,
         jobs::stop,
         logs::tail,

@@ -87,6 +87,14 @@ pub enum HistoryOp {
     },
     /// An incident opened or moved on (written whole each time: a few times per failure).
     Incident { job_id: Uuid, row: Box<IncidentRow> },
+    /// One point of the job's progress charts.
+    ProgressSample {
+        job_id: Uuid,
+        at: String,
+        step: Option<u64>,
+        steps_per_s: Option<f64>,
+        loss: Option<f64>,
+    },
 }
 
 impl HistoryOp {
@@ -313,6 +321,25 @@ impl HistoryOp {
                 .bind(row.steps_lost as i64)
                 .bind(row.seconds_lost)
                 .bind(serde_json::to_string(&row.stacks).unwrap_or_else(|_| "[]".into()))
+                .execute(conn)
+                .await?;
+            }
+            HistoryOp::ProgressSample {
+                job_id,
+                at,
+                step,
+                steps_per_s,
+                loss,
+            } => {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO progress_samples (job_id, at, step, steps_per_s, loss)
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(job_id.to_string())
+                .bind(at)
+                .bind(step.map(|s| s as i64))
+                .bind(steps_per_s)
+                .bind(loss)
                 .execute(conn)
                 .await?;
             }

@@ -187,6 +187,27 @@ pub async fn close_orphaned_incarnations(
 }
 
 /// A job's incidents, oldest first.
+/// One point of a job's progress history: `GET /jobs/{id}/progress`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ProgressSample {
+    pub at: String,
+    /// The global step (the slowest rank's).
+    pub step: Option<i64>,
+    pub steps_per_s: Option<f64>,
+    /// The mean of the ranks' last reported losses.
+    pub loss: Option<f64>,
+}
+
+/// A job's progress history, oldest first.
+pub async fn progress(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<ProgressSample>> {
+    sqlx::query_as(
+        "SELECT at, step, steps_per_s, loss FROM progress_samples WHERE job_id = ? ORDER BY at",
+    )
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn incidents(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<IncidentRow>> {
     let rows: Vec<IncidentDb> = sqlx::query_as(
         "SELECT seq, rank, reason, detail, scope, ranks, backoff_ms, detected_at, spawned_at,

@@ -15,7 +15,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use futures_util::FutureExt;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, kill, spawn_app, spawn_app_with, wait_for};
+use crate::helpers::{TestApp, kill, small_dataset, spawn_app, spawn_app_with, wait_for};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -636,6 +636,57 @@ async fn the_page_signs_in_when_the_server_has_an_api_token() {
                    && document.querySelector('[data-testid=signin]').hidden
                    && !!document.querySelector(\"#jobs-table tr[data-job-id='{id}']\");"
             ),
+        )
+        .await;
+    })
+    .await;
+}
+
+/// Issue 15, item 5: a job opened after it ran shows its whole curve from the stored history,
+/// with its restart marked, and the incident timeline under it.
+#[actix_web::test]
+async fn the_charts_show_history_from_before_the_page_was_opened() {
+    let app = spawn_app().await;
+    let data = small_dataset(&app);
+    let id = app
+        .create_job(json!({"world_size": 2, "dataset": data, "total_steps": 400,
+                           "batch_size": 16, "checkpoint_every": 20, "sleep_sec": 0.02,
+                           "backoff_initial_ms": 200, "restart_scope": "job"}))
+        .await;
+    let pid = wait_for(Duration::from_secs(60), || async {
+        let s = app.summary(&id).await;
+        (s["step"].as_u64().unwrap_or(0) >= 120)
+            .then(|| s["workers"][0]["pid"].as_u64())
+            .flatten()
+    })
+    .await
+    .expect("the job steps");
+    kill(pid as u32, libc::SIGKILL);
+    app.wait_finished(&id, Duration::from_secs(120)).await;
+    let samples = app.get_json(&format!("/jobs/{id}/progress")).await;
+    let samples = samples.as_array().unwrap();
+    assert!(samples.len() >= 3, "{samples:?}");
+    let ats: Vec<&str> = samples.iter().map(|s| s["at"].as_str().unwrap()).collect();
+    assert!(ats.windows(2).all(|w| w[0] < w[1]), "{ats:?}");
+    let with_loss = samples.iter().filter(|s| s["loss"].is_f64()).count();
+    assert!(with_loss >= 3, "{samples:?}");
+
+    with_page(&app, "history", async |page, app| {
+        open_page(page, &format!("{}/#/jobs/{id}", app.address)).await;
+        let n = with_loss;
+        page.wait(
+            "the loss chart holds every stored sample and marks the restart",
+            &format!(
+                "const c = document.getElementById('chart-loss');
+                 return Number(c.dataset.points) >= {n} && c.dataset.restarts === '1'
+                   && c.querySelectorAll('.restart-mark').length === 1;"
+            ),
+        )
+        .await;
+        page.wait(
+            "the incident timeline under the job",
+            "const i = document.querySelector('[data-testid=incidents] li[data-seq=\"1\"]');
+             return i && i.dataset.end === 'recovered' && i.querySelectorAll('.phase').length === 3;",
         )
         .await;
     })

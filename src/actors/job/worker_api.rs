@@ -14,6 +14,10 @@ use crate::actors::messages::Beat;
 use crate::actors::messages::{
     AllReduceRequest, Authorize, CheckpointPart, Committed, Heartbeat, RegisterPart, WorkerRejected,
 };
+use crate::store::history::HistoryOp;
+
+/// The shortest interval between two stored progress samples.
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
 /// Progress events (for charts) at most this often per job.
 pub(super) const PROGRESS_EVENT_EVERY: Duration = Duration::from_millis(500);
@@ -85,7 +89,8 @@ impl Handler<Heartbeat> for Job {
             .last_progress_event
             .is_none_or(|t| t.elapsed() >= PROGRESS_EVENT_EVERY)
         {
-            self.last_progress_event = Some(std::time::Instant::now());
+            let now = std::time::Instant::now();
+            self.last_progress_event = Some(now);
             let s = self.summary();
             self.rt.recorder.event(
                 "progress",
@@ -93,6 +98,21 @@ impl Handler<Heartbeat> for Job {
                 serde_json::json!({"step": s.step, "loss": s.loss, "steps_per_s": s.steps_per_s,
                                    "progress": s.progress, "eta_s": s.eta_s}),
             );
+            // The charts' history: one sample every max(2 s, running time / 1000).
+            let every = SAMPLE_EVERY.max(self.born.elapsed() / 1000);
+            if self
+                .last_sample
+                .is_none_or(|t| now.duration_since(t) >= every)
+            {
+                self.last_sample = Some(now);
+                self.rt.recorder.record(HistoryOp::ProgressSample {
+                    job_id: self.id,
+                    at: crate::store::now(),
+                    step: s.step,
+                    steps_per_s: s.steps_per_s,
+                    loss: s.loss,
+                });
+            }
         }
         Ok(())
     }
