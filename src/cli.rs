@@ -156,7 +156,7 @@ enum Command {
         /// Where to write the figures as JSON.
         #[arg(long, default_value = "bench-results/bench.json")]
         out: PathBuf,
-        /// Run only these scenarios (comma-separated): recovery, hang, api, sse, scale,
+        /// Run only these scenarios (comma-separated): recovery, hang, api, sse, scale, accounting,
         /// training, checkpoint, slurm, peers.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -261,6 +261,9 @@ pub struct ServeArgs {
     /// SQLite).
     #[arg(long, env = "TRAINVISOR_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Keep no incidents, straggler flags or progress samples (for measuring what they cost).
+    #[arg(long, env = "TRAINVISOR_NO_ACCOUNTING")]
+    no_accounting: bool,
 }
 
 fn parse_launcher(s: &str) -> Result<crate::spec::LauncherKind, String> {
@@ -293,6 +296,7 @@ impl ServeArgs {
         settings.low_disk_bytes = self.low_disk_mb.saturating_mul(1 << 20);
         settings.body_timeout = Duration::from_millis(self.body_timeout_ms.max(1));
         settings.max_connections = self.max_connections.map(|n| n.max(1));
+        settings.accounting = !self.no_accounting;
         if !settings.allowed_roots.is_empty() {
             // The defaults live in the data dir, so it is always allowed.
             settings.allowed_roots.push(settings.data_dir.clone());

@@ -140,6 +140,8 @@ pub struct Settings {
     pub low_disk_bytes: u64,
     /// A request body must arrive whole within this; slower ones get 408 and are closed.
     pub body_timeout: Duration,
+    /// Incidents, stragglers and progress samples are kept (off only to measure their cost).
+    pub accounting: bool,
     /// How long the page's session cookie is good for.
     pub session_ttl: Duration,
     /// Concurrent HTTP connections; none: derived from the open-file limit, keeping a reserve
@@ -172,6 +174,7 @@ impl Settings {
             slurm_conf: None,
             low_disk_bytes: 512 << 20,
             body_timeout: Duration::from_secs(10),
+            accounting: true,
             max_connections: None,
             session_ttl: Duration::from_secs(12 * 3600),
             s3: crate::storage::S3Config::default(),

@@ -2,6 +2,7 @@
 //! binary, as a child process, on a temp data dir). Times come from the server's own history
 //! (microsecond timestamps) compared with the moment the bench sent the signal.
 
+mod accounting;
 mod api;
 mod checkpoint;
 mod docker;
@@ -38,6 +39,7 @@ pub const SCENARIOS: &[&str] = &[
     "api",
     "sse",
     "scale",
+    "accounting",
     "training",
     "checkpoint",
     "slurm",
@@ -147,6 +149,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             )
             .await
             .context("control-plane scale")?;
+        }
+        if want("accounting") {
+            eprintln!("bench: the cost of the accounting (incidents, stragglers, samples)");
+            accounting::run(&dir, args.quick, &mut figures)
+                .await
+                .context("accounting cost")?;
         }
         if want("training") {
             eprintln!("bench: training and checkpoints");
@@ -301,6 +309,16 @@ pub(crate) struct Server {
 impl Server {
     /// The server on `bind`, with `token` as its API token, on `<dir>/data`.
     pub(crate) fn start(dir: &Path, bind: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with(dir, bind, token, &[])
+    }
+
+    /// As [`Server::start`], with more `serve` flags.
+    pub(crate) fn start_with(
+        dir: &Path,
+        bind: &str,
+        token: Option<&str>,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
         let t0 = Instant::now();
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args([
@@ -312,6 +330,7 @@ impl Server {
             "--data-dir",
         ])
         .arg(dir.join("data"))
+        .args(flags)
         .env("RUST_LOG", "warn")
         .env_remove("TRAINVISOR_API_TOKEN")
         .stdout(Stdio::piped());

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::{Client, Figures, environ, rss_mb};
 
 /// (heartbeat URL, token) of a running worker.
-fn credentials(pid: u32) -> Option<(String, String)> {
+pub(super) fn credentials(pid: u32) -> Option<(String, String)> {
     let mut env = environ(pid).ok()?;
     Some((
         env.remove("TRAINVISOR_HEARTBEAT_URL")?,

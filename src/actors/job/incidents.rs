@@ -22,6 +22,9 @@ impl Job {
         scope: RestartScope,
         backoff_ms: u64,
     ) {
+        if !self.rt.settings.accounting {
+            return;
+        }
         let now = Utc::now();
         let ranks: Vec<u32> = match scope {
             RestartScope::Worker => vec![rank],
@@ -63,6 +66,9 @@ impl Job {
 
     /// A process of `rank` is running.
     pub(super) fn incident_spawned(&mut self, rank: u32) {
+        if self.incidents.is_empty() {
+            return;
+        }
         let now = Utc::now();
         for i in 0..self.incidents.len() {
             if self.incidents[i].spawned(rank, now) {
@@ -73,6 +79,9 @@ impl Job {
 
     /// A heartbeat of `rank` (its current incarnation) reporting `step`.
     pub(super) fn incident_heartbeat(&mut self, rank: u32, step: Option<u64>) {
+        if !self.incidents.iter().any(Incident::is_open) {
+            return;
+        }
         let now = Utc::now();
         for i in 0..self.incidents.len() {
             if self.incidents[i].heartbeat(rank, step, now) {

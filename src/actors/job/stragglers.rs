@@ -16,6 +16,9 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 impl Job {
     /// A heartbeat of incarnation `attempt` of `rank` reported `step`.
     pub(super) fn straggler_step(&mut self, rank: u32, attempt: u32, step: u64) {
+        if !self.rt.settings.accounting {
+            return;
+        }
         self.stragglers.observe(rank, attempt, step, Instant::now());
     }
 
@@ -27,7 +30,7 @@ impl Job {
     }
 
     pub(super) fn check_stragglers(&mut self, _: &mut Context<Self>) {
-        if self.phase != Phase::Running {
+        if self.phase != Phase::Running || !self.rt.settings.accounting {
             return;
         }
         let policy = self.stragglers.policy();

@@ -100,9 +100,10 @@ impl Handler<Heartbeat> for Job {
             );
             // The charts' history: one sample every max(2 s, running time / 1000).
             let every = SAMPLE_EVERY.max(self.born.elapsed() / 1000);
-            if self
-                .last_sample
-                .is_none_or(|t| now.duration_since(t) >= every)
+            if self.rt.settings.accounting
+                && self
+                    .last_sample
+                    .is_none_or(|t| now.duration_since(t) >= every)
             {
                 self.last_sample = Some(now);
                 self.rt.recorder.record(HistoryOp::ProgressSample {
