@@ -98,6 +98,7 @@ fn log_batching(c: &mut Criterion) {
             Arc::new(LogBus::default()),
             Arc::new(EventBus::default()),
             u64::MAX / 2,
+            trainvisor::metrics::Metrics::new(),
         )
         .await
         .expect("the recorder starts");

@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod fuzz;
 pub mod launcher;
+pub mod metrics;
 pub mod spec;
 pub mod startup;
 pub mod storage;

@@ -46,12 +46,14 @@ impl Application {
             .context("opening the database")?;
         let bus = Arc::new(LogBus::default());
         let events = Arc::new(EventBus::default());
+        let metrics = crate::metrics::Metrics::new();
         let recorder = Recorder::start(
             pool.clone(),
             data_dir.clone(),
             bus.clone(),
             events.clone(),
             settings.max_log_lines_per_job,
+            metrics.clone(),
         )
         .await?;
 
@@ -103,6 +105,7 @@ impl Application {
             instance,
             base_url,
             registry: Registry::default(),
+            metrics,
             sse_streams: Default::default(),
         });
         let manager = JobManager::new(rt.clone()).start();
@@ -128,6 +131,7 @@ impl Application {
                 )
                 .wrap(actix_web::middleware::from_fn(api::auth::require_token))
                 .wrap(ErrorHandlers::new().default_handler(api::error::json_errors))
+                .wrap(actix_web::middleware::from_fn(api::metrics::count_request))
                 .configure(api::routes)
                 .default_service(web::to(|| async {
                     Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))

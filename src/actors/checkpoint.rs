@@ -111,6 +111,7 @@ impl Checkpoint {
                 let line =
                     format!("checkpoint of step {step} failed, keeping the previous one: {e}");
                 self.rt.recorder.note(self.job_id, None, None, line);
+                self.rt.metrics.checkpoint_failures.inc();
                 self.rt.recorder.event(
                     "checkpoint_failed",
                     self.job_id,
@@ -128,6 +129,14 @@ impl Checkpoint {
             );
         }
         self.committed.insert(step);
+        self.rt
+            .metrics
+            .checkpoint_commit_seconds
+            .observe(done.commit_ms / 1000.0);
+        self.rt
+            .metrics
+            .checkpoint_bytes
+            .inc_by(manifest.total_bytes());
         let at = now();
         self.rt.recorder.record(HistoryOp::CheckpointCommitted {
             job_id: self.job_id,

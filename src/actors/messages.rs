@@ -86,6 +86,8 @@ pub struct WorkerStarted {
 pub struct WorkerExited {
     pub rank: u32,
     pub attempt: u32,
+    /// When the rank's end was seen (its exit reaped, its spawn failed).
+    pub ended: std::time::Instant,
     pub outcome: Outcome,
     pub exit: Exit,
     pub detail: String,

@@ -36,6 +36,7 @@ pub struct Runtime {
     /// Base URL workers reach the server at, e.g. `http://127.0.0.1:8000`.
     pub base_url: String,
     pub registry: Registry,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Open SSE streams (log and event streams together).
     pub sse_streams: std::sync::atomic::AtomicUsize,
 }

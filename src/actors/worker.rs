@@ -125,6 +125,7 @@ impl Worker {
                 tail
             });
             let exit = exit.await;
+            let ended = Instant::now();
             let tail = match tokio::time::timeout(DRAIN_TIMEOUT, reader).await {
                 Ok(Ok(tail)) => tail.into_iter().collect(),
                 _ => Vec::new(),
@@ -139,6 +140,7 @@ impl Worker {
             };
             addr.do_send(ProcessExited {
                 attempt,
+                ended,
                 exit,
                 tail,
                 root_cause,
@@ -245,6 +247,7 @@ impl Handler<LaunchRank> for Worker {
                         act.job.do_send(WorkerExited {
                             rank: act.rank,
                             attempt,
+                            ended: Instant::now(),
                             outcome: Outcome::SpawnError,
                             exit: Exit::default(),
                             detail: format!("spawn failed: {e}"),
@@ -342,6 +345,7 @@ impl Handler<StopActor> for Worker {
 #[rtype(result = "()")]
 struct ProcessExited {
     attempt: u32,
+    ended: Instant,
     exit: Exit,
     tail: Vec<String>,
     root_cause: Option<RootCause>,
@@ -373,6 +377,7 @@ impl Handler<ProcessExited> for Worker {
         self.job.do_send(WorkerExited {
             rank: self.rank,
             attempt: msg.attempt,
+            ended: msg.ended,
             outcome,
             exit: msg.exit,
             detail,

@@ -30,9 +30,7 @@ pub async fn incidents(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_job_id(&path)?;
-    if store::jobs::get(&state.rt.pool, id).await?.is_none() {
-        return Err(ApiError::job_not_found(id));
-    }
+    super::jobs::record(&state, id).await?;
     let mut rows = store::jobs::incidents(&state.rt.pool, id).await?;
     // An open incident costs time until it ends: count it up to now.
     let now = Utc::now();
@@ -62,8 +60,6 @@ pub async fn progress(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_job_id(&path)?;
-    if store::jobs::get(&state.rt.pool, id).await?.is_none() {
-        return Err(ApiError::job_not_found(id));
-    }
+    super::jobs::record(&state, id).await?;
     Ok(HttpResponse::Ok().json(store::jobs::progress(&state.rt.pool, id).await?))
 }

@@ -17,7 +17,7 @@ use crate::storage::BlobStore;
 use crate::store;
 use crate::store::jobs::{CheckpointRow, Incarnation, JobRecord, Restart};
 
-async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
+pub(super) async fn record(state: &AppState, id: Uuid) -> Result<JobRecord, ApiError> {
     store::jobs::get(&state.rt.pool, id)
         .await?
         .ok_or_else(|| ApiError::job_not_found(id))

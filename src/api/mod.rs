@@ -8,7 +8,7 @@ mod health;
 mod incidents;
 mod jobs;
 mod logs;
-mod metrics;
+pub mod metrics;
 pub mod openapi;
 mod page;
 mod schema;

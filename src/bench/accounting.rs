@@ -101,7 +101,11 @@ async fn measure(dir: &Path, flags: &[&str], quick: bool) -> anyhow::Result<Run>
             let (url, token) = &creds[i % ranks];
             let step = i / ranks;
             // Rank 0 steps at half speed: the straggler check has real work.
-            let step = if i.is_multiple_of(ranks) { step / 2 } else { step };
+            let step = if i.is_multiple_of(ranks) {
+                step / 2
+            } else {
+                step
+            };
             http.post(url)
                 .bearer_auth(token)
                 .json(&json!({"step": step, "metrics": {"loss": 1.0 / (step as f64 + 1.0)}}))

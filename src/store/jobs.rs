@@ -335,8 +335,6 @@ pub async fn checkpoints(
 pub struct Counts {
     /// `(state, jobs)` for every state some job is in.
     pub jobs_by_state: Vec<(String, i64)>,
-    /// `(reason, restarts)` for every reason some restart had.
-    pub restarts_by_reason: Vec<(String, i64)>,
     /// Incarnations with a process that has not ended.
     pub workers_running: i64,
 }
@@ -345,10 +343,6 @@ pub async fn counts(pool: &SqlitePool) -> sqlx::Result<Counts> {
     let jobs_by_state = sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         .fetch_all(pool)
         .await?;
-    let restarts_by_reason =
-        sqlx::query_as("SELECT reason, COUNT(*) FROM restarts GROUP BY reason")
-            .fetch_all(pool)
-            .await?;
     let workers_running = sqlx::query_scalar(
         "SELECT COUNT(*) FROM incarnations WHERE ended_at IS NULL AND pid IS NOT NULL",
     )
@@ -356,7 +350,6 @@ pub async fn counts(pool: &SqlitePool) -> sqlx::Result<Counts> {
     .await?;
     Ok(Counts {
         jobs_by_state,
-        restarts_by_reason,
         workers_running,
     })
 }

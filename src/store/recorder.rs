@@ -66,6 +66,7 @@ impl Recorder {
         bus: Arc<LogBus>,
         events: Arc<EventBus>,
         max_lines_per_job: u64,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
         let max: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM logs")
             .fetch_one(&pool)
@@ -78,6 +79,7 @@ impl Recorder {
             bus,
             events,
             health: health.clone(),
+            metrics,
             next_seq: max.unwrap_or(0) + 1,
             retention: Retention::new(max_lines_per_job),
             queue: VecDeque::new(),
@@ -218,6 +220,7 @@ impl Retention {
 
 /// What the recorder task keeps between batches.
 struct Task {
+    metrics: Arc<crate::metrics::Metrics>,
     pool: SqlitePool,
     /// Where the database lives: its free space decides when a degraded period ends.
     data_dir: PathBuf,
@@ -295,6 +298,7 @@ impl Task {
         let mut batch: Vec<Op> = self.queue.drain(..n).collect();
         let mut published = Vec::new();
         let first_seq = self.next_seq;
+        let started = std::time::Instant::now();
         let result = write_batch(
             &self.pool,
             &batch,
@@ -308,6 +312,10 @@ impl Task {
             self.failed(e, batch);
             return;
         }
+        self.metrics.recorder_batch_ops.observe(n as f64);
+        self.metrics
+            .recorder_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.dropped.clear();
         self.try_recover();
         for job in self.retention.due(&published) {

@@ -733,7 +733,7 @@ fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
 
 /// A tool of the test venv (tests/run installs it), by the variable tests/run exports or at
 /// the venv's default place.
-fn venv_tool(var: &str, name: &str) -> std::path::PathBuf {
+pub fn venv_tool(var: &str, name: &str) -> std::path::PathBuf {
     let path = std::env::var_os(var)
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/venv-tests/bin").join(name));

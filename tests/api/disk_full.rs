@@ -245,12 +245,7 @@ async fn a_full_checkpoint_disk_leaves_no_empty_steps_and_names_the_file() {
         .await;
     let job = app.wait_finished(&id, Duration::from_secs(120)).await;
     assert_eq!(job["state"], "failed", "{job}");
-    let lines: Vec<String> = app
-        .log_lines(&id)
-        .await
-        .iter()
-        .map(|l| l["line"].as_str().unwrap().to_string())
-        .collect();
+    let lines = app.log_texts(&id).await;
     let dir = checkpoints.display().to_string();
     assert!(
         lines.iter().any(|l| l.contains("writing the final model")

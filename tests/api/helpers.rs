@@ -111,6 +111,15 @@ impl TestApp {
         v["lines"].as_array().unwrap().clone()
     }
 
+    /// The text of every stored line of the job, in order.
+    pub async fn log_texts(&self, id: &str) -> Vec<String> {
+        self.log_lines(id)
+            .await
+            .iter()
+            .map(|l| l["line"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// Waits until the job is in a terminal state and returns it.
     pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Value {
         let job = wait_for(timeout, || async {

@@ -27,6 +27,19 @@ async fn incidents(app: &TestApp, id: &str) -> Vec<Value> {
         .clone()
 }
 
+/// What `trainvisor status <id>` prints (it must succeed).
+async fn status(app: &TestApp, id: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args(["status", id])
+        .env("TRAINVISOR_SERVER", &app.address)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 /// Waits until the job's global step reaches `step`, then kills `rank` with SIGKILL.
 async fn kill_at_step(app: &TestApp, id: &str, rank: usize, step: u64) {
     let pid = wait_for(Duration::from_secs(60), || async {
@@ -119,15 +132,8 @@ async fn a_group_restart_is_one_incident_with_its_timeline_and_its_cost() {
     assert!(g["recovering_s"].as_f64().unwrap() > 0.0, "{g}");
 
     // `trainvisor status` shows the goodput and the incident's cause and phases.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
-        .args(["status", &id])
-        .env("TRAINVISOR_SERVER", &app.address)
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status(&app, &id).await;
     println!("trainvisor status after a group restart:\n{text}");
-    assert!(out.status.success(), "{text}");
     assert!(text.contains("goodput 0."), "{text}");
     assert!(text.contains("#1 rank 1 signal: "), "{text}");
     assert!(
@@ -293,12 +299,7 @@ async fn a_hung_ranks_stacks_and_its_peers_are_taken_before_it_is_killed() {
     assert!(text.contains("sh -c"), "{text}");
 
     // Taken before the kill: the log says so before rank 1's end, with the innermost frame.
-    let lines: Vec<String> = app
-        .log_lines(&id)
-        .await
-        .iter()
-        .map(|l| l["line"].as_str().unwrap().to_string())
-        .collect();
+    let lines = app.log_texts(&id).await;
     for l in lines
         .iter()
         .filter(|l| l.starts_with("stacks of") || l.contains("sent no heartbeat"))
@@ -318,13 +319,7 @@ async fn a_hung_ranks_stacks_and_its_peers_are_taken_before_it_is_killed() {
     assert!(ended < taken, "the hang is declared first: {lines:#?}");
 
     // `trainvisor status` prints them under the incident.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
-        .args(["status", &id])
-        .env("TRAINVISOR_SERVER", &app.address)
-        .output()
-        .await
-        .unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = status(&app, &id).await;
     assert!(status.contains("stacks of rank 1 (pid "), "{status}");
     assert!(status.contains("in stuck_in_here"), "{status}");
     assert!(

@@ -14,6 +14,7 @@ mod helpers;
 mod incidents;
 mod lifecycle;
 mod logs;
+mod metrics;
 mod python;
 mod s3;
 mod schemathesis;

@@ -62,6 +62,11 @@ impl Job {
             },
         }));
         self.record_incident(self.incidents.len() - 1, now);
+        let m = &self.rt.metrics;
+        m.incidents.inc();
+        if let Some(i) = self.incidents.last() {
+            m.steps_lost.inc_by(i.steps_lost());
+        }
     }
 
     /// A process of `rank` is running.
@@ -73,6 +78,11 @@ impl Job {
         for i in 0..self.incidents.len() {
             if self.incidents[i].spawned(rank, now) {
                 self.record_incident(i, now);
+                let took = now - self.incidents[i].detected_at;
+                self.rt
+                    .metrics
+                    .replacement_seconds
+                    .observe(took.num_milliseconds() as f64 / 1000.0);
             }
         }
     }
@@ -86,6 +96,13 @@ impl Job {
         for i in 0..self.incidents.len() {
             if self.incidents[i].heartbeat(rank, step, now) {
                 self.record_incident(i, now);
+                if let Some(at) = self.incidents[i].training_at {
+                    let took = at - self.incidents[i].detected_at;
+                    self.rt
+                        .metrics
+                        .training_again_seconds
+                        .observe(took.num_milliseconds() as f64 / 1000.0);
+                }
             }
         }
     }

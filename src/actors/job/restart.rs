@@ -108,6 +108,18 @@ impl Job {
         });
         slot.restart_pending = true;
         self.restart_events += 1;
+        self.rt
+            .metrics
+            .restarts
+            .get_or_create(&crate::metrics::RestartLabels {
+                reason: msg.outcome.as_str().to_string(),
+                scope: scope.as_str().to_string(),
+            })
+            .inc();
+        self.rt
+            .metrics
+            .detection_seconds
+            .observe(msg.ended.elapsed().as_secs_f64());
         self.rt.recorder.event(
             "restart",
             self.id,

@@ -63,6 +63,9 @@ impl Job {
                 },
             );
             self.publish_straggler(v);
+            if v.straggler {
+                self.rt.metrics.stragglers.inc();
+            }
             if v.straggler && policy.restart && slot.state.is_live() {
                 self.workers[rank as usize].do_send(RestartStraggler { attempt });
             }
