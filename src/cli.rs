@@ -535,3 +535,39 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The README's configuration table lists every flag of `serve`, with its variable.
+    #[test]
+    fn the_readme_configuration_table_has_every_serve_flag() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Configuration").expect("the section");
+        let table: Vec<&str> = readme[start..]
+            .lines()
+            .skip_while(|l| !l.starts_with("| flag"))
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        let cli = super::Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        for arg in serve.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" {
+                continue;
+            }
+            let row = table
+                .iter()
+                .find(|r| r.starts_with(&format!("| `--{long}`")))
+                .unwrap_or_else(|| panic!("--{long} is missing from the README's table"));
+            if let Some(env) = arg.get_env() {
+                let env = env.to_string_lossy();
+                assert!(
+                    row.contains(&format!("`{env}`")),
+                    "--{long}: {env} not in {row}"
+                );
+            }
+        }
+    }
+}

@@ -169,11 +169,27 @@ pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Resul
     }
 }
 
+/// The built-in trainer gives every rank at least one shard (round-robin): a rank without
+/// one could only fail, on every restart.
+fn too_many_ranks(spec: &JobSpec, shards: usize) -> Result<(), String> {
+    if spec.world_size as usize > shards {
+        return Err(format!(
+            "dataset: world_size {} is more than the {shards} shard files of {}: the built-in \
+             trainer gives every rank at least one",
+            spec.world_size, spec.dataset
+        ));
+    }
+    Ok(())
+}
+
 /// The built-in trainer's dataset must hold shard files; a local checkpoint dir must be
 /// creatable and writable. (The server's own demo dataset is made on first use.)
 fn check_locations(spec: &JobSpec, settings: &Settings) -> Result<(), String> {
     use std::path::Path;
     let demo = settings.job_defaults.dataset.to_string_lossy();
+    if spec.command.is_none() && spec.dataset == demo {
+        too_many_ranks(spec, crate::trainer::data::DatasetParams::default().shards)?;
+    }
     if spec.command.is_none() && !spec.dataset.contains("://") && spec.dataset != demo {
         let dir = Path::new(&spec.dataset);
         if !dir.is_dir() {
@@ -183,7 +199,7 @@ fn check_locations(spec: &JobSpec, settings: &Settings) -> Result<(), String> {
             ));
         }
         match crate::trainer::data::shard_files(dir) {
-            Ok(shards) if !shards.is_empty() => {}
+            Ok(shards) if !shards.is_empty() => too_many_ranks(spec, shards.len())?,
             _ => {
                 return Err(format!(
                     "dataset: {} holds no shard files (shard-*.jsonl) for the built-in trainer \

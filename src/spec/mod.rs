@@ -181,9 +181,12 @@ fn invalid(msg: impl Into<String>) -> SpecError {
 
 fn in_range(name: &str, value: i64, min: i64, max: i64) -> Result<i64, SpecError> {
     if value < min || value > max {
-        return Err(invalid(format!(
-            "{name} must be between {min} and {max}, got {value}"
-        )));
+        // A bound no one could mean is not worth printing.
+        return Err(invalid(if max == i64::MAX {
+            format!("{name} must be at least {min}, got {value}")
+        } else {
+            format!("{name} must be between {min} and {max}, got {value}")
+        }));
     }
     Ok(value)
 }

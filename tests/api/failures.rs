@@ -396,21 +396,29 @@ async fn the_failure_policy_fails_ignores_or_counts() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(app.restarts(&id).await.len(), 3);
 
-    // The built-in trainer with more ranks than shards: rank 4 has no data, which exits with
-    // the configuration-error code and fails the job at once.
+    // The built-in trainer with more ranks than shards is refused at the door, naming both
+    // (the configuration-error exit code that fails a job at once is checked in
+    // domain::failure_policy's tests).
     let data = small_dataset(&app);
-    let id = app
-        .create_job(json!({"world_size": 5, "dataset": data, "max_restarts": 10,
-                           "backoff_initial_ms": 0}))
+    let res = app
+        .post_json("/jobs", &json!({"world_size": 5, "dataset": data}))
         .await;
-    let job = app.wait_finished(&id, Duration::from_secs(60)).await;
-    assert_eq!(job["state"], "failed");
-    let reason = job["reason"].as_str().unwrap();
+    let body = assert_json_error(res, 422).await;
+    let message = body["message"].as_str().unwrap();
     assert!(
-        reason.starts_with("failure_policy: a configuration error of the built-in trainer"),
-        "{reason}"
+        message.starts_with("dataset: world_size 5 is more than the 4 shard files"),
+        "{message}"
     );
-    assert!(reason.contains("configuration error"), "{reason}");
+    // The demo dataset (made on first use) has 8.
+    let res = app.post_json("/jobs", &json!({"world_size": 9})).await;
+    let body = assert_json_error(res, 422).await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("world_size 9 is more than the 8 shard files"),
+        "{body}"
+    );
 
     // Malformed rules are refused.
     for bad in [
