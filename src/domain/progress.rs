@@ -100,6 +100,7 @@ pub struct WorkerSummary {
     pub restarts: u32,
     pub started_at: Option<String>,
     pub last_heartbeat_at: Option<String>,
+    /// Seconds since the last heartbeat; null once the job has ended.
     pub heartbeat_age_s: Option<f64>,
     pub step: Option<u64>,
     /// This rank's own steps/s over the last seconds (null until it has two steps).
@@ -123,7 +124,8 @@ pub struct Summary {
     pub restart_scope: String,
     pub created_at: String,
     pub started_at: Option<String>,
-    /// The global step: the slowest rank's.
+    /// The global step: the slowest rank's last reported step, and never below
+    /// `last_checkpoint_step` (every rank had reached it to commit it).
     pub step: Option<u64>,
     pub total_steps: Option<u64>,
     pub progress: Option<f64>,
@@ -135,6 +137,7 @@ pub struct Summary {
     pub restarts: u32,
     pub last_checkpoint_step: Option<u64>,
     pub last_checkpoint_at: Option<String>,
+    /// Seconds since the last checkpoint; null once the job has ended.
     pub last_checkpoint_age_s: Option<f64>,
     /// `local` or `slurm`.
     #[serde(default)]
@@ -174,7 +177,15 @@ impl Summary {
     pub fn build(input: SummaryInput<'_>) -> Summary {
         let now = Utc::now();
         let ranks = input.ranks;
-        let step = ranks.iter().filter_map(|r| r.progress.step).min();
+        // Ages are of live things: once the job has ended they are null (the times stay).
+        let ended = input.state.is_terminal();
+        // The slowest rank's reported step, but never below the last committed checkpoint:
+        // every rank had reached that step to commit it (heartbeats may lag behind it).
+        let step = ranks
+            .iter()
+            .filter_map(|r| r.progress.step)
+            .min()
+            .max(input.last_checkpoint.as_ref().map(|(s, _)| *s));
         let steps_per_s = if input.state == JobState::Running {
             input.progress.steps_per_s()
         } else {
@@ -217,6 +228,7 @@ impl Summary {
                     last_heartbeat_at: p.last_heartbeat.map(ts),
                     heartbeat_age_s: p
                         .last_heartbeat
+                        .filter(|_| !ended)
                         .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
                     step: p.step,
                     steps_per_s: input.rank_rates.get(rank).and_then(|r| r.0),
@@ -244,10 +256,12 @@ impl Summary {
             eta_s,
             loss,
             restarts: input.restarts,
-            last_checkpoint_age_s: input.last_checkpoint.as_ref().and_then(|(_, at)| {
-                let at = DateTime::parse_from_rfc3339(at).ok()?;
-                Some((now - at.with_timezone(&Utc)).num_milliseconds() as f64 / 1000.0)
-            }),
+            last_checkpoint_age_s: input.last_checkpoint.as_ref().filter(|_| !ended).and_then(
+                |(_, at)| {
+                    let at = DateTime::parse_from_rfc3339(at).ok()?;
+                    Some((now - at.with_timezone(&Utc)).num_milliseconds() as f64 / 1000.0)
+                },
+            ),
             last_checkpoint_step: input.last_checkpoint.as_ref().map(|(s, _)| *s),
             last_checkpoint_at: input.last_checkpoint.map(|(_, at)| at),
             launcher: input.spec.launcher.as_str().to_string(),

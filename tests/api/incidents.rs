@@ -124,7 +124,20 @@ async fn a_group_restart_is_one_incident_with_its_timeline_and_its_cost() {
         "{lines:?}"
     );
 
-    let g = &app.summary(&id).await["goodput"];
+    // A finished job does not look alive (issue 14, item 6): its ages are null, its times
+    // stay, and its step is not behind its last checkpoint.
+    let s = app.summary(&id).await;
+    assert!(s["last_checkpoint_age_s"].is_null(), "{s}");
+    assert!(s["last_checkpoint_at"].is_string(), "{s}");
+    assert!(
+        s["step"].as_u64() >= s["last_checkpoint_step"].as_u64(),
+        "{s}"
+    );
+    for w in s["workers"].as_array().unwrap() {
+        assert!(w["heartbeat_age_s"].is_null(), "{w}");
+        assert!(w["last_heartbeat_at"].is_string(), "{w}");
+    }
+    let g = &s["goodput"];
     assert_eq!(g["incidents"], 1, "{g}");
     assert_eq!(g["steps_redone"], i["steps_lost"], "{g}");
     let goodput = g["goodput"].as_f64().unwrap();

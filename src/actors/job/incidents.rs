@@ -40,10 +40,13 @@ impl Job {
                 self.record_incident(i, now);
             }
         }
+        // Heartbeats may lag behind a commit: every rank had reached a committed step.
+        let resumed_step = self.last_checkpoint.as_ref().map(|c| c.step);
         let last_step = ranks
             .iter()
             .filter_map(|&r| self.ranks[r as usize].progress.step)
-            .max();
+            .max()
+            .max(resumed_step);
         let seq = (self.past_incidents.len() + self.incidents.len()) as u32 + 1;
         self.incidents.push(Incident::open(Failure {
             seq,
@@ -55,7 +58,7 @@ impl Job {
             backoff_ms,
             at: now,
             last_step,
-            resumed_step: self.last_checkpoint.as_ref().map(|c| c.step),
+            resumed_step,
             stacks: match self.hang_stacks.take() {
                 Some((hung, stacks)) if hung == rank => stacks,
                 _ => Vec::new(),
