@@ -9,6 +9,9 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 mod incidents;
+mod table;
+
+use table::Align::{Left, Right};
 
 pub struct Client {
     http: reqwest::Client,
@@ -145,22 +148,32 @@ pub async fn jobs(c: &Client, state: Option<String>) -> anyhow::Result<()> {
     };
     let jobs = c.get(&path).await?;
     c.print(&jobs, |jobs| {
-        let mut out = format!(
-            "{:<36}  {:<9}  {:>5}  {:>8}  {:<24}  NAME",
-            "JOB", "STATE", "RANKS", "RESTARTS", "CREATED"
-        );
-        for j in jobs.as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "\n{:<36}  {:<9}  {:>5}  {:>8}  {:<24}  {}",
-                j["job_id"].as_str().unwrap_or_default(),
-                j["state"].as_str().unwrap_or_default(),
-                j["world_size"],
-                j["restarts"],
-                j["created_at"].as_str().unwrap_or_default(),
-                j["name"].as_str().unwrap_or("")
-            ));
-        }
-        out
+        let rows: Vec<Vec<String>> = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|j| {
+                vec![
+                    j["job_id"].as_str().unwrap_or_default().to_string(),
+                    j["state"].as_str().unwrap_or_default().to_string(),
+                    fmt_opt(&j["world_size"], 0),
+                    fmt_opt(&j["restarts"], 0),
+                    j["created_at"].as_str().unwrap_or_default().to_string(),
+                    j["name"].as_str().unwrap_or("").to_string(),
+                ]
+            })
+            .collect();
+        table::render(
+            &[
+                ("JOB", Left),
+                ("STATE", Left),
+                ("RANKS", Right),
+                ("RESTARTS", Right),
+                ("CREATED", Left),
+                ("NAME", Left),
+            ],
+            &rows,
+        )
     });
     Ok(())
 }
@@ -174,8 +187,12 @@ fn fmt_opt(v: &Value, digits: usize) -> String {
 }
 
 fn describe_summary(s: &Value) -> String {
+    let eta = match s["eta_s"].as_f64() {
+        Some(eta) => format!("{eta:.0} s"),
+        None => "-".to_string(),
+    };
     let mut out = format!(
-        "job {}  {}\nstate {}{}\nstep {} / {}  steps/s {}  ETA {} s  loss {}  restarts {}  last checkpoint {}",
+        "job {}  {}\nstate {}{}\nstep {} / {}  steps/s {}  ETA {eta}  loss {}  restarts {}  last checkpoint {}\n",
         s["job_id"].as_str().unwrap_or_default(),
         s["name"].as_str().unwrap_or(""),
         s["state"].as_str().unwrap_or_default(),
@@ -186,29 +203,45 @@ fn describe_summary(s: &Value) -> String {
         fmt_opt(&s["step"], 0),
         fmt_opt(&s["total_steps"], 0),
         fmt_opt(&s["steps_per_s"], 1),
-        fmt_opt(&s["eta_s"], 0),
         fmt_opt(&s["loss"], 4),
-        s["restarts"],
+        fmt_opt(&s["restarts"], 0),
         fmt_opt(&s["last_checkpoint_step"], 0),
     );
-    out.push_str(&format!(
-        "\n{:>4}  {:<9}  {:>8}  {:>7}  {:>8}  {:>10}",
-        "RANK", "STATE", "PID", "ATTEMPT", "STEP", "HEARTBEAT"
+    let rows: Vec<Vec<String>> = s["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let mut state = w["state"].as_str().unwrap_or_default().to_string();
+            if w["straggler"] == true {
+                state.push_str(" (straggler)");
+            }
+            vec![
+                fmt_opt(&w["rank"], 0),
+                state,
+                fmt_opt(&w["pid"], 0),
+                fmt_opt(&w["attempt"], 0),
+                fmt_opt(&w["step"], 0),
+                fmt_opt(&w["steps_per_s"], 1),
+                w["heartbeat_age_s"]
+                    .as_f64()
+                    .map(|a| format!("{a:.1}s ago"))
+                    .unwrap_or("-".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table::render(
+        &[
+            ("RANK", Right),
+            ("STATE", Left),
+            ("PID", Right),
+            ("ATTEMPT", Right),
+            ("STEP", Right),
+            ("STEPS/S", Right),
+            ("HEARTBEAT", Right),
+        ],
+        &rows,
     ));
-    for w in s["workers"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "\n{:>4}  {:<9}  {:>8}  {:>7}  {:>8}  {:>10}",
-            w["rank"],
-            w["state"].as_str().unwrap_or_default(),
-            fmt_opt(&w["pid"], 0),
-            w["attempt"],
-            fmt_opt(&w["step"], 0),
-            w["heartbeat_age_s"]
-                .as_f64()
-                .map(|a| format!("{a:.1}s ago"))
-                .unwrap_or("-".into())
-        ));
-    }
     out
 }
 
@@ -352,18 +385,27 @@ pub async fn logs(
 pub async fn wait(c: &Client, job: &str) -> anyhow::Result<i32> {
     let tty = !c.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_line = String::new();
+    // Not on a terminal (a pipe, a file, CI logs): one line per change of state or restart
+    // count, and one every PIPE_EVERY while nothing changes, each with its time.
+    let mut last_change: Option<(String, u64)> = None;
+    let mut last_print = std::time::Instant::now();
     loop {
         let s = c.get(&format!("/jobs/{job}/summary")).await?;
         let state = s["state"].as_str().unwrap_or_default().to_string();
         if !c.json {
             let line = progress_line(&s);
-            if line != last_line {
-                if tty {
+            if tty {
+                if line != last_line {
                     eprint!("\r\x1b[2K{line}");
-                } else {
-                    eprintln!("{line}");
+                    last_line = line;
                 }
-                last_line = line;
+            } else {
+                let change = (state.clone(), s["restarts"].as_u64().unwrap_or(0));
+                if last_change.as_ref() != Some(&change) || last_print.elapsed() >= PIPE_EVERY {
+                    eprintln!("{} {line}", chrono::Utc::now().format("%H:%M:%S"));
+                    last_change = Some(change);
+                    last_print = std::time::Instant::now();
+                }
             }
         }
         if matches!(state.as_str(), "succeeded" | "failed" | "stopped") {
@@ -391,6 +433,9 @@ pub async fn wait(c: &Client, job: &str) -> anyhow::Result<i32> {
     }
 }
 
+/// How often `wait` writes a line to a pipe or file while nothing changes.
+const PIPE_EVERY: Duration = Duration::from_secs(10);
+
 fn progress_line(s: &Value) -> String {
     let step = s["step"].as_u64();
     let total = s["total_steps"].as_u64();
@@ -405,7 +450,7 @@ fn progress_line(s: &Value) -> String {
             )
         }
         (Some(step), _) => format!("step {step}"),
-        _ => "starting".to_string(),
+        _ => "no step reported yet".to_string(),
     };
     format!(
         "{} {bar}  {} steps/s  ETA {}  restarts {}",

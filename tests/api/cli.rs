@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::helpers::*;
 
@@ -89,6 +89,52 @@ async fn submit_jobs_status_logs_and_wait() {
 
     let logs = cli(&app, &["logs", &id, "--tail", "2", "--json"]).await;
     assert_eq!(logs.stdout.lines().count(), 2, "{}", logs.stdout);
+
+    // Tables line up whatever the values' lengths: a job of 12 ranks with a long name beside
+    // the short one; every header's column starts where its cells do.
+    let wide = app
+        .create_job(
+            json!({"world_size": 12, "name": "a-much-longer-job-name-than-the-first",
+                           "command": sh("true"), "restart_scope": "worker"}),
+        )
+        .await;
+    app.wait_finished(&wide, Duration::from_secs(30)).await;
+    let jobs = cli(&app, &["jobs"]).await;
+    assert_columns_line_up(
+        &jobs.stdout,
+        &["STATE", "RANKS", "RESTARTS", "CREATED", "NAME"],
+    );
+    let status = cli(&app, &["status", &wide]).await;
+    let table: String = status
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("RANK"))
+        .take_while(|l| !l.is_empty() && !l.starts_with("goodput"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(table.lines().count(), 13, "{}", status.stdout);
+    assert_columns_line_up(&table, &["STATE", "PID", "ATTEMPT", "STEP", "HEARTBEAT"]);
+    assert!(!status.stdout.contains("ETA - s"), "{}", status.stdout);
+}
+
+/// Each named column's cells start (left-aligned) or end (right-aligned: the header is
+/// right-aligned too) at the header's position on every line.
+fn assert_columns_line_up(text: &str, headers: &[&str]) {
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines[0];
+    for h in headers {
+        let start = header.find(h).unwrap_or_else(|| panic!("{h} in {header}"));
+        let end = start + h.len();
+        for line in &lines[1..] {
+            let chars: Vec<char> = line.chars().collect();
+            let at = |i: usize| chars.get(i).copied().unwrap_or(' ');
+            // Left-aligned: a cell starts at `start` (blank before it); right-aligned: one
+            // ends at `end` (blank after it).
+            let left = at(start) != ' ' && (start == 0 || at(start - 1) == ' ');
+            let right = at(end - 1) != ' ' && at(end) == ' ';
+            assert!(left || right, "column {h} misaligned in:\n{text}");
+        }
+    }
 }
 
 #[actix_web::test]
@@ -127,6 +173,21 @@ async fn wait_shows_progress_and_exits_with_the_outcome() {
         wait.stderr
     );
     assert!(wait.stdout.contains("failed"), "{}", wait.stdout);
+    // On a pipe: one line per change of state (or restart count), not two a second.
+    let lines: Vec<&str> = wait.stderr.lines().collect();
+    assert!(
+        !lines.is_empty() && lines.len() <= 3,
+        "pending/running/failed at most: {}",
+        wait.stderr
+    );
+    let states: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+        .collect();
+    let mut unique = states.clone();
+    unique.dedup();
+    assert_eq!(unique, states, "each line is a new state: {}", wait.stderr);
+    assert!(!wait.stderr.contains("\x1b"), "no terminal codes on a pipe");
 
     let long = cli(&app, &["submit", "--world-size", "1", "--", "sleep", "300"]).await;
     let id = long.stdout.lines().next().unwrap().trim().to_string();
