@@ -57,8 +57,15 @@ impl Application {
         )
         .await?;
 
-        let listener = TcpListener::bind(&settings.bind)
-            .with_context(|| format!("binding {}", settings.bind))?;
+        let listener = TcpListener::bind(&settings.bind).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                " (another server is on that port: pick another with --bind HOST:PORT or \
+                 TRAINVISOR_BIND, and point the CLI at it with TRAINVISOR_SERVER)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("binding {}: {e}{hint}", settings.bind)
+        })?;
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() && settings.api_token.is_none() {
             anyhow::bail!(

@@ -228,3 +228,27 @@ async fn status_names_the_root_cause() {
         out.stderr
     );
 }
+
+/// A port already taken is explained with the flag that picks another (issue 14, item 3).
+#[actix_web::test]
+async fn a_port_in_use_names_the_flag_to_change_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+            .args(["serve", "--bind", &addr, "--data-dir"])
+            .arg(dir.path())
+            .output(),
+    )
+    .await
+    .expect("the server gave up")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another server is on that port") && stderr.contains("--bind"),
+        "{stderr}"
+    );
+}
