@@ -63,26 +63,8 @@ enum Command {
     Submit {
         #[command(flatten)]
         server: ServerArgs,
-        #[arg(long)]
-        world_size: Option<u32>,
-        /// total_steps
-        #[arg(long)]
-        steps: Option<u64>,
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long)]
-        checkpoint_every: Option<u64>,
-        /// worker or job
-        #[arg(long)]
-        restart_scope: Option<String>,
-        #[arg(long)]
-        max_restarts: Option<u32>,
-        /// More spec fields as a JSON object, e.g. '{"lr": 0.05}'.
-        #[arg(long)]
-        spec: Option<String>,
-        /// The argv of each rank.
-        #[arg(last = true)]
-        command: Vec<String>,
+        #[command(flatten)]
+        submit: client::Submit,
     },
     /// List jobs.
     Jobs {
@@ -354,27 +336,7 @@ pub fn main() -> ExitCode {
         Some(Command::Eval { model, data }) => crate::trainer::eval(&model, &data).map(|acc| {
             println!("accuracy {acc:.4}");
         }),
-        Some(Command::Submit {
-            server,
-            world_size,
-            steps,
-            name,
-            checkpoint_every,
-            restart_scope,
-            max_restarts,
-            spec,
-            command,
-        }) => with_client(&server, |c| async move {
-            let submit = client::Submit {
-                world_size,
-                steps,
-                name,
-                checkpoint_every,
-                restart_scope,
-                max_restarts,
-                spec,
-                command,
-            };
+        Some(Command::Submit { server, submit }) => with_client(&server, |c| async move {
             client::submit(&c, submit).await.map(|()| 0)
         }),
         Some(Command::Jobs { server, state }) => with_client(&server, |c| async move {
@@ -551,6 +513,7 @@ mod tests {
             .take_while(|l| l.starts_with('|'))
             .collect();
         let cli = super::Cli::command();
+        cli.clone().debug_assert();
         let serve = cli.find_subcommand("serve").expect("serve");
         for arg in serve.get_arguments() {
             let Some(long) = arg.get_long() else { continue };

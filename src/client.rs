@@ -61,6 +61,25 @@ impl Client {
             .await
     }
 
+    /// Whether the server is on this host (a loopback URL).
+    fn is_local(&self) -> bool {
+        let rest = self
+            .base
+            .split_once("://")
+            .map(|(_, r)| r)
+            .unwrap_or(&self.base);
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host = match host.rsplit_once(':') {
+            Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => host,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
     fn print(&self, value: &Value, readable: impl FnOnce(&Value) -> String) {
         if self.json {
             println!(
@@ -83,14 +102,32 @@ pub async fn health(c: &Client, timeout: Duration) -> anyhow::Result<String> {
 }
 
 /// What `submit` sends.
+#[derive(clap::Args)]
+#[group(skip)]
 pub struct Submit {
+    #[arg(long)]
     pub world_size: Option<u32>,
+    /// total_steps
+    #[arg(long)]
     pub steps: Option<u64>,
+    #[arg(long)]
     pub name: Option<String>,
+    #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// worker or job
+    #[arg(long)]
     pub restart_scope: Option<String>,
+    #[arg(long)]
     pub max_restarts: Option<u32>,
+    /// The ranks' working directory. Default: this shell's directory when the server is on
+    /// this host (a loopback URL), else the server's own.
+    #[arg(long)]
+    pub working_dir: Option<std::path::PathBuf>,
+    /// More spec fields as a JSON object, e.g. '{"lr": 0.05}'.
+    #[arg(long)]
     pub spec: Option<String>,
+    /// The argv of each rank.
+    #[arg(last = true)]
     pub command: Vec<String>,
 }
 
@@ -126,7 +163,33 @@ pub async fn submit(c: &Client, s: Submit) -> anyhow::Result<()> {
     if !s.command.is_empty() {
         set("command", json!(s.command));
     }
-    let job = c.post("/jobs", &spec).await?;
+    // Paths in the command mean what they mean here: on the same host, run where the user is.
+    let here = std::env::current_dir().ok();
+    let guessed = s.working_dir.is_none() && c.is_local() && !obj.contains_key("working_dir");
+    let dir = match s.working_dir {
+        Some(d) => Some(here.map(|h| h.join(&d)).unwrap_or(d)),
+        None if guessed => here,
+        None => None,
+    };
+    if let Some(dir) = &dir {
+        obj.insert("working_dir".into(), json!(dir));
+    }
+    let job = match c.post("/jobs", &spec).await {
+        // A loopback URL can still be another file system (a container's published port):
+        // then the ranks run where the server does, as without the guess.
+        Err(e) if guessed && e.to_string().starts_with("working_dir:") => {
+            eprintln!(
+                "note: {} is not a directory on the server; the ranks run in the server's \
+                 working directory (--working-dir sets one)",
+                dir.map(|d| d.display().to_string()).unwrap_or_default()
+            );
+            if let Some(obj) = spec.as_object_mut() {
+                obj.remove("working_dir");
+            }
+            c.post("/jobs", &spec).await?
+        }
+        res => res?,
+    };
     c.print(&job, |j| {
         format!(
             "{}\nsubmitted: {} ranks, {}",

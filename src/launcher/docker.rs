@@ -207,6 +207,7 @@ impl Inner {
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
+            working_dir: launch.cwd,
             cmd: Some(launch.argv),
             // An image's ENTRYPOINT would wrap the command; the command is the whole argv.
             entrypoint: Some(Vec::new()),

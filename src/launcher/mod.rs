@@ -27,6 +27,8 @@ use crate::store::Recorder;
 pub struct Launch {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The working directory (the job's `working_dir`); none: the server's.
+    pub cwd: Option<String>,
 }
 
 /// Where one rank goes, as its launcher placed it.
@@ -163,7 +165,16 @@ pub fn for_job(cx: JobContext) -> Arc<dyn JobLauncher> {
 pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Result<(), String> {
     check_locations(spec, settings)?;
     match spec.launcher {
-        LauncherKind::Local => local::admit(spec),
+        LauncherKind::Local => {
+            if let Some(dir) = &spec.working_dir
+                && !std::path::Path::new(dir).is_dir()
+            {
+                return Err(format!(
+                    "working_dir: {dir} is not a directory on the server"
+                ));
+            }
+            local::admit(spec)
+        }
         LauncherKind::Slurm => Ok(()),
         LauncherKind::Docker => docker::admit(spec, settings, base_url).await,
     }

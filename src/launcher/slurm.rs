@@ -303,6 +303,9 @@ impl Step {
             "--export=ALL".to_string(),
             format!("--job-name={}", self.name),
         ];
+        if let Some(dir) = &launch.cwd {
+            argv.push(format!("--chdir={dir}"));
+        }
         argv.extend(self.srun_args.iter().cloned());
         argv.extend(launch.argv);
         let mut env = launch.env;
@@ -312,7 +315,12 @@ impl Step {
                 conf.to_string_lossy().into_owned(),
             ));
         }
-        Launch { argv, env }
+        // srun itself runs in the server's directory; the step in the job's.
+        Launch {
+            argv,
+            env,
+            cwd: None,
+        }
     }
 }
 
@@ -353,6 +361,7 @@ mod tests {
         let launch = step.wrap(Launch {
             argv: vec!["python".into(), "train.py".into()],
             env: vec![("TRAINVISOR_TOKEN".into(), "secret".into())],
+            cwd: None,
         });
         assert_eq!(launch.argv[0], "srun");
         assert!(launch.argv.contains(&"--jobid=42".to_string()));

@@ -37,6 +37,7 @@ pub struct JobRequest {
     pub name: Option<String>,
     pub command: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
+    pub working_dir: Option<String>,
     pub dataset: Option<String>,
     pub checkpoint_dir: Option<String>,
     pub checkpoint_every: Option<i64>,
@@ -83,6 +84,10 @@ pub struct JobSpec {
     /// argv of each rank; `None` means the built-in trainer (`trainvisor worker`).
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
+    /// The ranks' working directory (absolute); none: the server's. The CLI sends the
+    /// caller's when the server is on the same host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
     pub dataset: String,
     pub checkpoint_dir: String,
     pub checkpoint_every: u64,
@@ -314,6 +319,14 @@ impl JobRequest {
             name: self.name,
             command: self.command,
             env,
+            working_dir: match self.working_dir {
+                Some(d) if !d.starts_with('/') || d.contains('\0') => {
+                    return Err(invalid(format!(
+                        "working_dir must be an absolute path, got {d:?}"
+                    )));
+                }
+                d => d,
+            },
             dataset,
             checkpoint_dir,
             checkpoint_every: in_range(

@@ -252,3 +252,65 @@ async fn a_port_in_use_names_the_flag_to_change_it() {
         "{stderr}"
     );
 }
+
+/// A rank's working directory (issue 14, item 4): the job's `working_dir`, which the CLI sets
+/// to the caller's directory when the server is on this host; a missing or relative one is
+/// refused with a 422 naming the field.
+#[actix_web::test]
+async fn ranks_run_in_the_working_dir_the_cli_sends() {
+    let app = spawn_app().await;
+    let here = tempfile::tempdir().unwrap();
+    std::fs::write(here.path().join("train.sh"), "echo trained in $(pwd)\n").unwrap();
+    // `sh train.sh` resolves against the directory the user typed the command in.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args([
+            "submit",
+            "--world-size",
+            "1",
+            "--json",
+            "--",
+            "sh",
+            "train.sh",
+        ])
+        .env("TRAINVISOR_SERVER", &app.address)
+        .current_dir(here.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = job["job_id"].as_str().unwrap();
+    let dir = here.path().to_str().unwrap();
+    assert_eq!(job["spec"]["working_dir"], dir);
+    let done = app.wait_finished(id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let lines = app.log_texts(id).await;
+    assert!(
+        lines.iter().any(|l| l == &format!("trained in {dir}")),
+        "{lines:?}"
+    );
+
+    for (working_dir, message) in [
+        (
+            "/no/such/dir",
+            "working_dir: /no/such/dir is not a directory on the server",
+        ),
+        ("relative/dir", "working_dir must be an absolute path"),
+    ] {
+        let res = app
+            .post_json(
+                "/jobs",
+                &json!({"world_size": 1, "command": ["true"], "working_dir": working_dir}),
+            )
+            .await;
+        let body = assert_json_error(res, 422).await;
+        assert!(
+            body["message"].as_str().unwrap().starts_with(message),
+            "{body}"
+        );
+    }
+}

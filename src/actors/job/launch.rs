@@ -93,6 +93,7 @@ impl Job {
         let launch = Launch {
             argv: self.argv(),
             env: self.env(rank, attempt, &token, master_addr, server_url),
+            cwd: self.spec.working_dir.clone(),
         };
         let recorded = self
             .rt
