@@ -246,6 +246,15 @@ pub struct ServeArgs {
     /// Keep no incidents, straggler flags or progress samples (for measuring what they cost).
     #[arg(long, env = "TRAINVISOR_NO_ACCOUNTING")]
     no_accounting: bool,
+    /// The server's log lines on stderr: `text` (colour only on a terminal) or `json` (one
+    /// object per line, for log collectors).
+    #[arg(
+        long,
+        env = "TRAINVISOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: crate::telemetry::LogFormat,
 }
 
 fn parse_launcher(s: &str) -> Result<crate::spec::LauncherKind, String> {
@@ -431,7 +440,7 @@ where
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    crate::telemetry::init();
+    crate::telemetry::init(args.log_format);
     if std::env::args().any(|a| a == "--api-token" || a.starts_with("--api-token=")) {
         eprintln!(
             "trainvisor: warning: --api-token is visible to every user of this machine in \

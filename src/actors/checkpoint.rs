@@ -112,6 +112,14 @@ impl Checkpoint {
                     format!("checkpoint of step {step} failed, keeping the previous one: {e}");
                 self.rt.recorder.note(self.job_id, None, None, line);
                 self.rt.metrics.checkpoint_failures.inc();
+                tracing::warn!(
+                    target: "trainvisor::job",
+                    event = "checkpoint_failed",
+                    job_id = %self.job_id,
+                    step,
+                    error = %e,
+                    "checkpoint failed"
+                );
                 self.rt.recorder.event(
                     "checkpoint_failed",
                     self.job_id,

@@ -196,11 +196,24 @@ impl Job {
         (addr, state_rx)
     }
 
+    /// One line per job state on the server's console (`--log-format json` for machines).
+    fn console(&self, state: JobState, reason: Option<&str>) {
+        let reason = reason.unwrap_or("");
+        if state == JobState::Failed {
+            tracing::warn!(target: "trainvisor::job", event = state.as_str(), job_id = %self.id,
+                           reason, "job failed");
+        } else {
+            tracing::info!(target: "trainvisor::job", event = state.as_str(), job_id = %self.id,
+                           reason, "job {}", state.as_str());
+        }
+    }
+
     fn note(&self, rank: Option<u32>, attempt: Option<u32>, line: String) {
         self.rt.recorder.note(self.id, rank, attempt, line);
     }
 
     fn set_state(&mut self, state: JobState, reason: Option<String>, summary: Option<String>) {
+        self.console(state, reason.as_deref());
         self.state = state;
         self.reason = reason.clone();
         if state == JobState::Running && self.started_at.is_none() {
@@ -320,6 +333,7 @@ impl Job {
 
     fn record_ended(&mut self, state: JobState, ctx: &mut Context<Self>) {
         self.close_incidents(IncidentEnd::JobEnded);
+        self.console(state, self.reason.as_deref());
         let summary = serde_json::to_string(&self.summary()).ok();
         let reason = self.reason.clone();
         self.note(
@@ -427,6 +441,15 @@ impl Handler<WorkerStarted> for Job {
             started_at: now(),
         });
         if std::mem::take(&mut slot.restart_pending) {
+            tracing::info!(
+                target: "trainvisor::job",
+                event = "restarted",
+                job_id = %self.id,
+                rank = msg.rank,
+                attempt = msg.attempt,
+                pid = msg.pid,
+                "rank restarted"
+            );
             self.rt.recorder.record(HistoryOp::RestartLaunched {
                 job_id: self.id,
                 rank: msg.rank,

@@ -85,6 +85,15 @@ impl Handler<CreateJob> for JobManager {
             .into_actor(self)
             .map(move |res: Result<_, ManagerError>, act, ctx| {
                 let (spec, created_at) = res?;
+                tracing::info!(
+                    target: "trainvisor::job",
+                    event = "submitted",
+                    job_id = %id,
+                    world_size = spec.world_size,
+                    launcher = spec.launcher.as_str(),
+                    name = spec.name.as_deref().unwrap_or(""),
+                    "job submitted"
+                );
                 let ranks = vec![RankSlot::new(); spec.world_size as usize];
                 let counts = RestartCounts::new(spec.world_size);
                 act.start_job(

@@ -314,3 +314,81 @@ async fn ranks_run_in_the_working_dir_the_cli_sends() {
         );
     }
 }
+
+/// The server's console (issue 14, item 7): one line per job event (submitted, running, rank
+/// failed with its cause, restarted, finished), no colour codes when stderr is not a
+/// terminal, and one JSON object per line with `--log-format json`.
+#[actix_web::test]
+async fn the_server_console_tells_the_jobs_story_plainly_or_as_json() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+            .args([
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--log-format",
+                format,
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let address = listening_url(&mut child);
+        let mut server = ServerProcess(child);
+        let app = TestApp {
+            address,
+            client: test_client(),
+            data_dir: tempfile::tempdir().unwrap(),
+        };
+        let id = app
+            .create_job(json!({"world_size": 1, "backoff_initial_ms": 0,
+                               "command": sh(r#"[ "$RESTART_COUNT" = 0 ] && exit 3; exit 0"#)}))
+            .await;
+        app.wait_finished(&id, Duration::from_secs(30)).await;
+        server.kill().unwrap();
+        let out = server.wait_with_output_taken();
+        assert!(!out.contains('\x1b'), "no colour codes on a pipe: {out}");
+        let mine: Vec<&str> = out.lines().filter(|l| l.contains(&id)).collect();
+        let events: Vec<String> = if format == "json" {
+            mine.iter()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+                    assert_eq!(v["job_id"], id.as_str(), "{v}");
+                    v["event"].as_str().unwrap().to_string()
+                })
+                .collect()
+        } else {
+            mine.iter()
+                .map(|l| {
+                    let at = l.find("event=").unwrap_or_else(|| panic!("{l}")) + 6;
+                    l[at..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .trim_matches('"')
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_eq!(
+            events,
+            [
+                "submitted",
+                "running",
+                "rank_failed",
+                "restarted",
+                "succeeded"
+            ],
+            "{format}: {out}"
+        );
+        let failed = mine.iter().find(|l| l.contains("rank_failed")).unwrap();
+        assert!(
+            failed.contains("exit_code") && failed.contains("exited with code 3"),
+            "{failed}"
+        );
+    }
+}

@@ -174,6 +174,19 @@ impl std::ops::DerefMut for ServerProcess {
     }
 }
 
+impl ServerProcess {
+    /// Waits for the (killed) server and returns what it wrote on its piped stderr.
+    pub fn wait_with_output_taken(&mut self) -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Some(mut err) = self.0.stderr.take() {
+            let _ = err.read_to_string(&mut text);
+        }
+        let _ = self.0.wait();
+        text
+    }
+}
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {

@@ -108,6 +108,18 @@ impl Job {
         });
         slot.restart_pending = true;
         self.restart_events += 1;
+        tracing::warn!(
+            target: "trainvisor::job",
+            event = "rank_failed",
+            job_id = %self.id,
+            rank,
+            attempt = msg.attempt,
+            reason = msg.outcome.as_str(),
+            cause = %cause,
+            scope = scope.as_str(),
+            backoff_ms,
+            "rank failed; restarting"
+        );
         self.rt
             .metrics
             .restarts
