@@ -13,11 +13,18 @@ pub struct JobDefaults {
     pub checkpoint_dir: PathBuf,
     pub checkpoint_every: u64,
     pub sleep_sec: f64,
+    /// The pace of the built-in trainer on the demo dataset when a job does not set
+    /// `sleep_sec`: slow enough to watch (the quick start's job runs about a minute).
+    pub demo_sleep_sec: f64,
     pub heartbeat_timeout_s: f64,
     pub max_restarts: u32,
     /// Where ranks of jobs that do not say run (`--launcher`, `TRAINVISOR_LAUNCHER`).
     pub launcher: crate::spec::LauncherKind,
 }
+
+/// The demo's pace (seconds a built-in trainer rank sleeps per step): 4 ranks take about a
+/// minute over the demo dataset, time to follow the job with curl and the page.
+pub const DEMO_SLEEP_SEC: f64 = 0.1;
 
 impl JobDefaults {
     /// Defaults that depend on nothing but the data dir (what tests use).
@@ -29,6 +36,7 @@ impl JobDefaults {
             checkpoint_dir: data_dir.join("checkpoints"),
             checkpoint_every: 5,
             sleep_sec: 0.0,
+            demo_sleep_sec: 0.0,
             heartbeat_timeout_s: 10.0,
             max_restarts: 50,
             launcher: crate::spec::LauncherKind::Local,
@@ -39,6 +47,7 @@ impl JobDefaults {
     /// A variable that is set but does not parse is an error, not silently ignored.
     pub fn from_env(data_dir: &Path) -> anyhow::Result<Self> {
         let mut d = Self::for_data_dir(data_dir);
+        d.demo_sleep_sec = DEMO_SLEEP_SEC;
         if let Some(v) = env_parse::<u32>("WORLD_SIZE")? {
             d.world_size = Some(v);
         }
@@ -63,6 +72,7 @@ impl JobDefaults {
         }
         if let Some(v) = env_parse("SLEEP_SEC")? {
             d.sleep_sec = v;
+            d.demo_sleep_sec = v;
         }
         if let Some(v) = env_parse("HEARTBEAT_TIMEOUT")? {
             d.heartbeat_timeout_s = v;

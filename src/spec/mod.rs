@@ -267,6 +267,13 @@ impl JobRequest {
                 )));
             }
         }
+        // The built-in trainer on the demo dataset goes at the demo's pace unless told.
+        let default_sleep =
+            if self.command.is_none() && dataset == defaults.dataset.to_string_lossy() {
+                defaults.demo_sleep_sec
+            } else {
+                defaults.sleep_sec
+            };
         let sync = self.sync.unwrap_or(SyncMode::Allreduce);
         // Synchronous ranks cannot continue without their peers: restart them together.
         let default_scope = if self.command.is_none() && sync == SyncMode::Allreduce {
@@ -418,7 +425,7 @@ impl JobRequest {
             sync,
             sleep_sec: finite_in(
                 "sleep_sec",
-                self.sleep_sec.unwrap_or(defaults.sleep_sec),
+                self.sleep_sec.unwrap_or(default_sleep),
                 0.0,
                 3600.0,
             )?,

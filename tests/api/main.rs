@@ -16,6 +16,7 @@ mod lifecycle;
 mod logs;
 mod metrics;
 mod python;
+mod quickstart;
 mod s3;
 mod schemathesis;
 mod server_restart;
