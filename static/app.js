@@ -1074,20 +1074,39 @@
     constructor(field, message) { super(message); this.field = field; }
   }
 
+  // The spec the form describes; every field's problem at once (FormError.all).
   function buildSpec() {
     const spec = {};
+    const errors = [];
     const name = $("f-name").value.trim();
     if (name) spec.name = name;
     for (const [inputId, key] of NUMBER_FIELDS) {
       const input = $(inputId);
-      if (input.validity.badInput) throw new FormError(key, `${key} must be a number`);
       const raw = input.value.trim();
+      if (input.validity.badInput) { errors.push(new FormError(key, `${key} must be a number`)); continue; }
       if (raw === "") continue;
       const n = Number(raw);
-      if (!Number.isFinite(n)) throw new FormError(key, `${key} must be a number`);
-      if (!Number.isInteger(n)) throw new FormError(key, `${key} must be a whole number, got ${raw}`);
-      spec[key] = n;
+      if (!Number.isFinite(n)) errors.push(new FormError(key, `${key} must be a number`));
+      else if (!Number.isInteger(n)) errors.push(new FormError(key, `${key} must be a whole number, got ${raw}`));
+      else spec[key] = n;
     }
+    try {
+      buildCommand(spec);
+    } catch (e) {
+      if (!(e instanceof FormError)) throw e;
+      errors.push(e);
+    }
+    if (errors.length) {
+      const all = new FormError(errors[0].field, errors[0].message);
+      all.all = errors;
+      throw all;
+    }
+    const scope = $("f-restart-scope").value;
+    if (scope) spec.restart_scope = scope;
+    return spec;
+  }
+
+  function buildCommand(spec) {
     const worker = $("f-worker").value;
     const cmd = $("f-command").value.trim();
     if (worker === "shell") {
@@ -1101,32 +1120,25 @@
         throw new FormError("command", `command is not valid JSON (${e.message}); enter an array such as ["python", "train.py"]`);
       }
     }
-    const scope = $("f-restart-scope").value;
-    if (scope) spec.restart_scope = scope;
-    return spec;
   }
 
   function clearFormError() {
     const box = $("form-error");
     box.hidden = true;
     box.replaceChildren();
+    for (const p of document.querySelectorAll("#job-form .field-error")) p.remove();
     for (const id of Object.values(FIELD_INPUT)) {
       const input = $(id);
       input.removeAttribute("aria-invalid");
-      const described = (input.getAttribute("aria-describedby") || "").split(" ").filter((x) => x && x !== "form-error");
+      const described = (input.getAttribute("aria-describedby") || "").split(" ").filter((x) => x && !x.endsWith("-error"));
       if (described.length) input.setAttribute("aria-describedby", described.join(" "));
       else input.removeAttribute("aria-describedby");
     }
   }
 
-  // Shows an error under the form; when the message names a field ("world_size must be …"),
-  // that field is marked invalid and focused.
-  function showFormError(message, code, field) {
-    const box = $("form-error");
-    box.replaceChildren();
-    if (code) box.append(el("span", { class: "code", text: code }));
-    box.append(el("span", { class: "message", text: message }));
-    box.hidden = false;
+  // Shows an error next to the field it names ("world_size must be …"), which is marked
+  // invalid and (the first) focused; an error that names no field goes under the form.
+  function showFormError(message, code, field, focus = true) {
     if (!field) {
       const m = /^([a-z_]+)\b/.exec(message);
       if (m && FIELD_INPUT[m[1]]) field = m[1];
@@ -1137,12 +1149,23 @@
     }
     const input = field && FIELD_INPUT[field] && $(FIELD_INPUT[field]);
     if (input && !input.disabled) {
+      const id = `${input.id}-error`;
+      const p = el("p", { id, class: "field-error", "data-testid": "field-error", "data-field": field });
+      if (code) p.append(el("span", { class: "code", text: code }));
+      p.append(el("span", { class: "message", text: message }));
+      (input.closest(".field") || input.parentElement).append(p);
       input.setAttribute("aria-invalid", "true");
       const described = (input.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
-      described.push("form-error");
+      described.push(id);
       input.setAttribute("aria-describedby", described.join(" "));
-      input.focus();
+      if (focus) input.focus();
+      return;
     }
+    const box = $("form-error");
+    box.replaceChildren();
+    if (code) box.append(el("span", { class: "code", text: code }));
+    box.append(el("span", { class: "message", text: message }));
+    box.hidden = false;
   }
 
   function syncWorkerField() {
@@ -1162,7 +1185,7 @@
     try {
       spec = buildSpec();
     } catch (e) {
-      showFormError(e.message, null, e.field);
+      (e.all || [e]).forEach((err, i) => showFormError(err.message, null, err.field, i === 0));
       setText(status, "");
       return;
     }

@@ -252,15 +252,21 @@ async fn the_page_runs_watches_and_stops_a_job() {
         let server: Value = res.json().await.unwrap();
         let shown = page
             .wait(
-                "the server's validation error under the form",
-                "const e = document.querySelector('[data-testid=form-error]');
-                 if (!e || e.hidden) return null;
+                "the server's validation error next to the field it names",
+                "const e = document.querySelector('#f-world-size').closest('.field')
+                   .querySelector('[data-testid=field-error]');
+                 if (!e) return null;
                  return {code: e.querySelector('.code')?.textContent,
                          message: e.querySelector('.message')?.textContent,
                          invalid: document.getElementById('f-world-size').getAttribute('aria-invalid'),
+                         described: document.getElementById('f-world-size').getAttribute('aria-describedby'),
                          focused: document.activeElement && document.activeElement.id};",
             )
             .await;
+        assert!(
+            shown["described"].as_str().unwrap().contains("f-world-size-error"),
+            "{shown}"
+        );
         assert_eq!(shown["code"], server["error"], "{shown}");
         assert_eq!(shown["message"], server["message"], "{shown}");
         assert!(
@@ -299,7 +305,8 @@ async fn the_page_runs_watches_and_stops_a_job() {
             .await;
         let id = id.as_str().unwrap().to_string();
         assert!(
-            page.js("return document.getElementById('form-error').hidden")
+            page.js("return document.getElementById('form-error').hidden
+                       && !document.querySelector('[data-testid=field-error]')")
                 .await
                 .as_bool()
                 .unwrap(),
@@ -689,6 +696,113 @@ async fn the_charts_show_history_from_before_the_page_was_opened() {
              return i && i.dataset.end === 'recovered' && i.querySelectorAll('.phase').length === 3;",
         )
         .await;
+    })
+    .await;
+}
+
+/// Issue 14, item 8: at 1280×800 and at 420 px the jobs column never scrolls sideways (long
+/// names are cut, not wrapped), the Scope dropdown shows its whole text, and every field's
+/// error is shown next to its field at once.
+#[actix_web::test]
+async fn the_page_fits_1280_and_420_and_shows_every_field_error() {
+    let app = spawn_app().await;
+    // What a busy list holds: finished and running jobs, long names, big steps, restarts.
+    for (i, name) in [
+        "a",
+        "a-rather-long-job-name-that-would-not-fit-anywhere-sensible",
+    ]
+    .iter()
+    .enumerate()
+    {
+        app.create_job(
+            json!({"world_size": 1 + i, "name": name, "command": ["true"],
+                              "restart_scope": "worker"}),
+        )
+        .await;
+    }
+    let steps = r#"for i in $(seq 100000 100060); do curl -s -o /dev/null -X POST -H "Authorization: Bearer $TRAINVISOR_TOKEN" -d "{\"step\": $i}" "$TRAINVISOR_HEARTBEAT_URL"; sleep 1; done"#;
+    for total in [None, Some(1_000_000)] {
+        let mut spec = json!({"world_size": 16, "command": ["sh", "-c", steps],
+                              "restart_scope": "worker", "backoff_initial_ms": 0});
+        if let Some(t) = total {
+            spec["total_steps"] = json!(t);
+        }
+        let id = app.create_job(spec).await;
+        let pid = wait_for(Duration::from_secs(60), || async {
+            app.summary(&id).await["workers"][5]["pid"].as_u64()
+        })
+        .await
+        .unwrap();
+        kill(pid as u32, libc::SIGKILL);
+    }
+    with_page(&app, "layout", async |page, app| {
+        for (width, height) in [(1280, 800), (420, 800)] {
+            page.c.set_window_size(width, height).await.unwrap();
+            open_page(page, &format!("{}/", app.address)).await;
+            page.wait(
+                "every job listed, the running ones with their steps",
+                "const rows = document.querySelectorAll('#jobs-body tr');
+                 return rows.length === 4 && [...rows].filter(r => /step 1000|10%|0%/.test(r.textContent)).length >= 1;",
+            )
+            .await;
+            let fit = page
+                .js("const wrap = document.getElementById('jobs-table').closest('.table-wrap');
+                     const select = document.getElementById('f-restart-scope');
+                     const ctx = document.createElement('canvas').getContext('2d');
+                     ctx.font = getComputedStyle(select).font;
+                     const text = ctx.measureText(select.options[select.selectedIndex].text).width;
+                     return {scroll: wrap.scrollWidth, client: wrap.clientWidth,
+                             page: document.documentElement.scrollWidth, viewport: window.innerWidth,
+                             select: select.clientWidth, text};")
+                .await;
+            // Names and ids stay on one line (cut with an ellipsis, not wrapped), and no other
+            // cell is clipped.
+            let rows = page
+                .js("return [...document.querySelectorAll('#jobs-body tr')].map(r => ({
+                       lines: [...r.children[0].querySelectorAll('a, .sub')]
+                         .filter(e => getComputedStyle(e).display !== 'none').map(e => e.getClientRects().length),
+                       clipped: [...r.children].slice(1)
+                         .filter(td => td.scrollWidth > td.clientWidth + 1).map(td => td.textContent)}))")
+                .await;
+            for row in rows.as_array().unwrap() {
+                assert!(
+                    row["lines"].as_array().unwrap().iter().all(|n| n == 1),
+                    "{width} px: a name or id wraps: {rows}"
+                );
+                assert_eq!(row["clipped"], json!([]), "{width} px: {rows}");
+            }
+            let n = |k: &str| fit[k].as_f64().unwrap();
+            assert!(n("scroll") <= n("client"), "{width} px: the jobs column scrolls: {fit}");
+            assert!(n("page") <= n("viewport"), "{width} px: the page scrolls sideways: {fit}");
+            // The option's text plus the padding and the arrow.
+            assert!(n("select") >= n("text") + 24.0, "{width} px: Scope is clipped: {fit}");
+        }
+
+        page.c.set_window_size(1280, 800).await.unwrap();
+        page.type_into("#f-world-size", "1.5").await;
+        page.type_into("#f-max-restarts", "2.5").await;
+        page.find("[data-testid=submit]").await.click().await.unwrap();
+        let errors = page
+            .wait(
+                "an error next to each invalid field",
+                "const es = [...document.querySelectorAll('[data-testid=field-error]')];
+                 return es.length === 2 ? es.map(e => ({field: e.dataset.field,
+                   inField: !!e.closest('.field').querySelector('input, select'),
+                   text: e.textContent})) : null;",
+            )
+            .await;
+        assert_eq!(errors[0]["field"], "world_size", "{errors}");
+        assert_eq!(errors[1]["field"], "max_restarts", "{errors}");
+        assert!(errors.as_array().unwrap().iter().all(|e| e["inField"] == true), "{errors}");
+        assert!(
+            errors[1]["text"].as_str().unwrap().contains("whole number"),
+            "{errors}"
+        );
+        assert_eq!(
+            page.js("return document.activeElement.id").await,
+            "f-world-size",
+            "the first invalid field has the focus"
+        );
     })
     .await;
 }
