@@ -269,12 +269,7 @@ impl Checks<'_> {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let s = self.client.get(&format!("/jobs/{id}/summary")).await?;
-            let pids: Vec<u32> = s["workers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
-                .collect();
+            let pids = crate::bench::running_pids(&s);
             if s["step"].as_u64().unwrap_or(0) >= step && pids.len() == 2 {
                 return Ok((pids, format!("step {}", s["step"])));
             }

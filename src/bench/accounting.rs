@@ -84,12 +84,7 @@ async fn measure(dir: &Path, flags: &[&str], quick: bool) -> anyhow::Result<Run>
         let pids: Vec<u32> = client
             .poll(|| async {
                 let s = client.get(&format!("/jobs/{id}/summary")).await?;
-                let pids: Vec<u32> = s["workers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
-                    .collect();
+                let pids = super::running_pids(&s);
                 Ok((pids.len() == RANKS).then_some(pids))
             })
             .await?;

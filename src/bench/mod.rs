@@ -464,6 +464,16 @@ impl Client {
     }
 }
 
+/// The pids of a summary's ranks that have a process.
+pub fn running_pids(summary: &Value) -> Vec<u32> {
+    summary["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+        .collect()
+}
+
 /// p-th percentile (0–100) of a sample, nearest rank.
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();

@@ -59,15 +59,7 @@ pub async fn heartbeats(
         let pids = client
             .poll(|| async {
                 let s = client.get(&format!("/jobs/{id}/summary")).await?;
-                let pids: Vec<u32> = s["workers"]
-                    .as_array()
-                    .map(|ws| {
-                        ws.iter()
-                            .filter_map(|w| w["pid"].as_u64())
-                            .map(|p| p as u32)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let pids = super::running_pids(&s);
                 Ok((pids.len() == per_job).then_some(pids))
             })
             .await?;
