@@ -304,6 +304,13 @@ impl Metrics {
             "Open file descriptors of the server",
             gauge(fds),
         );
+        let s3 = Counter::<u64>::default();
+        s3.inc_by(crate::storage::s3::retryable_responses());
+        r.register(
+            "s3_retryable_responses",
+            "S3 answers the client retries (5xx, 429, transport errors), in this process",
+            s3,
+        );
         let mut out = String::new();
         let _ = encode(&mut out, &r);
         out

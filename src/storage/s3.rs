@@ -10,11 +10,14 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+
+mod retried;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
     RetryConfig, UpdateVersion, WriteMultipart,
 };
+pub use retried::retryable_responses;
 
 /// Parts larger than this are uploaded in chunks of `MULTIPART_CHUNK` (multipart upload), so a
 /// transient error retries one chunk, not the whole part. Smaller parts go up as one PUT: on a
@@ -198,6 +201,7 @@ impl S3Store {
             // Bulk delete (`POST ?delete`) is not implemented alike by every S3-compatible
             // server (s3s-fs answers 500); single DELETEs are core S3.
             .with_disable_bulk_delete(true)
+            .with_http_connector(retried::CountingConnector)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),

@@ -74,6 +74,8 @@ async fn metrics_parse_move_with_a_recovery_and_forget_ended_jobs() {
     assert_eq!(value(&before, "trainvisor_incidents_total", &[]), Some(0.0));
     assert!(value(&before, "trainvisor_process_open_fds", &[]).unwrap() > 0.0);
     assert!(value(&before, "trainvisor_process_resident_memory_bytes", &[]).unwrap() > 1e6);
+    // Counted per process (src/storage/s3/retried.rs has the test that moves it).
+    assert!(value(&before, "trainvisor_s3_retryable_responses_total", &[]).is_some());
 
     let data = small_dataset(&app);
     let id = app
