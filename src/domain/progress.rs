@@ -75,10 +75,55 @@ impl Progress {
     }
 
     pub fn steps_per_s(&self) -> Option<f64> {
+        self.steps_per_s_at(Instant::now())
+    }
+
+    /// Steps over time up to the last step seen — not up to now, which made the figure sag
+    /// between two steps and jump back at the next (20 then 31 from one redraw to the next) —
+    /// unless that step is older than two of the job's usual step intervals: then up to now,
+    /// so a job that stalls slows down.
+    fn steps_per_s_at(&self, now: Instant) -> Option<f64> {
         let (t0, s0) = *self.samples.front()?;
-        let (_, s1) = *self.samples.back()?;
-        let dt = t0.elapsed().as_secs_f64();
-        (dt > 0.0 && s1 > s0).then(|| (s1 - s0) as f64 / dt)
+        let (t1, s1) = *self.samples.back()?;
+        if s1 <= s0 {
+            return None;
+        }
+        let span = t1.duration_since(t0).as_secs_f64();
+        let interval = span / (s1 - s0) as f64;
+        let since_last = now.duration_since(t1).as_secs_f64();
+        let dt = if since_last > 2.0 * interval {
+            now.duration_since(t0).as_secs_f64()
+        } else {
+            span
+        };
+        (dt > 0.0).then(|| (s1 - s0) as f64 / dt)
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    /// A job stepping 25 times a second reads 25 steps/s whenever it is asked (between two
+    /// steps too), and slows down once it stalls.
+    #[test]
+    fn the_rate_holds_between_steps_and_falls_when_steps_stop() {
+        let t0 = Instant::now();
+        let mut p = Progress::default();
+        // A short history (a job just started, or bursts of the slowest rank's step) is where
+        // measuring to `now` swung the most.
+        for i in 0..5u64 {
+            p.samples.push_back((t0 + Duration::from_millis(40 * i), i));
+        }
+        let last = t0 + Duration::from_millis(40 * 4);
+        for after_ms in [0, 10, 20, 39, 60] {
+            let r = p
+                .steps_per_s_at(last + Duration::from_millis(after_ms))
+                .unwrap();
+            assert!((r - 25.0).abs() < 0.5, "{after_ms} ms after a step: {r}");
+        }
+        let stalled = p.steps_per_s_at(last + Duration::from_secs(1)).unwrap();
+        assert!(stalled < 5.0, "{stalled}");
     }
 }
 
