@@ -388,6 +388,8 @@ impl Job {
             excluded_nodes: status.excluded_nodes,
             goodput: self.goodput(step),
             rank_rates: self.rank_rates(),
+            standbys: status.standbys.by_rank,
+            standby_off: status.standbys.off,
         })
     }
 }
@@ -432,6 +434,7 @@ impl Handler<WorkerStarted> for Job {
             slot.state = RankState::running();
         }
         slot.progress.pid = Some(msg.pid);
+        slot.progress.warm = msg.warm;
         slot.progress.started_at = Some(now());
         self.rt.recorder.record(HistoryOp::IncarnationPid {
             job_id: self.id,

@@ -31,14 +31,14 @@ impl JobManager {
 
     fn start_job(&mut self, init: JobInit, ctx: &mut Context<Self>) {
         let id = init.id;
-        let world_size = init.spec.world_size;
+        let processes = init.spec.processes();
         let (addr, state) = Job::start(init, self.rt.clone(), ctx.address().recipient());
         self.rt.registry.insert(
             id,
             JobHandle {
                 addr,
                 state,
-                world_size,
+                processes,
             },
         );
     }
@@ -65,10 +65,17 @@ impl Handler<CreateJob> for JobManager {
                 "{jobs} jobs are running, the limit is {} (--max-jobs)",
                 settings.max_jobs
             ))
-        } else if ranks + spec.world_size as usize > settings.max_workers {
+        } else if ranks + spec.processes() > settings.max_workers {
             Some(format!(
-                "{ranks} ranks are running; {} more would pass the limit of {} (--max-workers)",
-                spec.world_size, settings.max_workers
+                "{ranks} rank processes are running; {} more{} would pass the limit of {} \
+                 (--max-workers)",
+                spec.processes(),
+                if spec.warm_standby.is_some() {
+                    " (its ranks and their warm standbys)"
+                } else {
+                    ""
+                },
+                settings.max_workers
             ))
         } else {
             None

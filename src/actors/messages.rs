@@ -78,6 +78,8 @@ pub struct WorkerStarted {
     pub rank: u32,
     pub attempt: u32,
     pub pid: u32,
+    /// A warm standby became this incarnation.
+    pub warm: bool,
 }
 
 /// Worker → Job: incarnation `attempt` of `rank` ended (or never started).

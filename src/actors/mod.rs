@@ -71,7 +71,8 @@ impl Drop for StreamSlot {
 pub struct JobHandle {
     pub addr: Addr<Job>,
     pub state: watch::Receiver<JobState>,
-    pub world_size: u32,
+    /// Its ranks, and their standbys with warm standby (`JobSpec::processes`).
+    pub processes: usize,
 }
 
 /// Live jobs by id, shared by the JobManager (which fills it) and the HTTP handlers (which
@@ -94,12 +95,12 @@ impl Registry {
         self.jobs.lock().unwrap().remove(id);
     }
 
-    /// Live jobs and their ranks, for the limits.
+    /// Live jobs and their rank processes (standbys included), for the limits.
     pub fn load(&self) -> (usize, usize) {
         let jobs = self.jobs.lock().unwrap();
         (
             jobs.len(),
-            jobs.values().map(|h| h.world_size as usize).sum(),
+            jobs.values().map(|h| h.processes).sum(),
         )
     }
 

@@ -84,6 +84,7 @@ impl Worker {
             mut lines,
             exit,
             control,
+            warm,
         } = process;
         let Some(inc) = self.current_mut(attempt) else {
             // Superseded while starting: nothing wants this process.
@@ -99,6 +100,7 @@ impl Worker {
             rank: self.rank,
             attempt,
             pid,
+            warm,
         });
         let addr = ctx.address();
         let recorder = self.rt.recorder.clone();

@@ -149,6 +149,8 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         last_checkpoint: None,
         goodput: None,
         rank_rates: Vec::new(),
+        standbys: Default::default(),
+        standby_off: None,
         slurm_job_id: None,
         excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
     }))

@@ -24,6 +24,8 @@ pub struct RankView {
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub step: Option<u64>,
     pub heartbeat: Option<Value>,
+    /// The current incarnation is a warm standby that became the rank.
+    pub warm: bool,
 }
 
 impl RankView {
@@ -157,6 +159,23 @@ pub struct WorkerSummary {
     pub straggler: bool,
     /// The latest heartbeat body as the worker sent it.
     pub heartbeat: Option<Value>,
+    /// The current incarnation was a warm standby (`warm_standby`), not a cold start.
+    #[serde(default)]
+    pub warm_start: bool,
+    /// The rank's warm standby, while it has one.
+    #[serde(default)]
+    pub standby: Option<StandbyView>,
+}
+
+/// A rank's warm standby: a process that has imported the job's `preload` and waits to
+/// become the rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StandbyView {
+    pub pid: u32,
+    pub node: String,
+    /// `starting` (importing its preloads) or `ready`.
+    pub state: String,
+    pub since: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -197,6 +216,9 @@ pub struct Summary {
     /// before the job runs). The incidents behind it: `GET /jobs/{id}/incidents`.
     #[serde(default)]
     pub goodput: Option<Goodput>,
+    /// With `warm_standby`: why the ranks start cold, once standbys kept failing to start.
+    #[serde(default)]
+    pub standby_off: Option<String>,
     pub workers: Vec<WorkerSummary>,
 }
 
@@ -216,6 +238,9 @@ pub struct SummaryInput<'a> {
     pub goodput: Option<Goodput>,
     /// Per rank: its own steps/s and whether it is a straggler (empty: unknown).
     pub rank_rates: Vec<(Option<f64>, bool)>,
+    /// The ranks' warm standbys, and why there are none when standbys kept failing.
+    pub standbys: std::collections::HashMap<u32, StandbyView>,
+    pub standby_off: Option<String>,
 }
 
 impl Summary {
@@ -279,6 +304,8 @@ impl Summary {
                     steps_per_s: input.rank_rates.get(rank).and_then(|r| r.0),
                     straggler: input.rank_rates.get(rank).is_some_and(|r| r.1),
                     heartbeat: p.heartbeat.clone(),
+                    warm_start: p.warm,
+                    standby: input.standbys.get(&(rank as u32)).cloned(),
                 }
             })
             .collect();
@@ -313,6 +340,7 @@ impl Summary {
             slurm_job_id: input.slurm_job_id,
             excluded_nodes: input.excluded_nodes,
             goodput: input.goodput,
+            standby_off: input.standby_off,
             workers,
         }
     }

@@ -104,7 +104,12 @@ pub const WORKER_ENV: &[EnvVar] = &[
     // diagnosed, and the hook that registers them (see launcher::stacks).
     var("TRAINVISOR_STACKS_FILE"),
     prepend("PYTHONPATH"),
+    // Set to 1 when the rank is a warm standby that became the rank (see launcher::standby).
+    var(WARM_START),
 ];
+
+/// The one variable by which a script can tell it was warm-started.
+pub const WARM_START: &str = "TRAINVISOR_WARM_START";
 
 /// The names a job's `env` may not set: every name of the contract but torchrun's defaults.
 pub fn reserved_names() -> Vec<&'static str> {
@@ -226,6 +231,8 @@ impl RankEnv<'_> {
             "TRAINVISOR_SPEC" => serde_json::to_string(spec).unwrap_or_default(),
             "TRAINVISOR_CACHE_DIR" => self.cache_dir.to_string(),
             "TRAINVISOR_STACKS_FILE" => self.stacks.as_ref()?.file.to_string(),
+            // Set by the launcher, on the standby it activates.
+            WARM_START => return None,
             "PYTHONPATH" => {
                 let s = self.stacks.as_ref()?;
                 let before = spec

@@ -339,6 +339,7 @@ impl Inner {
             lines,
             exit,
             control,
+            warm: false,
         })
     }
 

@@ -22,22 +22,34 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{ChildStderr, ChildStdout};
 use tokio::sync::oneshot;
 
+use super::standby::{StandbyHost, Standbys};
 use super::{
-    JobContext, JobLauncher, Launch, Line, LineAssembler, LiveRanks, MAX_LINE_BYTES, Place,
-    Prepared, RankControl, RankProcess,
+    JobContext, JobLauncher, Launch, LauncherStatus, Line, LineAssembler, LiveRanks,
+    MAX_LINE_BYTES, Place, Prepared, RankControl, RankProcess,
 };
 use crate::domain::{Exit, ExitCause};
 
 /// The local launcher of one job: every rank a child of this server, MASTER_ADDR loopback.
 pub struct LocalLauncher {
     live: Arc<LiveRanks>,
+    standbys: Option<Arc<Standbys>>,
 }
 
 impl LocalLauncher {
-    pub fn new(_cx: JobContext) -> Self {
+    pub fn new(cx: JobContext) -> Self {
         LocalLauncher {
             live: Arc::default(),
+            standbys: Standbys::for_job(&cx, Box::new(HostStandbys)),
         }
+    }
+}
+
+/// Standbys of local ranks: children of this server, like the ranks.
+struct HostStandbys;
+
+impl StandbyHost for HostStandbys {
+    fn wrap(&self, rank: u32, seq: u32, _node: &str, launch: Launch) -> Option<(Launch, String)> {
+        Some((launch, format!("standby-r{rank}-s{seq}")))
     }
 }
 
@@ -59,25 +71,53 @@ impl JobLauncher for LocalLauncher {
         &self,
         rank: u32,
         attempt: u32,
-        _place: Place,
+        place: Place,
         launch: Launch,
     ) -> LocalBoxFuture<'static, io::Result<RankProcess>> {
         let live = self.live.clone();
+        let standbys = self.standbys.clone();
         Box::pin(async move {
-            let mut process = start_process(launch).await?;
+            let cold = |launch| Box::pin(start_process(launch)) as LocalBoxFuture<'static, _>;
+            let mut process = match standbys {
+                Some(s) => s.start(rank, attempt, &place.node, launch, cold).await?.0,
+                None => cold(launch).await?,
+            };
             live.insert(rank, attempt, process.control.clone());
             process.exit = super::leave_on_exit(live, rank, attempt, process.exit);
             Ok(process)
         })
     }
 
+    fn rank_stepping(&self, rank: u32) {
+        if let Some(s) = &self.standbys {
+            s.stepping(rank);
+        }
+    }
+
     fn release(&self) -> LocalBoxFuture<'static, ()> {
+        if let Some(s) = &self.standbys {
+            s.close();
+        }
         Box::pin(std::future::ready(()))
     }
 
     fn kill_all(&self) -> LocalBoxFuture<'static, ()> {
+        if let Some(s) = &self.standbys {
+            s.close();
+        }
         self.live.kill_all();
         Box::pin(std::future::ready(()))
+    }
+
+    fn status(&self) -> LauncherStatus {
+        LauncherStatus {
+            standbys: self
+                .standbys
+                .as_ref()
+                .map(|s| s.status())
+                .unwrap_or_default(),
+            ..LauncherStatus::default()
+        }
     }
 }
 
@@ -132,25 +172,46 @@ impl RankControl for GroupControl {
     }
 }
 
-/// Spawns `launch` as a child of this server and hands it over as a rank: its two pipes read
-/// into one line channel, its exit from the pidfd, after which what is left of its process
-/// group is killed.
+/// Spawns `launch` as a child of this server and hands it over as a rank.
 pub async fn start_process(launch: Launch) -> io::Result<RankProcess> {
-    let mut running = spawn(launch).await?;
+    Ok(into_rank(spawn(launch).await?, None))
+}
+
+/// Hands a spawned child over as a rank: its two pipes read into one line channel, its exit
+/// from the pidfd, after which what is left of its process group is killed. With `ready`,
+/// the first stdout line equal to its text is not passed on but told (a warm standby's).
+pub fn into_rank(
+    mut running: Running,
+    ready: Option<(&'static str, oneshot::Sender<()>)>,
+) -> RankProcess {
     let pid = running.pid;
     let (tx, lines) = super::line_channel();
     let pipes: [(&'static str, Option<Box<dyn AsyncRead + Unpin>>); 2] = [
         ("stdout", running.stdout.take().map(|p| Box::new(p) as _)),
         ("stderr", running.stderr.take().map(|p| Box::new(p) as _)),
     ];
+    let mut ready = ready;
     for (stream, pipe) in pipes {
         let Some(pipe) = pipe else { continue };
         let tx = tx.clone();
+        let mut ready = if stream == "stdout" { ready.take() } else { None };
         tokio::task::spawn_local(async move {
             read_lines(pipe, MAX_LINE_BYTES, |text| {
+                let told = match ready.take() {
+                    Some((line, tell)) if text == line => {
+                        let _ = tell.send(());
+                        true
+                    }
+                    other => {
+                        ready = other;
+                        false
+                    }
+                };
                 let tx = tx.clone();
                 async move {
-                    let _ = tx.send(Line { stream, text }).await;
+                    if !told {
+                        let _ = tx.send(Line { stream, text }).await;
+                    }
                 }
             })
             .await
@@ -173,16 +234,18 @@ pub async fn start_process(launch: Launch) -> io::Result<RankProcess> {
             },
         }
     });
-    Ok(RankProcess {
+    RankProcess {
         pid,
         lines,
         exit,
         control: Arc::new(GroupControl { pgid: pid }),
-    })
+        warm: false,
+    }
 }
 
 struct SpawnRequest {
     launch: Launch,
+    stdin: bool,
     reply: oneshot::Sender<io::Result<Child>>,
 }
 
@@ -194,7 +257,7 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
             .name("trainvisor-spawner".into())
             .spawn(move || {
                 for req in rx {
-                    let _ = req.reply.send(spawn_here(&req.launch));
+                    let _ = req.reply.send(spawn_here(&req.launch, req.stdin));
                 }
             })
             .expect("the spawner thread starts");
@@ -202,7 +265,7 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
     })
 }
 
-fn spawn_here(launch: &Launch) -> io::Result<Child> {
+fn spawn_here(launch: &Launch, stdin: bool) -> io::Result<Child> {
     let (program, args) = launch
         .argv
         .split_first()
@@ -212,7 +275,7 @@ fn spawn_here(launch: &Launch) -> io::Result<Child> {
     cmd.args(args)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .env_remove("TRAINVISOR_API_TOKEN")
-        .stdin(Stdio::null())
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -245,6 +308,8 @@ fn spawn_here(launch: &Launch) -> io::Result<Child> {
 /// A running child: its pid (= its process group id), its output pipes and its exit.
 pub struct Running {
     pub pid: u32,
+    /// A pipe to its stdin, when it was spawned with one ([`spawn_with_stdin`]).
+    pub stdin: Option<tokio::process::ChildStdin>,
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
     exit: ExitWatch,
@@ -255,20 +320,40 @@ pub struct ExitWatch {
     pidfd: Option<AsyncFd<OwnedFd>>,
 }
 
-/// Spawns `launch` from the spawner thread. Must be called inside a Tokio runtime.
+/// Spawns `launch` from the spawner thread, its stdin `/dev/null`. Must be called inside a
+/// Tokio runtime.
 pub async fn spawn(launch: Launch) -> io::Result<Running> {
+    spawn_from_thread(launch, false).await
+}
+
+/// As [`spawn`], with a pipe to its stdin (a warm standby reads its activation there).
+pub async fn spawn_with_stdin(launch: Launch) -> io::Result<Running> {
+    spawn_from_thread(launch, true).await
+}
+
+async fn spawn_from_thread(launch: Launch, stdin: bool) -> io::Result<Running> {
     let (reply, rx) = oneshot::channel();
     spawner()
-        .send(SpawnRequest { launch, reply })
+        .send(SpawnRequest {
+            launch,
+            stdin,
+            reply,
+        })
         .map_err(|_| io::Error::other("spawner thread is gone"))?;
     let mut child = rx
         .await
         .map_err(|_| io::Error::other("spawner dropped the request"))??;
     let pid = child.id();
+    let stdin = child
+        .stdin
+        .take()
+        .map(tokio::process::ChildStdin::from_std)
+        .transpose()?;
     let stdout = child.stdout.take().map(ChildStdout::from_std).transpose()?;
     let stderr = child.stderr.take().map(ChildStderr::from_std).transpose()?;
     Ok(Running {
         pid,
+        stdin,
         stdout,
         stderr,
         exit: ExitWatch {

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod local;
 pub mod slurm;
 pub mod stacks;
+pub mod standby;
 
 use std::collections::HashMap;
 use std::io;
@@ -87,6 +88,8 @@ pub struct RankProcess {
     /// Resolves once, when the process has exited (and was reaped).
     pub exit: LocalBoxFuture<'static, Exit>,
     pub control: Arc<dyn RankControl>,
+    /// A warm standby became this rank (`warm_standby`), rather than a cold start.
+    pub warm: bool,
 }
 
 /// What a launcher reports for the summary.
@@ -96,6 +99,8 @@ pub struct LauncherStatus {
     pub slurm_job_id: Option<u64>,
     /// Places excluded from the job's launches (bad-node quarantine), in order.
     pub excluded_nodes: Vec<String>,
+    /// The job's warm standbys, by rank.
+    pub standbys: standby::StandbyStatus,
 }
 
 /// One job's place to run ranks, for the job's whole life.
@@ -116,6 +121,10 @@ pub trait JobLauncher: Send + Sync {
     /// An incarnation of `rank` ended with a failure the Job is about to act on (before it
     /// decides the restart, so a launcher that tracks its places' health can avoid a bad one).
     fn rank_failed(&self, _rank: u32, _outcome: Outcome, _detail: &str) {}
+
+    /// The current incarnation of `rank` reported a step (warm standbys are refilled only
+    /// while every rank is stepping).
+    fn rank_stepping(&self, _rank: u32) {}
 
     /// The job has ended: give back whatever the launcher holds for it.
     fn release(&self) -> LocalBoxFuture<'static, ()>;

@@ -79,6 +79,7 @@ impl Handler<Heartbeat> for Job {
         let step = msg.body.get("step").and_then(serde_json::Value::as_u64);
         if let Some(step) = step {
             self.straggler_step(msg.rank, attempt, step);
+            self.launcher.rank_stepping(msg.rank);
         }
         let slot = &mut self.ranks[msg.rank as usize];
         slot.progress.record_heartbeat(Utc::now(), msg.body);

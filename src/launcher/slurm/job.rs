@@ -15,6 +15,7 @@ use futures_util::future::LocalBoxFuture;
 use super::{Allocation, Step};
 use crate::domain::{ExitCause, Outcome};
 use crate::launcher::local::{self, GroupControl};
+use crate::launcher::standby::{StandbyHost, Standbys};
 use crate::launcher::{
     JobContext, JobLauncher, Launch, LauncherStatus, Place, Prepared, RankControl, RankProcess,
     line_channel,
@@ -29,6 +30,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct SlurmLauncher {
     inner: Arc<Inner>,
+    standbys: Option<Arc<Standbys>>,
 }
 
 struct Inner {
@@ -86,12 +88,41 @@ impl SlurmLauncher {
             rank_node: vec![None; cx.spec.world_size as usize],
             ..State::default()
         };
+        let inner = Arc::new(Inner {
+            cx,
+            allocating: tokio::sync::Mutex::new(()),
+            state: Mutex::new(state),
+        });
+        let host = Box::new(StepStandbys(Arc::downgrade(&inner)));
         SlurmLauncher {
-            inner: Arc::new(Inner {
-                cx,
-                allocating: tokio::sync::Mutex::new(()),
-                state: Mutex::new(state),
-            }),
+            standbys: Standbys::for_job(&inner.cx, host),
+            inner,
+        }
+    }
+}
+
+/// Standbys on Slurm: a step of the job's allocation on the node of the rank it stands by.
+struct StepStandbys(std::sync::Weak<Inner>);
+
+impl StandbyHost for StepStandbys {
+    fn wrap(&self, rank: u32, seq: u32, node: &str, launch: Launch) -> Option<(Launch, String)> {
+        let inner = self.0.upgrade()?;
+        inner.state().alloc.as_ref()?;
+        let name = format!("trainvisor-{}-r{rank}-s{seq}", inner.cx.job_id);
+        let step = inner.step(node, name.clone());
+        Some((step.wrap(launch), name))
+    }
+
+    fn discard(&self, name: &str) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        let (conf, alloc) = (inner.conf(), inner.state().alloc.as_ref().map(|a| a.job_id));
+        let name = name.to_string();
+        if let Some(alloc) = alloc {
+            tokio::task::spawn_local(
+                async move { super::cancel_step(conf.as_deref(), alloc, &name).await },
+            );
         }
     }
 }
@@ -103,6 +134,23 @@ impl Inner {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap()
+    }
+
+    /// A step named `name` on `node` of the allocation held now.
+    fn step(&self, node: &str, name: String) -> Step {
+        Step {
+            conf: self.conf(),
+            alloc: self.state().alloc.as_ref().map_or(0, |a| a.job_id),
+            node: node.to_string(),
+            name,
+            srun_args: self
+                .cx
+                .spec
+                .slurm
+                .as_ref()
+                .map(|s| s.srun_args.clone())
+                .unwrap_or_default(),
+        }
     }
 
     /// Asks Slurm for an allocation (giving up the old one) unless a usable one is held.
@@ -346,28 +394,28 @@ impl JobLauncher for SlurmLauncher {
         launch: Launch,
     ) -> LocalBoxFuture<'static, io::Result<RankProcess>> {
         let inner = self.inner.clone();
+        let standbys = self.standbys.clone();
         Box::pin(async move {
-            let step = Step {
-                conf: inner.conf(),
-                alloc: inner.state().alloc.as_ref().map_or(0, |a| a.job_id),
-                node: place.node.clone(),
-                name: format!("trainvisor-{}-r{rank}-a{attempt}", inner.cx.job_id),
-                srun_args: inner
-                    .cx
-                    .spec
-                    .slurm
-                    .as_ref()
-                    .map(|s| s.srun_args.clone())
-                    .unwrap_or_default(),
+            let name = format!("trainvisor-{}-r{rank}-a{attempt}", inner.cx.job_id);
+            let step = inner.step(&place.node, name);
+            let cold = move |launch| {
+                Box::pin(local::start_process(step.wrap(launch))) as LocalBoxFuture<'static, _>
             };
-            let (conf, alloc, name) = (step.conf.clone(), step.alloc, step.name.clone());
-            let process = match local::start_process(step.wrap(launch)).await {
+            let started = match standbys {
+                Some(s) => s.start(rank, attempt, &place.node, launch, cold).await,
+                None => cold(launch).await.map(|p| (p, None)),
+            };
+            let (process, standby_name) = match started {
                 Ok(p) => p,
                 Err(e) => {
                     inner.state().placed.remove(&rank);
                     return Err(e);
                 }
             };
+            let conf = inner.conf();
+            let alloc = inner.state().alloc.as_ref().map_or(0, |a| a.job_id);
+            let name = standby_name
+                .unwrap_or_else(|| format!("trainvisor-{}-r{rank}-a{attempt}", inner.cx.job_id));
             let control = Arc::new(StepControl {
                 group: GroupControl { pgid: process.pid },
                 conf,
@@ -419,6 +467,7 @@ impl JobLauncher for SlurmLauncher {
                 lines,
                 exit,
                 control,
+                warm: process.warm,
             })
         })
     }
@@ -459,9 +508,18 @@ impl JobLauncher for SlurmLauncher {
         }
     }
 
+    fn rank_stepping(&self, rank: u32) {
+        if let Some(s) = &self.standbys {
+            s.stepping(rank);
+        }
+    }
+
     /// Nothing of the job stays on Slurm once it has ended: every Slurm job named after it,
     /// pending or running.
     fn release(&self) -> LocalBoxFuture<'static, ()> {
+        if let Some(s) = &self.standbys {
+            s.close();
+        }
         {
             let mut st = self.inner.state();
             st.released = true;
@@ -491,6 +549,11 @@ impl JobLauncher for SlurmLauncher {
         LauncherStatus {
             slurm_job_id: st.alloc.as_ref().map(|a| a.job_id),
             excluded_nodes: st.excluded.clone(),
+            standbys: self
+                .standbys
+                .as_ref()
+                .map(|s| s.status())
+                .unwrap_or_default(),
         }
     }
 }
