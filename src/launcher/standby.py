@@ -65,14 +65,15 @@ def _trainvisor_run(msg):
     import sys
 
     main = sys.modules["__main__"]
+    run_main = _trainvisor_main
+    for name in ("_trainvisor_standby", "_trainvisor_run", "_trainvisor_main"):
+        main.__dict__.pop(name, None)
     if msg.get("module"):
         import runpy
 
         sys.argv[:] = ["-m"] + list(msg["argv"])
         sys.path[0] = os.getcwd()
-        main.__dict__.pop("_trainvisor_standby", None)
-        main.__dict__.pop("_trainvisor_run", None)
-        runpy._run_module_as_main(msg["module"], alter_argv=True)
+        run_main(runpy._run_module_as_main, msg["module"], alter_argv=True)
         return
 
     script = msg["script"]
@@ -97,6 +98,7 @@ def _trainvisor_run(msg):
     g.clear()
     g.update(
         __name__="__main__",
+        __annotations__={},
         __doc__=None,
         __package__=None,
         __loader__=SourceFileLoader("__main__", full),
@@ -105,8 +107,14 @@ def _trainvisor_run(msg):
         __file__=full,
         __cached__=None,
     )
+    run_main(exec, code, g)
+
+
+def _trainvisor_main(run, *args, **kwargs):
+    import sys
+
     try:
-        exec(code, g)
+        run(*args, **kwargs)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as e:

@@ -22,6 +22,8 @@ mod schemathesis;
 mod server_restart;
 mod slow_clients;
 mod slurm;
+mod standby;
+mod standby_program;
 mod stragglers;
 mod trainer;
 mod validate;

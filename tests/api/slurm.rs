@@ -488,3 +488,54 @@ async fn torchruns_variables_follow_the_nodes() {
     }
     cluster.wait_nothing_of(&id).await;
 }
+
+/// Warm standby on Slurm (issue 16): each standby is a step on its rank's node; a rank killed
+/// on its node is replaced by its standby there, and nothing is left on Slurm after stop.
+#[actix_web::test]
+async fn a_rank_killed_on_its_node_becomes_its_standby_there() {
+    use crate::standby::*;
+    let cluster = Cluster::start();
+    let app = app_on(&cluster).await;
+    let files = Files::new();
+    let id = app
+        .create_job(files.spec(
+            2,
+            100_000,
+            json!({"launcher": "slurm", "nodes": 2, "ntasks_per_node": 1}),
+        ))
+        .await;
+    let s = standbys_ready(&app, &id).await;
+    let nodes = nodes_of(&s);
+    for (rank, node) in nodes.iter().enumerate() {
+        assert_eq!(&s["workers"][rank]["standby"]["node"], node, "{s}");
+    }
+    let steps = cluster.of_job(&id);
+    assert!(
+        steps.iter().any(|l| l.contains(&format!("trainvisor-{id}-r1-s"))),
+        "no standby step on Slurm: {steps:?}"
+    );
+    // Rank 1's own process on its node (the cold one runs the script, not the standby).
+    let instance = instance(&app);
+    let victim = marked_processes(&instance)
+        .into_iter()
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim() != "srun"
+                && cmdline.windows(7).any(|w| w == b"rank.py")
+                && env.split(|&b| b == 0).any(|v| v == b"RANK=1")
+        })
+        .expect("rank 1's process");
+    kill(victim, libc::SIGKILL);
+    let s = stepping(&app, &id, 1, 1).await;
+    let warm = files.record(1, 1).await;
+    assert_eq!(warm["preloaded"], true, "{warm}");
+    assert_eq!(warm["warm"], "1");
+    check_started_as_written(&files, &warm);
+    assert_eq!(s["workers"][1]["warm_start"], true);
+    assert_eq!(s["workers"][1]["node"], json!(nodes[1]));
+    app.stop(&id).await;
+    app.wait_finished(&id, Duration::from_secs(60)).await;
+    cluster.wait_nothing_of(&id).await;
+}
