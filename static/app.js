@@ -493,10 +493,10 @@
       if (!tr) {
         tr = el("tr", { "data-rank": key },
           el("td", { text: key }), el("td", null, badge("")), el("td", { class: "pid" }),
-          el("td"), el("td"), el("td", { class: "hb" }), el("td"));
+          el("td"), el("td"), el("td", { class: "hb" }), el("td"), el("td", { class: "standby" }));
       }
       rows.delete(key);
-      const [, cState, cPid, cAttempt, cRestarts, , cStep] = tr.children;
+      const [, cState, cPid, cAttempt, cRestarts, , cStep, cStandby] = tr.children;
       tr.dataset.state = w.state;
       cState.firstChild.dataset.state = w.state;
       setText(cState.firstChild, w.state);
@@ -510,6 +510,19 @@
         flag.remove();
       }
       if (flag && w.straggler) flag.title = `${fmtNum(w.steps_per_s)} steps/s, slower than the job's median`;
+      // A warm start: this incarnation was the rank's standby.
+      let warm = cState.querySelector(".warm");
+      if (w.warm_start && !warm) {
+        warm = el("span", { class: "badge warm", "data-state": "succeeded", text: "warm",
+          title: "this incarnation was the rank's warm standby (preloaded), not a cold start" });
+        cState.append(" ", warm);
+      } else if (!w.warm_start && warm) {
+        warm.remove();
+      }
+      const sb = w.standby;
+      setText(cStandby, sb ? `${sb.state} · pid ${sb.pid}` : "—");
+      cStandby.dataset.state = sb ? sb.state : "";
+      cStandby.title = sb ? `on ${sb.node} since ${fmtTime(sb.since)}` : "no warm standby";
       setText(cPid, w.pid ?? "—");
       setText(cAttempt, w.attempt);
       setText(cRestarts, w.restarts);
@@ -517,6 +530,9 @@
       if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
     });
     for (const tr of rows.values()) tr.remove();
+    const off = $("standby-off");
+    off.hidden = !(s && s.standby_off);
+    setText(off, (s && s.standby_off) || "");
   }
 
   // Heartbeat ages: the summary's age plus the time since it arrived (no clock skew).

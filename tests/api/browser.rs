@@ -806,3 +806,40 @@ async fn the_page_fits_1280_and_420_and_shows_every_field_error() {
     })
     .await;
 }
+
+/// Warm standby (issue 16): each rank's standby is shown in the ranks table with its state
+/// and pid, and a rank that became its standby wears the `warm` badge.
+#[actix_web::test]
+async fn the_page_shows_each_ranks_standby_and_warm_starts() {
+    use crate::standby::*;
+    let app = spawn_app().await;
+    let files = Files::new();
+    let id = app.create_job(files.spec(2, 100_000, json!({}))).await;
+    let s = standbys_ready(&app, &id).await;
+    let standby = s["workers"][1]["standby"]["pid"].as_u64().unwrap();
+    with_page(&app, "standby", async |page, app| {
+        open_page(page, &format!("{}/#/jobs/{id}", app.address)).await;
+        page.wait(
+            "both ranks show a ready standby with its pid",
+            &format!(
+                "const r = [...document.querySelectorAll('#ranks-body tr td.standby')];
+                 return r.length === 2 && r.every(c => c.dataset.state === 'ready')
+                   && r[1].textContent === 'ready · pid {standby}';"
+            ),
+        )
+        .await;
+        kill(s["workers"][1]["pid"].as_u64().unwrap() as u32, libc::SIGKILL);
+        page.wait(
+            "rank 1 is its former standby, marked warm",
+            &format!(
+                "const r = document.querySelector('#ranks-body tr[data-rank=\"1\"]');
+                 return r && r.children[2].textContent === '{standby}'
+                   && r.querySelector('.badge.warm') !== null;"
+            ),
+        )
+        .await;
+        page.screenshot("standby.png").await;
+    })
+    .await;
+    app.stop(&id).await;
+}
