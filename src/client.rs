@@ -123,6 +123,12 @@ pub struct Submit {
     /// this host (a loopback URL), else the server's own.
     #[arg(long)]
     pub working_dir: Option<std::path::PathBuf>,
+    /// Keep a warm standby beside each rank (a Python command: python script.py …).
+    #[arg(long)]
+    pub warm_standby: bool,
+    /// With --warm-standby: a module each standby imports ahead (repeat for more; default torch).
+    #[arg(long)]
+    pub preload: Vec<String>,
     /// More spec fields as a JSON object, e.g. '{"lr": 0.05}'.
     #[arg(long)]
     pub spec: Option<String>,
@@ -159,6 +165,12 @@ pub async fn submit(c: &Client, s: Submit) -> anyhow::Result<()> {
     }
     if let Some(v) = s.max_restarts {
         set("max_restarts", json!(v));
+    }
+    if s.warm_standby {
+        set("warm_standby", json!(true));
+    }
+    if !s.preload.is_empty() {
+        set("preload", json!(s.preload));
     }
     if !s.command.is_empty() {
         set("command", json!(s.command));
@@ -270,16 +282,22 @@ fn describe_summary(s: &Value) -> String {
         fmt_opt(&s["restarts"], 0),
         fmt_opt(&s["last_checkpoint_step"], 0),
     );
-    let rows: Vec<Vec<String>> = s["workers"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let workers = s["workers"].as_array().cloned().unwrap_or_default();
+    // A STANDBY column for jobs with warm standbys.
+    let standbys = workers
+        .iter()
+        .any(|w| w["standby"].is_object() || w["warm_start"] == true);
+    let rows: Vec<Vec<String>> = workers
+        .iter()
         .map(|w| {
             let mut state = w["state"].as_str().unwrap_or_default().to_string();
             if w["straggler"] == true {
                 state.push_str(" (straggler)");
             }
-            vec![
+            if w["warm_start"] == true {
+                state.push_str(" (warm)");
+            }
+            let mut row = vec![
                 fmt_opt(&w["rank"], 0),
                 state,
                 fmt_opt(&w["pid"], 0),
@@ -290,21 +308,34 @@ fn describe_summary(s: &Value) -> String {
                     .as_f64()
                     .map(|a| format!("{a:.1}s ago"))
                     .unwrap_or("-".into()),
-            ]
+            ];
+            if standbys {
+                let sb = &w["standby"];
+                row.push(match (sb["state"].as_str(), sb["pid"].as_u64()) {
+                    (Some(state), Some(pid)) => format!("{state} {pid}"),
+                    _ => "-".into(),
+                });
+            }
+            row
         })
         .collect();
-    out.push_str(&table::render(
-        &[
-            ("RANK", Right),
-            ("STATE", Left),
-            ("PID", Right),
-            ("ATTEMPT", Right),
-            ("STEP", Right),
-            ("STEPS/S", Right),
-            ("HEARTBEAT", Right),
-        ],
-        &rows,
-    ));
+    let mut columns = vec![
+        ("RANK", Right),
+        ("STATE", Left),
+        ("PID", Right),
+        ("ATTEMPT", Right),
+        ("STEP", Right),
+        ("STEPS/S", Right),
+        ("HEARTBEAT", Right),
+    ];
+    if standbys {
+        columns.push(("STANDBY", Left));
+    }
+    out.push_str(&table::render(&columns, &rows));
+    if let Some(off) = s["standby_off"].as_str() {
+        out.push_str(off);
+        out.push('\n');
+    }
     out
 }
 

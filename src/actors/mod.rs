@@ -98,10 +98,7 @@ impl Registry {
     /// Live jobs and their rank processes (standbys included), for the limits.
     pub fn load(&self) -> (usize, usize) {
         let jobs = self.jobs.lock().unwrap();
-        (
-            jobs.len(),
-            jobs.values().map(|h| h.processes).sum(),
-        )
+        (jobs.len(), jobs.values().map(|h| h.processes).sum())
     }
 
     pub fn all(&self) -> Vec<(Uuid, JobHandle)> {

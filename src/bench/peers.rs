@@ -26,6 +26,7 @@ use serde_json::json;
 use super::{Client, Figures, Notes, percentile};
 
 mod events;
+mod standby;
 
 use events::Events;
 
@@ -118,6 +119,9 @@ fn last_line_matching(path: &Path, keep: impl Fn(&str) -> bool) -> Option<String
 #[derive(Clone, Copy, PartialEq)]
 enum Runner {
     Trainvisor,
+    /// trainvisor with `warm_standby` (preload torch): the kill comes once every rank's
+    /// standby is ready.
+    TrainvisorWarm,
     Torchrun,
     Ray,
 }
@@ -126,6 +130,7 @@ impl Runner {
     fn name(self) -> &'static str {
         match self {
             Runner::Trainvisor => "trainvisor",
+            Runner::TrainvisorWarm => "trainvisor_warm",
             Runner::Torchrun => "torchrun",
             Runner::Ray => "ray",
         }
@@ -192,6 +197,10 @@ struct Trial {
     pss_mb: f64,
     processes: String,
     outcome: String,
+    /// Warm standby only: launch → every standby ready, and one standby's memory (MiB).
+    standbys_ready_s: Option<f64>,
+    standby_rss_mb: f64,
+    standby_uss_mb: f64,
 }
 
 struct Workdir {
@@ -225,7 +234,9 @@ fn spawn(w: &Workdir, runner: Runner, events: &Path, log: &Path) -> anyhow::Resu
                 .env("PYTHONPATH", &w.scripts);
             c
         }
-        Runner::Trainvisor => bail!("a trainvisor job is created through the API"),
+        Runner::Trainvisor | Runner::TrainvisorWarm => {
+            bail!("a trainvisor job is created through the API")
+        }
     };
     let out = std::fs::File::create(log)?;
     let child = cmd
@@ -356,15 +367,15 @@ async fn trial(
     let mut events = Events::new(events_path.clone());
     let t0 = unix_now();
     let mut launch = match runner {
-        Runner::Trainvisor => {
-            let job = client
-                .post(
-                    "/jobs",
-                    &json!({"world_size": WORLD,
-                            "command": [w.python, w.scripts.join("ddp_loop.py"), events_path],
-                            "restart_scope": "job", "backoff_initial_ms": 0, "max_restarts": 3}),
-                )
-                .await?;
+        Runner::Trainvisor | Runner::TrainvisorWarm => {
+            let mut spec = json!({"world_size": WORLD,
+                    "command": [w.python, w.scripts.join("ddp_loop.py"), events_path],
+                    "restart_scope": "job", "backoff_initial_ms": 0, "max_restarts": 3});
+            if runner == Runner::TrainvisorWarm {
+                // The default preload: torch and torch._dynamo.
+                spec["warm_standby"] = json!(true);
+            }
+            let job = client.post("/jobs", &spec).await?;
             Launch::Job(job["job_id"].as_str().unwrap_or_default().to_string())
         }
         _ => spawn(w, runner, &events_path, &log)?,
@@ -376,6 +387,9 @@ async fn trial(
         pss_mb: f64::NAN,
         processes: String::new(),
         outcome: String::new(),
+        standbys_ready_s: None,
+        standby_rss_mb: f64::NAN,
+        standby_uss_mb: f64::NAN,
     };
     // Launch → every rank's first step.
     let started = Instant::now();
@@ -405,6 +419,22 @@ async fn trial(
     events.refresh();
     let ranks = events.pids();
     (result.rss_mb, result.pss_mb, result.processes) = launch.control(server_pid, &ranks);
+    if let (Runner::TrainvisorWarm, Launch::Job(id)) = (runner, &launch) {
+        match standby::ready(client, id, WORLD, LAUNCH_TIMEOUT).await {
+            Ok(pids) => {
+                result.standbys_ready_s = Some(unix_now() - t0);
+                let rss: Vec<f64> = pids.iter().filter_map(|p| super::rss_mb(*p).ok()).collect();
+                let uss: Vec<f64> = pids.iter().filter_map(|p| standby::uss_mb(*p)).collect();
+                result.standby_rss_mb = median(&rss);
+                result.standby_uss_mb = median(&uss);
+            }
+            Err(e) => {
+                result.outcome = format!("the standbys never were all ready: {e:#}");
+                launch.finish(client, &events_path, Duration::ZERO).await;
+                return Ok(result);
+            }
+        }
+    }
     // kill -9 of rank 1.
     let victim = events.rank_pid(1).context("rank 1 never stepped")?;
     let killed_at = unix_now();
@@ -555,7 +585,13 @@ pub async fn run(
     let mut recovery: HashMap<&str, f64> = HashMap::new();
     let mut launch: HashMap<&str, f64> = HashMap::new();
     let mut rss: HashMap<&str, f64> = HashMap::new();
-    for runner in [Runner::Trainvisor, Runner::Torchrun, Runner::Ray] {
+    let (mut standby_ready, mut standby_rss, mut standby_uss) = (vec![], vec![], vec![]);
+    for runner in [
+        Runner::Trainvisor,
+        Runner::TrainvisorWarm,
+        Runner::Torchrun,
+        Runner::Ray,
+    ] {
         let name = runner.name();
         let (mut launches, mut recoveries, mut rsss, mut psss, mut outcomes) =
             (vec![], vec![], vec![], vec![], vec![]);
@@ -576,6 +612,11 @@ pub async fn run(
             );
             launches.extend(t.launch_s);
             recoveries.extend(t.recovery_s);
+            standby_ready.extend(t.standbys_ready_s);
+            if t.standby_rss_mb.is_finite() {
+                standby_rss.push(t.standby_rss_mb);
+                standby_uss.push(t.standby_uss_mb);
+            }
             if t.rss_mb.is_finite() {
                 rsss.push(t.rss_mb);
                 psss.push(t.pss_mb);
@@ -599,6 +640,28 @@ pub async fn run(
         recovery.insert(name, median(&recoveries));
         launch.insert(name, median(&launches));
         rss.insert(name, median(&rsss));
+    }
+    figures.insert(
+        "standby_launch_to_all_ready_s".into(),
+        median(&standby_ready),
+    );
+    figures.insert("standby_rss_mb".into(), median(&standby_rss));
+    figures.insert("standby_uss_mb".into(), median(&standby_uss));
+    figures.insert(
+        "ratio_cold_vs_warm_recovery".into(),
+        recovery["trainvisor"] / recovery["trainvisor_warm"],
+    );
+    // The other shape, measured rather than assumed: a fork server's children.
+    match standby::fork_server_memory(&w.python, WORLD) {
+        Ok((uss, pss, parent_rss, threads)) => {
+            figures.insert("fork_server_child_uss_mb".into(), uss);
+            figures.insert("fork_server_child_pss_mb".into(), pss);
+            figures.insert("fork_server_parent_rss_mb".into(), parent_rss);
+            figures.insert("torch_import_threads".into(), threads);
+        }
+        Err(e) => {
+            notes.insert("fork_server".into(), format!("not measured: {e:#}"));
+        }
     }
     for peer in ["torchrun", "ray"] {
         figures.insert(

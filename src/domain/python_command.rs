@@ -117,7 +117,8 @@ mod tests {
 
     #[test]
     fn scripts_and_modules_are_split_from_the_interpreter_options() {
-        let c = PythonCommand::parse(&argv("python3 -u -X dev -W ignore train.py --lr 0.1")).unwrap();
+        let c =
+            PythonCommand::parse(&argv("python3 -u -X dev -W ignore train.py --lr 0.1")).unwrap();
         assert_eq!(c.interpreter, argv("python3 -u -X dev -W ignore"));
         assert_eq!(c.main, PythonMain::Script("train.py".into()));
         assert_eq!(c.args, argv("--lr 0.1"));

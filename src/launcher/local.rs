@@ -51,6 +51,49 @@ impl StandbyHost for HostStandbys {
     fn wrap(&self, rank: u32, seq: u32, _node: &str, launch: Launch) -> Option<(Launch, String)> {
         Some((launch, format!("standby-r{rank}-s{seq}")))
     }
+
+    /// Lower priority while importing, when this server may raise it again at activation
+    /// (`CAP_SYS_NICE`): a rank must never run below its peers.
+    fn nice(&self) -> i32 {
+        if can_raise_priority() {
+            STANDBY_NICE
+        } else {
+            0
+        }
+    }
+
+    /// Back to the server's own priority, every thread of it.
+    fn activated(&self, pid: u32) {
+        // SAFETY: getpriority(2) on this process.
+        let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+        for tid in tasks.into_iter().flatten().flatten() {
+            if let Some(tid) = tid.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) {
+                // SAFETY: setpriority(2) on a thread of a process this server started.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, tid, own);
+                }
+            }
+        }
+    }
+}
+
+/// How much lower a local standby runs while it imports its preloads.
+const STANDBY_NICE: i32 = 10;
+
+/// Whether this process holds `CAP_SYS_NICE` (bit 23 of its effective capabilities).
+fn can_raise_priority() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 23) != 0)
 }
 
 impl JobLauncher for LocalLauncher {
@@ -194,7 +237,11 @@ pub fn into_rank(
     for (stream, pipe) in pipes {
         let Some(pipe) = pipe else { continue };
         let tx = tx.clone();
-        let mut ready = if stream == "stdout" { ready.take() } else { None };
+        let mut ready = if stream == "stdout" {
+            ready.take()
+        } else {
+            None
+        };
         tokio::task::spawn_local(async move {
             read_lines(pipe, MAX_LINE_BYTES, |text| {
                 let told = match ready.take() {
@@ -245,7 +292,7 @@ pub fn into_rank(
 
 struct SpawnRequest {
     launch: Launch,
-    stdin: bool,
+    standby: Option<Standby>,
     reply: oneshot::Sender<io::Result<Child>>,
 }
 
@@ -257,7 +304,7 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
             .name("trainvisor-spawner".into())
             .spawn(move || {
                 for req in rx {
-                    let _ = req.reply.send(spawn_here(&req.launch, req.stdin));
+                    let _ = req.reply.send(spawn_here(&req.launch, req.standby));
                 }
             })
             .expect("the spawner thread starts");
@@ -265,7 +312,7 @@ fn spawner() -> &'static std_mpsc::Sender<SpawnRequest> {
     })
 }
 
-fn spawn_here(launch: &Launch, stdin: bool) -> io::Result<Child> {
+fn spawn_here(launch: &Launch, standby: Option<Standby>) -> io::Result<Child> {
     let (program, args) = launch
         .argv
         .split_first()
@@ -275,16 +322,25 @@ fn spawn_here(launch: &Launch, stdin: bool) -> io::Result<Child> {
     cmd.args(args)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .env_remove("TRAINVISOR_API_TOKEN")
-        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdin(if standby.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
     if let Some(dir) = &launch.cwd {
         cmd.current_dir(dir);
     }
+    let nice = standby.map_or(0, |s| s.nice);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // A standby imports at a lower priority than the ranks it stands by.
+            if nice != 0 {
+                libc::nice(nice);
+            }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -308,7 +364,7 @@ fn spawn_here(launch: &Launch, stdin: bool) -> io::Result<Child> {
 /// A running child: its pid (= its process group id), its output pipes and its exit.
 pub struct Running {
     pub pid: u32,
-    /// A pipe to its stdin, when it was spawned with one ([`spawn_with_stdin`]).
+    /// A pipe to its stdin, when it was spawned with one ([`spawn_standby`]).
     pub stdin: Option<tokio::process::ChildStdin>,
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
@@ -323,20 +379,27 @@ pub struct ExitWatch {
 /// Spawns `launch` from the spawner thread, its stdin `/dev/null`. Must be called inside a
 /// Tokio runtime.
 pub async fn spawn(launch: Launch) -> io::Result<Running> {
-    spawn_from_thread(launch, false).await
+    spawn_from_thread(launch, None).await
 }
 
-/// As [`spawn`], with a pipe to its stdin (a warm standby reads its activation there).
-pub async fn spawn_with_stdin(launch: Launch) -> io::Result<Running> {
-    spawn_from_thread(launch, true).await
+/// How a warm standby is spawned: with a pipe to its stdin (it reads its activation there),
+/// and `nice` added to its niceness while it imports.
+#[derive(Debug, Clone, Copy)]
+pub struct Standby {
+    pub nice: i32,
 }
 
-async fn spawn_from_thread(launch: Launch, stdin: bool) -> io::Result<Running> {
+/// As [`spawn`], for a warm standby.
+pub async fn spawn_standby(launch: Launch, standby: Standby) -> io::Result<Running> {
+    spawn_from_thread(launch, Some(standby)).await
+}
+
+async fn spawn_from_thread(launch: Launch, standby: Option<Standby>) -> io::Result<Running> {
     let (reply, rx) = oneshot::channel();
     spawner()
         .send(SpawnRequest {
             launch,
-            stdin,
+            standby,
             reply,
         })
         .map_err(|_| io::Error::other("spawner thread is gone"))?;

@@ -9,7 +9,8 @@
 //!   (local) or a step on the rank's node (Slurm). It is a process of the job like a rank:
 //!   same process group rules, death signal, instance marker, output pipes.
 //! - Standbys are started one at a time, and only while every rank of the job has stepped since
-//!   its latest start: refilling never competes with a recovery.
+//!   its latest start (a heartbeat with a step, or [`SETTLE`] of running for a rank that sends
+//!   none): refilling never competes with a recovery.
 //! - A standby that dies is replaced; after [`FAILURES_BEFORE_COLD`] standbys in a row died
 //!   before they were ready (a preload that raises), the job runs cold and says why, once.
 
@@ -39,6 +40,10 @@ pub const READY_LINE: &str = "\u{1e}trainvisor-standby-ready";
 /// Standbys in a row that die before they are ready, after which the job runs cold.
 pub const FAILURES_BEFORE_COLD: u32 = 3;
 
+/// A rank that sends no step in its heartbeats (a torchrun script left as it was) counts as
+/// stepping once it has run this long.
+pub const SETTLE: Duration = Duration::from_secs(20);
+
 /// A standby not ready after this long is killed, as one that died.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -53,6 +58,14 @@ pub trait StandbyHost: Send + Sync {
 
     /// Ends a standby that will not be activated (its local process group is killed already).
     fn discard(&self, _name: &str) {}
+
+    /// How much to add to a standby's niceness while it imports (0: none).
+    fn nice(&self) -> i32 {
+        0
+    }
+
+    /// A standby (local process `pid`) was told to become its rank.
+    fn activated(&self, _pid: u32) {}
 }
 
 /// What a launcher reports of its standbys.
@@ -82,8 +95,9 @@ pub struct Standbys {
 struct Pool {
     /// Each rank's latest launch (the rank's environment for its next standby) and node.
     templates: HashMap<u32, (String, Launch)>,
-    /// Ranks whose latest incarnation runs, and those of them that have stepped.
-    running: HashMap<u32, u32>,
+    /// Ranks whose latest incarnation runs (its attempt and start), and those of them that
+    /// have stepped.
+    running: HashMap<u32, (u32, std::time::Instant)>,
     stepping: HashSet<u32>,
     standbys: HashMap<u32, Standby>,
     seq: u32,
@@ -126,7 +140,12 @@ impl Standbys {
 
     /// Takes `rank`'s ready standby on `node` and makes it incarnation `launch` (the rank's
     /// own command line and environment, as a cold start would get them). None: start cold.
-    async fn activate(self: &Arc<Self>, rank: u32, node: &str, launch: &Launch) -> Option<Activated> {
+    async fn activate(
+        self: &Arc<Self>,
+        rank: u32,
+        node: &str,
+        launch: &Launch,
+    ) -> Option<Activated> {
         let mut standby = {
             let mut pool = self.pool();
             match pool.standbys.get(&rank) {
@@ -144,6 +163,8 @@ impl Standbys {
         };
         let message = activation(launch, &standby.env)?;
         let mut stdin = standby.stdin.take()?;
+        // Its priority back first: the rank never runs below its peers.
+        self.host.activated(standby.pid);
         let written = async {
             stdin.write_all(message.as_bytes()).await?;
             stdin.shutdown().await
@@ -186,6 +207,7 @@ impl Standbys {
     ) -> io::Result<(RankProcess, Option<String>)> {
         let warm = self.activate(rank, node, &launch).await;
         self.started(rank, attempt, node, &launch);
+        self.settle_later();
         let (mut process, name) = match warm {
             Some(a) => (a.process, Some(a.name)),
             None => match cold(launch).await {
@@ -210,15 +232,28 @@ impl Standbys {
     /// get that environment.
     fn started(&self, rank: u32, attempt: u32, node: &str, launch: &Launch) {
         let mut pool = self.pool();
-        pool.templates.insert(rank, (node.to_string(), launch.clone()));
-        pool.running.insert(rank, attempt);
+        pool.templates
+            .insert(rank, (node.to_string(), launch.clone()));
+        pool.running
+            .insert(rank, (attempt, std::time::Instant::now()));
         pool.stepping.remove(&rank);
+    }
+
+    /// After [`SETTLE`], a rank that never reported a step counts as stepping.
+    fn settle_later(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(SETTLE).await;
+            if let Some(this) = this.upgrade() {
+                this.refill();
+            }
+        });
     }
 
     /// Incarnation `attempt` of `rank` exited.
     fn exited(&self, rank: u32, attempt: u32) {
         let mut pool = self.pool();
-        if pool.running.get(&rank) == Some(&attempt) {
+        if pool.running.get(&rank).is_some_and(|(a, _)| *a == attempt) {
             pool.running.remove(&rank);
             pool.stepping.remove(&rank);
         }
@@ -243,7 +278,10 @@ impl Standbys {
                 return;
             }
             let all_stepping = !pool.running.is_empty()
-                && pool.running.keys().all(|r| pool.stepping.contains(r));
+                && pool
+                    .running
+                    .iter()
+                    .all(|(r, (_, t))| pool.stepping.contains(r) || t.elapsed() >= SETTLE);
             if !all_stepping {
                 return;
             }
@@ -274,9 +312,17 @@ impl Standbys {
         });
     }
 
-    async fn start_one(self: &Arc<Self>, rank: u32, seq: u32, node: &str, rank_launch: Launch) -> io::Result<()> {
+    async fn start_one(
+        self: &Arc<Self>,
+        rank: u32,
+        seq: u32,
+        node: &str,
+        rank_launch: Launch,
+    ) -> io::Result<()> {
         let Ok(cmd) = PythonCommand::parse(&rank_launch.argv) else {
-            return Err(io::Error::other("the command is not a Python script or module"));
+            return Err(io::Error::other(
+                "the command is not a Python script or module",
+            ));
         };
         let mut argv = cmd.interpreter;
         argv.push("-c".into());
@@ -292,7 +338,8 @@ impl Standbys {
             self.pool().starting = false;
             return Ok(());
         };
-        let mut running = local::spawn_with_stdin(launch).await?;
+        let nice = self.host.nice();
+        let mut running = local::spawn_standby(launch, local::Standby { nice }).await?;
         let stdin = running.stdin.take();
         let (tell, ready) = oneshot::channel();
         let process = local::into_rank(running, Some((READY_LINE, tell)));
@@ -388,7 +435,17 @@ impl Standbys {
             (_, Some(sig)) => format!("signal {sig}"),
             _ => "an unobserved exit".to_string(),
         };
-        self.failed(rank, format!("died before it was ready ({how}){}", if tail.is_empty() { String::new() } else { format!(": {tail}") }));
+        self.failed(
+            rank,
+            format!(
+                "died before it was ready ({how}){}",
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {tail}")
+                }
+            ),
+        );
     }
 
     /// A standby of `rank` failed to start: counted; at the limit, the job runs cold.

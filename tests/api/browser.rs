@@ -828,7 +828,10 @@ async fn the_page_shows_each_ranks_standby_and_warm_starts() {
             ),
         )
         .await;
-        kill(s["workers"][1]["pid"].as_u64().unwrap() as u32, libc::SIGKILL);
+        kill(
+            s["workers"][1]["pid"].as_u64().unwrap() as u32,
+            libc::SIGKILL,
+        );
         page.wait(
             "rank 1 is its former standby, marked warm",
             &format!(

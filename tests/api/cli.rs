@@ -7,13 +7,13 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
-async fn cli(app: &TestApp, args: &[&str]) -> Out {
+pub async fn cli(app: &TestApp, args: &[&str]) -> Out {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))

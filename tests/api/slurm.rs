@@ -511,7 +511,9 @@ async fn a_rank_killed_on_its_node_becomes_its_standby_there() {
     }
     let steps = cluster.of_job(&id);
     assert!(
-        steps.iter().any(|l| l.contains(&format!("trainvisor-{id}-r1-s"))),
+        steps
+            .iter()
+            .any(|l| l.contains(&format!("trainvisor-{id}-r1-s"))),
         "no standby step on Slurm: {steps:?}"
     );
     // Rank 1's own process on its node (the cold one runs the script, not the standby).

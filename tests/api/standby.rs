@@ -24,7 +24,7 @@ record = {"preloaded": preloaded, "import_s": time.time() - t0, "argv": sys.argv
           "name": __name__, "cwd": os.getcwd(), "path0": sys.path[0], "pid": os.getpid(),
           "warm": os.environ.get("TRAINVISOR_WARM_START"), "stdin": sys.stdin.read(),
           "restart_count": os.environ["RESTART_COUNT"], "master_port": os.environ["MASTER_PORT"],
-          "job_env": os.environ.get("JOB_VAR")}
+          "job_env": os.environ.get("JOB_VAR"), "nice": os.nice(0)}
 rank, attempt = os.environ["RANK"], os.environ["RESTART_COUNT"]
 with open(os.path.join(os.environ["OUT_DIR"], "r%s-a%s.json" % (rank, attempt)), "w") as f:
     json.dump(record, f)
@@ -129,6 +129,26 @@ pub fn check_started_as_written(files: &Files, record: &Value) {
     assert_eq!(record["path0"], json!(files.path("code")));
     assert_eq!(record["stdin"], "");
     assert_eq!(record["job_env"], "v");
+    // A rank never runs below its peers' priority, warm or cold.
+    assert_eq!(record["nice"], 0, "{record}");
+}
+
+/// A process's niceness, from /proc.
+fn nice_of(pid: u64) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit(')').next().unwrap();
+    rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+}
+
+/// Whether this process (and so a test server) holds CAP_SYS_NICE.
+fn has_cap_sys_nice() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << 23) != 0
 }
 
 fn instance(app: &TestApp) -> String {
@@ -140,8 +160,13 @@ fn instance(app: &TestApp) -> String {
 
 pub fn alive(pid: u64) -> bool {
     // Zombies do not count: the standby's parent reaps it.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 fn standby_pids(summary: &Value) -> Vec<u64> {
@@ -171,6 +196,10 @@ async fn a_killed_rank_is_replaced_by_its_warm_standby() {
     let standby = s["workers"][1]["standby"]["pid"].as_u64().unwrap();
     let victim = s["workers"][1]["pid"].as_u64().unwrap();
     assert_ne!(standby, victim);
+    // Standbys wait at a lower priority (when the server may raise it again).
+    if has_cap_sys_nice() {
+        assert_eq!(nice_of(standby), 10);
+    }
     kill(victim as u32, libc::SIGKILL);
 
     let s = stepping(&app, &id, 1, 1).await;
@@ -191,7 +220,11 @@ async fn a_killed_rank_is_replaced_by_its_warm_standby() {
     // Its heartbeats carry the new incarnation's token (the step above was accepted), and the
     // rank 0 it trains beside was not touched.
     assert_eq!(s["workers"][0]["attempt"], 0);
-    assert!(!s["workers"][1].get("standby").is_some_and(|v| v["pid"] == json!(standby)));
+    assert!(
+        !s["workers"][1]
+            .get("standby")
+            .is_some_and(|v| v["pid"] == json!(standby))
+    );
 
     // Refilled once the group steps again: rank 1 has a new standby.
     let s = wait_for(Duration::from_secs(60), || async {
@@ -213,7 +246,11 @@ async fn a_killed_rank_is_replaced_by_its_warm_standby() {
             .then_some(())
     })
     .await;
-    assert!(gone.is_some(), "left behind: {:?}", marked_processes(&instance(&app)));
+    assert!(
+        gone.is_some(),
+        "left behind: {:?}",
+        marked_processes(&instance(&app))
+    );
     let s = app.summary(&id).await;
     assert!(standby_pids(&s).is_empty(), "{s}");
 }
@@ -227,12 +264,15 @@ async fn a_group_restart_activates_every_ranks_standby() {
         .await;
     let s = standbys_ready(&app, &id).await;
     let standbys = standby_pids(&s);
-    kill(s["workers"][0]["pid"].as_u64().unwrap() as u32, libc::SIGKILL);
-    for rank in 0..2 {
+    kill(
+        s["workers"][0]["pid"].as_u64().unwrap() as u32,
+        libc::SIGKILL,
+    );
+    for (rank, standby) in standbys.iter().enumerate() {
         stepping(&app, &id, rank, 1).await;
         let warm = files.record(rank as u32, 1).await;
         assert_eq!(warm["preloaded"], true, "{warm}");
-        assert_eq!(warm["pid"], json!(standbys[rank]), "{warm}");
+        assert_eq!(warm["pid"], json!(standby), "{warm}");
         check_started_as_written(&files, &warm);
     }
     // The group's new MASTER_PORT reached both warm ranks.
@@ -267,14 +307,20 @@ async fn a_preload_that_fails_leaves_the_job_cold_with_one_line() {
     let off = s["standby_off"].as_str().unwrap();
     assert!(off.contains("no_such_module_for_trainvisor"), "{off}");
     // A rank killed now starts cold, and the job still completes.
-    kill(s["workers"][0]["pid"].as_u64().unwrap() as u32, libc::SIGKILL);
+    kill(
+        s["workers"][0]["pid"].as_u64().unwrap() as u32,
+        libc::SIGKILL,
+    );
     let job = app.wait_finished(&id, Duration::from_secs(90)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let again = files.record(0, 1).await;
     assert_eq!(again["preloaded"], false, "{again}");
     assert_eq!(again["warm"], Value::Null);
     let lines = app.log_texts(&id).await;
-    let said: Vec<&String> = lines.iter().filter(|l| l.contains("warm standby off")).collect();
+    let said: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("warm standby off"))
+        .collect();
     assert_eq!(said.len(), 1, "{said:?}");
 }
 
@@ -317,14 +363,21 @@ async fn standbys_do_not_outlive_a_killed_server() {
         .then_some(())
     })
     .await;
-    assert!(gone.is_some(), "left behind: {:?}", marked_processes(instance.trim()));
+    assert!(
+        gone.is_some(),
+        "left behind: {:?}",
+        marked_processes(instance.trim())
+    );
 }
 
 #[actix_web::test]
 async fn warm_standby_is_refused_where_it_cannot_work() {
     let app = spawn_app().await;
     for (spec, field) in [
-        (json!({"world_size": 1, "warm_standby": true}), "warm_standby"),
+        (
+            json!({"world_size": 1, "warm_standby": true}),
+            "warm_standby",
+        ),
         (
             json!({"world_size": 1, "warm_standby": true, "command": ["sh", "-c", "true"]}),
             "warm_standby",
@@ -356,4 +409,61 @@ async fn warm_standby_is_refused_where_it_cannot_work() {
     let res = app.post_json("/jobs", &files.spec(2, 10, json!({}))).await;
     let body = assert_json_error(res, 429).await;
     assert!(body.to_string().contains("warm standby"), "{body}");
+}
+
+/// `trainvisor submit --warm-standby --preload …` and `trainvisor status` with a STANDBY column.
+#[actix_web::test]
+async fn the_cli_submits_warm_standby_and_shows_the_standbys() {
+    use crate::cli::cli;
+    let files = Files::new();
+    let app = spawn_app().await;
+    let spec = files.spec(1, 100_000, json!({}));
+    let env = json!({"env": spec["env"], "restart_scope": "worker"}).to_string();
+    let script = files.path("code/rank.py");
+    let out = cli(
+        &app,
+        &[
+            "submit",
+            "--world-size",
+            "1",
+            "--warm-standby",
+            "--preload",
+            "slow_preload",
+            "--working-dir",
+            files.path("work").to_str().unwrap(),
+            "--spec",
+            &env,
+            "--",
+            "python3",
+            script.to_str().unwrap(),
+            "--steps",
+            "100000",
+            "extra arg",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.lines().next().unwrap().trim().to_string();
+    let job = app.job(&id).await;
+    assert_eq!(
+        job["spec"]["warm_standby"]["preload"],
+        json!(["slow_preload"]),
+        "{job}"
+    );
+    let s = standbys_ready(&app, &id).await;
+    let pid = s["workers"][0]["standby"]["pid"].as_u64().unwrap();
+    let status = cli(&app, &["status", &id]).await;
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    let header = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("RANK"))
+        .unwrap();
+    assert!(header.trim_end().ends_with("STANDBY"), "{}", status.stdout);
+    assert!(
+        status.stdout.contains(&format!("ready {pid}")),
+        "{}",
+        status.stdout
+    );
+    app.stop(&id).await;
 }

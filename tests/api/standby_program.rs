@@ -76,9 +76,8 @@ fn warm(dir: &Path, argv: &[&str], env: &[(&str, &str)]) -> Seen {
         [s, rest @ ..] => (Some(*s), None, rest),
         [] => unreachable!(),
     };
-    let mut all_env: serde_json::Map<String, serde_json::Value> = std::env::vars()
-        .map(|(k, v)| (k, json!(v)))
-        .collect();
+    let mut all_env: serde_json::Map<String, serde_json::Value> =
+        std::env::vars().map(|(k, v)| (k, json!(v))).collect();
     all_env.insert("PYTHONPATH".into(), json!(dir));
     for (k, v) in env {
         all_env.insert(k.to_string(), json!(v));
@@ -128,7 +127,10 @@ fn a_script_run_by_a_standby_sees_what_a_cold_start_sees() {
             let env = [("ACTION", action), ("PROBE_RANK", "3")];
             let c = cold(dir.path(), &argv, &env);
             let w = warm(dir.path(), &argv, &env);
-            assert!(w.2.contains("\"preloaded\": true"), "{action} {argv:?}: {w:?}");
+            assert!(
+                w.2.contains("\"preloaded\": true"),
+                "{action} {argv:?}: {w:?}"
+            );
             assert!(c.2.contains("\"preloaded\": false"), "{c:?}");
             assert_eq!(
                 (c.0, c.1, &c.2, &c.3),
@@ -176,7 +178,10 @@ fn a_standby_whose_stdin_closes_without_a_word_exits_quietly() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{READY_LINE}\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{READY_LINE}\n")
+    );
     assert!(out.stderr.is_empty());
 }
 

@@ -120,9 +120,9 @@ impl StandbyHost for StepStandbys {
         let (conf, alloc) = (inner.conf(), inner.state().alloc.as_ref().map(|a| a.job_id));
         let name = name.to_string();
         if let Some(alloc) = alloc {
-            tokio::task::spawn_local(
-                async move { super::cancel_step(conf.as_deref(), alloc, &name).await },
-            );
+            tokio::task::spawn_local(async move {
+                super::cancel_step(conf.as_deref(), alloc, &name).await
+            });
         }
     }
 }
