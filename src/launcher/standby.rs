@@ -382,7 +382,19 @@ impl Standbys {
                 }
             };
             match lost {
-                Some(s) => this.lost(rank, s, &exit),
+                Some(mut s) => {
+                    // What it printed, to its last line (the pipes may lag behind the exit).
+                    let mut printed = Vec::new();
+                    if let Some(lines) = s.lines.as_mut().filter(|_| !s.ready) {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while let Some(line) = lines.recv().await {
+                                printed.push(line.text);
+                            }
+                        })
+                        .await;
+                    }
+                    this.lost(rank, s, &exit, &printed)
+                }
                 None => {
                     let _ = exit_tx.send(exit);
                 }
@@ -415,7 +427,7 @@ impl Standbys {
     }
 
     /// A standby died or was killed before it was activated.
-    fn lost(self: &Arc<Self>, rank: u32, mut s: Standby, exit: &Exit) {
+    fn lost(self: &Arc<Self>, rank: u32, s: Standby, exit: &Exit, printed: &[String]) {
         self.host.discard(&s.name);
         if s.ready {
             tracing::info!(job_id = %self.cx.job_id, rank, pid = s.pid, "a warm standby died; replacing it");
@@ -423,13 +435,7 @@ impl Standbys {
             return;
         }
         self.pool().starting = false;
-        let mut quoted = Vec::new();
-        if let Some(lines) = s.lines.as_mut() {
-            while let Ok(line) = lines.try_recv() {
-                quoted.push(line.text);
-            }
-        }
-        let tail = quoted[quoted.len().saturating_sub(QUOTED_LINES)..].join(" | ");
+        let tail = printed[printed.len().saturating_sub(QUOTED_LINES)..].join(" | ");
         let how = match (exit.code, exit.signal) {
             (Some(c), _) => format!("exit code {c}"),
             (_, Some(sig)) => format!("signal {sig}"),

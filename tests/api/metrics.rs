@@ -12,10 +12,10 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 /// One sample: (name, labels, value).
-type Sample = (String, serde_json::Map<String, Value>, f64);
+pub type Sample = (String, serde_json::Map<String, Value>, f64);
 
 /// Scrapes `/metrics` and parses it with `prometheus_client`'s OpenMetrics parser.
-async fn scrape(app: &TestApp) -> Vec<Sample> {
+pub async fn scrape(app: &TestApp) -> Vec<Sample> {
     let res = app.get("/metrics").await;
     assert_eq!(res.status(), 200);
     let kind = res.headers()["content-type"].to_str().unwrap().to_string();
@@ -55,7 +55,7 @@ async fn scrape(app: &TestApp) -> Vec<Sample> {
     parsed
 }
 
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     samples
         .iter()
         .find(|(n, l, _)| {
@@ -103,6 +103,15 @@ async fn metrics_parse_move_with_a_recovery_and_forget_ended_jobs() {
                 &[("job_id", &id), ("rank", rank)]
             )
             .is_some(),
+            "{live:?}"
+        );
+        assert_eq!(
+            value(
+                &live,
+                "trainvisor_rank_straggler",
+                &[("job_id", &id), ("rank", rank)]
+            ),
+            Some(0.0),
             "{live:?}"
         );
     }

@@ -541,3 +541,67 @@ async fn a_rank_killed_on_its_node_becomes_its_standby_there() {
     app.wait_finished(&id, Duration::from_secs(60)).await;
     cluster.wait_nothing_of(&id).await;
 }
+
+/// Warm standby on Slurm when a node is excluded: rank 1's standby was on the excluded node,
+/// so rank 1 starts cold on the other node, its old standby step goes, and its next standby is
+/// started beside it there.
+#[actix_web::test]
+async fn a_standby_moves_with_its_rank_off_an_excluded_node() {
+    use crate::standby::*;
+    let cluster = Cluster::start();
+    let app = app_on(&cluster).await;
+    let files = Files::new();
+    let id = app
+        .create_job(files.spec(
+            2,
+            100_000,
+            json!({"launcher": "slurm", "nodes": 2, "ntasks_per_node": 1,
+                   "exclude_after_failures": 1}),
+        ))
+        .await;
+    let s = standbys_ready(&app, &id).await;
+    assert_eq!(nodes_of(&s), ["n1", "n2"]);
+    assert_eq!(s["workers"][1]["standby"]["node"], "n2");
+    let old_standby = s["workers"][1]["standby"]["pid"].as_u64().unwrap();
+    let instance = instance(&app);
+    let victim = marked_processes(&instance)
+        .into_iter()
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim() != "srun"
+                && cmdline.windows(7).any(|w| w == b"rank.py")
+                && env.split(|&b| b == 0).any(|v| v == b"RANK=1")
+        })
+        .expect("rank 1's process");
+    kill(victim, libc::SIGKILL);
+    let s = stepping(&app, &id, 1, 1).await;
+    assert_eq!(s["excluded_nodes"], json!(["n2"]), "{s}");
+    assert_eq!(s["workers"][1]["node"], "n1", "{s}");
+    assert_eq!(s["workers"][1]["warm_start"], false, "{s}");
+    assert_eq!(files.record(1, 1).await["preloaded"], false);
+    // The standby on n2 is gone (its step too), and a new one stands by on n1.
+    let s = wait_for(Duration::from_secs(90), || async {
+        let s = app.summary(&id).await;
+        (s["workers"][1]["standby"]["state"] == "ready").then_some(s)
+    })
+    .await
+    .expect("rank 1 gets a standby again");
+    assert_eq!(s["workers"][1]["standby"]["node"], "n1", "{s}");
+    assert!(!alive(old_standby), "the standby on n2 is still running");
+    // One standby step of rank 1 is left on Slurm: the new one.
+    let one = wait_for(Duration::from_secs(30), || async {
+        let steps = cluster.of_job(&id);
+        let r1: Vec<&String> = steps
+            .iter()
+            .filter(|l| l.contains(&format!("trainvisor-{id}-r1-s")))
+            .collect();
+        (r1.len() == 1).then_some(())
+    })
+    .await;
+    assert!(one.is_some(), "{:?}", cluster.of_job(&id));
+    app.stop(&id).await;
+    app.wait_finished(&id, Duration::from_secs(60)).await;
+    cluster.wait_nothing_of(&id).await;
+}

@@ -35,6 +35,10 @@ for step in range(1, steps + 1):
                                  headers={"Authorization": "Bearer " + os.environ["TRAINVISOR_TOKEN"],
                                           "Content-Type": "application/json"})
     urllib.request.urlopen(req).read()
+    if os.environ.get("HANG") == "%s-%s-%d" % (rank, attempt, step):
+        def hung_in_warm_rank():
+            time.sleep(3600)
+        hung_in_warm_rank()
     time.sleep(0.1)
 "#;
 
@@ -465,5 +469,66 @@ async fn the_cli_submits_warm_standby_and_shows_the_standbys() {
         "{}",
         status.stdout
     );
+    app.stop(&id).await;
+}
+
+/// A warm rank that hangs has its Python stacks taken like a cold one: the standby pointed
+/// the stacks hook at its new incarnation's file when it became the rank.
+#[actix_web::test]
+async fn a_warm_rank_that_hangs_has_its_stacks_taken() {
+    let files = Files::new();
+    let app = spawn_app().await;
+    let mut spec = files.spec(2, 100_000, json!({"heartbeat_timeout_s": 2}));
+    spec["env"]["HANG"] = json!("1-1-3");
+    let id = app.create_job(spec).await;
+    let s = standbys_ready(&app, &id).await;
+    kill(
+        s["workers"][1]["pid"].as_u64().unwrap() as u32,
+        libc::SIGKILL,
+    );
+    assert_eq!(files.record(1, 1).await["preloaded"], true);
+    let hang = wait_for(Duration::from_secs(60), || async {
+        let all = app.get_json(&format!("/jobs/{id}/incidents")).await;
+        all.as_array()?
+            .iter()
+            .find(|i| i["reason"] == "heartbeat_timeout")
+            .cloned()
+    })
+    .await
+    .expect("the warm rank's hang is an incident");
+    let stacks = hang["stacks"].as_array().expect("stacks kept");
+    let of1 = stacks
+        .iter()
+        .find(|s| s["rank"] == 1)
+        .expect("rank 1's stacks");
+    assert_eq!(of1["kind"], "python", "{of1}");
+    assert_eq!(of1["attempt"], 1, "{of1}");
+    let text = of1["text"].as_str().unwrap();
+    assert!(text.contains("in hung_in_warm_rank"), "{text}");
+    app.stop(&id).await;
+}
+
+/// A standby that dies is replaced, and the rank it stood by is not touched.
+#[actix_web::test]
+async fn a_standby_that_dies_is_replaced() {
+    let files = Files::new();
+    let app = spawn_app().await;
+    let id = app.create_job(files.spec(1, 100_000, json!({}))).await;
+    let s = standbys_ready(&app, &id).await;
+    let first = s["workers"][0]["standby"]["pid"].as_u64().unwrap();
+    let rank = s["workers"][0]["pid"].as_u64().unwrap();
+    kill(first as u32, libc::SIGKILL);
+    let s = wait_for(Duration::from_secs(60), || async {
+        let s = app.summary(&id).await;
+        let pid = s["workers"][0]["standby"]["pid"].as_u64();
+        (pid.is_some_and(|p| p != first) && s["workers"][0]["standby"]["state"] == "ready")
+            .then_some(s)
+    })
+    .await
+    .expect("a new standby replaces the dead one");
+    assert_eq!(s["workers"][0]["pid"], json!(rank), "{s}");
+    assert_eq!(s["workers"][0]["attempt"], 0, "{s}");
+    assert_eq!(s["restarts"], 0, "{s}");
+    assert!(s["standby_off"].is_null(), "{s}");
     app.stop(&id).await;
 }

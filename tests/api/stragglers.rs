@@ -54,6 +54,19 @@ async fn a_slowed_rank_is_flagged_and_its_peers_are_not() {
         "{flagged:?}"
     );
     println!("{}", flagged[0]);
+    // The flag in /metrics: 1 for rank 2, 0 for its peers.
+    let live = crate::metrics::scrape(&app).await;
+    for (rank, flag) in [("0", 0.0), ("1", 0.0), ("2", 1.0)] {
+        assert_eq!(
+            crate::metrics::value(
+                &live,
+                "trainvisor_rank_straggler",
+                &[("job_id", &id), ("rank", rank)]
+            ),
+            Some(flag),
+            "rank {rank}: {live:?}"
+        );
+    }
     // Flagging alone changes nothing: no restart.
     assert_eq!(s["restarts"], 0, "{s}");
     app.stop(&id).await;

@@ -40,9 +40,10 @@ pub async fn ready(
     }
 }
 
-/// What a fork server would hold instead of one standby per rank: a parent that imports torch
-/// and forks `world` children, measured by the kernel (RSS, PSS, private = USS), with the
-/// parent's thread count after the import (fork is only safe while it is 1).
+/// What a fork server would hold instead of one standby per rank: a parent that imports the
+/// default preload (torch, torch._dynamo) and forks `world` children, measured by the kernel
+/// (RSS, PSS, private = USS), with the parent's thread count after the import (fork is only
+/// safe while it is 1).
 const FORK_PROBE: &str = r#"import json, os, sys, time
 def mem(pid):
     out = {}
@@ -56,7 +57,8 @@ def threads(pid):
     for line in open("/proc/%d/status" % pid):
         if line.startswith("Threads:"):
             return int(line.split()[1])
-import torch
+for name in sys.argv[2:]:
+    __import__(name)
 world = int(sys.argv[1])
 parent_threads = threads(os.getpid())
 kids = []
@@ -78,6 +80,7 @@ for k in kids:
 pub fn fork_server_memory(python: &Path, world: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     let out = Command::new(python)
         .args(["-c", FORK_PROBE, &world.to_string()])
+        .args(crate::spec::DEFAULT_PRELOAD)
         .output()
         .context("the fork-server probe")?;
     if !out.status.success() {
