@@ -17,6 +17,8 @@ pub struct EnvVar {
     /// Put in front of the value the rank would have had (the job's `env`, else the
     /// server's environment); a job's `env` may set it.
     pub prepends: bool,
+    /// Set only on a warm standby that becomes the rank, by its launcher.
+    pub warm_only: bool,
 }
 
 const fn var(name: &'static str) -> EnvVar {
@@ -25,6 +27,7 @@ const fn var(name: &'static str) -> EnvVar {
         s3_only: false,
         default_only: false,
         prepends: false,
+        warm_only: false,
     }
 }
 
@@ -34,6 +37,7 @@ const fn prepend(name: &'static str) -> EnvVar {
         s3_only: false,
         default_only: false,
         prepends: true,
+        warm_only: false,
     }
 }
 
@@ -43,6 +47,7 @@ const fn s3(name: &'static str) -> EnvVar {
         s3_only: true,
         default_only: false,
         prepends: false,
+        warm_only: false,
     }
 }
 
@@ -52,6 +57,17 @@ const fn default(name: &'static str) -> EnvVar {
         s3_only: false,
         default_only: true,
         prepends: false,
+        warm_only: false,
+    }
+}
+
+const fn warm(name: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        s3_only: false,
+        default_only: false,
+        prepends: false,
+        warm_only: true,
     }
 }
 
@@ -105,7 +121,7 @@ pub const WORKER_ENV: &[EnvVar] = &[
     var("TRAINVISOR_STACKS_FILE"),
     prepend("PYTHONPATH"),
     // Set to 1 when the rank is a warm standby that became the rank (see launcher::standby).
-    var(WARM_START),
+    warm(WARM_START),
 ];
 
 /// The one variable by which a script can tell it was warm-started.
@@ -176,7 +192,10 @@ impl RankEnv<'_> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for var in WORKER_ENV {
-            if (var.s3_only && !uses_s3) || (var.default_only && spec.env.contains_key(var.name)) {
+            if (var.s3_only && !uses_s3)
+                || var.warm_only
+                || (var.default_only && spec.env.contains_key(var.name))
+            {
                 continue;
             }
             if let Some(value) = self.value(var.name) {
@@ -231,8 +250,6 @@ impl RankEnv<'_> {
             "TRAINVISOR_SPEC" => serde_json::to_string(spec).unwrap_or_default(),
             "TRAINVISOR_CACHE_DIR" => self.cache_dir.to_string(),
             "TRAINVISOR_STACKS_FILE" => self.stacks.as_ref()?.file.to_string(),
-            // Set by the launcher, on the standby it activates.
-            WARM_START => return None,
             "PYTHONPATH" => {
                 let s = self.stacks.as_ref()?;
                 let before = spec
@@ -305,7 +322,12 @@ mod tests {
             .collect();
         let env = env_of(&spec("s3://bucket/data"), &s3);
         let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, all_names(), "the environment is the table, in order");
+        let table: Vec<&str> = WORKER_ENV
+            .iter()
+            .filter(|v| !v.warm_only)
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, table, "the environment is the table, in order");
         assert_eq!(get_of(&env, "GROUP_RANK"), "0");
         assert_eq!(get_of(&env, "ROLE_NAME"), "default");
         assert_eq!(get_of(&env, "OMP_NUM_THREADS"), "1");

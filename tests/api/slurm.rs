@@ -489,6 +489,20 @@ async fn torchruns_variables_follow_the_nodes() {
     cluster.wait_nothing_of(&id).await;
 }
 
+/// The process of `rank` on its node that runs the standby tests' `rank.py` itself: a cold
+/// start (a standby's command line is the standby program), not its srun client.
+fn cold_rank_process(instance: &str, rank: u32) -> Option<u32> {
+    let want = format!("RANK={rank}");
+    marked_processes(instance).into_iter().find(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        comm.trim() != "srun"
+            && cmdline.windows(7).any(|w| w == b"rank.py")
+            && env.split(|&b| b == 0).any(|v| v == want.as_bytes())
+    })
+}
+
 /// Warm standby on Slurm (issue 16): each standby is a step on its rank's node; a rank killed
 /// on its node is replaced by its standby there, and nothing is left on Slurm after stop.
 #[actix_web::test]
@@ -516,19 +530,7 @@ async fn a_rank_killed_on_its_node_becomes_its_standby_there() {
             .any(|l| l.contains(&format!("trainvisor-{id}-r1-s"))),
         "no standby step on Slurm: {steps:?}"
     );
-    // Rank 1's own process on its node (the cold one runs the script, not the standby).
-    let instance = instance(&app);
-    let victim = marked_processes(&instance)
-        .into_iter()
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            comm.trim() != "srun"
-                && cmdline.windows(7).any(|w| w == b"rank.py")
-                && env.split(|&b| b == 0).any(|v| v == b"RANK=1")
-        })
-        .expect("rank 1's process");
+    let victim = cold_rank_process(&instance(&app), 1).expect("rank 1's process");
     kill(victim, libc::SIGKILL);
     let s = stepping(&app, &id, 1, 1).await;
     let warm = files.record(1, 1).await;
@@ -563,18 +565,7 @@ async fn a_standby_moves_with_its_rank_off_an_excluded_node() {
     assert_eq!(nodes_of(&s), ["n1", "n2"]);
     assert_eq!(s["workers"][1]["standby"]["node"], "n2");
     let old_standby = s["workers"][1]["standby"]["pid"].as_u64().unwrap();
-    let instance = instance(&app);
-    let victim = marked_processes(&instance)
-        .into_iter()
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            comm.trim() != "srun"
-                && cmdline.windows(7).any(|w| w == b"rank.py")
-                && env.split(|&b| b == 0).any(|v| v == b"RANK=1")
-        })
-        .expect("rank 1's process");
+    let victim = cold_rank_process(&instance(&app), 1).expect("rank 1's process");
     kill(victim, libc::SIGKILL);
     let s = stepping(&app, &id, 1, 1).await;
     assert_eq!(s["excluded_nodes"], json!(["n2"]), "{s}");
