@@ -35,6 +35,8 @@ for step in range(1, steps + 1):
                                  headers={"Authorization": "Bearer " + os.environ["TRAINVISOR_TOKEN"],
                                           "Content-Type": "application/json"})
     urllib.request.urlopen(req).read()
+    if os.environ.get("EXIT") == "%s-%s-%d" % (rank, attempt, step):
+        sys.exit(3)
     if os.environ.get("HANG") == "%s-%s-%d" % (rank, attempt, step):
         def hung_in_warm_rank():
             time.sleep(3600)
@@ -491,7 +493,7 @@ async fn a_warm_rank_that_hangs_has_its_stacks_taken() {
         let all = app.get_json(&format!("/jobs/{id}/incidents")).await;
         all.as_array()?
             .iter()
-            .find(|i| i["reason"] == "heartbeat_timeout")
+            .find(|i| i["reason"] == "heartbeat_timeout" && i["rank"] == 1)
             .cloned()
     })
     .await
@@ -531,4 +533,48 @@ async fn a_standby_that_dies_is_replaced() {
     assert_eq!(s["restarts"], 0, "{s}");
     assert!(s["standby_off"].is_null(), "{s}");
     app.stop(&id).await;
+}
+
+/// What a warm rank's process does is its own: its exit code becomes the restart's, and a stop's
+/// SIGTERM ends it as a signal, as for a cold rank.
+#[actix_web::test]
+async fn a_warm_ranks_exit_code_and_signal_are_its_own() {
+    let files = Files::new();
+    let app = spawn_app().await;
+    let mut spec = files.spec(2, 100_000, json!({}));
+    spec["env"]["EXIT"] = json!("1-1-5");
+    let id = app.create_job(spec).await;
+    let s = standbys_ready(&app, &id).await;
+    kill(
+        s["workers"][1]["pid"].as_u64().unwrap() as u32,
+        libc::SIGKILL,
+    );
+    assert_eq!(files.record(1, 1).await["preloaded"], true);
+    // Attempt 1 (warm) exits with code 3 at its step 5: restarted for that reason.
+    let restarts = wait_for(Duration::from_secs(60), || async {
+        let r = app.restarts(&id).await;
+        (r.len() >= 2).then_some(r)
+    })
+    .await
+    .expect("the warm rank's exit is a restart");
+    assert_eq!(restarts[1]["rank"], 1, "{restarts:?}");
+    assert_eq!(restarts[1]["reason"], "exit_code", "{restarts:?}");
+    assert_eq!(restarts[1]["exit_code"], 3, "{restarts:?}");
+    stepping(&app, &id, 1, 2).await;
+    app.stop(&id).await;
+    app.wait_finished(&id, Duration::from_secs(30)).await;
+    let incs = app.incarnations(&id).await;
+    let of = |rank: u64, attempt: u64| {
+        incs.iter()
+            .find(|i| i["rank"] == rank && i["attempt"] == attempt)
+            .unwrap_or_else(|| panic!("no incarnation {rank}/{attempt}: {incs:?}"))
+            .clone()
+    };
+    assert_eq!(of(1, 1)["exit_code"], 3, "{incs:?}");
+    // Stopped with SIGTERM, warm or cold alike.
+    for (rank, attempt) in [(0, 0), (1, 2)] {
+        let i = of(rank, attempt);
+        assert_eq!(i["signal"], libc::SIGTERM, "{i}");
+        assert_eq!(i["outcome"], "stopped", "{i}");
+    }
 }
