@@ -42,6 +42,26 @@ impl IncidentEnd {
 /// One failure of a job and the recovery from it.
 #[derive(Debug, Clone)]
 pub struct Incident {
+    /// The failure that opened it: the root-cause rank, why, the scope and ranks restarted,
+    /// when it was detected, the steps and the stacks.
+    pub failure: Failure,
+    /// Every replacement process is running.
+    pub spawned_at: Option<DateTime<Utc>>,
+    /// The first heartbeat of a replacement.
+    pub first_heartbeat_at: Option<DateTime<Utc>>,
+    /// Every replaced rank reported a step past `resumed_step`: the job trains again.
+    pub training_at: Option<DateTime<Utc>>,
+    pub end: IncidentEnd,
+    /// When it ended (recovered, or the job or server ended first).
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Ranks of the incident not yet spawned again / not yet past the resumed step.
+    not_spawned: BTreeSet<u32>,
+    not_training: BTreeSet<u32>,
+}
+
+/// What opens an incident.
+#[derive(Debug, Clone)]
+pub struct Failure {
     /// 1, 2, … within the job.
     pub seq: u32,
     /// The rank whose failure started it (the root cause).
@@ -52,40 +72,14 @@ pub struct Incident {
     /// The ranks restarted for it: the failed one (worker scope) or all (job scope).
     pub ranks: Vec<u32>,
     pub backoff_ms: u64,
-    pub detected_at: DateTime<Utc>,
-    /// Every replacement process is running.
-    pub spawned_at: Option<DateTime<Utc>>,
-    /// The first heartbeat of a replacement.
-    pub first_heartbeat_at: Option<DateTime<Utc>>,
-    /// Every replaced rank reported a step past `resumed_step`: the job trains again.
-    pub training_at: Option<DateTime<Utc>>,
+    /// When it was detected.
+    pub at: DateTime<Utc>,
     /// The highest step the restarted ranks had reached when it was detected.
     pub last_step: Option<u64>,
     /// The step of the checkpoint the replacements resume from (none: from the start).
     pub resumed_step: Option<u64>,
-    pub end: IncidentEnd,
-    /// When it ended (recovered, or the job or server ended first).
-    pub ended_at: Option<DateTime<Utc>>,
     /// What every rank was doing when this (hung) rank was declared hung, captured before
     /// anything was killed. Empty for other failures.
-    pub stacks: Vec<RankStacks>,
-    /// Ranks of the incident not yet spawned again / not yet past the resumed step.
-    not_spawned: BTreeSet<u32>,
-    not_training: BTreeSet<u32>,
-}
-
-/// What opens an incident.
-pub struct Failure {
-    pub seq: u32,
-    pub rank: u32,
-    pub reason: Outcome,
-    pub detail: String,
-    pub scope: RestartScope,
-    pub ranks: Vec<u32>,
-    pub backoff_ms: u64,
-    pub at: DateTime<Utc>,
-    pub last_step: Option<u64>,
-    pub resumed_step: Option<u64>,
     pub stacks: Vec<RankStacks>,
 }
 
@@ -107,20 +101,10 @@ impl Incident {
     pub fn open(f: Failure) -> Self {
         let set: BTreeSet<u32> = f.ranks.iter().copied().collect();
         Incident {
-            seq: f.seq,
-            rank: f.rank,
-            reason: f.reason,
-            detail: f.detail,
-            scope: f.scope,
-            ranks: f.ranks,
-            backoff_ms: f.backoff_ms,
-            detected_at: f.at,
+            failure: f,
             spawned_at: None,
             first_heartbeat_at: None,
             training_at: None,
-            last_step: f.last_step,
-            resumed_step: f.resumed_step,
-            stacks: f.stacks,
             end: IncidentEnd::Open,
             ended_at: None,
             not_spawned: set.clone(),
@@ -134,7 +118,7 @@ impl Incident {
 
     /// Whether `rank` is one of the ranks restarted for it.
     pub fn covers(&self, rank: u32) -> bool {
-        self.ranks.contains(&rank)
+        self.failure.ranks.contains(&rank)
     }
 
     /// A replacement of `rank` is running. Returns true when the record changed.
@@ -153,7 +137,7 @@ impl Incident {
     /// again once every restarted rank has reported a step past the one resumed from (or, for
     /// ranks that report no steps, has sent a heartbeat). Returns true when the record changed.
     pub fn heartbeat(&mut self, rank: u32, step: Option<u64>, at: DateTime<Utc>) -> bool {
-        if !self.is_open() || !self.ranks.contains(&rank) || !self.not_spawned.is_empty() {
+        if !self.is_open() || !self.failure.ranks.contains(&rank) || !self.not_spawned.is_empty() {
             return false;
         }
         let mut changed = false;
@@ -161,8 +145,8 @@ impl Incident {
             self.first_heartbeat_at = Some(at);
             changed = true;
         }
-        let past = match (step, self.last_step) {
-            (Some(step), _) => step > self.resumed_step.unwrap_or(0),
+        let past = match (step, self.failure.last_step) {
+            (Some(step), _) => step > self.failure.resumed_step.unwrap_or(0),
             // A rank that never reported steps trains again when it is heard from.
             (None, None) => true,
             (None, Some(_)) => false,
@@ -188,38 +172,40 @@ impl Incident {
 
     /// Steps done before the failure that must be done again.
     pub fn steps_lost(&self) -> u64 {
-        self.last_step
+        let f = &self.failure;
+        f.last_step
             .unwrap_or(0)
-            .saturating_sub(self.resumed_step.unwrap_or(0))
+            .saturating_sub(f.resumed_step.unwrap_or(0))
     }
 
     /// Seconds from detection to training again (or to the end, or to `now` while open).
     pub fn seconds_lost(&self, now: DateTime<Utc>) -> f64 {
         let until = self.ended_at.unwrap_or(now);
-        ((until - self.detected_at).num_milliseconds().max(0)) as f64 / 1000.0
+        ((until - self.failure.at).num_milliseconds().max(0)) as f64 / 1000.0
     }
 
     /// The record as the database and the API carry it.
     pub fn row(&self, now: DateTime<Utc>) -> IncidentRow {
+        let f = &self.failure;
         IncidentRow {
-            seq: self.seq,
-            rank: self.rank,
-            reason: self.reason.as_str().to_string(),
-            detail: self.detail.clone(),
-            scope: self.scope.as_str().to_string(),
-            ranks: self.ranks.clone(),
-            backoff_ms: self.backoff_ms,
-            detected_at: ts(self.detected_at),
+            seq: f.seq,
+            rank: f.rank,
+            reason: f.reason.as_str().to_string(),
+            detail: f.detail.clone(),
+            scope: f.scope.as_str().to_string(),
+            ranks: f.ranks.clone(),
+            backoff_ms: f.backoff_ms,
+            detected_at: ts(f.at),
             spawned_at: self.spawned_at.map(ts),
             first_heartbeat_at: self.first_heartbeat_at.map(ts),
             training_at: self.training_at.map(ts),
             ended_at: self.ended_at.map(ts),
             end: self.end.as_str().to_string(),
-            last_step: self.last_step,
-            resumed_step: self.resumed_step,
+            last_step: f.last_step,
+            resumed_step: f.resumed_step,
             steps_lost: self.steps_lost(),
             seconds_lost: self.seconds_lost(now),
-            stacks: self.stacks.clone(),
+            stacks: f.stacks.clone(),
         }
     }
 }
@@ -373,7 +359,7 @@ mod tests {
     fn goodput_is_one_without_failures_and_lower_with_them() {
         assert_eq!(Goodput::of(&[], 100.0, Some(1000)).goodput, 1.0);
         let mut i = Incident::open(failure(vec![0], Some(500), Some(400)));
-        let t = i.detected_at;
+        let t = i.failure.at;
         i.spawned(0, t);
         i.heartbeat(0, Some(401), t + Duration::seconds(10));
         let g = Goodput::of(&[i.row(t)], 100.0, Some(1000));

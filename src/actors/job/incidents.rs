@@ -81,7 +81,7 @@ impl Job {
         for i in 0..self.incidents.len() {
             if self.incidents[i].spawned(rank, now) {
                 self.record_incident(i, now);
-                let took = now - self.incidents[i].detected_at;
+                let took = now - self.incidents[i].failure.at;
                 self.rt
                     .metrics
                     .replacement_seconds
@@ -100,7 +100,7 @@ impl Job {
             if self.incidents[i].heartbeat(rank, step, now) {
                 self.record_incident(i, now);
                 if let Some(at) = self.incidents[i].training_at {
-                    let took = at - self.incidents[i].detected_at;
+                    let took = at - self.incidents[i].failure.at;
                     self.rt
                         .metrics
                         .training_again_seconds
