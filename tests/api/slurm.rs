@@ -503,6 +503,19 @@ fn cold_rank_process(instance: &str, rank: u32) -> Option<u32> {
     })
 }
 
+/// The standby tests' 2-rank warm job, one rank per node of two, with `extra`.
+fn warm_on_two_nodes(files: &crate::standby::Files, extra: Value) -> Value {
+    let mut spec = files.spec(
+        2,
+        100_000,
+        json!({"launcher": "slurm", "nodes": 2, "ntasks_per_node": 1}),
+    );
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    spec
+}
+
 /// Warm standby on Slurm (issue 16): each standby is a step on its rank's node; a rank killed
 /// on its node is replaced by its standby there, and nothing is left on Slurm after stop.
 #[actix_web::test]
@@ -511,13 +524,7 @@ async fn a_rank_killed_on_its_node_becomes_its_standby_there() {
     let cluster = Cluster::start();
     let app = app_on(&cluster).await;
     let files = Files::new();
-    let id = app
-        .create_job(files.spec(
-            2,
-            100_000,
-            json!({"launcher": "slurm", "nodes": 2, "ntasks_per_node": 1}),
-        ))
-        .await;
+    let id = app.create_job(warm_on_two_nodes(&files, json!({}))).await;
     let s = standbys_ready(&app, &id).await;
     let nodes = nodes_of(&s);
     for (rank, node) in nodes.iter().enumerate() {
@@ -554,11 +561,9 @@ async fn a_standby_moves_with_its_rank_off_an_excluded_node() {
     let app = app_on(&cluster).await;
     let files = Files::new();
     let id = app
-        .create_job(files.spec(
-            2,
-            100_000,
-            json!({"launcher": "slurm", "nodes": 2, "ntasks_per_node": 1,
-                   "exclude_after_failures": 1}),
+        .create_job(warm_on_two_nodes(
+            &files,
+            json!({"exclude_after_failures": 1}),
         ))
         .await;
     let s = standbys_ready(&app, &id).await;

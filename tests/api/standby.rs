@@ -474,21 +474,39 @@ async fn the_cli_submits_warm_standby_and_shows_the_standbys() {
     app.stop(&id).await;
 }
 
+/// A 2-rank warm job (spec `extra`, one more variable `env`): once its standbys are ready, rank
+/// 1 is killed and its standby becomes attempt 1 (checked). Returns the job's id.
+async fn rank_1_warm_after_a_kill(
+    app: &TestApp,
+    files: &Files,
+    extra: Value,
+    env: (&str, &str),
+) -> String {
+    let mut spec = files.spec(2, 100_000, extra);
+    spec["env"][env.0] = json!(env.1);
+    let id = app.create_job(spec).await;
+    let s = standbys_ready(app, &id).await;
+    kill(
+        s["workers"][1]["pid"].as_u64().unwrap() as u32,
+        libc::SIGKILL,
+    );
+    assert_eq!(files.record(1, 1).await["preloaded"], true);
+    id
+}
+
 /// A warm rank that hangs has its Python stacks taken like a cold one: the standby pointed
 /// the stacks hook at its new incarnation's file when it became the rank.
 #[actix_web::test]
 async fn a_warm_rank_that_hangs_has_its_stacks_taken() {
     let files = Files::new();
     let app = spawn_app().await;
-    let mut spec = files.spec(2, 100_000, json!({"heartbeat_timeout_s": 2}));
-    spec["env"]["HANG"] = json!("1-1-3");
-    let id = app.create_job(spec).await;
-    let s = standbys_ready(&app, &id).await;
-    kill(
-        s["workers"][1]["pid"].as_u64().unwrap() as u32,
-        libc::SIGKILL,
-    );
-    assert_eq!(files.record(1, 1).await["preloaded"], true);
+    let id = rank_1_warm_after_a_kill(
+        &app,
+        &files,
+        json!({"heartbeat_timeout_s": 2}),
+        ("HANG", "1-1-3"),
+    )
+    .await;
     let hang = wait_for(Duration::from_secs(60), || async {
         let all = app.get_json(&format!("/jobs/{id}/incidents")).await;
         all.as_array()?
@@ -541,15 +559,7 @@ async fn a_standby_that_dies_is_replaced() {
 async fn a_warm_ranks_exit_code_and_signal_are_its_own() {
     let files = Files::new();
     let app = spawn_app().await;
-    let mut spec = files.spec(2, 100_000, json!({}));
-    spec["env"]["EXIT"] = json!("1-1-5");
-    let id = app.create_job(spec).await;
-    let s = standbys_ready(&app, &id).await;
-    kill(
-        s["workers"][1]["pid"].as_u64().unwrap() as u32,
-        libc::SIGKILL,
-    );
-    assert_eq!(files.record(1, 1).await["preloaded"], true);
+    let id = rank_1_warm_after_a_kill(&app, &files, json!({}), ("EXIT", "1-1-5")).await;
     // Attempt 1 (warm) exits with code 3 at its step 5: restarted for that reason.
     let restarts = wait_for(Duration::from_secs(60), || async {
         let r = app.restarts(&id).await;
