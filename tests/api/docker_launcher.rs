@@ -471,14 +471,7 @@ async fn a_server_killed_leaves_nothing_of_its_own_behind() {
     // Killed again: the next start cleans up, then nothing is left once the job is stopped.
     let (mut last, url) = start();
     let stopped = wait_for(Duration::from_secs(60), || async {
-        let job: Value = client
-            .get(format!("{url}/jobs/{id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let job = try_json(client.get(format!("{url}/jobs/{id}"))).await?;
         if job["state"] == "running" {
             client
                 .post(format!("{url}/jobs/{id}/stop"))

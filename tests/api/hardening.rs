@@ -38,13 +38,10 @@ async fn the_api_token_guards_everything_but_health_the_page_and_workers() {
         .unwrap()
         .to_string();
     let step = wait_for(Duration::from_secs(20), || async {
-        let s: serde_json::Value = authed(app.client.get(app.url(&format!("/jobs/{id}/summary"))))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let s = try_json(authed(
+            app.client.get(app.url(&format!("/jobs/{id}/summary"))),
+        ))
+        .await?;
         (s["step"] == 5).then_some(())
     })
     .await;

@@ -238,6 +238,12 @@ pub fn small_dataset(app: &TestApp) -> std::path::PathBuf {
     dir
 }
 
+/// Sends `req` and reads its JSON body; none on any failure (for polling a server that may
+/// not answer yet).
+pub async fn try_json(req: reqwest::RequestBuilder) -> Option<Value> {
+    req.send().await.ok()?.json().await.ok()
+}
+
 /// Polls `check` every 20 ms until it returns Some or `timeout` passes.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
 where

@@ -348,14 +348,7 @@ async fn standbys_do_not_outlive_a_killed_server() {
         .unwrap()
         .to_string();
     let s = wait_for(Duration::from_secs(90), || async {
-        let s: Value = client
-            .get(format!("{url}/jobs/{id}/summary"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let s = try_json(client.get(format!("{url}/jobs/{id}/summary"))).await?;
         (standby_pids(&s).len() == 2).then_some(s)
     })
     .await
