@@ -126,7 +126,8 @@ pub struct Submit {
     /// Keep a warm standby beside each rank (a Python command: python script.py …).
     #[arg(long)]
     pub warm_standby: bool,
-    /// With --warm-standby: a module each standby imports ahead (repeat for more; default torch).
+    /// With --warm-standby: a module each standby imports ahead (repeat for more; default
+    /// torch and torch._dynamo).
     #[arg(long)]
     pub preload: Vec<String>,
     /// More spec fields as a JSON object, e.g. '{"lr": 0.05}'.

@@ -64,8 +64,7 @@ impl PythonCommand {
                 } else {
                     (arg[2..].to_string(), i + 1)
                 };
-                let valid = is_module_name(&module);
-                if !valid {
+                if !is_module_name(&module) {
                     return Err(format!("-m {module:?} is not a module name"));
                 }
                 return Ok(PythonCommand {

@@ -22,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{ChildStderr, ChildStdout};
 use tokio::sync::oneshot;
 
-use super::standby::{StandbyHost, Standbys};
+use super::standby::{self, StandbyHost, Standbys};
 use super::{
     JobContext, JobLauncher, Launch, LauncherStatus, Line, LineAssembler, LiveRanks,
     MAX_LINE_BYTES, Place, Prepared, RankControl, RankProcess,
@@ -81,19 +81,23 @@ impl StandbyHost for HostStandbys {
 /// How much lower a local standby runs while it imports its preloads.
 const STANDBY_NICE: i32 = 10;
 
-/// Whether this process holds `CAP_SYS_NICE` (bit 23 of its effective capabilities).
+/// Whether this process holds `CAP_SYS_NICE` (bit 23 of its effective capabilities); read
+/// once.
 fn can_raise_priority() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let hex = s
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))?
-                .trim()
-                .to_string();
-            u64::from_str_radix(&hex, 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << 23) != 0)
+    static CAN: OnceLock<bool> = OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let hex = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))?
+                    .trim()
+                    .to_string();
+                u64::from_str_radix(&hex, 16).ok()
+            })
+            .is_some_and(|caps| caps & (1 << 23) != 0)
+    })
 }
 
 impl JobLauncher for LocalLauncher {
@@ -121,10 +125,8 @@ impl JobLauncher for LocalLauncher {
         let standbys = self.standbys.clone();
         Box::pin(async move {
             let cold = |launch| Box::pin(start_process(launch)) as LocalBoxFuture<'static, _>;
-            let mut process = match standbys {
-                Some(s) => s.start(rank, attempt, &place.node, launch, cold).await?.0,
-                None => cold(launch).await?,
-            };
+            let (mut process, _) =
+                standby::start_rank(standbys, rank, attempt, &place.node, launch, cold).await?;
             live.insert(rank, attempt, process.control.clone());
             process.exit = super::leave_on_exit(live, rank, attempt, process.exit);
             Ok(process)

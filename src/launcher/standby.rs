@@ -197,7 +197,7 @@ impl Standbys {
     /// Starts incarnation `attempt` of `rank` on `node`: its standby when one is ready there,
     /// else `cold`. The incarnation's exit is followed, and its environment is the next
     /// standby's. Returns the process and, for a standby, its name.
-    pub async fn start(
+    async fn start(
         self: &Arc<Self>,
         rank: u32,
         attempt: u32,
@@ -218,7 +218,6 @@ impl Standbys {
                 }
             },
         };
-        process.warm = name.is_some();
         let (this, exit) = (self.clone(), process.exit);
         process.exit = Box::pin(async move {
             let exit = exit.await;
@@ -521,6 +520,23 @@ impl Standbys {
                 .collect(),
             off: pool.off.clone(),
         }
+    }
+}
+
+/// Starts incarnation `attempt` of `rank` on `node`, as a launcher does: through the job's
+/// standbys when it has them ([`Standbys::start`]), else `cold`. Returns the process and, when
+/// a standby became it, the standby's name.
+pub async fn start_rank(
+    standbys: Option<Arc<Standbys>>,
+    rank: u32,
+    attempt: u32,
+    node: &str,
+    launch: Launch,
+    cold: impl FnOnce(Launch) -> LocalBoxFuture<'static, io::Result<RankProcess>>,
+) -> io::Result<(RankProcess, Option<String>)> {
+    match standbys {
+        Some(s) => s.start(rank, attempt, node, launch, cold).await,
+        None => cold(launch).await.map(|p| (p, None)),
     }
 }
 

@@ -60,8 +60,7 @@ pub(super) fn resolve_standby(
         )));
     }
     for module in &preload {
-        let valid = is_module_name(module);
-        if !valid {
+        if !is_module_name(module) {
             return Err(invalid(format!(
                 "preload: {module:?} is not a module name (such as torch or numpy.linalg)"
             )));

@@ -15,7 +15,7 @@ use futures_util::future::LocalBoxFuture;
 use super::{Allocation, Step};
 use crate::domain::{ExitCause, Outcome};
 use crate::launcher::local::{self, GroupControl};
-use crate::launcher::standby::{StandbyHost, Standbys};
+use crate::launcher::standby::{self, StandbyHost, Standbys};
 use crate::launcher::{
     JobContext, JobLauncher, Launch, LauncherStatus, Place, Prepared, RankControl, RankProcess,
     line_channel,
@@ -396,15 +396,16 @@ impl JobLauncher for SlurmLauncher {
         let inner = self.inner.clone();
         let standbys = self.standbys.clone();
         Box::pin(async move {
-            let name = format!("trainvisor-{}-r{rank}-a{attempt}", inner.cx.job_id);
-            let step = inner.step(&place.node, name);
+            let step = inner.step(
+                &place.node,
+                format!("trainvisor-{}-r{rank}-a{attempt}", inner.cx.job_id),
+            );
+            let (conf, alloc, cold_name) = (step.conf.clone(), step.alloc, step.name.clone());
             let cold = move |launch| {
                 Box::pin(local::start_process(step.wrap(launch))) as LocalBoxFuture<'static, _>
             };
-            let started = match standbys {
-                Some(s) => s.start(rank, attempt, &place.node, launch, cold).await,
-                None => cold(launch).await.map(|p| (p, None)),
-            };
+            let started =
+                standby::start_rank(standbys, rank, attempt, &place.node, launch, cold).await;
             let (process, standby_name) = match started {
                 Ok(p) => p,
                 Err(e) => {
@@ -412,10 +413,7 @@ impl JobLauncher for SlurmLauncher {
                     return Err(e);
                 }
             };
-            let conf = inner.conf();
-            let alloc = inner.state().alloc.as_ref().map_or(0, |a| a.job_id);
-            let name = standby_name
-                .unwrap_or_else(|| format!("trainvisor-{}-r{rank}-a{attempt}", inner.cx.job_id));
+            let name = standby_name.unwrap_or(cold_name);
             let control = Arc::new(StepControl {
                 group: GroupControl { pgid: process.pid },
                 conf,
