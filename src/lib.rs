@@ -17,4 +17,5 @@ pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod trainer;
+pub mod untrusted;
 pub mod validate;

@@ -20,9 +20,6 @@ use crate::bus::{EventBus, LogBus};
 use crate::config::Settings;
 use crate::store::{self, Recorder};
 
-/// The shortest API token accepted on an address other than loopback.
-pub const MIN_PUBLIC_TOKEN_CHARS: usize = 12;
-
 pub struct Application {
     addr: SocketAddr,
     server: Server,
@@ -75,13 +72,14 @@ impl Application {
         }
         if !addr.ip().is_loopback()
             && let Some(token) = &settings.api_token
-            && token.chars().count() < MIN_PUBLIC_TOKEN_CHARS
+            && let Some(why) = crate::api_token::weakness(token)
         {
             anyhow::bail!(
-                "refusing to listen on {addr} with an API token of {} characters: on an address \
-                 other than loopback it must have at least {MIN_PUBLIC_TOKEN_CHARS} (e.g. \
-                 `openssl rand -hex 32`)",
-                token.chars().count()
+                "refusing to listen on {addr} with a weak API token: {why}. On an address other \
+                 than loopback a token must have at least {} characters, {} of them different, \
+                 and no spaces (e.g. `openssl rand -hex 32`)",
+                crate::api_token::MIN_PUBLIC_CHARS,
+                crate::api_token::MIN_DISTINCT_CHARS
             );
         }
         let reachable = if addr.ip().is_unspecified() {
