@@ -272,13 +272,14 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// A random id kept in the data dir; it marks every worker this data dir's servers start.
+/// A random id kept in the data dir, keyed to its file's inode (`launcher::siblings`); it marks
+/// every worker this data dir's servers start, and no copy of the data dir has the same.
 fn instance_id(dir: &Path) -> anyhow::Result<String> {
     let path = dir.join("instance-id");
     if let Ok(id) = std::fs::read_to_string(&path) {
         let id = id.trim();
         if !id.is_empty() {
-            return Ok(id.to_string());
+            return Ok(crate::launcher::siblings::instance(id, &path));
         }
     }
     let id = uuid::Uuid::new_v4().to_string();
@@ -287,5 +288,5 @@ fn instance_id(dir: &Path) -> anyhow::Result<String> {
     f.write_all(id.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
-    Ok(id)
+    Ok(crate::launcher::siblings::instance(&id, &path))
 }

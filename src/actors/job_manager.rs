@@ -159,10 +159,21 @@ impl Handler<Restore> for JobManager {
         let pool = self.rt.pool.clone();
         let settings = self.rt.settings.clone();
         let recorder = self.rt.recorder.clone();
+        let instance = self.rt.instance.clone();
         Box::pin(
             async move {
                 let mut inits = Vec::new();
+                let theirs = crate::launcher::siblings::jobs_of_siblings(&instance);
                 for record in store::jobs::unfinished(&pool).await? {
+                    if let Some(pid) = record
+                        .job_id
+                        .parse()
+                        .ok()
+                        .and_then(|id: Uuid| theirs.get(&id))
+                    {
+                        refuse_sibling_job(&recorder, &record, *pid);
+                        continue;
+                    }
                     inits.push(restore_plan(&pool, &recorder, record, &settings).await?);
                 }
                 Ok(inits)
@@ -179,6 +190,26 @@ impl Handler<Restore> for JobManager {
             }),
         )
     }
+}
+
+/// A job another live server runs (this data dir is a copy of its, or the other way round) is
+/// not run twice: it ends here, failed, saying who runs it.
+fn refuse_sibling_job(recorder: &crate::store::Recorder, record: &JobRecord, pid: u32) {
+    let Ok(job_id) = record.job_id.parse::<Uuid>() else {
+        return;
+    };
+    let reason = format!(
+        "another live trainvisor server runs this job (its rank is pid {pid}): this data dir \
+         is a copy of that server's, or the other way round; it is not run twice"
+    );
+    tracing::warn!(%job_id, pid, "{reason}");
+    recorder.record(HistoryOp::JobState {
+        job_id,
+        state: JobState::Failed,
+        at: now(),
+        reason: Some(reason),
+        summary: None,
+    });
 }
 
 /// Rebuilds a job's rank bookkeeping from its history, closes what the dead server left open

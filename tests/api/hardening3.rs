@@ -252,3 +252,69 @@ async fn queries_and_job_ids_follow_the_table() {
     }
     assert_eq!(app.get(&format!("/jobs/{id}")).await.status(), 200);
 }
+
+/// A copy of a live server's data dir (`cp -a`) started as a second server neither kills the
+/// original's ranks (the copy carries the data dir's id, not its key) nor runs its job again.
+#[actix_web::test]
+async fn a_copied_data_dir_leaves_the_original_alone() {
+    let original = tempfile::tempdir().unwrap();
+    let (first, url) = start_server_process(original.path());
+    let client = test_client();
+    let res = client
+        .post(format!("{url}/jobs"))
+        .json(&json!({"world_size": 1, "command": sh("sleep 300")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let summary_of = |url: String| {
+        let client = client.clone();
+        let id = id.clone();
+        async move {
+            try_json(client.get(format!("{url}/jobs/{id}/summary")))
+                .await
+                .unwrap_or(Value::Null)
+        }
+    };
+    let pid = wait_for(Duration::from_secs(30), || async {
+        running_pids_in(&summary_of(url.clone()).await)
+            .first()
+            .copied()
+    })
+    .await
+    .expect("the original's rank runs");
+
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", original.path().display()))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (second, copy_url) = start_server_process(copy.path());
+    let refused = wait_for(Duration::from_secs(20), || async {
+        let job = try_json(client.get(format!("{copy_url}/jobs/{id}"))).await?;
+        (job["state"] == "failed").then_some(job)
+    })
+    .await
+    .expect("the copy does not run the job a live server runs");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("another live trainvisor server"),
+        "{refused}"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the original's rank was not killed by the copy's server"
+    );
+    assert_eq!(running_pids_in(&summary_of(url.clone()).await), vec![pid]);
+    drop(second);
+    drop(first);
+}
