@@ -11,6 +11,7 @@ pub mod domain;
 pub mod fuzz;
 pub mod launcher;
 pub mod metrics;
+pub mod pressure;
 pub mod spec;
 pub mod startup;
 pub mod storage;

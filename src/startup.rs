@@ -5,6 +5,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::{Actor, Addr};
@@ -101,6 +102,7 @@ impl Application {
             .max_connections
             .unwrap_or_else(|| connection_cap(open_files));
         tracing::debug!(open_files, max_connections, "connection limit");
+        let http = crate::pressure::HttpPressure::new(max_connections);
         let rt = Arc::new(Runtime {
             pool,
             recorder,
@@ -112,6 +114,7 @@ impl Application {
             registry: Registry::default(),
             metrics,
             sse_streams: Default::default(),
+            http: http.clone(),
         });
         let manager = JobManager::new(rt.clone()).start();
         let resumed = manager.send(Restore).await??;
@@ -141,6 +144,11 @@ impl Application {
                 .default_service(web::to(|| async {
                     Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
                 }))
+        })
+        // Every connection is counted while open, so a saturated listener is known (and
+        // ranks are not declared hung for heartbeats it could not accept).
+        .on_connect(move |_, ext| {
+            ext.insert(Rc::new(http.connected()));
         })
         .workers(http_workers)
         // The cap is per HTTP worker; past it the listener stops accepting (the kernel's
