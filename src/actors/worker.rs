@@ -17,8 +17,8 @@ use super::messages::{
     WorkerExited, WorkerStarted,
 };
 use crate::domain::error_file::{self, RootCause};
-use crate::domain::liveness::{self, Watch};
 use crate::domain::incident::RankStacks;
+use crate::domain::liveness::{self, Watch};
 use crate::domain::{Ending, Exit, Outcome};
 use crate::launcher::{JobLauncher, RankControl, RankProcess, stacks};
 use crate::store::recorder::NewLine;
