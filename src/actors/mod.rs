@@ -31,7 +31,7 @@ pub struct Runtime {
     pub bus: Arc<LogBus>,
     pub events: Arc<EventBus>,
     pub settings: Settings,
-    /// Marks every worker process of this data dir (see `launcher::local::sweep`).
+    /// Marks every worker process of this data dir (see `launcher::process::sweep`).
     pub instance: String,
     /// Base URL workers reach the server at, e.g. `http://127.0.0.1:8000`.
     pub base_url: String,

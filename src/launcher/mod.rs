@@ -6,6 +6,7 @@
 
 pub mod docker;
 pub mod local;
+pub mod process;
 pub mod slurm;
 pub mod stacks;
 pub mod standby;
@@ -143,7 +144,7 @@ pub struct JobContext {
     pub job_id: Uuid,
     pub spec: Arc<JobSpec>,
     pub settings: Settings,
-    /// Marks everything the job starts as this data dir's (see `local::sweep`).
+    /// Marks everything the job starts as this data dir's (see `process::sweep`).
     pub instance: String,
     /// The server's own URL (what local ranks reach it at).
     pub base_url: String,
@@ -261,7 +262,7 @@ fn check_locations(spec: &JobSpec, settings: &Settings) -> Result<(), String> {
 /// At boot: ends whatever a previous server on this data dir left running (processes,
 /// containers), before any job is resumed.
 pub async fn sweep(instance: &str) -> usize {
-    local::sweep(instance) + docker::sweep(instance).await
+    process::sweep(instance) + docker::sweep(instance).await
 }
 
 /// Before a job is resumed after a server restart: drops what the dead server held for it

@@ -14,7 +14,7 @@ use futures_util::future::LocalBoxFuture;
 
 use super::{Allocation, Step};
 use crate::domain::{ExitCause, Outcome};
-use crate::launcher::local::{self, GroupControl};
+use crate::launcher::process::{self, GroupControl};
 use crate::launcher::standby::{self, StandbyHost, Standbys};
 use crate::launcher::{
     JobContext, JobLauncher, Launch, LauncherStatus, Place, Prepared, RankControl, RankProcess,
@@ -402,7 +402,7 @@ impl JobLauncher for SlurmLauncher {
             );
             let (conf, alloc, cold_name) = (step.conf.clone(), step.alloc, step.name.clone());
             let cold = move |launch| {
-                Box::pin(local::start_process(step.wrap(launch))) as LocalBoxFuture<'static, _>
+                Box::pin(process::start_process(step.wrap(launch))) as LocalBoxFuture<'static, _>
             };
             let started =
                 standby::start_rank(standbys, rank, attempt, &place.node, launch, cold).await;
