@@ -18,3 +18,6 @@ pub mod store;
 pub mod telemetry;
 pub mod trainer;
 pub mod validate;
+
+#[cfg(test)]
+mod architecture;

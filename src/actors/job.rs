@@ -12,8 +12,8 @@ use uuid::Uuid;
 use super::Runtime;
 use super::checkpoint::Checkpoint;
 use super::messages::{
-    Committed, GetSummary, JobEnded, KillForShutdown, StopActor, StopJob, Terminate, WhenIdle,
-    WorkerExited, WorkerStarted,
+    Committed, GetSummary, JobEnded, JobInbox, KillForShutdown, StopActor, StopJob, Terminate,
+    WhenIdle, WorkerExited, WorkerStarted,
 };
 use super::worker::Worker;
 use crate::domain::failure_policy::CrashLoop;
@@ -147,10 +147,11 @@ impl Job {
             .start();
             let spec_world = spec.world_size;
             let straggler_policy = spec.straggler_policy();
+            let inbox = JobInbox::of(&ctx.address());
             let workers = (0..spec.world_size)
                 .map(|rank| {
                     Worker::new(
-                        ctx.address(),
+                        inbox.clone(),
                         init.id,
                         rank,
                         rt.clone(),

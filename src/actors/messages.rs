@@ -96,6 +96,31 @@ pub struct WorkerExited {
     pub tail: Vec<String>,
 }
 
+/// Where a Worker reports to its Job: the three messages it sends, as recipients, so the
+/// Worker needs neither the Job's type nor its address (no import circle between the two).
+#[derive(Clone)]
+pub struct JobInbox {
+    pub started: Recipient<WorkerStarted>,
+    pub hung: Recipient<RankHung>,
+    pub exited: Recipient<WorkerExited>,
+}
+
+impl JobInbox {
+    pub fn of<A>(job: &Addr<A>) -> Self
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<WorkerStarted>
+            + Handler<RankHung>
+            + Handler<WorkerExited>,
+    {
+        JobInbox {
+            started: job.clone().recipient(),
+            hung: job.clone().recipient(),
+            exited: job.clone().recipient(),
+        }
+    }
+}
+
 /// Job → JobManager: the job has ended and its final state is in the database.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -38,6 +38,7 @@ use futures_util::StreamExt;
 use futures_util::future::LocalBoxFuture;
 
 mod engine;
+pub mod spec;
 
 pub use engine::{admit, sweep};
 use engine::{gpu_request, remove_labelled, server_url};

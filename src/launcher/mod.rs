@@ -5,6 +5,7 @@
 //! A new place to run ranks is a new file here and one arm in [`for_job`].
 
 pub mod docker;
+pub mod kind;
 pub mod local;
 pub mod process;
 pub mod slurm;
@@ -21,8 +22,9 @@ use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::domain::{Exit, Outcome};
-use crate::spec::{JobSpec, LauncherKind};
+use crate::spec::JobSpec;
 use crate::store::Recorder;
+use kind::LauncherKind;
 
 /// What to start for one rank: its argv and its environment (the worker contract).
 #[derive(Debug, Clone)]
