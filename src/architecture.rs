@@ -234,3 +234,30 @@ fn the_cycle_finder_finds_a_cycle() {
         Some(vec!["a.rs".into(), "b.rs".into(), "a.rs".into()])
     );
 }
+
+#[test]
+fn no_launcher_kind_compared_outside_the_launchers() {
+    let leaks: Vec<String> = sources()
+        .into_iter()
+        // This file spells the patterns it looks for; unit tests set kinds as their input.
+        .filter(|(file, _)| {
+            !file.starts_with("launcher/")
+                && !file.ends_with("tests.rs")
+                && file != "architecture.rs"
+        })
+        .flat_map(|(file, code)| {
+            code.lines()
+                .filter(|l| {
+                    l.contains("LauncherKind::")
+                        || l.contains(".launcher ==")
+                        || l.contains(".launcher !=")
+                        || l.contains("match spec.launcher")
+                        || l.contains("&spec.slurm")
+                        || l.contains("&spec.docker")
+                })
+                .map(|l| format!("{file}: {}", l.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(leaks.is_empty(), "launcher kind checks: {leaks:#?}");
+}

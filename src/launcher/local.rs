@@ -11,9 +11,11 @@ use super::standby::{self, StandbyHost, Standbys};
 use super::{
     JobContext, JobLauncher, Launch, LauncherStatus, LiveRanks, Place, Prepared, RankProcess,
 };
+use crate::domain::worker_env::Placement;
 
 /// The local launcher of one job: every rank a child of this server, MASTER_ADDR loopback.
 pub struct LocalLauncher {
+    world_size: u32,
     live: Arc<LiveRanks>,
     standbys: Option<Arc<Standbys>>,
 }
@@ -21,6 +23,7 @@ pub struct LocalLauncher {
 impl LocalLauncher {
     pub fn new(cx: JobContext) -> Self {
         LocalLauncher {
+            world_size: cx.spec.world_size,
             live: Arc::default(),
             standbys: Standbys::for_job(&cx, Box::new(HostStandbys)),
         }
@@ -86,9 +89,18 @@ fn can_raise_priority() -> bool {
 impl JobLauncher for LocalLauncher {
     fn prepare(&self, ranks: Vec<u32>) -> LocalBoxFuture<'static, Result<Prepared, String>> {
         let node = super::hostname();
+        let world = self.world_size;
         let places = ranks
             .into_iter()
-            .map(|r| (r, Place { node: node.clone() }))
+            .map(|r| {
+                let place = Place {
+                    node: node.clone(),
+                    // Every rank on this host: one group of the whole job.
+                    placement: Placement::in_groups_of(r, world, world),
+                    host_local: true,
+                };
+                (r, place)
+            })
             .collect();
         Box::pin(std::future::ready(Ok(Prepared {
             master_addr: "127.0.0.1".to_string(),

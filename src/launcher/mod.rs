@@ -2,7 +2,9 @@
 //! ranks' processes live on the other (child processes of this server, Slurm job steps,
 //! Docker containers). A Job gets one [`JobLauncher`] for its life; a Worker sees only the
 //! [`RankProcess`] handle it starts: output lines, an exit, terminate with grace, kill.
-//! A new place to run ranks is a new file here and one arm in [`for_job`].
+//! A new place to run ranks is a new folder here (its launcher, its spec fields and their
+//! checks), its kind and capabilities in [`kind`], and its arms in [`for_job`], [`admit`] and
+//! [`sweep`]; everything else asks a launcher what it placed ([`Place`]) or can do.
 
 pub mod docker;
 pub mod kind;
@@ -21,6 +23,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::domain::worker_env::Placement;
 use crate::domain::{Exit, Outcome};
 use crate::spec::JobSpec;
 use crate::store::Recorder;
@@ -35,11 +38,17 @@ pub struct Launch {
     pub cwd: Option<String>,
 }
 
-/// Where one rank goes, as its launcher placed it.
+/// Where one rank goes, as its launcher placed it: the facts the worker environment is made
+/// of, so that nothing outside `launcher/` needs to know which launcher placed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Place {
     /// The node shown in the summary and recorded with the incarnation.
     pub node: String,
+    /// Its local rank and group (torchrun's node) among the job's ranks.
+    pub placement: Placement,
+    /// The rank runs on this host, where host-local hooks apply: the Python stacks hook on
+    /// its `PYTHONPATH`, its stacks taken from its process group (see [`stacks`]).
+    pub host_local: bool,
 }
 
 /// The outcome of [`JobLauncher::prepare`]: where each rank goes and how they find each other.
@@ -162,7 +171,7 @@ impl JobContext {
     }
 }
 
-/// The launcher of a job, from its spec: the one place that matches on the launcher kind.
+/// The launcher of a job, from its spec.
 pub fn for_job(cx: JobContext) -> Arc<dyn JobLauncher> {
     match cx.spec.launcher {
         LauncherKind::Local => Arc::new(local::LocalLauncher::new(cx)),

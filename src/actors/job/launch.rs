@@ -92,7 +92,7 @@ impl Job {
         self.ranks[rank as usize].progress.node = Some(node.clone());
         let launch = Launch {
             argv: self.argv(),
-            env: self.env(rank, attempt, &token, master_addr, server_url),
+            env: self.env(rank, &place, attempt, &token, master_addr, server_url),
             cwd: self.spec.working_dir.clone(),
         };
         let recorded = self
@@ -159,6 +159,7 @@ impl Job {
     fn env(
         &self,
         rank: u32,
+        place: &Place,
         attempt: u32,
         token: &str,
         master_addr: &str,
@@ -173,10 +174,11 @@ impl Job {
         {
             tracing::warn!(error = %e, dir = %dir.display(), "cannot make the error-file dir");
         }
-        // Local ranks: the Python stacks hook (first on PYTHONPATH) and its output file.
-        let local = self.spec.launcher == crate::spec::LauncherKind::Local;
+        // Ranks on this host: the Python stacks hook (first on PYTHONPATH) and its output file.
         let stacks_file = stacks::path(&self.rt.settings.data_dir, self.id, rank, attempt);
-        let hooks_dir = local.then(|| stacks::hooks_dir(&self.rt.settings.data_dir));
+        let hooks_dir = place
+            .host_local
+            .then(|| stacks::hooks_dir(&self.rt.settings.data_dir));
         let inherited = std::env::var("PYTHONPATH").ok();
         let stacks_file = stacks_file.to_string_lossy();
         let hooks = hooks_dir.as_ref().map(|d| d.to_string_lossy());
@@ -184,6 +186,7 @@ impl Job {
             job_id: self.id,
             spec: &self.spec,
             rank,
+            placement: place.placement,
             attempt,
             token,
             master_addr,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures_util::future::LocalBoxFuture;
 
 use super::{Allocation, Step};
+use crate::domain::worker_env::Placement;
 use crate::domain::{ExitCause, Outcome};
 use crate::launcher::process::{self, GroupControl};
 use crate::launcher::standby::{self, StandbyHost, Standbys};
@@ -372,11 +373,21 @@ impl JobLauncher for SlurmLauncher {
                 .slurm
                 .as_ref()
                 .map_or(1, |s| s.ntasks_per_node.max(1));
+            let world = inner.cx.spec.world_size;
             let mut st = inner.state();
             let places = st
                 .place(&ranks, per)
                 .into_iter()
-                .map(|(rank, node)| (rank, Place { node }))
+                .map(|(rank, node)| {
+                    let place = Place {
+                        node,
+                        // Ranks r / ntasks_per_node share a node, as torchrun's nodes would.
+                        placement: Placement::in_groups_of(rank, world, per),
+                        // Its processes run on a compute node: no stacks hook, no host group.
+                        host_local: false,
+                    };
+                    (rank, place)
+                })
                 .collect();
             Ok(Prepared {
                 master_addr: st.master_addr(),
