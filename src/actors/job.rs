@@ -15,6 +15,7 @@ use super::messages::{
     Committed, GetSummary, JobEnded, JobInbox, KillForShutdown, StopActor, StopJob, Terminate,
     WhenIdle, WorkerExited, WorkerStarted,
 };
+use super::tokens::WorkerTokens;
 use super::worker::Worker;
 use crate::domain::failure_policy::CrashLoop;
 use crate::domain::incident::{Incident, IncidentEnd, IncidentRow};
@@ -61,6 +62,7 @@ pub struct Job {
     reason: Option<String>,
     phase: Phase,
     ranks: Vec<RankSlot>,
+    tokens: Arc<WorkerTokens>,
     workers: Vec<Addr<Worker>>,
     master_port: u16,
     policy: RestartPolicy,
@@ -94,6 +96,8 @@ pub struct Job {
 /// How a job actor begins: fresh, or resumed after a server restart.
 pub struct JobInit {
     pub id: Uuid,
+    /// The job's worker tokens (earlier runs' restored as stale), shared with the worker API.
+    pub tokens: Arc<WorkerTokens>,
     pub spec: JobSpec,
     pub created_at: String,
     pub started_at: Option<String>,
@@ -171,6 +175,7 @@ impl Job {
                 reason: None,
                 phase: Phase::Running,
                 ranks: init.ranks,
+                tokens: init.tokens,
                 workers,
                 master_port: 0,
                 counts: init.counts,

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod job;
 pub mod job_manager;
 pub mod messages;
+pub mod tokens;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -73,6 +74,8 @@ pub struct JobHandle {
     pub state: watch::Receiver<JobState>,
     /// Its ranks, and their standbys with warm standby (`JobSpec::processes`).
     pub processes: usize,
+    /// Its worker tokens, checked by the worker API without asking the actor.
+    pub tokens: Arc<tokens::WorkerTokens>,
 }
 
 /// Live jobs by id, shared by the JobManager (which fills it) and the HTTP handlers (which

@@ -80,11 +80,8 @@ impl Job {
         let slot = &mut self.ranks[rank as usize];
         let attempt = slot.next_attempt;
         slot.next_attempt += 1;
-        if !slot.token_hash.is_empty() {
-            let old = std::mem::take(&mut slot.token_hash);
-            slot.past_tokens.insert(old);
-        }
-        slot.token_hash = hash_token(&token);
+        let token_hash = hash_token(&token);
+        self.tokens.issue(rank, attempt, token_hash.clone());
         slot.state = RankState::starting();
         slot.progress.pid = None;
         slot.progress.attempt = attempt;
@@ -104,7 +101,7 @@ impl Job {
                 attempt,
                 pid: None,
                 master_port: self.master_port,
-                token_hash: self.ranks[rank as usize].token_hash.clone(),
+                token_hash,
                 started_at: now(),
                 node: Some(node),
             });
