@@ -19,7 +19,7 @@ use super::tokens::WorkerTokens;
 use super::worker::Worker;
 use crate::domain::failure_policy::CrashLoop;
 use crate::domain::incident::{Incident, IncidentEnd, IncidentRow};
-use crate::domain::progress::{Progress, Summary, SummaryInput};
+use crate::domain::progress::{LauncherRef, Progress, Summary, SummaryInput};
 use crate::domain::{JobState, Outcome, RestartCounts, RestartPolicy};
 use crate::launcher::{self, JobContext, JobLauncher};
 use crate::spec::JobSpec;
@@ -390,7 +390,10 @@ impl Job {
                 .last_checkpoint
                 .as_ref()
                 .map(|c| (c.step, c.at.clone())),
-            slurm_job_id: status.slurm_job_id,
+            launcher_ref: status.handle.map(|id| LauncherRef {
+                kind: self.spec.launcher.as_str().to_string(),
+                id,
+            }),
             excluded_nodes: status.excluded_nodes,
             goodput: self.goodput(step),
             rank_rates: self.rank_rates(),

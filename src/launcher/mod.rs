@@ -107,8 +107,9 @@ pub struct RankProcess {
 /// What a launcher reports for the summary.
 #[derive(Debug, Clone, Default)]
 pub struct LauncherStatus {
-    /// The Slurm job id of the allocation the ranks run in, while there is one.
-    pub slurm_job_id: Option<u64>,
+    /// The launcher's own handle on what holds the job's ranks, while there is one (the Slurm
+    /// job id of their allocation); the summary shows it with the launcher's kind.
+    pub handle: Option<String>,
     /// Places excluded from the job's launches (bad-node quarantine), in order.
     pub excluded_nodes: Vec<String>,
     /// The job's warm standbys, by rank.

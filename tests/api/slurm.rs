@@ -160,7 +160,8 @@ async fn a_trainer_job_across_two_nodes_matches_the_local_run() {
     let id = app.create_job(trainer_spec(&data, 60, 0.02, true)).await;
     let summary = running_past(&app, &id, 1).await;
     assert_eq!(summary["launcher"], "slurm");
-    assert!(summary["slurm_job_id"].as_u64().is_some(), "{summary}");
+    assert_eq!(summary["launcher_ref"]["kind"], "slurm", "{summary}");
+    assert!(slurm_job_of(&summary).is_some(), "{summary}");
     assert_eq!(nodes_of(&summary), ["n1", "n1", "n2", "n2"]);
     assert!(!cluster.of_job(&id).is_empty(), "no Slurm job for {id}");
     let job = app.wait_finished(&id, Duration::from_secs(240)).await;
@@ -373,12 +374,17 @@ fn start_server(data_dir: &Path, conf: &Path) -> (std::process::Child, String) {
     (child, url)
 }
 
+/// The Slurm job id of a summary's allocation (`launcher_ref`).
+fn slurm_job_of(summary: &Value) -> Option<u64> {
+    summary["launcher_ref"]["id"].as_str()?.parse().ok()
+}
+
 /// Waits until both ranks run; returns the job's Slurm allocation.
 async fn both_running(app: &TestApp, id: &str) -> u64 {
     wait_for(Duration::from_secs(60), || async {
         let s = app.summary(id).await;
         (running_pids_in(&s).len() == 2)
-            .then(|| s["slurm_job_id"].as_u64())
+            .then(|| slurm_job_of(&s))
             .flatten()
     })
     .await

@@ -556,7 +556,7 @@ impl JobLauncher for SlurmLauncher {
     fn status(&self) -> LauncherStatus {
         let st = self.inner.state();
         LauncherStatus {
-            slurm_job_id: st.alloc.as_ref().map(|a| a.job_id),
+            handle: st.alloc.as_ref().map(|a| a.job_id.to_string()),
             excluded_nodes: st.excluded.clone(),
             standbys: self
                 .standbys
