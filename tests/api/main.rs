@@ -4,6 +4,7 @@ mod bad_input;
 mod browser;
 mod campaigns;
 mod cli;
+mod cli_output;
 mod deploy;
 mod disk_full;
 mod docker_launcher;
