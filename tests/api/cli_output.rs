@@ -145,17 +145,18 @@ async fn a_closed_pipe_ends_the_command_quietly() {
     app.wait_finished(&id, Duration::from_secs(30)).await;
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
-            .args(["status", &id])
-            .env("TRAINVISOR_SERVER", &app.address)
-            .stdout(writer)
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    // Spawned, not `output()`: tokio's `output()` would replace stdout with its own pipe.
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args(["status", &id])
+        .env("TRAINVISOR_SERVER", &app.address)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.is_empty(), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "a panic's exit code");
