@@ -275,6 +275,18 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     log_format: crate::telemetry::LogFormat,
+    /// UID:GID that Docker ranks run as (default: the server's own; `65534:65534`, nobody,
+    /// when the server runs as root). `0:0` runs them as root, which a token then is.
+    #[arg(long, env = "TRAINVISOR_DOCKER_USER", value_parser = crate::launcher::docker::binds::parse_user)]
+    docker_user: Option<(u32, u32)>,
+    /// Seconds a warm standby may take to import its preloads before it is killed and counted
+    /// as a failed standby.
+    #[arg(
+        long,
+        env = "TRAINVISOR_STANDBY_READY_TIMEOUT_S",
+        default_value_t = 600
+    )]
+    standby_ready_timeout_s: u64,
 }
 
 fn parse_launcher(s: &str) -> Result<crate::spec::LauncherKind, String> {
@@ -308,6 +320,8 @@ impl ServeArgs {
         settings.body_timeout = Duration::from_millis(self.body_timeout_ms.max(1));
         settings.max_connections = self.max_connections.map(|n| n.max(1));
         settings.accounting = !self.no_accounting;
+        settings.docker_user = self.docker_user;
+        settings.standby_ready_timeout = Duration::from_secs(self.standby_ready_timeout_s.max(1));
         if !settings.allowed_roots.is_empty() {
             // The defaults live in the data dir, so it is always allowed.
             settings.allowed_roots.push(settings.data_dir.clone());
@@ -494,6 +508,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .filter(|p| !p.as_os_str().is_empty());
     let mut settings = args.settings()?;
+    // Read; now out of reach of the ranks (they run as this user and could read
+    // /proc/<server>/environ otherwise).
+    crate::api_token::scrub_from_environment("TRAINVISOR_API_TOKEN");
     crate::startup::prepare_data_dir(&settings.data_dir)?;
     if let (None, Some(path)) = (&settings.api_token, token_file) {
         let (token, source) = crate::api_token::load_or_create(&path)?;

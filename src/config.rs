@@ -175,6 +175,12 @@ pub struct Settings {
     /// How to reach `s3://` locations (the seed's `S3_*` env); workers of jobs that use S3 get
     /// the same settings, credentials included, through their environment only.
     pub s3: crate::storage::S3Config,
+    /// The uid and gid of Docker ranks; none: the server's own, or `nobody` (65534) when the
+    /// server runs as root (`launcher::docker::binds::rank_user`).
+    pub docker_user: Option<(u32, u32)>,
+    /// A warm standby whose preloads have not finished importing after this long is killed
+    /// (and counted as a failed standby).
+    pub standby_ready_timeout: Duration,
 }
 
 impl Settings {
@@ -203,6 +209,8 @@ impl Settings {
             max_connections: None,
             session_ttl: Duration::from_secs(12 * 3600),
             s3: crate::storage::S3Config::default(),
+            docker_user: None,
+            standby_ready_timeout: Duration::from_secs(600),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod docker;
 pub mod local;
+pub mod siblings;
 pub mod slurm;
 pub mod stacks;
 pub mod standby;

@@ -12,6 +12,7 @@ mod docker_launcher;
 mod docker_support;
 mod failures;
 mod hardening;
+mod hardening3;
 mod helpers;
 mod incidents;
 mod lifecycle;
