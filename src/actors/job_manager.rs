@@ -270,7 +270,11 @@ async fn restore_plan(
     for r in &restarts {
         counts.count_row(r.rank as u32, &r.scope, &r.reason);
     }
-    let mut restart_events = restarts.len() as u32;
+    // The job's own failures: the server's restarts are in the history, not in the count.
+    let restart_events = restarts
+        .iter()
+        .filter(|r| Outcome::parse(&r.reason) != Some(Outcome::ServerRestart))
+        .count() as u32;
     let started = !incarnations.is_empty();
     if started {
         for (rank, slot) in ranks.iter_mut().enumerate() {
@@ -293,7 +297,6 @@ async fn restore_plan(
                 backoff_ms: 0,
             });
             slot.restart_pending = true;
-            restart_events += 1;
         }
     }
     Ok(JobInit {

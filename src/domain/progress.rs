@@ -256,7 +256,8 @@ pub struct Summary {
     pub eta_s: Option<f64>,
     /// Mean of the ranks' last reported `metrics.loss`.
     pub loss: Option<f64>,
-    /// Restart decisions recorded for this job (rows of `/jobs/{id}/restarts`).
+    /// Restarts for the job's own failures: the rows of `/jobs/{id}/restarts` less the
+    /// `server_restart` ones (the server's own restarts are not the job's failures).
     pub restarts: u32,
     pub last_checkpoint_step: Option<u64>,
     pub last_checkpoint_at: Option<String>,

@@ -36,7 +36,8 @@ pub struct JobRecord {
 
 const SELECT_JOB: &str = "SELECT id, name, state, world_size, created_at, started_at, finished_at,
     reason, spec, summary, logs_dropped,
-    (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id) AS restarts,
+    (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id
+       AND r.reason <> 'server_restart') AS restarts,
     (SELECT json_group_array(node) FROM (SELECT node FROM excluded_nodes x
        WHERE x.job_id = jobs.id ORDER BY excluded_at, node)) AS excluded_nodes
     FROM jobs";

@@ -2,8 +2,10 @@
 
 mod bad_input;
 mod browser;
+mod browser_layout;
 mod campaigns;
 mod cli;
+mod cli_output;
 mod deploy;
 mod disk_full;
 mod docker_launcher;
