@@ -57,7 +57,7 @@ fn allreduce(c: &mut Criterion) {
                     let mut waiting = Vec::with_capacity(world);
                     let mut mean = None;
                     for (rank, values) in inputs.into_iter().enumerate() {
-                        match ar.contribute(world, rank as u32, step, values) {
+                        match ar.contribute(world, rank as u32, step, values, |_| None) {
                             Ok(Ok(m)) => mean = Some(m),
                             Ok(Err(rx)) => waiting.push(rx),
                             Err(e) => panic!("all-reduce rejected: {e:?}"),

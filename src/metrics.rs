@@ -47,6 +47,12 @@ pub struct RankLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NoticeLabels {
+    pub cause: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -80,6 +86,10 @@ pub struct Metrics {
     pub checkpoint_commit_seconds: Histogram,
     pub checkpoint_bytes: Counter,
     pub checkpoint_failures: Counter,
+    /// Saves on notice by cause and outcome, the steps they lost, and the wait for them.
+    pub notices: Family<NoticeLabels, Counter>,
+    pub notice_steps_lost: Counter,
+    pub notice_seconds: Histogram,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub recorder_batch_ops: Histogram,
@@ -121,6 +131,9 @@ impl Metrics {
             checkpoint_commit_seconds: seconds_histogram(),
             checkpoint_bytes: Counter::default(),
             checkpoint_failures: Counter::default(),
+            notices: Family::default(),
+            notice_steps_lost: Counter::default(),
+            notice_seconds: seconds_histogram(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(route_histogram),
             recorder_batch_ops: Histogram::new(
@@ -128,6 +141,18 @@ impl Metrics {
             ),
             recorder_commit_seconds: seconds_histogram(),
         })
+    }
+
+    /// Counts a save on notice.
+    pub fn notice(&self, report: &crate::domain::notice::NoticeReport) {
+        self.notices
+            .get_or_create(&NoticeLabels {
+                cause: report.cause.as_str().to_string(),
+                outcome: report.outcome.as_str().to_string(),
+            })
+            .inc();
+        self.notice_steps_lost.inc_by(report.steps_lost);
+        self.notice_seconds.observe(report.wait_ms / 1000.0);
     }
 
     /// The OpenMetrics text of everything, with `live` as the scrape-time gauges.
@@ -194,6 +219,22 @@ impl Metrics {
             "steps_lost",
             "Steps done again after restarts",
             self.steps_lost.clone(),
+        );
+        r.register(
+            "notices",
+            "Saves on notice (stop, SIGTERM, signal, checkpoint) by cause and outcome",
+            self.notices.clone(),
+        );
+        r.register(
+            "notice_steps_lost",
+            "Steps the next incarnation does again after interruptions with notice",
+            self.notice_steps_lost.clone(),
+        );
+        r.register_with_unit(
+            "notice_save",
+            "From a notice to the commit of its save (or to giving up)",
+            Unit::Seconds,
+            self.notice_seconds.clone(),
         );
         r.register(
             "stragglers",

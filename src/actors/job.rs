@@ -19,6 +19,7 @@ use super::tokens::WorkerTokens;
 use super::worker::Worker;
 use crate::domain::failure_policy::CrashLoop;
 use crate::domain::incident::{Incident, IncidentEnd, IncidentRow};
+use crate::domain::notice::NoticeCause;
 use crate::domain::progress::{LauncherRef, Progress, Summary, SummaryInput};
 use crate::domain::{JobState, Outcome, RestartCounts, RestartPolicy};
 use crate::launcher::{self, JobContext, JobLauncher};
@@ -29,6 +30,7 @@ use crate::store::now;
 
 mod incidents;
 mod launch;
+mod notice;
 mod restart;
 mod stragglers;
 mod worker_api;
@@ -91,6 +93,9 @@ pub struct Job {
     stragglers: crate::domain::straggler::Stragglers,
     /// Told when the last rank is down during a server shutdown.
     shutdown_waiter: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The save on notice in flight, and what the notices of this run cost.
+    notice: Option<notice::Pending>,
+    notices: Vec<crate::domain::notice::NoticeReport>,
 }
 
 /// How a job actor begins: fresh, or resumed after a server restart.
@@ -197,6 +202,8 @@ impl Job {
                 hang_stacks: None,
                 stragglers: crate::domain::straggler::Stragglers::new(spec_world, straggler_policy),
                 shutdown_waiter: None,
+                notice: None,
+                notices: Vec::new(),
             }
         });
         (addr, state_rx)
@@ -399,6 +406,7 @@ impl Job {
             rank_rates: self.rank_rates(),
             standbys: status.standbys.by_rank,
             standby_off: status.standbys.off,
+            last_notice: self.notices.last().cloned(),
         })
     }
 }
@@ -497,6 +505,9 @@ impl Handler<WorkerExited> for Job {
         });
         slot.progress.pid = None;
         self.straggler_gone(rank);
+        // The save cannot commit without this rank: what follows the notice (a stop) happens
+        // now, before the exit is judged.
+        self.notice_interrupted(ctx);
         if self.phase == Phase::Running && msg.outcome.is_failure() {
             self.launcher.rank_failed(rank, msg.outcome, &msg.detail);
         }
@@ -543,13 +554,18 @@ impl Handler<StopJob> for Job {
     type Result = ();
 
     fn handle(&mut self, msg: StopJob, ctx: &mut Context<Self>) {
-        if matches!(self.phase, Phase::Stopping | Phase::Done) {
+        if !msg.save {
+            self.stop_now(msg.reason, ctx);
             return;
         }
-        self.reason = Some(msg.reason);
-        self.phase = Phase::Stopping;
-        self.terminate_live();
-        self.after_rank_down(ctx);
+        let grace = self.save_grace();
+        self.ask_to_save(
+            NoticeCause::Stop,
+            notice::AfterSave::Stop { reason: msg.reason },
+            grace,
+            None,
+            ctx,
+        );
     }
 }
 
@@ -561,17 +577,21 @@ impl Handler<KillForShutdown> for Job {
     /// a margin for the last exits to be recorded) is killed with everything the launcher
     /// holds.
     fn handle(&mut self, _: KillForShutdown, ctx: &mut Context<Self>) -> Self::Result {
-        // No more decisions: the exits that follow are the server's doing, not the ranks'.
-        let winding_down = !matches!(self.phase, Phase::Done);
-        self.phase = Phase::ServerShutdown;
-        self.close_incidents(IncidentEnd::ServerRestart);
         let (tx, all_down) = tokio::sync::oneshot::channel();
-        if winding_down {
+        if !matches!(self.phase, Phase::Done) {
             self.shutdown_waiter = Some(tx);
-            self.terminate_live();
-            self.after_rank_down(ctx);
         }
-        let bound = self.rt.settings.kill_grace + Duration::from_secs(1);
+        // First the ranks save (within the kill grace), then they are stopped; no more
+        // decisions after that: the exits that follow are the server's doing, not the ranks'.
+        let save_wait = self.save_grace().min(self.rt.settings.kill_grace);
+        self.ask_to_save(
+            NoticeCause::ServerShutdown,
+            notice::AfterSave::Shutdown,
+            save_wait,
+            None,
+            ctx,
+        );
+        let bound = save_wait + self.rt.settings.kill_grace + Duration::from_secs(1);
         let launcher = self.launcher.clone();
         Box::pin(async move {
             let _ = tokio::time::timeout(bound, all_down).await;

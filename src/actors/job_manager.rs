@@ -337,6 +337,7 @@ impl Handler<Stop> for JobManager {
                 Some(handle) => {
                     handle.addr.do_send(StopJob {
                         reason: "stopped by request".to_string(),
+                        save: msg.save,
                     });
                     until_terminal(handle.state).await;
                     Ok(())
@@ -385,6 +386,7 @@ impl Handler<Delete> for JobManager {
                     }
                     handle.addr.do_send(StopJob {
                         reason: "deleted".to_string(),
+                        save: false,
                     });
                     until_terminal(handle.state).await;
                 }

@@ -61,6 +61,12 @@ pub struct RestartStraggler {
     pub attempt: u32,
 }
 
+/// Job → Worker: ask the current incarnation to checkpoint with SIGUSR1 (or what stands for
+/// it), for a rank that never heartbeated and so cannot read the request in an answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AskToSave;
+
 /// Job → Worker: stop the current incarnation (terminate, then kill after the grace period).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -164,6 +170,8 @@ pub struct Restore;
 #[rtype(result = "Result<(), ManagerError>")]
 pub struct Stop {
     pub id: Uuid,
+    /// Ask the ranks to save first (up to the job's `save_grace_s`).
+    pub save: bool,
 }
 
 /// Delete jobs and their records. A running job is refused unless `force`, which stops it
@@ -200,12 +208,19 @@ pub struct Skipped {
 #[rtype(result = "Summary")]
 pub struct GetSummary;
 
-/// Stop every rank and end the job as `stopped`.
+/// Stop every rank and end the job as `stopped`; with `save`, the ranks save first.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct StopJob {
     pub reason: String,
+    pub save: bool,
 }
+
+/// `POST /jobs/{id}/checkpoint`: ask the ranks to save now and keep running; resolves with
+/// what the save did once it committed or its grace ran out.
+#[derive(Message)]
+#[rtype(result = "Option<crate::domain::notice::NoticeReport>")]
+pub struct SaveNow;
 
 /// Server shutdown: kill every rank now, leave the job `running` in the database so the next
 /// start resumes it.
@@ -229,9 +244,10 @@ pub enum WorkerRejected {
 // the job's `WorkerTokens` before the body was read); the Job refuses it as stale (409) unless
 // that attempt still runs.
 
-/// A heartbeat from incarnation `attempt` of `rank`.
+/// A heartbeat from incarnation `attempt` of `rank`; answered with the save request in
+/// flight, if any.
 #[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
+#[rtype(result = "Result<Option<crate::domain::notice::SaveRequest>, WorkerRejected>")]
 pub struct Heartbeat {
     pub rank: u32,
     pub attempt: u32,
@@ -240,12 +256,20 @@ pub struct Heartbeat {
 
 /// A rank's contribution to the all-reduce of `step`; answered with the mean of all ranks'.
 #[derive(Message)]
-#[rtype(result = "Result<Arc<Vec<f64>>, WorkerRejected>")]
+#[rtype(result = "Result<Arc<Round>, WorkerRejected>")]
 pub struct AllReduceRequest {
     pub rank: u32,
     pub attempt: u32,
     pub step: u64,
     pub values: Vec<f64>,
+}
+
+/// The outcome of an all-reduce round, the same for every rank: the mean, and the save
+/// request the round carries (ranks in lock step must all learn it at the same step).
+#[derive(Debug)]
+pub struct Round {
+    pub mean: Vec<f64>,
+    pub save: Option<crate::domain::notice::SaveRequest>,
 }
 
 /// A rank reports its checkpoint part of `step` as durable.

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::Runtime;
 use super::messages::{
-    Beat, CaptureStacks, JobInbox, KillHung, LaunchRank, RankHung, RestartStraggler, StopActor,
-    Terminate, WorkerExited, WorkerStarted,
+    AskToSave, Beat, CaptureStacks, JobInbox, KillHung, LaunchRank, RankHung, RestartStraggler,
+    StopActor, Terminate, WorkerExited, WorkerStarted,
 };
 use crate::domain::error_file::{self, RootCause};
 use crate::domain::incident::RankStacks;
@@ -302,6 +302,16 @@ impl Handler<CaptureStacks> for Worker {
                 text,
             })
         })
+    }
+}
+
+impl Handler<AskToSave> for Worker {
+    type Result = ();
+
+    fn handle(&mut self, _: AskToSave, _: &mut Context<Self>) {
+        if let Some(control) = self.current.as_ref().and_then(|inc| inc.control.as_ref()) {
+            control.ask_to_save();
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! `/jobs`: create, list, inspect, stop, delete, purge.
+//! `/jobs`: create, list, inspect, delete, purge (stop and checkpoint: `notice.rs`).
 
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
@@ -8,7 +8,7 @@ use super::error::{ErrorBody, parse_json};
 use super::schema::{JobId, Model};
 use super::{ApiError, AppState, parse_job_id};
 use crate::actors::messages::DeleteReport;
-use crate::actors::messages::{CreateJob, Delete, GetSummary, Stop};
+use crate::actors::messages::{CreateJob, Delete, GetSummary};
 use crate::checkpoint::{FINAL_MODEL, sha256_hex};
 use crate::domain::JobState;
 use crate::domain::progress::{Progress, Summary, SummaryInput};
@@ -188,6 +188,7 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         rank_rates: Vec::new(),
         standbys: Default::default(),
         standby_off: None,
+        last_notice: None,
         launcher_ref: None,
         excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
     }))
@@ -306,28 +307,6 @@ pub async fn excluded_nodes(
     let id = parse_job_id(&path)?;
     record(&state, id).await?;
     Ok(HttpResponse::Ok().json(store::jobs::excluded_nodes(&state.rt.pool, id).await?))
-}
-
-/// Stops a job (SIGTERM to every rank's process group, then SIGKILL after the grace) and
-/// returns it once it is stopped. Stopping a finished job changes nothing.
-#[utoipa::path(
-    post,
-    path = "/jobs/{job_id}/stop",
-    operation_id = "stop_job",
-    tag = "jobs",
-    params(JobId),
-    responses(
-        (status = 200, description = "The job, now finished", body = JobRecord),
-        (status = 404, description = "No such job", body = ErrorBody),
-    )
-)]
-pub async fn stop(
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let id = parse_job_id(&path)?;
-    state.manager.send(Stop { id }).await??;
-    Ok(HttpResponse::Ok().json(record(&state, id).await?))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

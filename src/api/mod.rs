@@ -9,6 +9,7 @@ mod incidents;
 mod jobs;
 mod logs;
 pub mod metrics;
+mod notice;
 pub mod openapi;
 mod page;
 mod schema;
@@ -81,7 +82,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/jobs/{job_id}/incidents", "GET").get(incidents::incidents))
         .service(resource("/jobs/{job_id}/progress", "GET").get(incidents::progress))
         .service(resource("/jobs/{job_id}/excluded_nodes", "GET").get(jobs::excluded_nodes))
-        .service(resource("/jobs/{job_id}/stop", "POST").post(jobs::stop))
+        .service(resource("/jobs/{job_id}/stop", "POST").post(notice::stop))
+        .service(resource("/jobs/{job_id}/checkpoint", "POST").post(notice::checkpoint))
         .service(resource("/jobs/{job_id}/logs", "GET").get(logs::tail))
         .service(resource("/jobs/{job_id}/logs/stream", "GET").get(logs::stream))
         .service(resource("/jobs/{job_id}/checkpoints", "GET").get(jobs::checkpoints))

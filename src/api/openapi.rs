@@ -13,7 +13,9 @@ use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{Code, ErrorBody};
-use super::{AppState, auth, events, health, incidents, jobs, logs, metrics, page, workers};
+use super::{
+    AppState, auth, events, health, incidents, jobs, logs, metrics, notice, page, workers,
+};
 use crate::config::JobDefaults;
 
 /// This document. Open like `/health`.
@@ -69,6 +71,7 @@ const SPEC_BOUNDS: &[(&str, f64, Option<f64>)] = &[
     ("crash_loop_after", 0.0, Some(1e6)),
     ("straggler_fraction", 0.01, Some(0.99)),
     ("straggler_window_s", 1.0, Some(86_400.0)),
+    ("save_grace_s", 0.0, Some(3600.0)),
     ("batch_size", 1.0, Some(1e6)),
     ("lr", 0.0, Some(1e6)),
     ("seed", 0.0, None),
@@ -333,7 +336,8 @@ impl Modify for SecuritySchemes {
         incidents::incidents,
         incidents::progress,
         jobs::excluded_nodes,
-        jobs::stop,
+        notice::stop,
+        notice::checkpoint,
         logs::tail,
         logs::stream,
         jobs::checkpoints,

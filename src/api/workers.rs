@@ -110,6 +110,12 @@ pub struct HeartbeatBody {
     step: Option<u64>,
     /// Anything numeric the rank wants shown, e.g. `{"loss": 0.3}`.
     metrics: Option<Value>,
+    /// The rank was given notice (it got SIGUSR1, e.g. Slurm's `--signal` before a
+    /// preemption), e.g. `"SIGUSR1"`: the whole job saves and holds at the saved step.
+    notice: Option<String>,
+    /// The last step the rank began saving a part of: tells a rank writing its part of a
+    /// save request's step from one that missed it.
+    saved_step: Option<u64>,
 }
 
 /// Reply of the heartbeat and checkpoint routes.
@@ -117,6 +123,9 @@ pub struct HeartbeatBody {
 #[allow(dead_code)] // Describes the `json!` reply.
 pub struct OkReply {
     ok: bool,
+    /// Heartbeats only: save your part of `save.by_step` right after finishing that step
+    /// (absent: nothing to do). With `halt`, train no further until the request changes.
+    save: Option<crate::domain::notice::SaveRequest>,
 }
 
 /// Reply of the all-reduce route: the mean over every rank.
@@ -125,6 +134,9 @@ pub struct OkReply {
 pub struct AllReduceReply {
     step: u64,
     values: Vec<f64>,
+    /// The save request this round carries (the same for every rank): save right after
+    /// applying this step when `save.by_step` is it.
+    save: Option<crate::domain::notice::SaveRequest>,
 }
 
 /// A rank's liveness and progress report.
@@ -173,7 +185,8 @@ pub async fn heartbeat(
         body,
     };
     match c.job.addr.send(msg).await.map_err(|_| ended(&c))? {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({ "ok": true }))),
+        Ok(None) => Ok(HttpResponse::Ok().json(json!({ "ok": true }))),
+        Ok(Some(save)) => Ok(HttpResponse::Ok().json(json!({ "ok": true, "save": save }))),
         Err(why) => Err(rejected(c.id, c.rank, why)),
     }
 }
@@ -220,7 +233,13 @@ pub async fn allreduce(
         values: body.values,
     };
     match c.job.addr.send(msg).await.map_err(|_| ended(&c))? {
-        Ok(mean) => Ok(HttpResponse::Ok().json(json!({ "step": body.step, "values": *mean }))),
+        Ok(round) => {
+            let mut reply = json!({ "step": body.step, "values": round.mean });
+            if let Some(save) = &round.save {
+                reply["save"] = json!(save);
+            }
+            Ok(HttpResponse::Ok().json(reply))
+        }
         Err(why) => Err(rejected(c.id, c.rank, why)),
     }
 }

@@ -280,6 +280,10 @@ pub struct Summary {
     /// With `warm_standby`: why the ranks start cold, once standbys kept failing to start.
     #[serde(default)]
     pub standby_off: Option<String>,
+    /// The last save on notice of this run (stop, SIGTERM, signal, checkpoint request): its
+    /// outcome, `saved_at_step` and `steps_lost`.
+    #[serde(default)]
+    pub last_notice: Option<super::notice::NoticeReport>,
     pub workers: Vec<WorkerSummary>,
 }
 
@@ -312,6 +316,7 @@ pub struct SummaryInput<'a> {
     /// The ranks' warm standbys, and why there are none when standbys kept failing.
     pub standbys: std::collections::HashMap<u32, StandbyView>,
     pub standby_off: Option<String>,
+    pub last_notice: Option<super::notice::NoticeReport>,
 }
 
 impl Summary {
@@ -412,6 +417,7 @@ impl Summary {
             excluded_nodes: input.excluded_nodes,
             goodput: input.goodput,
             standby_off: input.standby_off,
+            last_notice: input.last_notice,
             workers,
         }
     }

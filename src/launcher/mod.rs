@@ -83,6 +83,9 @@ pub trait RankControl: Send + Sync {
     fn terminate(&self);
     /// Stop it now, with everything it started.
     fn kill(&self);
+    /// Ask it to checkpoint (SIGUSR1 where the rank's processes can be signalled); nothing
+    /// where they cannot.
+    fn ask_to_save(&self) {}
     /// The process group of the rank's processes when they run on this host, where their
     /// stacks can be taken before a hung rank is killed; none elsewhere.
     fn host_group(&self) -> Option<u32> {

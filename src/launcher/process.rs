@@ -40,6 +40,10 @@ impl RankControl for GroupControl {
         signal_group(self.pgid, libc::SIGKILL);
     }
 
+    fn ask_to_save(&self) {
+        signal_group(self.pgid, libc::SIGUSR1);
+    }
+
     fn host_group(&self) -> Option<u32> {
         Some(self.pgid)
     }

@@ -61,6 +61,7 @@ pub struct JobRequest {
     pub straggler_fraction: Option<f64>,
     pub straggler_window_s: Option<f64>,
     pub straggler_action: Option<StragglerAction>,
+    pub save_grace_s: Option<f64>,
     pub batch_size: Option<i64>,
     pub lr: Option<f64>,
     pub seed: Option<i64>,
@@ -127,6 +128,10 @@ pub struct JobSpec {
     pub straggler_window_s: f64,
     #[serde(default)]
     pub straggler_action: StragglerAction,
+    /// How long the server waits for the ranks' save on notice (stop, SIGTERM, a preemption
+    /// signal, a checkpoint request) to commit before it goes on without it.
+    #[serde(default = "default_save_grace_s")]
+    pub save_grace_s: f64,
     pub batch_size: u32,
     pub lr: f64,
     pub seed: u64,
@@ -175,6 +180,13 @@ pub enum StragglerAction {
 pub const DEFAULT_STRAGGLER_FRACTION: f64 = 0.5;
 /// …for a whole minute.
 pub const DEFAULT_STRAGGLER_WINDOW_S: f64 = 60.0;
+
+/// Kubernetes' default termination grace, and within a spot instance's warning.
+pub const DEFAULT_SAVE_GRACE_S: f64 = 30.0;
+
+fn default_save_grace_s() -> f64 {
+    DEFAULT_SAVE_GRACE_S
+}
 
 fn default_straggler_fraction() -> f64 {
     DEFAULT_STRAGGLER_FRACTION
@@ -417,6 +429,12 @@ impl JobRequest {
                 86_400.0,
             )?,
             straggler_action: self.straggler_action.unwrap_or_default(),
+            save_grace_s: finite_in(
+                "save_grace_s",
+                self.save_grace_s.unwrap_or(DEFAULT_SAVE_GRACE_S),
+                0.0,
+                3600.0,
+            )?,
             batch_size: in_range("batch_size", self.batch_size.unwrap_or(32), 1, 1_000_000)? as u32,
             lr: finite_in("lr", self.lr.unwrap_or(0.1), 0.0, 1e6)?,
             seed: in_range("seed", self.seed.unwrap_or(0), 0, i64::MAX)? as u64,

@@ -7,6 +7,12 @@ use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::checkpoint::PartInfo;
+use crate::domain::notice::SaveRequest;
+
+/// The `save` field of an answer (a request this worker cannot read is no request).
+fn save_request(answer: &Value) -> Option<SaveRequest> {
+    serde_json::from_value(answer.get("save")?.clone()).ok()
+}
 
 /// Exit code of a worker told it is stale.
 pub const EXIT_STALE: i32 = 75;
@@ -60,18 +66,28 @@ impl WorkerClient {
         Ok(res.json().await?)
     }
 
-    pub async fn heartbeat(&self, body: &Value) -> anyhow::Result<()> {
-        self.post("heartbeat", body, Some(Duration::from_secs(5)))
-            .await
-            .map(drop)
+    /// Sends a heartbeat; answers with the server's save request, if it has one.
+    pub async fn heartbeat(&self, body: &Value) -> anyhow::Result<Option<SaveRequest>> {
+        let res = self
+            .post("heartbeat", body, Some(Duration::from_secs(5)))
+            .await?;
+        Ok(save_request(&res))
     }
 
-    /// The element-wise mean of every rank's `values` for `step`, summed in rank order.
-    pub async fn allreduce(&self, step: u64, values: &[f64]) -> anyhow::Result<Vec<f64>> {
+    /// The element-wise mean of every rank's `values` for `step`, summed in rank order, and
+    /// the save request the round carries.
+    pub async fn allreduce(
+        &self,
+        step: u64,
+        values: &[f64],
+    ) -> anyhow::Result<(Vec<f64>, Option<SaveRequest>)> {
         let res = self
             .post("allreduce", &json!({"step": step, "values": values}), None)
             .await?;
-        Ok(serde_json::from_value(res["values"].clone())?)
+        Ok((
+            serde_json::from_value(res["values"].clone())?,
+            save_request(&res),
+        ))
     }
 
     /// Tells the server this rank's part of `step` is durable.

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod data;
 pub mod model;
+pub mod notice;
 pub mod rng;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use crate::storage::BlobStore;
 use client::WorkerClient;
 use data::{Cursor, Dataset, RankStream, Shard};
 use model::Model;
+use notice::SaveSlot;
 
 /// What a part of the built-in trainer holds besides the model.
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +96,9 @@ impl Env {
 #[derive(Default, Clone)]
 struct Progress {
     step: u64,
+    /// The last step this incarnation began saving a part of: the server tells a rank that
+    /// missed a save request from one that is writing its part.
+    saved_step: Option<u64>,
     cursor: Cursor,
     loss: Option<f64>,
 }
@@ -163,12 +168,15 @@ async fn train(env: Env) -> anyhow::Result<()> {
 
     let progress = Arc::new(Mutex::new(Progress {
         step,
+        saved_step: None,
         cursor: stream.cursor,
         loss: None,
     }));
+    let saves = SaveSlot::default();
     start_heartbeats(
         client.clone(),
         progress.clone(),
+        saves.clone(),
         spec.heartbeat_timeout_s,
         total_steps,
     );
@@ -182,6 +190,8 @@ async fn train(env: Env) -> anyhow::Result<()> {
     let mut saving: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     let batch_size = spec.batch_size as usize;
     let mut loss = f64::NAN;
+    // The last step this incarnation wrote a part of.
+    let mut saved_at = None;
     while step < total_steps {
         stream.prepare(&dataset, batch_size).await?;
         let batch = stream.next_batch(batch_size);
@@ -193,9 +203,9 @@ async fn train(env: Env) -> anyhow::Result<()> {
             }
         }
         let (grad, batch_loss) = model.gradient(&batch);
-        let grad = match spec.sync {
+        let (grad, round_save) = match spec.sync {
             SyncMode::Allreduce if world > 1 => client.allreduce(step + 1, &grad).await?,
-            _ => grad,
+            _ => (grad, None),
         };
         model.apply(&grad, spec.lr);
         step += 1;
@@ -206,7 +216,13 @@ async fn train(env: Env) -> anyhow::Result<()> {
             p.cursor = stream.cursor;
             p.loss = Some(loss);
         }
-        if step.is_multiple_of(spec.checkpoint_every) || step == total_steps {
+        // The server's save on notice: in the all-reduce answer of this very step (ranks in
+        // lock step), else in the last heartbeat's.
+        let request = round_save.or_else(|| saves.current());
+        let on_notice = notice::due(request.as_ref(), step) && saved_at != Some(step);
+        if step.is_multiple_of(spec.checkpoint_every) || step == total_steps || on_notice {
+            saved_at = Some(step);
+            progress.lock().unwrap().saved_step = Some(step);
             let header = PartHeader {
                 step,
                 cursor: stream.cursor,
@@ -222,6 +238,17 @@ async fn train(env: Env) -> anyhow::Result<()> {
         }
         if step.is_multiple_of(log_every) || step == total_steps {
             println!("rank {rank}: step {step}/{total_steps} loss {loss:.4}");
+        }
+        if let Some(request) = request.as_ref().filter(|r| notice::holds(Some(r), step)) {
+            // The server ends this rank next: the part must be in, and no step made after it.
+            if let Some(part) = saving.take() {
+                report_failed_checkpoint(rank, spec.checkpoint_every, part.await?);
+            }
+            println!(
+                "rank {rank}: saved step {step} on notice ({}); holding there",
+                request.reason
+            );
+            saves.hold_at(step).await;
         }
         if !sleep.is_zero() {
             tokio::time::sleep(sleep).await;
@@ -315,14 +342,20 @@ async fn one_epoch_steps(env: &Env, dataset: &Dataset, shards: &[Shard]) -> anyh
     Ok(((min / env.spec.batch_size as usize) as u64).max(1))
 }
 
-/// Heartbeats from their own thread, so a long step never looks like a hang.
+/// Heartbeats from their own thread, so a long step never looks like a hang; each answer's
+/// save request goes to `saves`. SIGUSR1 (Slurm's `--signal` before a preemption) is passed
+/// on to the server at once, in a heartbeat with `"notice": "SIGUSR1"`.
 fn start_heartbeats(
     client: WorkerClient,
     progress: Arc<Mutex<Progress>>,
+    saves: SaveSlot,
     timeout_s: f64,
     total_steps: u64,
 ) {
     let interval = Duration::from_secs_f64((timeout_s / 4.0).clamp(0.01, 1.0));
+    // While a save is asked for, the answers are awaited more often: a held rank learns at
+    // once that it may go on.
+    let asked_interval = interval.min(Duration::from_millis(50));
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -331,6 +364,9 @@ fn start_heartbeats(
             return;
         };
         rt.block_on(async move {
+            let mut usr1 =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+            let mut notice = None;
             loop {
                 let p = progress.lock().unwrap().clone();
                 let mut body = json!({"step": p.step, "total_steps": total_steps,
@@ -339,10 +375,29 @@ fn start_heartbeats(
                 if let Some(loss) = p.loss {
                     body["metrics"] = json!({"loss": loss});
                 }
-                if let Err(e) = client.heartbeat(&body).await {
-                    eprintln!("heartbeat failed: {e}");
+                if let Some(saved) = p.saved_step {
+                    body["saved_step"] = json!(saved);
                 }
-                tokio::time::sleep(interval).await;
+                if let Some(signal) = notice.take() {
+                    body["notice"] = json!(signal);
+                }
+                match client.heartbeat(&body).await {
+                    Ok(request) => saves.heard(request),
+                    Err(e) => eprintln!("heartbeat failed: {e}"),
+                }
+                let wait = if saves.current().is_some() {
+                    asked_interval
+                } else {
+                    interval
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = saves.beat_wanted() => {}
+                    Some(()) = async { usr1.as_mut()?.recv().await } => {
+                        println!("got SIGUSR1: asking the server to save the job");
+                        notice = Some("SIGUSR1");
+                    }
+                }
             }
         });
     });

@@ -11,8 +11,9 @@ use tokio::sync::oneshot;
 use super::{Job, RankState};
 use crate::actors::messages::Beat;
 use crate::actors::messages::{
-    AllReduceRequest, CheckpointPart, Committed, Heartbeat, RegisterPart, WorkerRejected,
+    AllReduceRequest, CheckpointPart, Committed, Heartbeat, RegisterPart, Round, WorkerRejected,
 };
+use crate::domain::notice::{NoticeCause, SaveRequest};
 use crate::store::history::HistoryOp;
 
 /// The shortest interval between two stored progress samples.
@@ -26,7 +27,9 @@ pub(super) const PROGRESS_EVENT_EVERY: Duration = Duration::from_millis(500);
 pub struct AllReduce {
     step: u64,
     values: Vec<Option<Vec<f64>>>,
-    waiters: Vec<oneshot::Sender<Arc<Vec<f64>>>>,
+    waiters: Vec<oneshot::Sender<Arc<Round>>>,
+    /// A round has been asked for: the ranks step in lock step through the server.
+    used: bool,
 }
 
 impl AllReduce {
@@ -34,6 +37,10 @@ impl AllReduce {
     pub(super) fn reset(&mut self) {
         self.values.clear();
         self.waiters.clear();
+    }
+
+    pub(super) fn used(&self) -> bool {
+        self.used
     }
 }
 
@@ -57,12 +64,34 @@ impl Job {
 }
 
 impl Handler<Heartbeat> for Job {
-    type Result = Result<(), WorkerRejected>;
+    type Result = Result<Option<SaveRequest>, WorkerRejected>;
 
-    fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Heartbeat, ctx: &mut Context<Self>) -> Self::Result {
         let attempt = msg.attempt;
         self.still_runs(msg.rank, attempt)?;
         let step = msg.body.get("step").and_then(serde_json::Value::as_u64);
+        if let Some(signal) = msg.body.get("notice").and_then(serde_json::Value::as_str) {
+            // The rank got SIGUSR1 (Slurm's `--signal` before a preemption): the whole job
+            // saves, and the ranks hold at the saved step until the grace ends.
+            self.note(
+                Some(msg.rank),
+                Some(attempt),
+                format!("rank {} was given notice ({signal})", msg.rank),
+            );
+            let grace = self.save_grace();
+            self.ask_to_save(
+                NoticeCause::Signal,
+                super::notice::AfterSave::KeepRunning,
+                grace,
+                None,
+                ctx,
+            );
+        }
+        let saved_step = msg
+            .body
+            .get("saved_step")
+            .and_then(serde_json::Value::as_u64);
+        let save = self.save_request(msg.rank, step, saved_step);
         if let Some(step) = step {
             self.straggler_step(msg.rank, attempt, step);
             self.launcher.rank_stepping(msg.rank);
@@ -102,12 +131,12 @@ impl Handler<Heartbeat> for Job {
                 });
             }
         }
-        Ok(())
+        Ok(save)
     }
 }
 
 impl Handler<AllReduceRequest> for Job {
-    type Result = ResponseFuture<Result<Arc<Vec<f64>>, WorkerRejected>>;
+    type Result = ResponseFuture<Result<Arc<Round>, WorkerRejected>>;
 
     fn handle(&mut self, msg: AllReduceRequest, _: &mut Context<Self>) -> Self::Result {
         let result = self.contribute(msg);
@@ -120,15 +149,19 @@ impl Handler<AllReduceRequest> for Job {
     }
 }
 
-/// The mean at once (the last rank of the round), or a receiver for it.
-pub type Contribution = Result<Arc<Vec<f64>>, oneshot::Receiver<Arc<Vec<f64>>>>;
+/// The round at once (the last rank of the round), or a receiver for it.
+pub type Contribution = Result<Arc<Round>, oneshot::Receiver<Arc<Round>>>;
 
 impl Job {
     fn contribute(&mut self, msg: AllReduceRequest) -> Result<Contribution, WorkerRejected> {
         self.still_runs(msg.rank, msg.attempt)?;
         let world = self.spec.world_size as usize;
-        self.allreduce
-            .contribute(world, msg.rank, msg.step, msg.values)
+        let mut allreduce = std::mem::take(&mut self.allreduce);
+        let result = allreduce.contribute(world, msg.rank, msg.step, msg.values, |step| {
+            self.round_save_request(step)
+        });
+        self.allreduce = allreduce;
+        result
     }
 }
 
@@ -140,7 +173,9 @@ impl AllReduce {
         rank: u32,
         step: u64,
         values: Vec<f64>,
+        save: impl FnOnce(u64) -> Option<SaveRequest>,
     ) -> Result<Contribution, WorkerRejected> {
+        self.used = true;
         if self.values.is_empty() {
             self.values = vec![None; world];
             self.step = step;
@@ -171,12 +206,15 @@ impl AllReduce {
             for s in &mut sum {
                 *s /= world as f64;
             }
-            let mean = Arc::new(sum);
+            let round = Arc::new(Round {
+                mean: sum,
+                save: save(step),
+            });
             for w in self.waiters.drain(..) {
-                let _ = w.send(mean.clone());
+                let _ = w.send(round.clone());
             }
             self.values.clear();
-            return Ok(Ok(mean));
+            return Ok(Ok(round));
         }
         let (tx, rx) = oneshot::channel();
         self.waiters.push(tx);
@@ -189,6 +227,9 @@ impl Handler<CheckpointPart> for Job {
 
     fn handle(&mut self, msg: CheckpointPart, _: &mut Context<Self>) -> Self::Result {
         let authorized = self.still_runs(msg.rank, msg.attempt);
+        if authorized.is_ok() {
+            self.notice_part(msg.rank, msg.step);
+        }
         let checkpoint = self.checkpoint.clone();
         Box::pin(async move {
             authorized?;
@@ -209,10 +250,12 @@ impl Handler<CheckpointPart> for Job {
 impl Handler<Committed> for Job {
     type Result = ();
 
-    fn handle(&mut self, msg: Committed, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
         self.rt
             .recorder
             .event("checkpoint", self.id, serde_json::json!({"step": msg.step}));
+        let step = msg.step;
         self.last_checkpoint = Some(msg);
+        self.notice_committed(step, ctx);
     }
 }
