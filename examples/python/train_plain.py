@@ -272,7 +272,9 @@ def main(argv=None):
         s, l, epoch = stream.cursor()
         metrics = {"loss": loss}
         progress[0] = {"step": step, "shard_idx": s, "line_idx": l, "metrics": metrics}
-        if step % every == 0 or step == total_steps:
+        # A save on notice (a stop, the server's SIGTERM, a preemption signal) at this step.
+        asked = ctx.save_requested(step)
+        if step % every == 0 or step == total_steps or asked:
             part = dumps({
                 "format": FORMAT,
                 "step": step,
@@ -285,6 +287,8 @@ def main(argv=None):
             })
             ctx.save_part(step, part, shard_idx=s, line_idx=l, metrics=metrics)
             log(ctx, "step %d loss %.6f checkpoint registered" % (step, loss))
+        if asked:
+            ctx.hold_if_asked(step)
         if sleep_sec > 0:
             time.sleep(sleep_sec)
 

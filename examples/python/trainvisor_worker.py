@@ -206,6 +206,8 @@ class Heartbeater:
             target=self._run, name="trainvisor-heartbeat", daemon=True
         )
         self._last_warning = 0.0
+        # Set to beat at once (a save request is being held, or SIGUSR1 arrived).
+        self.wake = threading.Event()
 
     def start(self) -> "Heartbeater":
         self._thread.start()
@@ -230,15 +232,21 @@ class Heartbeater:
             except Exception as e:  # a broken state function must not stop the beats
                 self._warn("state function raised %r" % (e,))
                 fields = {}
+            fields = dict(fields or {})
+            self._ctx._notice_fields(fields)
             try:
-                self._ctx._post(self._ctx.heartbeat_url, _finite(fields or {}), timeout=10.0)
+                answer = self._ctx._post(self._ctx.heartbeat_url, _finite(fields), timeout=10.0)
+                self._ctx._heard(answer)
             except StaleIncarnation as e:
                 _die("heartbeat refused (409): %s" % e)
             except Unauthorized as e:
                 _die("heartbeat refused (401): %s" % e)
             except TrainvisorError as e:
                 self._warn(str(e))
-            self._stop.wait(self._interval)
+            # While a save is asked for, beat every 50 ms: a held rank learns at once.
+            asked = self._ctx._save_request is not None
+            self.wake.wait(min(self._interval, 0.05) if asked else self._interval)
+            self.wake.clear()
 
 
 def _die(message: str) -> None:
@@ -304,6 +312,13 @@ class Context:
         self.heartbeat_timeout = heartbeat_timeout
         self.exit_on_stale = exit_on_stale
         self._heartbeater = None
+        # Save on notice: the request as last heard, how many answers were heard, the last
+        # step a part was begun for, and a SIGUSR1 not yet told to the server.
+        self._save_request = None
+        self._round_save = None
+        self._answers = 0
+        self._saved_step = None
+        self._signalled = None
         # Talk to the server directly: an http_proxy from the environment must not intercept
         # loopback calls.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -468,7 +483,71 @@ class Context:
         if self._heartbeater is not None:
             self._heartbeater.stop()
         self._heartbeater = Heartbeater(self, interval_s, state_fn).start()
+        if threading.current_thread() is threading.main_thread():
+            self.handle_sigusr1()
         return self._heartbeater
+
+    # ----------------------------------------------------------------------------------------
+    # Save on notice (see the README's "Save on notice")
+
+    def _heard(self, answer) -> None:
+        save = answer.get("save") if isinstance(answer, dict) else None
+        self._save_request = save if isinstance(save, dict) and "by_step" in save else None
+        self._answers += 1
+
+    def _notice_fields(self, fields: dict) -> None:
+        if self._saved_step is not None:
+            fields["saved_step"] = self._saved_step
+        if self._signalled is not None:
+            fields["notice"] = self._signalled
+            self._signalled = None
+
+    def handle_sigusr1(self) -> None:
+        """Take SIGUSR1 (Slurm's ``--signal``, or the server asking a rank that never
+        heartbeated) as a request to save: the next heartbeat tells the server, which asks the
+        whole job. Without heartbeats ``save_requested`` is true at the next step. Called by
+        ``start_heartbeats`` (from the main thread only, where Python allows handlers)."""
+        import signal
+
+        def on_usr1(signum, frame):
+            self._signalled = "SIGUSR1"
+            if self._heartbeater is not None:
+                self._heartbeater.wake.set()
+
+        signal.signal(signal.SIGUSR1, on_usr1)
+
+    def save_requested(self, step: int) -> bool:
+        """Whether to save this rank's part right after finishing ``step``: the server asked
+        for ``by_step`` <= ``step`` and no part has been begun for it since (or, without
+        heartbeats, SIGUSR1 arrived). Call it after each step; then ``save_part(step, ...)``,
+        then ``hold_if_asked(step)``. A DDP script all-reduces the answer (MAX) so that every
+        rank saves at the same step even if one heard the request late."""
+        req = self._round_save or self._save_request
+        if req is not None:
+            by = int(req["by_step"])
+            return step >= by and (self._saved_step is None or self._saved_step < by)
+        return self._heartbeater is None and self._signalled is not None
+
+    def hold_if_asked(self, step: int, poll_s: float = 0.01) -> None:
+        """After saving ``step`` on a request that halts (a stop, the server's shutdown, a
+        preemption signal): train no further until a heartbeat answer sent after this call no
+        longer holds the rank there. The server ends the rank meanwhile, or releases it."""
+        if self._heartbeater is None:
+            self._signalled = None
+            return
+        entered = self._answers
+        self._heartbeater.wake.set()
+        while True:
+            req = self._save_request
+            held = (
+                req is not None
+                and req.get("halt")
+                and self._saved_step == step
+                and int(req["by_step"]) <= step
+            )
+            if self._answers >= entered + 2 and not held:
+                return
+            time.sleep(poll_s)
 
     def stop_heartbeats(self) -> None:
         """Stop the background heartbeat thread, if any."""
@@ -508,6 +587,7 @@ class Context:
             raise ValueError("step must be non-negative")
         data = bytes(data)
         name = part_name(self.rank)
+        self._saved_step = int(step)
         atomic_write(os.path.join(self.step_dir(step), name), data)
         body = {
             "step": int(step),
@@ -656,6 +736,10 @@ class Context:
         if answer.get("step") != int(step) or not isinstance(answer.get("values"), list):
             raise TrainvisorError("allreduce: unexpected answer %r" % (answer,))
         out = answer["values"]
+        save = answer.get("save")
+        # The round fixes the step of a save request for every rank at once (kept apart: a
+        # heartbeat answer sent before the round must not take it back).
+        self._round_save = save if isinstance(save, dict) and "by_step" in save else None
         if len(out) != len(body["values"]):
             raise TrainvisorError(
                 "allreduce: sent %d values, got %d back" % (len(body["values"]), len(out))

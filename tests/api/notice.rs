@@ -289,3 +289,31 @@ async fn the_servers_sigterm_saves_and_the_next_server_resumes_at_the_step_reach
     app.post_json(&format!("/jobs/{id}/stop"), &json!({"save": false}))
         .await;
 }
+
+/// The Python helper honours the request too: `train_plain.py` (independent ranks, step from
+/// the heartbeats; and `--sync`, step from the server's all-reduce) saves the step reached on
+/// a stop.
+#[actix_web::test]
+async fn a_python_job_saves_on_stop_in_both_modes() {
+    use crate::python::{make_dataset, train_plain};
+    let app = spawn_app().await;
+    let dataset = make_dataset(app.data_dir.path());
+    for (args, scope) in [(&[][..], "worker"), (&["--sync"][..], "job")] {
+        let id = app
+            .create_job(
+                json!({"world_size": 2, "command": train_plain(args), "dataset": dataset,
+                               "total_steps": 100_000, "batch_size": 8, "checkpoint_every": 5000,
+                               "sleep_sec": 0.01, "restart_scope": scope}),
+            )
+            .await;
+        wait_step(&app, &id, 5).await;
+        assert_eq!(app.stop(&id).await.status(), 200);
+        let summary = app.summary(&id).await;
+        let notice = &summary["last_notice"];
+        assert_eq!(notice["outcome"], "saved", "{args:?}: {summary}");
+        assert_eq!(notice["steps_lost"], 0, "{args:?}: {notice}");
+        let saved = notice["saved_at_step"].as_u64().unwrap();
+        assert_eq!(notice["reached_step"], saved, "{args:?}: {notice}");
+        assert_eq!(committed_steps(&app, &id).await, vec![saved], "{args:?}");
+    }
+}

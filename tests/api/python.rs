@@ -15,7 +15,7 @@ const CLASSES: usize = 3;
 
 /// Writes `shard-00000.jsonl` … with deterministic, learnable examples
 /// `{"x": [4 floats], "y": class}` and returns the dataset directory.
-fn make_dataset(root: &Path) -> PathBuf {
+pub(crate) fn make_dataset(root: &Path) -> PathBuf {
     let dir = root.join("dataset");
     std::fs::create_dir_all(&dir).unwrap();
     // A small LCG, so the data is the same on every machine.
@@ -47,7 +47,7 @@ fn make_dataset(root: &Path) -> PathBuf {
     dir
 }
 
-fn train_plain(extra: &[&str]) -> Value {
+pub(crate) fn train_plain(extra: &[&str]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/train_plain.py");
     let mut argv = vec![
         "python3".to_string(),

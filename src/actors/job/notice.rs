@@ -33,7 +33,7 @@ pub(super) struct Pending {
     /// `None` until the next all-reduce round fixes it (ranks in lock step through the
     /// server's all-reduce must all see the same step in the same answer).
     by_step: Option<u64>,
-    /// Ranks whose part of `by_step` is registered.
+    /// Ranks whose part of `by_step` (or a later step) is registered.
     saved: BTreeSet<u32>,
     /// The step committed, while the ranks hold at it (a signal's notice holds until the
     /// grace ends, so the preemption that follows finds them at the saved step).
@@ -129,7 +129,8 @@ impl Job {
         if let (Some(by), Some(step)) = (pending.by_step, step)
             && pending.committed.is_none()
         {
-            let saved = pending.saved.contains(&rank) || saved_step == Some(by);
+            // A rank may save past the step (a script that agrees on it with its peers).
+            let saved = pending.saved.contains(&rank) || saved_step.is_some_and(|s| s >= by);
             let raised = raised_by_step(by, step, saved, lead);
             if raised != by {
                 pending.by_step = Some(raised);
@@ -152,7 +153,7 @@ impl Job {
     /// A rank's part of `step` is registered.
     pub(super) fn notice_part(&mut self, rank: u32, step: u64) {
         if let Some(pending) = self.notice.as_mut()
-            && pending.by_step == Some(step)
+            && pending.by_step.is_some_and(|by| step >= by)
         {
             pending.saved.insert(rank);
         }
