@@ -25,7 +25,10 @@ resolved in the server's working directory):
 trainvisor sets CHECKPOINT_DIR to the job's own directory, RESTART_COUNT (also
 TORCHELASTIC_RESTART_COUNT) and, for every launch of the job, a fresh MASTER_PORT. If the
 helper ``examples/python/trainvisor_worker.py`` is found, the script also heartbeats so a hung
-rank is detected (optional: without heartbeats a rank is supervised by its exit alone).
+rank is detected (optional: without heartbeats a rank is supervised by its exit alone) and
+it saves on notice: when trainvisor asks (a stop, its SIGTERM, Slurm's ``--signal``), the ranks
+agree on the step with one tiny all-reduce per step, rank 0 writes ``ddp.pt`` there, and every
+rank registers a part of that step so trainvisor commits it; then they hold until ended.
 This example is not run in CI (torch is not installed there).
 """
 
@@ -86,12 +89,14 @@ def main():
         print(f"[rank {rank}] resumed from step {step}", flush=True)
 
     progress = {"step": step, "metrics": {}}
-    try:  # optional trainvisor heartbeats
+    ctx = None
+    try:  # optional trainvisor heartbeats and save on notice
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
         from trainvisor_worker import Context
 
         if "TRAINVISOR_HEARTBEAT_URL" in os.environ:
-            Context.from_env().start_heartbeats(None, lambda: dict(progress))
+            ctx = Context.from_env()
+            ctx.start_heartbeats(None, lambda: dict(progress))
     except ImportError:
         pass
 
@@ -104,7 +109,11 @@ def main():
         opt.step()
         step += 1
         progress.update(step=step, metrics={"loss": loss.item()})
-        if step % CKPT_EVERY == 0 or step == TOTAL_STEPS:
+        # Save on notice: one rank may hear the request a step late, so the ranks agree (MAX).
+        asked = torch.tensor([int(ctx is not None and ctx.save_requested(step))])
+        if ctx is not None:
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        if step % CKPT_EVERY == 0 or step == TOTAL_STEPS or asked.item():
             # Every rank holds the same weights; rank 0 writes, the others wait for it.
             if rank == 0:
                 save_atomic(
@@ -113,6 +122,10 @@ def main():
                 )
                 print(f"[rank 0] step {step} loss {loss.item():.5f} checkpointed", flush=True)
             dist.barrier()
+            if asked.item():
+                # ddp.pt now holds this step: every rank's part tells trainvisor so.
+                ctx.save_part(step, json.dumps({"step": step, "checkpoint": CKPT}).encode())
+                ctx.hold_if_asked(step)
 
     if rank == 0:
         save_atomic(model.module.state_dict(), os.path.join(CKPT_DIR, "model.bin"))
