@@ -103,6 +103,14 @@ async fn run(conf: Option<&Path>, program: &str, args: &[String]) -> io::Result<
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Slurm's notice before the time limit (and at a preemption, with the cluster's
+/// `PreemptParameters=send_user_signal`): SIGUSR1 to every step `save_grace_s` ahead (at
+/// least a second), which the ranks pass on to the server, which saves the whole job.
+pub fn notice_arg(save_grace_s: f64) -> String {
+    let ahead = save_grace_s.ceil().clamp(1.0, 65_535.0) as u32;
+    format!("--signal=USR1@{ahead}")
+}
+
 /// Asks for an allocation and waits until it is granted (a busy cluster queues it).
 pub async fn allocate(
     conf: Option<&Path>,
@@ -110,10 +118,12 @@ pub async fn allocate(
     comment: &str,
     spec: &SlurmSpec,
     exclude: &[String],
+    notice: &str,
 ) -> io::Result<Allocation> {
     let mut args = vec![
         "--no-shell".to_string(),
         "--no-kill".to_string(),
+        notice.to_string(),
         format!("--job-name={name}"),
         format!("--comment={comment}"),
         format!("--nodes={}", spec.nodes),
@@ -342,6 +352,18 @@ mod tests {
         let out = "n1 idle\nn2 mix*\nn3 down*\nn4 drain\nn5 alloc\nn2 mix*\nn6 idle~\n";
         let bad: Vec<String> = parse_bad_nodes(out).into_iter().map(|(n, _)| n).collect();
         assert_eq!(bad, ["n2", "n3", "n4"]);
+    }
+
+    #[test]
+    fn slurm_signals_the_steps_a_save_grace_ahead() {
+        for (grace, want) in [
+            (30.0, "--signal=USR1@30"),
+            (0.4, "--signal=USR1@1"),
+            (0.0, "--signal=USR1@1"),
+            (3600.0, "--signal=USR1@3600"),
+        ] {
+            assert_eq!(notice_arg(grace), want, "{grace}");
+        }
     }
 
     #[test]

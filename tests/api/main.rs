@@ -26,6 +26,7 @@ mod schemathesis;
 mod server_restart;
 mod slow_clients;
 mod slurm;
+mod slurm_notice;
 mod standby;
 mod standby_program;
 mod stragglers;

@@ -12,7 +12,7 @@ use tempfile::TempDir;
 
 use crate::helpers::*;
 
-struct Cluster {
+pub(crate) struct Cluster {
     dir: TempDir,
     conf: PathBuf,
 }
@@ -22,7 +22,7 @@ fn script() -> PathBuf {
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    pub(crate) fn start() -> Cluster {
         // Short path: munged's socket path must fit in a sockaddr_un.
         let dir = tempfile::Builder::new()
             .prefix("tvslurm")
@@ -42,7 +42,7 @@ impl Cluster {
         Cluster { dir, conf }
     }
 
-    fn cmd(&self, program: &str, args: &[&str]) -> String {
+    pub(crate) fn cmd(&self, program: &str, args: &[&str]) -> String {
         let out = Command::new(program)
             .args(args)
             .env("SLURM_CONF", &self.conf)
@@ -92,12 +92,12 @@ impl Drop for Cluster {
     }
 }
 
-async fn app_on(cluster: &Cluster) -> TestApp {
+pub(crate) async fn app_on(cluster: &Cluster) -> TestApp {
     let conf = cluster.conf.clone();
     spawn_app_with(move |s| s.slurm_conf = Some(conf)).await
 }
 
-fn trainer_spec(dataset: &Path, steps: u64, sleep: f64, slurm: bool) -> Value {
+pub(crate) fn trainer_spec(dataset: &Path, steps: u64, sleep: f64, slurm: bool) -> Value {
     let mut spec = json!({"world_size": 4, "dataset": dataset, "total_steps": steps,
                           "batch_size": 16, "checkpoint_every": 5, "lr": 0.2, "seed": 3,
                           "backoff_initial_ms": 0, "sleep_sec": sleep});
@@ -130,7 +130,7 @@ fn rank_process(instance: &str, rank: u32) -> Option<u32> {
 }
 
 /// Waits until every rank runs and the job is past `step`; returns the summary.
-async fn running_past(app: &TestApp, id: &str, step: u64) -> Value {
+pub(crate) async fn running_past(app: &TestApp, id: &str, step: u64) -> Value {
     wait_for(Duration::from_secs(90), || async {
         let s = app.summary(id).await;
         let all = s["workers"]

@@ -186,7 +186,8 @@ impl Inner {
         }
         let name = super::job_name(&self.cx.job_id);
         let comment = format!("trainvisor-instance={}", self.cx.instance);
-        let alloc = super::allocate(conf.as_deref(), &name, &comment, &spec, &exclude)
+        let notice = super::notice_arg(self.cx.spec.save_grace_s);
+        let alloc = super::allocate(conf.as_deref(), &name, &comment, &spec, &exclude, &notice)
             .await
             .map_err(|e| format!("no Slurm allocation: {e}"))?;
         if self.state().released {
