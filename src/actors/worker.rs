@@ -308,8 +308,16 @@ impl Handler<CaptureStacks> for Worker {
 impl Handler<AskToSave> for Worker {
     type Result = ();
 
+    /// Sent only when the rank is about to be ended anyway: a process that does not handle
+    /// the signal dies of it, and that counts as stopped, as the SIGTERM that follows would.
     fn handle(&mut self, _: AskToSave, _: &mut Context<Self>) {
-        if let Some(control) = self.current.as_ref().and_then(|inc| inc.control.as_ref()) {
+        let Some(inc) = self.current.as_mut() else {
+            return;
+        };
+        if let Some(control) = inc.control.clone() {
+            if inc.ending == Ending::Natural {
+                inc.ending = Ending::Terminated;
+            }
             control.ask_to_save();
         }
     }

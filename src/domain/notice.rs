@@ -91,6 +91,9 @@ pub enum NoticeOutcome {
     Interrupted,
     /// No rank was running: nothing to save.
     NothingToSave,
+    /// A running rank can neither read the request (it never heartbeated) nor was given
+    /// SIGUSR1 (`save_signal`), so no save could commit: the server did not wait.
+    Unasked,
 }
 
 impl NoticeOutcome {
@@ -100,8 +103,15 @@ impl NoticeOutcome {
             NoticeOutcome::TimedOut => "timed_out",
             NoticeOutcome::Interrupted => "interrupted",
             NoticeOutcome::NothingToSave => "nothing_to_save",
+            NoticeOutcome::Unasked => "unasked",
         }
     }
+}
+
+/// Whether a save can commit at all: every running rank either reads the request in its
+/// heartbeat's answer or is given SIGUSR1 (which only a rank that never heartbeated gets).
+pub fn can_be_asked(heartbeated: impl IntoIterator<Item = bool>, signal: bool) -> bool {
+    signal || heartbeated.into_iter().all(|h| h)
 }
 
 /// What an interruption with notice cost, as the summary, the CLI and `/metrics` show it.
@@ -221,6 +231,25 @@ mod tests {
                 account(outcome, saved, last, reached),
                 want,
                 "{outcome:?} {saved:?} {last:?} {reached:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_save_is_awaited_only_when_every_rank_can_be_asked() {
+        // (ranks that heartbeated, save_signal) -> wait for the save
+        let table: &[(&[bool], bool, bool)] = &[
+            (&[true, true], false, true),
+            (&[true, false], false, false),
+            (&[true, false], true, true),
+            (&[false, false], true, true),
+            (&[false], false, false),
+        ];
+        for (beats, signal, want) in table {
+            assert_eq!(
+                can_be_asked(beats.iter().copied(), *signal),
+                *want,
+                "{beats:?} {signal}"
             );
         }
     }

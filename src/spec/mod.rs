@@ -62,6 +62,7 @@ pub struct JobRequest {
     pub straggler_window_s: Option<f64>,
     pub straggler_action: Option<StragglerAction>,
     pub save_grace_s: Option<f64>,
+    pub save_signal: Option<bool>,
     pub batch_size: Option<i64>,
     pub lr: Option<f64>,
     pub seed: Option<i64>,
@@ -132,6 +133,10 @@ pub struct JobSpec {
     /// signal, a checkpoint request) to commit before it goes on without it.
     #[serde(default = "default_save_grace_s")]
     pub save_grace_s: f64,
+    /// A rank that never heartbeated gets SIGUSR1 before a stop or the server's shutdown and
+    /// up to `save_grace_s` to save; without it, SIGTERM and the kill grace, as under torchrun.
+    #[serde(default)]
+    pub save_signal: bool,
     pub batch_size: u32,
     pub lr: f64,
     pub seed: u64,
@@ -435,6 +440,7 @@ impl JobRequest {
                 0.0,
                 3600.0,
             )?,
+            save_signal: self.save_signal.unwrap_or(false),
             batch_size: in_range("batch_size", self.batch_size.unwrap_or(32), 1, 1_000_000)? as u32,
             lr: finite_in("lr", self.lr.unwrap_or(0.1), 0.0, 1e6)?,
             seed: in_range("seed", self.seed.unwrap_or(0), 0, i64::MAX)? as u64,

@@ -145,7 +145,8 @@ async fn a_checkpoint_request_saves_now_and_training_goes_on() {
 }
 
 /// Rank 0 heartbeats a step and ignores the request; rank 1 never heartbeats and gets
-/// SIGUSR1, which it traps and prints. The stop waits out the grace, then ends both.
+/// SIGUSR1 (`save_signal`), which it traps and prints. The stop waits out the grace, then
+/// ends both.
 #[actix_web::test]
 async fn a_rank_that_ignores_the_request_costs_only_the_grace() {
     let app = spawn_app().await;
@@ -158,7 +159,7 @@ async fn a_rank_that_ignores_the_request_costs_only_the_grace() {
     );
     let id = app
         .create_job(
-            json!({"world_size": 2, "command": sh(&script), "save_grace_s": 1,
+            json!({"world_size": 2, "command": sh(&script), "save_grace_s": 1, "save_signal": true,
                            "restart_scope": "worker", "heartbeat_timeout_s": 120}),
         )
         .await;

@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 use super::{Job, Phase};
 use crate::actors::messages::{AskToSave, SaveNow};
 use crate::domain::notice::{
-    NoticeCause, NoticeOutcome, NoticeReport, SaveRequest, account, first_by_step, lead,
-    raised_by_step,
+    NoticeCause, NoticeOutcome, NoticeReport, SaveRequest, account, can_be_asked, first_by_step,
+    lead, raised_by_step,
 };
 
 /// What the Job does once the save committed or the grace ran out.
@@ -67,8 +67,22 @@ impl Job {
             return;
         }
         let running = self.phase == Phase::Running && self.live_ranks().next().is_some();
-        if !running {
-            let report = self.report(cause, NoticeOutcome::NothingToSave, None, Instant::now());
+        // SIGUSR1 goes only to ranks trainvisor ends next, and only with `save_signal`.
+        let signal = self.spec.save_signal
+            && matches!(cause, NoticeCause::Stop | NoticeCause::ServerShutdown);
+        let heartbeated: Vec<bool> = self
+            .live_ranks()
+            .map(|r| self.ranks[r as usize].progress.last_heartbeat.is_some())
+            .collect();
+        let outcome = if !running {
+            Some(NoticeOutcome::NothingToSave)
+        } else if !can_be_asked(heartbeated, signal) {
+            Some(NoticeOutcome::Unasked)
+        } else {
+            None
+        };
+        if let Some(outcome) = outcome {
+            let report = self.report(cause, outcome, None, Instant::now());
             self.close_notice(report, waiter.into_iter().collect(), then, ctx);
             return;
         }
@@ -104,10 +118,10 @@ impl Job {
             timer,
             waiters: waiter.into_iter().collect(),
         });
-        // Ranks that never heartbeated cannot read an answer: they get SIGUSR1, but only when
-        // they are about to be ended anyway (the signal's default action ends a process that
-        // does not handle it).
-        if cause.halts() {
+        // Ranks that never heartbeated cannot read an answer: with `save_signal` they get
+        // SIGUSR1, but only when trainvisor ends them next (the signal's default action ends a
+        // process that does not handle it); on a signal's notice they got it themselves.
+        if signal {
             for rank in self.live_ranks().collect::<Vec<_>>() {
                 if self.ranks[rank as usize].progress.last_heartbeat.is_none() {
                     self.workers[rank as usize].do_send(AskToSave);
@@ -263,7 +277,10 @@ impl Job {
     }
 
     fn record_notice(&mut self, report: &NoticeReport) {
-        if report.outcome == NoticeOutcome::NothingToSave {
+        // A job whose ranks report no step (a shell script) has nothing to account for.
+        if report.outcome == NoticeOutcome::NothingToSave
+            || (report.outcome == NoticeOutcome::Unasked && report.reached_step.is_none())
+        {
             return;
         }
         let line = match report.outcome {
