@@ -395,6 +395,10 @@ pub async fn status(c: &Client, job: &str) -> anyhow::Result<()> {
         text.push('\n');
         text.push_str(&line);
     }
+    if let Some(line) = incidents::describe_notice(&s["last_notice"]) {
+        text.push('\n');
+        text.push_str(&line);
+    }
     if !all.is_empty() {
         text.push_str("\nincidents:\n");
         text.push_str(&incidents::describe_incidents(&all));

@@ -616,6 +616,11 @@
     setText($("goodput"), g ? `Goodput ${fmtNum(g.goodput, 3)}: of ${fmtNum(g.wall_s, 1)} s, ` +
       `${fmtNum(g.recovering_s, 1)} s recovering (${fmtNum(g.backoff_s, 1)} s in backoff), ` +
       `${g.steps_redone} steps redone` : "");
+    // The last save on notice (stop, SIGTERM, SIGUSR1, checkpoint request) and what it cost.
+    const n = s && s.last_notice;
+    setText($("notice"), n ? `Save on notice (${n.cause}): ${n.outcome}` +
+      (n.saved_at_step != null ? `, resumes at step ${n.saved_at_step}` : ", resumes at step 0") +
+      `, ${n.steps_lost} steps lost` : "");
     const longest = Math.max(0.001, ...list.map((i) => i.seconds_lost));
     const rows = list.map((i) => {
       const t0 = parseTs(i.detected_at);

@@ -31,6 +31,29 @@ pub fn describe_goodput(g: &Value) -> Option<String> {
     ))
 }
 
+/// The last save on notice: `notice (stop): saved at step 120 in 41 ms, 0 steps lost`, or
+/// `notice (stop): timed_out, resumes from step 100, 30 steps lost`.
+pub fn describe_notice(n: &Value) -> Option<String> {
+    let cause = n["cause"].as_str()?;
+    let outcome = n["outcome"].as_str().unwrap_or("?");
+    let at = n["saved_at_step"]
+        .as_u64()
+        .map_or("step 0".to_string(), |s| format!("step {s}"));
+    let lost = plural(
+        n["steps_lost"].as_u64().unwrap_or(0),
+        "step lost",
+        "steps lost",
+    );
+    Some(if outcome == "saved" {
+        format!(
+            "notice ({cause}): saved at {at} in {} ms, {lost}",
+            number(n["wait_ms"].as_f64().unwrap_or(0.0), 0)
+        )
+    } else {
+        format!("notice ({cause}): {outcome}, resumes from {at}, {lost}")
+    })
+}
+
 /// One line per incident, then its timeline:
 /// `#1 rank 1 signal: killed by SIGKILL — job restart of ranks 0,1 — recovered`
 /// `   detected 12:00:01.123  spawned +0.21 s  first heartbeat +0.35 s  training +1.02 s  lost 15 steps, 1.0 s`.

@@ -89,6 +89,10 @@ async fn a_stop_saves_the_step_reached_and_loses_nothing() {
             .unwrap();
         assert_eq!(resume.expect("a checkpoint").manifest.step, saved);
     }
+    let out = crate::cli::cli(&app, &["status", &id]).await;
+    let want = format!("notice (stop): saved at step {saved} in ");
+    assert!(out.stdout.contains(&want), "{}", out.stdout);
+    assert!(out.stdout.contains(", 0 steps lost"), "{}", out.stdout);
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains(r#"trainvisor_notices_total{cause="stop",outcome="saved"} 1"#),
