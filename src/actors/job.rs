@@ -12,14 +12,13 @@ use uuid::Uuid;
 use super::Runtime;
 use super::checkpoint::Checkpoint;
 use super::messages::{
-    Committed, GetSummary, JobEnded, JobInbox, KillForShutdown, StopActor, StopJob, Terminate,
-    WhenIdle, WorkerExited, WorkerStarted,
+    Committed, GetSummary, JobEnded, JobInbox, StopActor, Terminate, WhenIdle, WorkerExited,
+    WorkerStarted,
 };
 use super::tokens::WorkerTokens;
 use super::worker::Worker;
 use crate::domain::failure_policy::CrashLoop;
 use crate::domain::incident::{Incident, IncidentEnd, IncidentRow};
-use crate::domain::notice::NoticeCause;
 use crate::domain::progress::{LauncherRef, Progress, Summary, SummaryInput};
 use crate::domain::{JobState, Outcome, RestartCounts, RestartPolicy};
 use crate::launcher::{self, JobContext, JobLauncher};
@@ -547,55 +546,5 @@ impl Handler<GetSummary> for Job {
 
     fn handle(&mut self, _: GetSummary, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.summary())
-    }
-}
-
-impl Handler<StopJob> for Job {
-    type Result = ();
-
-    fn handle(&mut self, msg: StopJob, ctx: &mut Context<Self>) {
-        if !msg.save {
-            self.stop_now(msg.reason, ctx);
-            return;
-        }
-        let grace = self.save_grace();
-        self.ask_to_save(
-            NoticeCause::Stop,
-            notice::AfterSave::Stop { reason: msg.reason },
-            grace,
-            None,
-            ctx,
-        );
-    }
-}
-
-impl Handler<KillForShutdown> for Job {
-    type Result = ResponseFuture<()>;
-
-    /// Every rank gets SIGTERM (or what stands for it) and the server's kill grace, as on
-    /// stop; their ends are recorded as they come. What is still alive after the grace (and
-    /// a margin for the last exits to be recorded) is killed with everything the launcher
-    /// holds.
-    fn handle(&mut self, _: KillForShutdown, ctx: &mut Context<Self>) -> Self::Result {
-        let (tx, all_down) = tokio::sync::oneshot::channel();
-        if !matches!(self.phase, Phase::Done) {
-            self.shutdown_waiter = Some(tx);
-        }
-        // First the ranks save (within the kill grace), then they are stopped; no more
-        // decisions after that: the exits that follow are the server's doing, not the ranks'.
-        let save_wait = self.save_grace().min(self.rt.settings.kill_grace);
-        self.ask_to_save(
-            NoticeCause::ServerShutdown,
-            notice::AfterSave::Shutdown,
-            save_wait,
-            None,
-            ctx,
-        );
-        let bound = save_wait + self.rt.settings.kill_grace + Duration::from_secs(1);
-        let launcher = self.launcher.clone();
-        Box::pin(async move {
-            let _ = tokio::time::timeout(bound, all_down).await;
-            launcher.kill_all().await;
-        })
     }
 }

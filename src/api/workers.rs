@@ -254,6 +254,9 @@ pub struct CheckpointBody {
     shard_idx: Option<u64>,
     line_idx: Option<u64>,
     metrics: Option<Value>,
+    /// The part is a dead rank's, written by a survivor while the survivors save before a
+    /// group restart (accepted only then).
+    for_rank: Option<u32>,
 }
 
 /// A rank reports the part it wrote for a checkpoint step; the step is committed (manifest,
@@ -285,11 +288,11 @@ pub async fn checkpoint(
     let c = caller(&state, &req, path.into_inner()).await?;
     let body = super::body::read(&state, body).await?;
     let body: CheckpointBody = parse_json(&body, false)?;
-    if body.part != part_name(c.rank) {
+    let owner = body.for_rank.unwrap_or(c.rank);
+    if body.part != part_name(owner) {
         return Err(ApiError::InvalidSpec(format!(
-            "rank {} must name its part {:?}",
-            c.rank,
-            part_name(c.rank)
+            "the part of rank {owner} is named {:?}",
+            part_name(owner)
         )));
     }
     if body.sha256.len() != 64 || !body.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -300,7 +303,7 @@ pub async fn checkpoint(
         attempt: c.attempt,
         step: body.step,
         part: PartInfo {
-            rank: c.rank,
+            rank: owner,
             name: body.part,
             bytes: body.bytes,
             sha256: body.sha256.to_ascii_lowercase(),

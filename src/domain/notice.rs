@@ -18,6 +18,9 @@ pub enum NoticeCause {
     /// A rank got SIGUSR1 (Slurm's `--signal` before a preemption or the time limit, or an
     /// operator) and told the server in its heartbeat.
     Signal,
+    /// A rank of a synchronous built-in trainer job died: before the group restarts, the
+    /// survivors save the last step every rank completed, the dead rank's part included.
+    RankDied,
 }
 
 impl NoticeCause {
@@ -27,6 +30,7 @@ impl NoticeCause {
             NoticeCause::Checkpoint => "checkpoint",
             NoticeCause::ServerShutdown => "server_shutdown",
             NoticeCause::Signal => "signal",
+            NoticeCause::RankDied => "rank_died",
         }
     }
 
@@ -47,6 +51,23 @@ pub struct SaveRequest {
     /// The cause, as in [`NoticeCause::as_str`].
     pub reason: String,
     pub halt: bool,
+    /// Ranks that died: the lowest surviving rank writes their parts too (every replica of a
+    /// synchronous job is the same model, and a rank's data position is a function of the
+    /// step), registering each with `"for_rank"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_ranks: Vec<u32>,
+}
+
+/// Whether `rank` writes the parts of the dead ranks: the lowest rank not among them.
+pub fn writes_for_the_dead(rank: u32, world: u32, dead: &[u32]) -> bool {
+    (0..world).find(|r| !dead.contains(r)) == Some(rank)
+}
+
+/// Whether the survivors of a synchronous group can save before it restarts, and at which
+/// step: the last step every rank completed (the last all-reduce round), when it is newer
+/// than the last checkpoint (otherwise the restart loses nothing a save would keep).
+pub fn survivors_step(last_round: Option<u64>, last_checkpoint: Option<u64>) -> Option<u64> {
+    last_round.filter(|&s| s > last_checkpoint.unwrap_or(0))
 }
 
 /// The step every rank saves at when the ranks are not in lock step through the server: one
@@ -252,6 +273,25 @@ mod tests {
                 "{beats:?} {signal}"
             );
         }
+    }
+
+    #[test]
+    fn survivors_save_the_last_round_when_it_is_newer_than_the_checkpoint() {
+        let table = [
+            ((None, None), None),
+            ((Some(0), None), None),
+            ((Some(7), None), Some(7)),
+            ((Some(7), Some(5)), Some(7)),
+            ((Some(5), Some(5)), None),
+        ];
+        for ((round, ckpt), want) in table {
+            assert_eq!(survivors_step(round, ckpt), want, "{round:?} {ckpt:?}");
+        }
+        // (rank, world, dead) -> writes the dead ranks' parts
+        assert!(writes_for_the_dead(0, 4, &[2]));
+        assert!(!writes_for_the_dead(1, 4, &[2]));
+        assert!(writes_for_the_dead(1, 4, &[0]));
+        assert!(writes_for_the_dead(2, 4, &[0, 1]));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub struct WorkerClient {
     http: reqwest::Client,
     base: String,
     token: String,
+    rank: u32,
 }
 
 impl WorkerClient {
@@ -35,6 +36,7 @@ impl WorkerClient {
             http,
             base: format!("{server}/jobs/{job_id}/workers/{rank}"),
             token: token.to_string(),
+            rank,
         }
     }
 
@@ -98,6 +100,10 @@ impl WorkerClient {
         let obj = body.as_object_mut().expect("an object");
         obj.remove("name");
         obj.remove("rank");
+        if part.rank != self.rank {
+            // A dead rank's part, written by a survivor.
+            obj.insert("for_rank".into(), json!(part.rank));
+        }
         self.post("checkpoint", &body, Some(Duration::from_secs(60)))
             .await
             .map(drop)

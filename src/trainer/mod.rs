@@ -133,8 +133,13 @@ async fn train(env: Env) -> anyhow::Result<()> {
         Some(n) => n,
         None => one_epoch_steps(&env, &dataset, &shards).await? * spec.epochs.unwrap_or(1),
     };
-    let mut stream = RankStream::new(shards, rank as usize, world as usize, &dataset.describe())
-        .map_err(config_error)?;
+    let mut stream = RankStream::new(
+        shards.clone(),
+        rank as usize,
+        world as usize,
+        &dataset.describe(),
+    )
+    .map_err(config_error)?;
 
     let mut model = Model::init(classes, features, spec.seed);
     let mut step = 0u64;
@@ -193,6 +198,7 @@ async fn train(env: Env) -> anyhow::Result<()> {
     // The last step this incarnation wrote a part of.
     let mut saved_at = None;
     while step < total_steps {
+        let before = stream.cursor;
         stream.prepare(&dataset, batch_size).await?;
         let batch = stream.next_batch(batch_size);
         for ex in &batch {
@@ -207,6 +213,44 @@ async fn train(env: Env) -> anyhow::Result<()> {
             SyncMode::Allreduce if world > 1 => client.allreduce(step + 1, &grad).await?,
             _ => (grad, None),
         };
+        if let Some(request) = round_save.as_ref().filter(|r| r.by_step == step) {
+            // The round was called off: a rank died. Save the step every rank completed (and,
+            // as the lowest survivor, the dead ranks' parts), then hold: the group restarts.
+            if let Some(part) = saving.take() {
+                report_failed_checkpoint(rank, spec.checkpoint_every, part.await?);
+            }
+            let header = PartHeader {
+                step,
+                cursor: before,
+                loss,
+            };
+            if saved_at != Some(step) {
+                progress.lock().unwrap().saved_step = Some(step);
+                saved_at = Some(step);
+                report_failed_checkpoint(
+                    rank,
+                    spec.checkpoint_every,
+                    write_part(&store, &client, rank, &header, &model).await,
+                );
+            }
+            if notice::writes_for_the_dead(rank, world, &request.for_ranks) {
+                for &dead in &request.for_ranks {
+                    let written = async {
+                        let cursor = notice::cursor_of(
+                            &store, &dataset, &shards, dead, world, step, batch_size,
+                        )
+                        .await?;
+                        let header = PartHeader { step, cursor, loss };
+                        write_part(&store, &client, dead, &header, &model).await
+                    };
+                    report_failed_checkpoint(rank, spec.checkpoint_every, written.await);
+                }
+            }
+            println!("rank {rank}: a rank died; saved step {step} for the restart");
+            saves.hold_at(step).await;
+            stream.cursor = before;
+            continue;
+        }
         model.apply(&grad, spec.lr);
         step += 1;
         loss = batch_loss;

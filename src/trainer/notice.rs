@@ -55,6 +55,40 @@ impl SaveSlot {
     }
 }
 
+pub use crate::domain::notice::writes_for_the_dead;
+
+/// Where rank `rank`'s data stream stands after `step` steps: from its part of the newest
+/// checkpoint (or the start), replayed batch by batch — a rank's position is a function of
+/// the step, so a survivor can write a dead rank's part.
+pub async fn cursor_of(
+    store: &crate::storage::BlobStore,
+    dataset: &super::data::Dataset,
+    shards: &[super::data::Shard],
+    rank: u32,
+    world: u32,
+    step: u64,
+    batch_size: usize,
+) -> anyhow::Result<super::data::Cursor> {
+    let mut stream =
+        super::data::RankStream::new(shards.to_vec(), rank as usize, world as usize, "")?;
+    let (resume, _) = crate::checkpoint::find_resume(store, rank, world).await?;
+    let mut at = 0;
+    if let Some(resume) = resume {
+        let (header, _) = super::decode_part(&resume.part)?;
+        at = header.step;
+        stream.cursor = header.cursor;
+    }
+    anyhow::ensure!(
+        at <= step,
+        "the newest checkpoint ({at}) is past step {step}"
+    );
+    for _ in at..step {
+        stream.prepare(dataset, batch_size).await?;
+        stream.next_batch(batch_size);
+    }
+    Ok(stream.cursor)
+}
+
 /// Whether `request` keeps a rank that finished `step` from training on.
 pub fn holds(request: Option<&SaveRequest>, step: u64) -> bool {
     request.is_some_and(|r| r.halt && r.by_step == step)
@@ -74,6 +108,7 @@ mod tests {
             by_step,
             reason: "stop".into(),
             halt,
+            for_ranks: Vec::new(),
         }
     }
 

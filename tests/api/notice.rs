@@ -322,3 +322,37 @@ async fn a_python_job_saves_on_stop_in_both_modes() {
         assert_eq!(committed_steps(&app, &id).await, vec![saved], "{args:?}");
     }
 }
+
+/// kill -9 of one rank of a synchronous built-in trainer job: the survivors save the last step
+/// every rank completed (the dead rank's part written by the lowest survivor) before the group
+/// restarts, so at most the step in flight is redone, and the final model is bit-identical to
+/// a failure-free run's.
+#[actix_web::test]
+async fn kill_9_of_one_rank_loses_at_most_one_step_and_the_model_is_identical() {
+    let app = spawn_app().await;
+    let spec = json!({"world_size": 2, "dataset": small_dataset(&app), "total_steps": 300,
+                      "batch_size": 16, "checkpoint_every": 5000, "lr": 0.2, "seed": 3,
+                      "backoff_initial_ms": 0, "sleep_sec": 0.005});
+    let reference = run_to_end(&app, spec.clone()).await;
+    let (_, expected) = model_of(&app, &reference).await;
+    let id = app.create_job(spec).await;
+    wait_step(&app, &id, 50).await;
+    let pids = app.running_pids(&id, 2).await;
+    kill(pids[1], libc::SIGKILL);
+    let job = app.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let summary = app.summary(&id).await;
+    let notice = &summary["last_notice"];
+    assert_eq!(notice["cause"], "rank_died", "{summary}");
+    assert_eq!(notice["outcome"], "saved", "{notice}");
+    let saved = notice["saved_at_step"].as_u64().unwrap();
+    assert!((50..300).contains(&saved), "{notice}");
+    let texts = app.log_texts(&id).await;
+    for rank in 0..2 {
+        let resumed = format!("rank {rank}: resumed from step {saved} ");
+        assert!(texts.iter().any(|t| t.contains(&resumed)), "{texts:?}");
+    }
+    let redone = summary["goodput"]["steps_redone"].as_u64().unwrap();
+    assert!(redone <= 1, "{summary}");
+    assert_eq!(model_of(&app, &id).await.1, expected, "the model differs");
+}

@@ -170,8 +170,10 @@ async fn resume_skips_a_corrupt_checkpoint_and_stays_exact() {
             .any(|r| r.step == newest_now && r.why.contains("sha256")),
         "{rejected:?}"
     );
+    // Both ranks die: with a survivor, the survivors would save the step they hold (issue 24)
+    // and the group would resume there, never reading the corrupt step.
     kill(pids[1], libc::SIGKILL);
-    kill(pids[0], libc::SIGCONT);
+    kill(pids[0], libc::SIGKILL);
     let job = app.wait_finished(&id, Duration::from_secs(120)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let lines = app.log_lines(&id).await;

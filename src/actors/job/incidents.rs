@@ -21,6 +21,7 @@ impl Job {
         detail: &str,
         scope: RestartScope,
         backoff_ms: u64,
+        survivors_save: Option<u64>,
     ) {
         if !self.rt.settings.accounting {
             return;
@@ -41,7 +42,7 @@ impl Job {
             }
         }
         // Heartbeats may lag behind a commit: every rank had reached a committed step.
-        let resumed_step = self.last_checkpoint.as_ref().map(|c| c.step);
+        let resumed_step = survivors_save.or(self.last_checkpoint.as_ref().map(|c| c.step));
         let last_step = ranks
             .iter()
             .filter_map(|&r| self.ranks[r as usize].progress.step)
@@ -70,6 +71,23 @@ impl Job {
         if let Some(i) = self.incidents.last() {
             m.steps_lost.inc_by(i.steps_lost());
         }
+    }
+
+    /// The survivors' save did not commit: the group resumes from the last checkpoint, and
+    /// the open incident says so (its steps lost counted now).
+    pub(super) fn survivors_save_failed(&mut self) {
+        let resumed = self.last_checkpoint.as_ref().map(|c| c.step);
+        let Some(i) = self.incidents.iter().rposition(Incident::is_open) else {
+            return;
+        };
+        let before = self.incidents[i].steps_lost();
+        self.incidents[i].failure.resumed_step = resumed;
+        let after = self.incidents[i].steps_lost();
+        self.rt
+            .metrics
+            .steps_lost
+            .inc_by(after.saturating_sub(before));
+        self.record_incident(i, Utc::now());
     }
 
     /// A process of `rank` is running.

@@ -1,7 +1,8 @@
 //! Save on notice, the Job's side: asks the ranks to checkpoint (in heartbeat answers, in the
 //! all-reduce answer that fixes the step, SIGUSR1 to ranks that never heartbeated), waits for
 //! the commit up to the job's `save_grace_s`, records what it cost, then carries out what
-//! came next (stop, the server's shutdown, or nothing). The rules are `domain::notice`.
+//! came next (stop, the server's shutdown, a group restart, or nothing); the stop and shutdown
+//! handlers, which ask first. The rules are `domain::notice`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -10,10 +11,10 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::{Job, Phase};
-use crate::actors::messages::{AskToSave, SaveNow};
+use crate::actors::messages::{AskToSave, KillForShutdown, SaveNow, StopJob};
 use crate::domain::notice::{
     NoticeCause, NoticeOutcome, NoticeReport, SaveRequest, account, can_be_asked, first_by_step,
-    lead, raised_by_step,
+    lead, raised_by_step, survivors_step,
 };
 
 /// What the Job does once the save committed or the grace ran out.
@@ -24,6 +25,8 @@ pub(super) enum AfterSave {
     },
     /// The server is shutting down: stop the ranks, keep the job `running` for the next one.
     Shutdown,
+    /// A rank died: stop the survivors; the group relaunches from the newest checkpoint.
+    GroupRestart,
 }
 
 /// A notice in flight.
@@ -33,6 +36,8 @@ pub(super) struct Pending {
     /// `None` until the next all-reduce round fixes it (ranks in lock step through the
     /// server's all-reduce must all see the same step in the same answer).
     by_step: Option<u64>,
+    /// Dead ranks whose parts a survivor writes.
+    for_ranks: Vec<u32>,
     /// Ranks whose part of `by_step` (or a later step) is registered.
     saved: BTreeSet<u32>,
     /// The step committed, while the ranks hold at it (a signal's notice holds until the
@@ -112,6 +117,7 @@ impl Job {
             cause,
             then,
             by_step,
+            for_ranks: Vec::new(),
             saved: BTreeSet::new(),
             committed: None,
             asked: Instant::now(),
@@ -226,6 +232,9 @@ impl Job {
             return;
         };
         ctx.cancel_future(pending.timer);
+        if pending.cause == NoticeCause::RankDied && outcome != NoticeOutcome::Saved {
+            self.survivors_save_failed();
+        }
         let report = self.report(pending.cause, outcome, saved, pending.asked);
         self.close_notice(report, pending.waiters, pending.then, ctx);
     }
@@ -245,6 +254,12 @@ impl Job {
             AfterSave::KeepRunning => {}
             AfterSave::Stop { reason } => self.stop_now(reason, ctx),
             AfterSave::Shutdown => self.shut_down_now(ctx),
+            AfterSave::GroupRestart => {
+                if matches!(self.phase, Phase::GroupRestart { .. }) {
+                    self.terminate_live();
+                    self.after_rank_down(ctx);
+                }
+            }
         }
     }
 
@@ -320,7 +335,65 @@ impl Pending {
             by_step: self.by_step?,
             reason: self.cause.as_str().to_string(),
             halt: self.cause.halts(),
+            for_ranks: self.for_ranks.clone(),
         })
+    }
+}
+
+impl Job {
+    /// A rank of a synchronous built-in trainer job died and the group restarts: if the
+    /// survivors hold a step newer than the last checkpoint, they save it (the dead rank's
+    /// part written by the lowest survivor) before they are stopped, so the restart loses at
+    /// most the step in flight. Returns whether it asked (the group restart then waits).
+    pub(super) fn survivors_save(&mut self, dead: u32, step: u64, ctx: &mut Context<Self>) {
+        let grace = self.save_grace();
+        let timer = ctx.run_later(grace, |act, ctx| act.grace_over(ctx));
+        self.note(
+            None,
+            None,
+            format!(
+                "the survivors save step {step} (rank {dead}'s part included) before the group \
+                 restarts, waiting up to {:.1}s",
+                grace.as_secs_f64()
+            ),
+        );
+        let pending = Pending {
+            cause: NoticeCause::RankDied,
+            then: AfterSave::GroupRestart,
+            by_step: Some(step),
+            for_ranks: vec![dead],
+            saved: BTreeSet::new(),
+            committed: None,
+            asked: Instant::now(),
+            timer,
+            waiters: Vec::new(),
+        };
+        // Ranks waiting in (or coming to) the next round get the request instead of a mean.
+        self.allreduce.call_off(pending.request());
+        self.notice = Some(pending);
+    }
+
+    /// The step the survivors of a dying synchronous built-in trainer group can save, if any
+    /// (no other notice in flight, someone left to save it).
+    pub(super) fn survivors_step(&self) -> Option<u64> {
+        let builtin_sync = self.spec.command.is_none()
+            && self.spec.sync == crate::spec::SyncMode::Allreduce
+            && self.allreduce.used();
+        if !builtin_sync || self.notice.is_some() || self.live_ranks().next().is_none() {
+            return None;
+        }
+        let last = self.last_checkpoint.as_ref().map(|c| c.step);
+        survivors_step(self.allreduce.last_round(), last)
+    }
+
+    /// Whether a part of `owner`'s may be registered by `rank`: its own, or a dead rank's
+    /// while the survivors save for it.
+    pub(super) fn may_register_for(&self, rank: u32, owner: u32) -> bool {
+        owner == rank
+            || self
+                .notice
+                .as_ref()
+                .is_some_and(|p| p.for_ranks.contains(&owner))
     }
 }
 
@@ -368,5 +441,55 @@ impl Job {
             self.terminate_live();
         }
         self.after_rank_down(ctx);
+    }
+}
+
+impl Handler<StopJob> for Job {
+    type Result = ();
+
+    fn handle(&mut self, msg: StopJob, ctx: &mut Context<Self>) {
+        if !msg.save {
+            self.stop_now(msg.reason, ctx);
+            return;
+        }
+        let grace = self.save_grace();
+        self.ask_to_save(
+            NoticeCause::Stop,
+            AfterSave::Stop { reason: msg.reason },
+            grace,
+            None,
+            ctx,
+        );
+    }
+}
+
+impl Handler<KillForShutdown> for Job {
+    type Result = ResponseFuture<()>;
+
+    /// Every rank gets SIGTERM (or what stands for it) and the server's kill grace, as on
+    /// stop; their ends are recorded as they come. What is still alive after the grace (and
+    /// a margin for the last exits to be recorded) is killed with everything the launcher
+    /// holds.
+    fn handle(&mut self, _: KillForShutdown, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, all_down) = tokio::sync::oneshot::channel();
+        if !matches!(self.phase, Phase::Done) {
+            self.shutdown_waiter = Some(tx);
+        }
+        // First the ranks save (within the kill grace), then they are stopped; no more
+        // decisions after that: the exits that follow are the server's doing, not the ranks'.
+        let save_wait = self.save_grace().min(self.rt.settings.kill_grace);
+        self.ask_to_save(
+            NoticeCause::ServerShutdown,
+            AfterSave::Shutdown,
+            save_wait,
+            None,
+            ctx,
+        );
+        let bound = save_wait + self.rt.settings.kill_grace + Duration::from_secs(1);
+        let launcher = self.launcher.clone();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(bound, all_down).await;
+            launcher.kill_all().await;
+        })
     }
 }

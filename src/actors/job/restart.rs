@@ -130,7 +130,13 @@ impl Job {
                 ),
             },
         );
-        self.open_incident(rank, msg.outcome, &cause, scope, backoff_ms);
+        // In a synchronous group the survivors may save the last step every rank completed:
+        // the group then resumes there, not at the last checkpoint.
+        let survivors = match scope {
+            RestartScope::Job => self.survivors_step(),
+            RestartScope::Worker => None,
+        };
+        self.open_incident(rank, msg.outcome, &cause, scope, backoff_ms, survivors);
         let slot = &mut self.ranks[rank as usize];
         match scope {
             RestartScope::Worker => {
@@ -145,8 +151,13 @@ impl Job {
             RestartScope::Job => {
                 slot.state = RankState::failed(Some(msg.outcome));
                 self.phase = Phase::GroupRestart { backoff_ms };
-                self.terminate_live();
-                self.after_rank_down(ctx);
+                // The survivors save first; the group is stopped once they have.
+                if let Some(step) = survivors {
+                    self.survivors_save(rank, step, ctx);
+                } else {
+                    self.terminate_live();
+                    self.after_rank_down(ctx);
+                }
             }
         }
     }

@@ -30,6 +30,11 @@ pub struct AllReduce {
     waiters: Vec<oneshot::Sender<Arc<Round>>>,
     /// A round has been asked for: the ranks step in lock step through the server.
     used: bool,
+    /// The step of the last round every rank completed.
+    last_round: Option<u64>,
+    /// Rounds are called off (a rank died): every request gets this answer, a save request
+    /// and no mean.
+    called_off: Option<Arc<Round>>,
 }
 
 impl AllReduce {
@@ -37,10 +42,29 @@ impl AllReduce {
     pub(super) fn reset(&mut self) {
         self.values.clear();
         self.waiters.clear();
+        self.called_off = None;
     }
 
     pub(super) fn used(&self) -> bool {
         self.used
+    }
+
+    pub(super) fn last_round(&self) -> Option<u64> {
+        self.last_round
+    }
+
+    /// Answers the round in progress, and every later request until `reset`, with `save`
+    /// instead of a mean.
+    pub(super) fn call_off(&mut self, save: Option<SaveRequest>) {
+        let round = Arc::new(Round {
+            mean: Vec::new(),
+            save,
+        });
+        for w in self.waiters.drain(..) {
+            let _ = w.send(round.clone());
+        }
+        self.values.clear();
+        self.called_off = Some(round);
     }
 }
 
@@ -176,6 +200,9 @@ impl AllReduce {
         save: impl FnOnce(u64) -> Option<SaveRequest>,
     ) -> Result<Contribution, WorkerRejected> {
         self.used = true;
+        if let Some(round) = &self.called_off {
+            return Ok(Ok(round.clone()));
+        }
         if self.values.is_empty() {
             self.values = vec![None; world];
             self.step = step;
@@ -214,6 +241,7 @@ impl AllReduce {
                 let _ = w.send(round.clone());
             }
             self.values.clear();
+            self.last_round = Some(step);
             return Ok(Ok(round));
         }
         let (tx, rx) = oneshot::channel();
@@ -226,15 +254,21 @@ impl Handler<CheckpointPart> for Job {
     type Result = ResponseFuture<Result<(), WorkerRejected>>;
 
     fn handle(&mut self, msg: CheckpointPart, _: &mut Context<Self>) -> Self::Result {
-        let authorized = self.still_runs(msg.rank, msg.attempt);
+        let mut authorized = self.still_runs(msg.rank, msg.attempt);
+        if authorized.is_ok() && !self.may_register_for(msg.rank, msg.part.rank) {
+            authorized = Err(WorkerRejected::Invalid(format!(
+                "rank {} may register only its own part",
+                msg.rank
+            )));
+        }
         if authorized.is_ok() {
-            self.notice_part(msg.rank, msg.step);
+            self.notice_part(msg.part.rank, msg.step);
         }
         let checkpoint = self.checkpoint.clone();
         Box::pin(async move {
             authorized?;
             let register = RegisterPart {
-                rank: msg.rank,
+                rank: msg.part.rank,
                 step: msg.step,
                 part: msg.part,
             };
