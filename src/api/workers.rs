@@ -135,7 +135,9 @@ pub struct AllReduceReply {
     step: u64,
     values: Vec<f64>,
     /// The save request this round carries (the same for every rank): save right after
-    /// applying this step when `save.by_step` is it.
+    /// applying this step when `save.by_step` is it. With `values` empty the round was called
+    /// off (a rank died): apply nothing, save `save.by_step` (the step every rank completed),
+    /// then hold.
     save: Option<crate::domain::notice::SaveRequest>,
 }
 

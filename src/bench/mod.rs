@@ -6,6 +6,7 @@ mod accounting;
 mod api;
 mod checkpoint;
 mod docker;
+mod notice;
 pub mod peers;
 mod recovery;
 mod s3;
@@ -42,6 +43,7 @@ pub const SCENARIOS: &[&str] = &[
     "accounting",
     "training",
     "checkpoint",
+    "notice",
     "slurm",
     "docker",
     "peers",
@@ -167,6 +169,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             checkpoint::run(&client, &dir, args.quick, &mut figures)
                 .await
                 .context("checkpoint parts")?;
+        }
+        if want("notice") {
+            eprintln!("bench: save on notice, 4 ranks, 64 KiB and 16 MiB parts");
+            notice::run(&client, &dir, args.quick, &mut figures)
+                .await
+                .context("save on notice")?;
         }
         if want("slurm") {
             let kills = if args.quick { 10 } else { 30 };

@@ -71,32 +71,23 @@ pub fn survivors_step(last_round: Option<u64>, last_checkpoint: Option<u64>) -> 
 }
 
 /// The step every rank saves at when the ranks are not in lock step through the server: one
-/// past the furthest rank's last report, plus `lead`, the steps a rank makes before the
-/// answer reaches it (see [`lead`]). No report yet counts as step 0.
-pub fn first_by_step(steps: impl IntoIterator<Item = Option<u64>>, lead: u64) -> u64 {
-    steps.into_iter().flatten().max().unwrap_or(0) + 1 + lead
+/// past the furthest rank's last report (no report yet counts as step 0).
+pub fn first_by_step(steps: impl IntoIterator<Item = Option<u64>>) -> u64 {
+    steps.into_iter().flatten().max().unwrap_or(0) + 1
 }
 
 /// A rank that reports a step past `by_step` without having saved it missed the request (it
-/// was past the step when the answer reached it): every rank then saves past that rank (by
-/// `lead` more), so the parts meet at one step again. A rank at `by_step` itself may be
-/// writing its part, so it raises nothing.
-pub fn raised_by_step(by_step: u64, rank_step: u64, saved_by_step: bool, lead: u64) -> u64 {
+/// was past the step when the answer reached it): every rank then saves past that rank, as far
+/// ahead of it as it overshot (the steps it makes while an answer travels), so the parts meet
+/// at one step again. A rank at `by_step` itself may be writing its part: it raises nothing.
+/// (Not from the job's steps/s: one burst of heartbeats can make that figure huge, and a step
+/// set far ahead is never reached within the grace.)
+pub fn raised_by_step(by_step: u64, rank_step: u64, saved_by_step: bool) -> u64 {
     if rank_step > by_step && !saved_by_step {
-        rank_step + 1 + lead
+        rank_step + 1 + (rank_step - by_step)
     } else {
         by_step
     }
-}
-
-/// The steps a rank makes between two heartbeats while a save is asked for (they come every
-/// 50 ms then, and a quarter second covers a slow answer): at the job's speed, rounded up.
-pub fn lead(steps_per_s: Option<f64>) -> u64 {
-    let steps = steps_per_s
-        .filter(|r| r.is_finite() && *r > 0.0)
-        .unwrap_or(0.0)
-        * 0.25;
-    steps.ceil().min(1e9) as u64
 }
 
 /// How a notice ended.
@@ -177,56 +168,31 @@ mod tests {
 
     #[test]
     fn the_first_step_to_save_is_one_past_the_furthest_rank() {
-        let table: &[(&[Option<u64>], u64, u64)] = &[
-            (&[], 0, 1),
-            (&[None, None], 0, 1),
-            (&[Some(7), None], 0, 8),
-            (&[Some(7), Some(9), Some(8)], 0, 10),
-            (&[Some(7), Some(9), Some(8)], 25, 35),
-            (&[Some(0)], 0, 1),
+        let table: &[(&[Option<u64>], u64)] = &[
+            (&[], 1),
+            (&[None, None], 1),
+            (&[Some(7), None], 8),
+            (&[Some(7), Some(9), Some(8)], 10),
+            (&[Some(0)], 1),
         ];
-        for (steps, lead, want) in table {
-            assert_eq!(
-                first_by_step(steps.iter().copied(), *lead),
-                *want,
-                "{steps:?} {lead}"
-            );
-        }
-    }
-
-    #[test]
-    fn the_lead_is_a_quarter_second_of_steps() {
-        let table = [
-            (None, 0),
-            (Some(0.0), 0),
-            (Some(f64::NAN), 0),
-            (Some(3.0), 1),
-            (Some(10.0), 3),
-            (Some(4000.0), 1000),
-        ];
-        for (rate, want) in table {
-            assert_eq!(lead(rate), want, "{rate:?}");
+        for (steps, want) in table {
+            assert_eq!(first_by_step(steps.iter().copied()), *want, "{steps:?}");
         }
     }
 
     #[test]
     fn a_rank_that_missed_the_step_moves_it_past_itself() {
-        // (by_step, rank's step, saved by_step, lead) -> by_step
+        // (by_step, rank's step, saved by_step) -> by_step
         let table = [
-            ((10, 4, false, 0), 10),  // not there yet
-            ((10, 10, false, 0), 10), // at the step: writing its part
-            ((10, 10, true, 0), 10),
-            ((10, 11, true, 0), 10), // saved, then went on (a checkpoint that does not halt)
-            ((10, 11, false, 0), 12),
-            ((10, 40, false, 0), 41),
-            ((10, 40, false, 5), 46),
+            ((10, 4, false), 10),  // not there yet
+            ((10, 10, false), 10), // at the step: writing its part
+            ((10, 10, true), 10),
+            ((10, 11, true), 10), // saved, then went on (a checkpoint that does not halt)
+            ((10, 11, false), 13),
+            ((10, 40, false), 71), // 30 steps over: the next step is 30 ahead of it
         ];
-        for ((by, step, saved, lead), want) in table {
-            assert_eq!(
-                raised_by_step(by, step, saved, lead),
-                want,
-                "{by} {step} {saved} {lead}"
-            );
+        for ((by, step, saved), want) in table {
+            assert_eq!(raised_by_step(by, step, saved), want, "{by} {step} {saved}");
         }
     }
 

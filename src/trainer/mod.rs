@@ -213,7 +213,10 @@ async fn train(env: Env) -> anyhow::Result<()> {
             SyncMode::Allreduce if world > 1 => client.allreduce(step + 1, &grad).await?,
             _ => (grad, None),
         };
-        if let Some(request) = round_save.as_ref().filter(|r| r.by_step == step) {
+        // A round answered without a mean was called off (a rank died); a save request in a
+        // round that completed is an ordinary one.
+        let called_off = round_save.as_ref().filter(|_| grad.is_empty());
+        if let Some(request) = called_off {
             // The round was called off: a rank died. Save the step every rank completed (and,
             // as the lowest survivor, the dead ranks' parts), then hold: the group restarts.
             if let Some(part) = saving.take() {
@@ -296,6 +299,11 @@ async fn train(env: Env) -> anyhow::Result<()> {
         }
         if !sleep.is_zero() {
             tokio::time::sleep(sleep).await;
+        } else if saving.as_ref().is_some_and(|s| !s.is_finished()) {
+            // A step that never waits (independent ranks at full speed) would starve the part
+            // being written on this one-thread runtime until the next checkpoint: a save on
+            // notice must commit within its grace.
+            tokio::task::yield_now().await;
         }
     }
     if let Some(last) = saving.take() {

@@ -119,33 +119,44 @@ async fn a_stop_with_save_false_ends_the_ranks_without_a_save() {
     assert_json_error(res, 400).await;
 }
 
-/// Independent ranks (no all-reduce): the step comes from the heartbeats, and the ranks go on
-/// training after the save.
+/// Independent ranks (the step comes from the heartbeats) and synchronous ones (from the
+/// all-reduce): the ranks go on training after the save.
 #[actix_web::test]
 async fn a_checkpoint_request_saves_now_and_training_goes_on() {
     let app = spawn_app().await;
-    let spec = rare_checkpoints(&app, 2, json!({"sync": "none", "restart_scope": "worker"}));
-    let id = app.create_job(spec).await;
-    wait_step(&app, &id, 10).await;
-    let res = app
-        .post_json(&format!("/jobs/{id}/checkpoint"), &json!({}))
-        .await;
-    assert_eq!(res.status(), 200);
-    let report: Value = res.json().await.unwrap();
-    assert_eq!(report["cause"], "checkpoint", "{report}");
-    assert_eq!(report["outcome"], "saved", "{report}");
-    let saved = report["saved_at_step"].as_u64().unwrap();
-    assert!(saved > 10 && saved < 5000, "{report}");
-    assert_only_checkpoint(&app, &id, saved).await;
-    // Still running, and past the saved step.
-    wait_step(&app, &id, saved + 5).await;
-    assert_eq!(app.summary(&id).await["state"], "running");
-    app.post_json(&format!("/jobs/{id}/stop"), &json!({"save": false}))
-        .await;
-    let res = app
-        .post_json(&format!("/jobs/{id}/checkpoint"), &json!({}))
-        .await;
-    assert_json_error(res, 409).await;
+    for extra in [
+        json!({"sync": "none", "restart_scope": "worker"}),
+        json!({"world_size": 4}),
+    ] {
+        let id = app
+            .create_job(rare_checkpoints(&app, 2, extra.clone()))
+            .await;
+        wait_step(&app, &id, 10).await;
+        let res = app
+            .post_json(&format!("/jobs/{id}/checkpoint"), &json!({}))
+            .await;
+        assert_eq!(res.status(), 200);
+        let report: Value = res.json().await.unwrap();
+        assert_eq!(report["cause"], "checkpoint", "{extra}: {report}");
+        assert_eq!(
+            report["outcome"],
+            "saved",
+            "{extra}: {report}: {:?}",
+            app.log_texts(&id).await
+        );
+        let saved = report["saved_at_step"].as_u64().unwrap();
+        assert!(saved > 10 && saved < 5000, "{report}");
+        assert_only_checkpoint(&app, &id, saved).await;
+        // Still running, and past the saved step.
+        wait_step(&app, &id, saved + 5).await;
+        assert_eq!(app.summary(&id).await["state"], "running");
+        app.post_json(&format!("/jobs/{id}/stop"), &json!({"save": false}))
+            .await;
+        let res = app
+            .post_json(&format!("/jobs/{id}/checkpoint"), &json!({}))
+            .await;
+        assert_json_error(res, 409).await;
+    }
 }
 
 /// Rank 0 heartbeats a step and ignores the request; rank 1 never heartbeats and gets

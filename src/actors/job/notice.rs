@@ -14,7 +14,7 @@ use super::{Job, Phase};
 use crate::actors::messages::{AskToSave, KillForShutdown, SaveNow, StopJob};
 use crate::domain::notice::{
     NoticeCause, NoticeOutcome, NoticeReport, SaveRequest, account, can_be_asked, first_by_step,
-    lead, raised_by_step, survivors_step,
+    raised_by_step, survivors_step,
 };
 
 /// What the Job does once the save committed or the grace ran out.
@@ -97,7 +97,6 @@ impl Job {
             Some(first_by_step(
                 self.live_ranks()
                     .map(|r| self.ranks[r as usize].progress.step),
-                lead(self.progress.steps_per_s()),
             ))
         };
         let timer = ctx.run_later(grace, |act, ctx| act.grace_over(ctx));
@@ -144,20 +143,27 @@ impl Job {
         step: Option<u64>,
         saved_step: Option<u64>,
     ) -> Option<SaveRequest> {
-        let lead = lead(self.progress.steps_per_s());
         let pending = self.notice.as_mut()?;
+        let mut moved = None;
         if let (Some(by), Some(step)) = (pending.by_step, step)
             && pending.committed.is_none()
         {
             // A rank may save past the step (a script that agrees on it with its peers).
             let saved = pending.saved.contains(&rank) || saved_step.is_some_and(|s| s >= by);
-            let raised = raised_by_step(by, step, saved, lead);
+            let raised = raised_by_step(by, step, saved);
             if raised != by {
                 pending.by_step = Some(raised);
                 pending.saved.clear();
+                moved = Some(format!(
+                    "rank {rank} was at step {step}, past {by}: the save moves to step {raised}"
+                ));
             }
         }
-        pending.request()
+        let request = pending.request();
+        if let Some(line) = moved {
+            self.note(Some(rank), None, line);
+        }
+        request
     }
 
     /// The save request of the all-reduce round of `step` that just completed: the first round
