@@ -367,3 +367,39 @@ async fn kill_9_of_one_rank_loses_at_most_one_step_and_the_model_is_identical() 
     assert!(redone <= 1, "{summary}");
     assert_eq!(model_of(&app, &id).await.1, expected, "the model differs");
 }
+
+/// A save that cannot be written (the checkpoint disk is full) costs the grace and nothing
+/// more: the stop goes on, and the job's resume point stays its last committed checkpoint.
+#[actix_web::test]
+async fn a_save_that_cannot_be_written_falls_back_to_the_last_checkpoint() {
+    let app = spawn_app().await;
+    let disk = Tmpfs::mount("512k");
+    let spec = rare_checkpoints(
+        &app,
+        2,
+        json!({"checkpoint_dir": disk.path(), "checkpoint_every": 10, "save_grace_s": 2}),
+    );
+    let id = app.create_job(spec).await;
+    wait_for(Duration::from_secs(60), || async {
+        (!committed_steps(&app, &id).await.is_empty()).then_some(())
+    })
+    .await
+    .expect("a regular checkpoint first");
+    let _ballast = disk.fill();
+    wait_step(
+        &app,
+        &id,
+        app.summary(&id).await["step"].as_u64().unwrap() + 15,
+    )
+    .await;
+    assert_eq!(app.stop(&id).await.status(), 200);
+    let summary = app.summary(&id).await;
+    assert_eq!(summary["state"], "stopped", "{summary}");
+    let notice = &summary["last_notice"];
+    assert_eq!(notice["outcome"], "timed_out", "{notice}");
+    let last = summary["last_checkpoint_step"].as_u64().unwrap();
+    assert_eq!(notice["saved_at_step"], last, "{summary}");
+    let reached = notice["reached_step"].as_u64().unwrap();
+    assert_eq!(notice["steps_lost"], reached - last, "{notice}");
+    assert!(reached > last, "{notice}");
+}
