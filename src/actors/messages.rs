@@ -209,9 +209,10 @@ pub struct Authorize {
     pub token: String,
 }
 
-/// A heartbeat from a worker, with the bearer token it presented.
+/// A heartbeat from a worker, with the bearer token it presented. Ok(false): an automatic
+/// heartbeat ignored because the script sends its own.
 #[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
+#[rtype(result = "Result<bool, WorkerRejected>")]
 pub struct Heartbeat {
     pub rank: u32,
     pub token: String,

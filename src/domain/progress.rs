@@ -26,17 +26,35 @@ pub struct RankView {
     pub heartbeat: Option<Value>,
     /// The current incarnation is a warm standby that became the rank.
     pub warm: bool,
+    /// The rank's script has sent heartbeats of its own: automatic ones are ignored.
+    pub own_heartbeats: bool,
+    /// The step count at the script's last `torch.save`, as automatic heartbeats report it.
+    pub saved_step: Option<u64>,
 }
 
+/// The mark of a heartbeat sent by trainvisor's Python hook rather than by the script.
+pub const AUTO_HEARTBEAT: &str = "trainvisor_auto";
+
 impl RankView {
-    pub fn record_heartbeat(&mut self, at: DateTime<Utc>, body: Value) {
+    /// Records a heartbeat; false when it was an automatic one and the script sends its own,
+    /// which win (the two would count steps differently).
+    pub fn record_heartbeat(&mut self, at: DateTime<Utc>, body: Value) -> bool {
+        let auto = body.get(AUTO_HEARTBEAT) == Some(&Value::Bool(true));
+        if auto && self.own_heartbeats {
+            return false;
+        }
+        self.own_heartbeats |= !auto;
         self.last_heartbeat = Some(at);
         if let Some(step) = body.get("step").and_then(Value::as_u64) {
             self.step = Some(step);
         }
+        if auto && let Some(saved) = body.get("saved_step").and_then(Value::as_u64) {
+            self.saved_step = Some(saved);
+        }
         if body.as_object().is_some_and(|o| !o.is_empty()) {
             self.heartbeat = Some(body);
         }
+        true
     }
 
     fn loss(&self) -> Option<f64> {
@@ -74,6 +92,14 @@ impl Progress {
         {
             self.samples.pop_front();
         }
+    }
+
+    /// Mean seconds per step over the window, up to the last step seen (a stall that follows
+    /// does not count: it is the time a step took, for the steps a failure loses).
+    pub fn step_s(&self) -> Option<f64> {
+        let (t0, s0) = *self.samples.front()?;
+        let (t1, s1) = *self.samples.back()?;
+        (s1 > s0).then(|| t1.duration_since(t0).as_secs_f64() / (s1 - s0) as f64)
     }
 
     pub fn steps_per_s(&self) -> Option<f64> {
@@ -219,7 +245,28 @@ pub struct Summary {
     /// With `warm_standby`: why the ranks start cold, once standbys kept failing to start.
     #[serde(default)]
     pub standby_off: Option<String>,
+    /// Once the job has run without any rank reporting a step: what is not known (step,
+    /// steps/s, ETA, steps lost) and how to make it known. Null when steps are reported.
+    #[serde(default)]
+    pub no_step_data: Option<String>,
     pub workers: Vec<WorkerSummary>,
+}
+
+/// Why a job that has run has no step data, and how to get it.
+fn no_step_data(spec: &JobSpec, heard: bool) -> String {
+    let what = if heard {
+        "this script's heartbeats carry no step"
+    } else {
+        "this script sends no heartbeats"
+    };
+    let how = if !spec.launcher.python_hook() {
+        "POST heartbeats with a step from the script (README: the worker contract); the          automatic heartbeats of torch scripts need the local launcher"
+    } else if !spec.auto_heartbeat {
+        "automatic heartbeats are off (\"auto_heartbeat\": false): drop that field, or POST          heartbeats with a step (README: the worker contract)"
+    } else {
+        "a Python script that imports torch reports its optimizer steps by itself; any other          script can POST heartbeats with a step (README: the worker contract)"
+    };
+    format!("no step data: {what}; {how}")
 }
 
 pub struct SummaryInput<'a> {
@@ -277,6 +324,10 @@ impl Summary {
         };
         let losses: Vec<f64> = ranks.iter().filter_map(|r| r.progress.loss()).collect();
         let loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+        let no_step_data = (step.is_none() && input.started_at.is_some()).then(|| {
+            let heard = ranks.iter().any(|r| r.progress.last_heartbeat.is_some());
+            no_step_data(input.spec, heard)
+        });
         let workers = ranks
             .iter()
             .enumerate()
@@ -339,9 +390,49 @@ impl Summary {
             launcher: input.spec.launcher.as_str().to_string(),
             slurm_job_id: input.slurm_job_id,
             excluded_nodes: input.excluded_nodes,
+            no_step_data,
             goodput: input.goodput,
             standby_off: input.standby_off,
             workers,
         }
+    }
+}
+
+#[cfg(test)]
+mod heartbeat_tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Automatic heartbeats count until the script sends one of its own; from then on they
+    /// are ignored, whatever step they say.
+    #[test]
+    fn a_scripts_own_heartbeats_win_over_automatic_ones() {
+        let mut v = RankView::default();
+        let t = Utc::now();
+        assert!(v.record_heartbeat(t, json!({"step": 3, AUTO_HEARTBEAT: true, "saved_step": 2})));
+        assert_eq!((v.step, v.saved_step), (Some(3), Some(2)));
+        assert!(v.record_heartbeat(t, json!({"step": 10})));
+        assert!(!v.record_heartbeat(t, json!({"step": 4, AUTO_HEARTBEAT: true, "saved_step": 4})));
+        assert_eq!((v.step, v.saved_step), (Some(10), Some(2)));
+        // A script's own `saved_step` means nothing to trainvisor.
+        assert!(v.record_heartbeat(t, json!({"step": 11, "saved_step": 11})));
+        assert_eq!(v.saved_step, Some(2));
+    }
+
+    #[test]
+    fn no_step_data_says_how_to_get_it() {
+        let mut spec = crate::spec::JobRequest {
+            world_size: Some(1),
+            ..Default::default()
+        }
+        .resolve(&crate::config::JobDefaults::for_data_dir(
+            std::path::Path::new("/d"),
+        ))
+        .unwrap();
+        assert!(no_step_data(&spec, false).contains("sends no heartbeats; a Python script"));
+        spec.auto_heartbeat = false;
+        assert!(no_step_data(&spec, true).contains("carry no step; automatic heartbeats are off"));
+        spec.launcher = crate::spec::LauncherKind::Docker;
+        assert!(no_step_data(&spec, false).contains("need the local launcher"));
     }
 }

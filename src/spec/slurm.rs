@@ -18,6 +18,12 @@ pub enum LauncherKind {
 }
 
 impl LauncherKind {
+    /// Whether its ranks get trainvisor's Python hook (stacks, automatic heartbeats): they
+    /// must see the server's data dir, where it is written, and run on this host.
+    pub fn python_hook(self) -> bool {
+        self == LauncherKind::Local
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             LauncherKind::Local => "local",

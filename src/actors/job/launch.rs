@@ -174,7 +174,7 @@ impl Job {
             tracing::warn!(error = %e, dir = %dir.display(), "cannot make the error-file dir");
         }
         // Local ranks: the Python stacks hook (first on PYTHONPATH) and its output file.
-        let local = self.spec.launcher == crate::spec::LauncherKind::Local;
+        let local = self.spec.launcher.python_hook();
         let stacks_file = stacks::path(&self.rt.settings.data_dir, self.id, rank, attempt);
         let hooks_dir = local.then(|| stacks::hooks_dir(&self.rt.settings.data_dir));
         let inherited = std::env::var("PYTHONPATH").ok();
@@ -198,6 +198,11 @@ impl Job {
                 hooks_dir,
                 inherited_pythonpath: inherited.as_deref(),
             }),
+            resume_step: self
+                .ranks
+                .iter()
+                .filter_map(|r| r.progress.saved_step)
+                .max(),
         }
         .build()
     }

@@ -72,17 +72,19 @@ impl Handler<Authorize> for Job {
 }
 
 impl Handler<Heartbeat> for Job {
-    type Result = Result<(), WorkerRejected>;
+    type Result = Result<bool, WorkerRejected>;
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
         let attempt = self.authorize(msg.rank, &msg.token)?;
         let step = msg.body.get("step").and_then(serde_json::Value::as_u64);
+        let slot = &mut self.ranks[msg.rank as usize];
+        if !slot.progress.record_heartbeat(Utc::now(), msg.body) {
+            return Ok(false);
+        }
         if let Some(step) = step {
             self.straggler_step(msg.rank, attempt, step);
             self.launcher.rank_stepping(msg.rank);
         }
-        let slot = &mut self.ranks[msg.rank as usize];
-        slot.progress.record_heartbeat(Utc::now(), msg.body);
         self.incident_heartbeat(msg.rank, step);
         self.workers[msg.rank as usize].do_send(Beat { attempt });
         self.progress.observe(&self.ranks);
@@ -116,7 +118,7 @@ impl Handler<Heartbeat> for Job {
                 });
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
