@@ -119,7 +119,7 @@ impl Drop for Chromedriver {
 }
 
 /// The page under test: a WebDriver session plus helpers that poll the DOM.
-struct Page {
+pub struct Page {
     c: Client,
 }
 
@@ -133,7 +133,7 @@ impl Page {
     }
 
     /// Polls `body` until it returns something other than null/false/"", and returns that.
-    async fn wait(&self, what: &str, body: &str) -> Value {
+    pub async fn wait(&self, what: &str, body: &str) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
             let v = self.c.execute(body, vec![]).await;
@@ -209,7 +209,7 @@ impl Page {
 }
 
 /// Opens a browser, runs `scenario`, and closes the browser whether it passed or panicked.
-async fn with_page<F>(app: &TestApp, name: &str, scenario: F)
+pub async fn with_page<F>(app: &TestApp, name: &str, scenario: F)
 where
     F: AsyncFnOnce(&Page, &TestApp),
 {
@@ -228,7 +228,7 @@ where
     }
 }
 
-async fn open_page(page: &Page, url: &str) {
+pub async fn open_page(page: &Page, url: &str) {
     page.c.goto(url).await.expect("open the page");
     page.wait(
         "the page connected to GET /events",

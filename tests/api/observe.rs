@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use trainvisor::bench::observe::{from_log, read_log, unix_now};
 
+use crate::browser::{open_page, with_page};
 use crate::deploy::venv_tool;
 use crate::helpers::*;
 
@@ -183,7 +184,7 @@ for i in range(40):
 
 /// A script that reports nothing: its incident ends once the replacement has stayed up 10 s
 /// (not when the job ends), steps lost are unknown (null, not 0), the goodput says it is an
-/// estimate, and the summary and `trainvisor status` say why there is no step data.
+/// estimate, and the summary, `trainvisor status` and the page say why there is no step data.
 #[actix_web::test]
 async fn a_script_that_reports_nothing_gets_an_honest_incident() {
     let app = spawn_app().await;
@@ -227,5 +228,25 @@ async fn a_script_that_reports_nothing_gets_an_honest_incident() {
     );
     assert!(text.contains("lost unknown steps"), "{text}");
     assert!(text.contains("goodput ≤ "), "{text}");
+
+    // The page: the sentence above the charts, charts that say "no step data" instead of
+    // "no data yet", the incident's unknown steps and the estimated goodput.
+    with_page(&app, "no-step-data", async |page, app| {
+        open_page(page, &format!("{}/#/jobs/{id}", app.address)).await;
+        page.wait(
+            "the page says there is no step data, why, and how to get it",
+            "const p = document.querySelector('[data-testid=no-step-data]');
+             const c = document.querySelector('[data-testid=chart-rate]');
+             const i = document.querySelector('[data-testid=incidents] li');
+             const g = document.querySelector('[data-testid=goodput]');
+             return p && !p.hidden && p.textContent.includes('this script sends no heartbeats')
+               && p.textContent.includes('imports torch')
+               && c.textContent.includes('no step data')
+               && i && i.textContent.includes('lost unknown steps')
+               && g.textContent.includes('≤') && g.textContent.includes('an estimate');",
+        )
+        .await;
+    })
+    .await;
     app.stop(&id).await;
 }
