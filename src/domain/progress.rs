@@ -245,12 +245,16 @@ pub struct Summary {
     /// With `warm_standby`: why the ranks start cold, once standbys kept failing to start.
     #[serde(default)]
     pub standby_off: Option<String>,
-    /// Once the job has run without any rank reporting a step: what is not known (step,
-    /// steps/s, ETA, steps lost) and how to make it known. Null when steps are reported.
+    /// Once the job has run 20 s (or ended) without any rank reporting a step: what is not
+    /// known (step, steps/s, ETA, steps lost) and how to make it known. Null when steps are
+    /// reported.
     #[serde(default)]
     pub no_step_data: Option<String>,
     pub workers: Vec<WorkerSummary>,
 }
+
+/// How long a job runs without a step before its summary says it has no step data.
+pub const NO_STEP_DATA_AFTER: Duration = Duration::from_secs(20);
 
 /// Why a job that has run has no step data, and how to get it.
 fn no_step_data(spec: &JobSpec, heard: bool) -> String {
@@ -324,7 +328,14 @@ impl Summary {
         };
         let losses: Vec<f64> = ranks.iter().filter_map(|r| r.progress.loss()).collect();
         let loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
-        let no_step_data = (step.is_none() && input.started_at.is_some()).then(|| {
+        // Said once the job has run for a while (a torch script needs seconds to import torch
+        // and take its first step) or has ended without a step.
+        let ran = input
+            .started_at
+            .as_deref()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .is_some_and(|t| ended || (now - t).to_std().is_ok_and(|d| d >= NO_STEP_DATA_AFTER));
+        let no_step_data = (step.is_none() && ran).then(|| {
             let heard = ranks.iter().any(|r| r.progress.last_heartbeat.is_some());
             no_step_data(input.spec, heard)
         });
@@ -434,5 +445,50 @@ mod heartbeat_tests {
         assert!(no_step_data(&spec, true).contains("carry no step; automatic heartbeats are off"));
         spec.launcher = crate::spec::LauncherKind::Docker;
         assert!(no_step_data(&spec, false).contains("need the local launcher"));
+    }
+
+    /// Not while a script may still be importing torch: after NO_STEP_DATA_AFTER of running,
+    /// or once the job ended, and never once a step is known.
+    #[test]
+    fn no_step_data_is_said_after_a_while_or_at_the_end() {
+        let spec = crate::spec::JobRequest {
+            world_size: Some(1),
+            ..Default::default()
+        }
+        .resolve(&crate::config::JobDefaults::for_data_dir(
+            std::path::Path::new("/d"),
+        ))
+        .unwrap();
+        let mut ranks = vec![RankSlot::new()];
+        let progress = Progress::default();
+        let summary = |state, started: chrono::Duration, ranks: &[RankSlot]| {
+            Summary::build(SummaryInput {
+                id: Uuid::nil(),
+                spec: &spec,
+                state,
+                reason: None,
+                created_at: "",
+                started_at: Some(ts(Utc::now() - started)),
+                ranks,
+                restarts: 0,
+                progress: &progress,
+                last_checkpoint: None,
+                slurm_job_id: None,
+                excluded_nodes: Vec::new(),
+                goodput: None,
+                rank_rates: Vec::new(),
+                standbys: Default::default(),
+                standby_off: None,
+            })
+            .no_step_data
+        };
+        let secs = chrono::Duration::seconds;
+        assert_eq!(summary(JobState::Running, secs(5), &ranks), None);
+        assert!(summary(JobState::Running, secs(25), &ranks).is_some());
+        assert!(summary(JobState::Succeeded, secs(5), &ranks).is_some());
+        ranks[0]
+            .progress
+            .record_heartbeat(Utc::now(), json!({"step": 1}));
+        assert_eq!(summary(JobState::Running, secs(25), &ranks), None);
     }
 }

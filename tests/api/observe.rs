@@ -209,6 +209,14 @@ async fn a_script_that_reports_nothing_gets_an_honest_incident() {
     assert_eq!(s["state"], "running", "{s}");
     assert_eq!(s["goodput"]["estimate"], true, "{s}");
     assert!(s["goodput"]["redo_s"].is_null(), "{s}");
+    // Said once the job has run 20 s without a step.
+    let s = wait_for(Duration::from_secs(60), || async {
+        let s = app.summary(&id).await;
+        s["no_step_data"].is_string().then_some(s)
+    })
+    .await
+    .expect("the summary says there is no step data");
+    assert_eq!(s["state"], "running", "{s}");
     let why = s["no_step_data"].as_str().unwrap();
     assert!(
         why.starts_with("no step data: this script sends no heartbeats"),
