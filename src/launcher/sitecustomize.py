@@ -41,6 +41,7 @@ class _TrainvisorObserver:
         self.saved_step = None
         self.stepped = False
         self.stopped = False
+        self.exiting = False
         self.wake = None
 
     def on_step(self, optimizer, args, kwargs):
@@ -90,12 +91,22 @@ class _TrainvisorObserver:
             timeout = 10.0
         self.wake = threading.Event()
         self.wake.set()  # the first step is reported at once: it says training (again)
-        threading.Thread(
+        thread = threading.Thread(
             target=self.run,
             args=(url, token, max(0.05, min(1.0, timeout / 4))),
             name="trainvisor-heartbeat",
             daemon=True,
-        ).start()
+        )
+        thread.start()
+        import atexit
+        atexit.register(self.at_exit, thread)
+
+    def at_exit(self, thread):
+        # The thread ends (with one last beat for the steps since the previous one) before the
+        # interpreter is torn down: a daemon thread still inside torch then would abort it.
+        self.exiting = True
+        self.wake.set()
+        thread.join(1.0)
 
     def body(self):
         import math
@@ -113,7 +124,7 @@ class _TrainvisorObserver:
         return body
 
     def run(self, url, token, interval):
-        import atexit, http.client, time, urllib.parse
+        import http.client, time, urllib.parse
         parts = urllib.parse.urlsplit(url)
         path = parts.path + ("?" + parts.query if parts.query else "")
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -122,9 +133,6 @@ class _TrainvisorObserver:
         def connect(timeout=max(2.0, 2 * interval)):
             return kind(parts.hostname, parts.port, timeout=timeout)
 
-        # The last steps of a script that ends between two beats: one last beat on exit,
-        # which waits half a second at most for a server that does not answer.
-        atexit.register(lambda: self.post(connect(0.5), path, headers))
         conn = connect()
         # New steps are sent within TICK (so a kill finds the last step known to within a
         # few steps), an unchanged count once per interval (the rank is alive).
@@ -134,6 +142,13 @@ class _TrainvisorObserver:
             self.wake.wait(tick)
             self.wake.clear()
             now, state = time.monotonic(), (self.steps, self.saved_step)
+            if self.exiting:
+                # The last steps of a script that ends between two beats; half a second at
+                # most for a server that does not answer.
+                if state != sent:
+                    conn.close()
+                    self.post(connect(0.5), path, headers)
+                return
             if state == sent and now - sent_at < interval:
                 continue
             sent, sent_at = state, now
