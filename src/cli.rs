@@ -290,7 +290,7 @@ pub struct ServeArgs {
 }
 
 fn parse_launcher(s: &str) -> Result<crate::spec::LauncherKind, String> {
-    crate::spec::LauncherKind::parse(s).ok_or_else(|| format!("{s:?}: expected local or slurm"))
+    s.parse()
 }
 
 impl ServeArgs {

@@ -19,7 +19,7 @@ pub struct JobDefaults {
     pub heartbeat_timeout_s: f64,
     pub max_restarts: u32,
     /// Where ranks of jobs that do not say run (`--launcher`, `TRAINVISOR_LAUNCHER`).
-    pub launcher: crate::spec::LauncherKind,
+    pub launcher: crate::launcher::kind::LauncherKind,
 }
 
 /// The demo's pace (seconds a built-in trainer rank sleeps per step): 4 ranks take about a
@@ -39,7 +39,7 @@ impl JobDefaults {
             demo_sleep_sec: 0.0,
             heartbeat_timeout_s: 10.0,
             max_restarts: 50,
-            launcher: crate::spec::LauncherKind::Local,
+            launcher: Default::default(),
         }
     }
 

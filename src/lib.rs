@@ -20,3 +20,6 @@ pub mod telemetry;
 pub mod trainer;
 pub mod untrusted;
 pub mod validate;
+
+#[cfg(test)]
+mod architecture;

@@ -13,6 +13,7 @@ use super::messages::{
     CreateJob, Delete, DeleteReport, JobEnded, KillForShutdown, ManagerError, Restore, Shutdown,
     Skipped, Stop, StopJob,
 };
+use super::tokens::WorkerTokens;
 use super::{JobHandle, Runtime};
 use crate::domain::{JobState, Outcome, RankSlot, RankState, RestartCounts, RestartScope};
 use crate::spec::JobSpec;
@@ -32,6 +33,7 @@ impl JobManager {
     fn start_job(&mut self, init: JobInit, ctx: &mut Context<Self>) {
         let id = init.id;
         let processes = init.spec.processes();
+        let tokens = init.tokens.clone();
         let (addr, state) = Job::start(init, self.rt.clone(), ctx.address().recipient());
         self.rt.registry.insert(
             id,
@@ -39,6 +41,7 @@ impl JobManager {
                 addr,
                 state,
                 processes,
+                tokens,
             },
         );
     }
@@ -106,6 +109,7 @@ impl Handler<CreateJob> for JobManager {
                 act.start_job(
                     JobInit {
                         id,
+                        tokens: Arc::new(WorkerTokens::new(spec.world_size)),
                         spec,
                         created_at,
                         started_at: None,
@@ -248,12 +252,13 @@ async fn restore_plan(
     let incarnations = store::jobs::incarnations(pool, id).await?;
     let restarts = store::jobs::restarts(pool, id).await?;
     let mut ranks = vec![RankSlot::new(); spec.world_size as usize];
+    let tokens = WorkerTokens::new(spec.world_size);
     for inc in &incarnations {
         let Some(slot) = ranks.get_mut(inc.rank as usize) else {
             continue;
         };
         slot.next_attempt = slot.next_attempt.max(inc.attempt as u32 + 1);
-        slot.past_tokens.insert(inc.token_hash.clone());
+        tokens.retire(inc.rank as u32, inc.token_hash.clone());
         slot.progress.attempt = inc.attempt as u32;
         slot.state = if inc.outcome.as_deref() == Some(Outcome::Succeeded.as_str()) {
             RankState::succeeded()
@@ -296,6 +301,7 @@ async fn restore_plan(
     }
     Ok(JobInit {
         id,
+        tokens: Arc::new(tokens),
         spec,
         created_at: record.created_at,
         started_at: record.started_at,

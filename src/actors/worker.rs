@@ -11,14 +11,13 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::Runtime;
-use super::job::Job;
 use super::messages::{
-    Beat, CaptureStacks, KillHung, LaunchRank, RankHung, RestartStraggler, StopActor, Terminate,
-    WorkerExited, WorkerStarted,
+    Beat, CaptureStacks, JobInbox, KillHung, LaunchRank, RankHung, RestartStraggler, StopActor,
+    Terminate, WorkerExited, WorkerStarted,
 };
 use crate::domain::error_file::{self, RootCause};
-use crate::domain::liveness::{self, Watch};
 use crate::domain::incident::RankStacks;
+use crate::domain::liveness::{self, Watch};
 use crate::domain::{Ending, Exit, Outcome};
 use crate::launcher::{JobLauncher, RankControl, RankProcess, stacks};
 use crate::store::recorder::NewLine;
@@ -34,7 +33,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub const STACKS_LIMIT: Duration = Duration::from_secs(1);
 
 pub struct Worker {
-    job: Addr<Job>,
+    job: JobInbox,
     job_id: Uuid,
     rank: u32,
     rt: Arc<Runtime>,
@@ -57,7 +56,7 @@ struct Incarnation {
 
 impl Worker {
     pub fn new(
-        job: Addr<Job>,
+        job: JobInbox,
         job_id: Uuid,
         rank: u32,
         rt: Arc<Runtime>,
@@ -97,7 +96,7 @@ impl Worker {
         if inc.ending != Ending::Natural {
             control.kill();
         }
-        self.job.do_send(WorkerStarted {
+        self.job.started.do_send(WorkerStarted {
             rank: self.rank,
             attempt,
             pid,
@@ -203,7 +202,7 @@ impl Worker {
             );
             // The Job takes every rank's stacks first and then answers with KillHung; it is
             // killed after the capture limit whatever happens.
-            act.job.do_send(RankHung {
+            act.job.hung.do_send(RankHung {
                 rank: act.rank,
                 attempt,
             });
@@ -248,7 +247,7 @@ impl Handler<LaunchRank> for Worker {
                         if act.current_mut(attempt).is_some() {
                             act.current = None;
                         }
-                        act.job.do_send(WorkerExited {
+                        act.job.exited.do_send(WorkerExited {
                             rank: act.rank,
                             attempt,
                             ended: Instant::now(),
@@ -378,7 +377,7 @@ impl Handler<ProcessExited> for Worker {
                 tail.drain(..skip);
             }
         }
-        self.job.do_send(WorkerExited {
+        self.job.exited.do_send(WorkerExited {
             rank: self.rank,
             attempt: msg.attempt,
             ended: msg.ended,

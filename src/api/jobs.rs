@@ -188,7 +188,7 @@ async fn summary_of(state: &AppState, job: &JobRecord) -> Result<Summary, ApiErr
         rank_rates: Vec::new(),
         standbys: Default::default(),
         standby_off: None,
-        slurm_job_id: None,
+        launcher_ref: None,
         excluded_nodes: serde_json::from_value(job.excluded_nodes.clone()).unwrap_or_default(),
     }))
 }

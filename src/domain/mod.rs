@@ -11,6 +11,7 @@ pub mod rank;
 pub mod restart;
 pub mod state;
 pub mod straggler;
+pub mod verdict;
 pub mod worker_env;
 
 pub use rank::RankSlot;

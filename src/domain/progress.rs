@@ -266,9 +266,10 @@ pub struct Summary {
     /// `local` or `slurm`.
     #[serde(default)]
     pub launcher: String,
-    /// The Slurm job id of the allocation the ranks run in, while there is one.
+    /// The launcher's own handle on the job's ranks, while there is one: for Slurm
+    /// `{"kind": "slurm", "id": "<job id of the allocation>"}`; null for local and docker.
     #[serde(default)]
-    pub slurm_job_id: Option<u64>,
+    pub launcher_ref: Option<LauncherRef>,
     /// Nodes excluded from this job's launches (bad-node quarantine), in order.
     #[serde(default)]
     pub excluded_nodes: Vec<String>,
@@ -282,6 +283,16 @@ pub struct Summary {
     pub workers: Vec<WorkerSummary>,
 }
 
+/// A launcher's own handle on a job's ranks, named by the launcher's kind, so that a client
+/// reads every launcher's the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LauncherRef {
+    /// The launcher (`slurm`).
+    pub kind: String,
+    /// Its id there (the Slurm job id of the allocation).
+    pub id: String,
+}
+
 pub struct SummaryInput<'a> {
     pub id: Uuid,
     pub spec: &'a JobSpec,
@@ -293,7 +304,7 @@ pub struct SummaryInput<'a> {
     pub restarts: u32,
     pub progress: &'a Progress,
     pub last_checkpoint: Option<(u64, String)>,
-    pub slurm_job_id: Option<u64>,
+    pub launcher_ref: Option<LauncherRef>,
     pub excluded_nodes: Vec<String>,
     pub goodput: Option<Goodput>,
     /// Per rank: its own steps/s and whether it is a straggler (empty: unknown).
@@ -397,7 +408,7 @@ impl Summary {
             last_checkpoint_step: input.last_checkpoint.as_ref().map(|(s, _)| *s),
             last_checkpoint_at: input.last_checkpoint.map(|(_, at)| at),
             launcher: input.spec.launcher.as_str().to_string(),
-            slurm_job_id: input.slurm_job_id,
+            launcher_ref: input.launcher_ref,
             excluded_nodes: input.excluded_nodes,
             goodput: input.goodput,
             standby_off: input.standby_off,

@@ -39,6 +39,7 @@ use futures_util::future::LocalBoxFuture;
 
 pub mod binds;
 mod engine;
+pub mod spec;
 
 pub use engine::{admit, sweep};
 use engine::{gpu_request, remove_labelled, server_url};
@@ -47,6 +48,7 @@ use super::{
     JobContext, JobLauncher, Launch, Line, LineAssembler, LiveRanks, MAX_LINE_BYTES, Place,
     Prepared, RankControl, RankProcess,
 };
+use crate::domain::worker_env::Placement;
 use crate::domain::{Exit, ExitCause};
 use crate::spec::DockerSpec;
 
@@ -439,6 +441,7 @@ impl RankControl for ContainerControl {
 impl JobLauncher for DockerLauncher {
     fn prepare(&self, ranks: Vec<u32>) -> LocalBoxFuture<'static, Result<Prepared, String>> {
         let inner = self.inner.clone();
+        let world = inner.cx.spec.world_size;
         Box::pin(async move {
             let network = inner.network().await?;
             Ok(Prepared {
@@ -447,12 +450,14 @@ impl JobLauncher for DockerLauncher {
                 places: ranks
                     .into_iter()
                     .map(|r| {
-                        (
-                            r,
-                            Place {
-                                node: format!("rank-{r}"),
-                            },
-                        )
+                        let place = Place {
+                            node: format!("rank-{r}"),
+                            // One container a rank, but torchrun's view of one node, as before.
+                            placement: Placement::in_groups_of(r, world, world),
+                            // Its processes live in the container, out of this host's reach.
+                            host_local: false,
+                        };
+                        (r, place)
                     })
                     .collect(),
             })

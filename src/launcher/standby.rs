@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::ChildStdin;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{JobContext, Launch, Line, RankProcess, local};
+use super::{JobContext, Launch, Line, RankProcess, process};
 use crate::domain::progress::StandbyView;
 use crate::domain::python_command::{PythonCommand, PythonMain};
 use crate::domain::worker_env::WARM_START;
@@ -184,7 +184,7 @@ impl Standbys {
                         ..Exit::default()
                     })
                 }),
-                control: Arc::new(local::GroupControl { pgid: pid }),
+                control: Arc::new(process::GroupControl { pgid: pid }),
                 warm: true,
             },
             name: standby.name,
@@ -335,10 +335,10 @@ impl Standbys {
             return Ok(());
         };
         let nice = self.host.nice();
-        let mut running = local::spawn_standby(launch, local::Standby { nice }).await?;
+        let mut running = process::spawn_standby(launch, process::Standby { nice }).await?;
         let stdin = running.stdin.take();
         let (tell, ready) = oneshot::channel();
-        let process = local::into_rank(running, Some((READY_LINE, tell)));
+        let process = process::into_rank(running, Some((READY_LINE, tell)));
         let pid = process.pid;
         let (exit_tx, exit_rx) = oneshot::channel();
         {
@@ -483,7 +483,7 @@ impl Standbys {
     }
 
     fn discard(&self, s: Standby) {
-        local::signal_group(s.pid, libc::SIGKILL);
+        process::signal_group(s.pid, libc::SIGKILL);
         self.host.discard(&s.name);
     }
 

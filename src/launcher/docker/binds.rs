@@ -117,7 +117,9 @@ pub fn binds(
     settings: &Settings,
 ) -> Result<Vec<String>, String> {
     let mut binds = Vec::new();
-    if !spec.dataset.contains("://") {
+    // A dataset that is not there (the demo one, when no job has made it yet) is not mounted:
+    // the engine would make an empty directory of that name on the host, as root.
+    if !spec.dataset.contains("://") && Path::new(&spec.dataset).exists() {
         let source = host_path("dataset", &spec.dataset, settings)?;
         binds.push(format!("{}:{}:ro", source.display(), spec.dataset));
     }
