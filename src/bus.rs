@@ -250,7 +250,7 @@ impl EventBus {
             seq,
             kind,
             job_id,
-            at: crate::store::now(),
+            at: crate::domain::now(),
             data,
         };
         let _ = self.tx.send(Arc::new(event));

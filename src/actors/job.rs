@@ -12,13 +12,14 @@ use uuid::Uuid;
 use super::Runtime;
 use super::checkpoint::Checkpoint;
 use super::messages::{
-    Committed, GetSummary, JobEnded, KillForShutdown, StopActor, StopJob, Terminate, WhenIdle,
-    WorkerExited, WorkerStarted,
+    Committed, GetSummary, JobEnded, JobInbox, KillForShutdown, StopActor, StopJob, Terminate,
+    WhenIdle, WorkerExited, WorkerStarted,
 };
+use super::tokens::WorkerTokens;
 use super::worker::Worker;
 use crate::domain::failure_policy::CrashLoop;
 use crate::domain::incident::{Incident, IncidentEnd, IncidentRow};
-use crate::domain::progress::{Progress, Summary, SummaryInput};
+use crate::domain::progress::{LauncherRef, Progress, Summary, SummaryInput};
 use crate::domain::{JobState, Outcome, RestartCounts, RestartPolicy};
 use crate::launcher::{self, JobContext, JobLauncher};
 use crate::spec::JobSpec;
@@ -61,6 +62,7 @@ pub struct Job {
     reason: Option<String>,
     phase: Phase,
     ranks: Vec<RankSlot>,
+    tokens: Arc<WorkerTokens>,
     workers: Vec<Addr<Worker>>,
     master_port: u16,
     policy: RestartPolicy,
@@ -94,6 +96,8 @@ pub struct Job {
 /// How a job actor begins: fresh, or resumed after a server restart.
 pub struct JobInit {
     pub id: Uuid,
+    /// The job's worker tokens (earlier runs' restored as stale), shared with the worker API.
+    pub tokens: Arc<WorkerTokens>,
     pub spec: JobSpec,
     pub created_at: String,
     pub started_at: Option<String>,
@@ -147,10 +151,11 @@ impl Job {
             .start();
             let spec_world = spec.world_size;
             let straggler_policy = spec.straggler_policy();
+            let inbox = JobInbox::of(&ctx.address());
             let workers = (0..spec.world_size)
                 .map(|rank| {
                     Worker::new(
-                        ctx.address(),
+                        inbox.clone(),
                         init.id,
                         rank,
                         rt.clone(),
@@ -170,6 +175,7 @@ impl Job {
                 reason: None,
                 phase: Phase::Running,
                 ranks: init.ranks,
+                tokens: init.tokens,
                 workers,
                 master_port: 0,
                 counts: init.counts,
@@ -384,7 +390,10 @@ impl Job {
                 .last_checkpoint
                 .as_ref()
                 .map(|c| (c.step, c.at.clone())),
-            slurm_job_id: status.slurm_job_id,
+            launcher_ref: status.handle.map(|id| LauncherRef {
+                kind: self.spec.launcher.as_str().to_string(),
+                id,
+            }),
             excluded_nodes: status.excluded_nodes,
             goodput: self.goodput(step),
             rank_rates: self.rank_rates(),

@@ -96,6 +96,31 @@ pub struct WorkerExited {
     pub tail: Vec<String>,
 }
 
+/// Where a Worker reports to its Job: the three messages it sends, as recipients, so the
+/// Worker needs neither the Job's type nor its address (no import circle between the two).
+#[derive(Clone)]
+pub struct JobInbox {
+    pub started: Recipient<WorkerStarted>,
+    pub hung: Recipient<RankHung>,
+    pub exited: Recipient<WorkerExited>,
+}
+
+impl JobInbox {
+    pub fn of<A>(job: &Addr<A>) -> Self
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<WorkerStarted>
+            + Handler<RankHung>
+            + Handler<WorkerExited>,
+    {
+        JobInbox {
+            started: job.clone().recipient(),
+            hung: job.clone().recipient(),
+            exited: job.clone().recipient(),
+        }
+    }
+}
+
 /// Job → JobManager: the job has ended and its final state is in the database.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -200,22 +225,17 @@ pub enum WorkerRejected {
     Invalid(String),
 }
 
-/// Is this token the current incarnation's of `rank`? Asked before a worker call's body is
-/// read, so a wrong token is refused without reading it.
-#[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
-pub struct Authorize {
-    pub rank: u32,
-    pub token: String,
-}
+// Worker API → Job. Each carries the attempt whose token the request presented (checked in
+// the job's `WorkerTokens` before the body was read); the Job refuses it as stale (409) unless
+// that attempt still runs.
 
-/// A heartbeat from a worker, with the bearer token it presented. Ok(false): an automatic
-/// heartbeat ignored because the script sends its own.
+/// A heartbeat from incarnation `attempt` of `rank`. Ok(false): an automatic heartbeat
+/// ignored because the script sends its own.
 #[derive(Message)]
 #[rtype(result = "Result<bool, WorkerRejected>")]
 pub struct Heartbeat {
     pub rank: u32,
-    pub token: String,
+    pub attempt: u32,
     pub body: Value,
 }
 
@@ -224,7 +244,7 @@ pub struct Heartbeat {
 #[rtype(result = "Result<Arc<Vec<f64>>, WorkerRejected>")]
 pub struct AllReduceRequest {
     pub rank: u32,
-    pub token: String,
+    pub attempt: u32,
     pub step: u64,
     pub values: Vec<f64>,
 }
@@ -234,7 +254,7 @@ pub struct AllReduceRequest {
 #[rtype(result = "Result<(), WorkerRejected>")]
 pub struct CheckpointPart {
     pub rank: u32,
-    pub token: String,
+    pub attempt: u32,
     pub step: u64,
     pub part: PartInfo,
 }

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod job;
 pub mod job_manager;
 pub mod messages;
+pub mod tokens;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -31,7 +32,7 @@ pub struct Runtime {
     pub bus: Arc<LogBus>,
     pub events: Arc<EventBus>,
     pub settings: Settings,
-    /// Marks every worker process of this data dir (see `launcher::local::sweep`).
+    /// Marks every worker process of this data dir (see `launcher::process::sweep`).
     pub instance: String,
     /// Base URL workers reach the server at, e.g. `http://127.0.0.1:8000`.
     pub base_url: String,
@@ -39,6 +40,8 @@ pub struct Runtime {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Open SSE streams (log and event streams together).
     pub sse_streams: std::sync::atomic::AtomicUsize,
+    /// How full the HTTP listener is (a saturated server hears no heartbeats).
+    pub http: Arc<crate::pressure::HttpPressure>,
 }
 
 /// Counts one open SSE stream while alive.
@@ -73,6 +76,8 @@ pub struct JobHandle {
     pub state: watch::Receiver<JobState>,
     /// Its ranks, and their standbys with warm standby (`JobSpec::processes`).
     pub processes: usize,
+    /// Its worker tokens, checked by the worker API without asking the actor.
+    pub tokens: Arc<tokens::WorkerTokens>,
 }
 
 /// Live jobs by id, shared by the JobManager (which fills it) and the HTTP handlers (which

@@ -11,13 +11,13 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::Runtime;
-use super::job::Job;
 use super::messages::{
-    Beat, CaptureStacks, KillHung, LaunchRank, RankHung, RestartStraggler, StopActor, Terminate,
-    WorkerExited, WorkerStarted,
+    Beat, CaptureStacks, JobInbox, KillHung, LaunchRank, RankHung, RestartStraggler, StopActor,
+    Terminate, WorkerExited, WorkerStarted,
 };
 use crate::domain::error_file::{self, RootCause};
 use crate::domain::incident::RankStacks;
+use crate::domain::liveness::{self, Watch};
 use crate::domain::{Ending, Exit, Outcome};
 use crate::launcher::{JobLauncher, RankControl, RankProcess, stacks};
 use crate::store::recorder::NewLine;
@@ -33,7 +33,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub const STACKS_LIMIT: Duration = Duration::from_secs(1);
 
 pub struct Worker {
-    job: Addr<Job>,
+    job: JobInbox,
     job_id: Uuid,
     rank: u32,
     rt: Arc<Runtime>,
@@ -56,7 +56,7 @@ struct Incarnation {
 
 impl Worker {
     pub fn new(
-        job: Addr<Job>,
+        job: JobInbox,
         job_id: Uuid,
         rank: u32,
         rt: Arc<Runtime>,
@@ -96,7 +96,7 @@ impl Worker {
         if inc.ending != Ending::Natural {
             control.kill();
         }
-        self.job.do_send(WorkerStarted {
+        self.job.started.do_send(WorkerStarted {
             rank: self.rank,
             attempt,
             pid,
@@ -175,12 +175,13 @@ impl Worker {
     fn arm_watchdog(&mut self, attempt: u32, after: Duration, ctx: &mut Context<Self>) {
         ctx.run_later(after, move |act, ctx| {
             let timeout = act.heartbeat_timeout;
+            let saturated = act.rt.http.saturated_ago();
             let Some(inc) = act.current_mut(attempt) else {
                 return;
             };
             let silent = inc.last_beat.map(|t| t.elapsed()).unwrap_or_default();
-            if silent < timeout {
-                act.arm_watchdog(attempt, timeout - silent, ctx);
+            if let Watch::Recheck(after) = liveness::watch(silent, timeout, saturated) {
+                act.arm_watchdog(attempt, after, ctx);
                 return;
             }
             if inc.ending != Ending::Natural {
@@ -201,7 +202,7 @@ impl Worker {
             );
             // The Job takes every rank's stacks first and then answers with KillHung; it is
             // killed after the capture limit whatever happens.
-            act.job.do_send(RankHung {
+            act.job.hung.do_send(RankHung {
                 rank: act.rank,
                 attempt,
             });
@@ -246,7 +247,7 @@ impl Handler<LaunchRank> for Worker {
                         if act.current_mut(attempt).is_some() {
                             act.current = None;
                         }
-                        act.job.do_send(WorkerExited {
+                        act.job.exited.do_send(WorkerExited {
                             rank: act.rank,
                             attempt,
                             ended: Instant::now(),
@@ -376,7 +377,7 @@ impl Handler<ProcessExited> for Worker {
                 tail.drain(..skip);
             }
         }
-        self.job.do_send(WorkerExited {
+        self.job.exited.do_send(WorkerExited {
             rank: self.rank,
             attempt: msg.attempt,
             ended: msg.ended,

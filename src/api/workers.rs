@@ -1,7 +1,8 @@
 //! The worker API, authorized by each incarnation's bearer token:
 //! `POST /jobs/{job_id}/workers/{rank}/heartbeat | allreduce | checkpoint`. The token and the
-//! job are checked before the body is read; a token that was never this rank's gets `401`
-//! before anything about the job's state is said.
+//! job are checked before the body is read (in the job's `WorkerTokens`, not through its
+//! actor); a token that was never this rank's gets `401` before anything about the job's state
+//! is said. A call then crosses the Job's mailbox once, with the attempt its token belongs to.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -11,9 +12,7 @@ use uuid::Uuid;
 use super::error::{ErrorBody, parse_json};
 use super::schema::JobRank;
 use super::{ApiError, AppState, parse_job_id};
-use crate::actors::messages::{
-    AllReduceRequest, Authorize, CheckpointPart, Heartbeat, WorkerRejected,
-};
+use crate::actors::messages::{AllReduceRequest, CheckpointPart, Heartbeat, WorkerRejected};
 use crate::actors::{JobHandle, hash_token};
 use crate::checkpoint::{PartInfo, part_name};
 use crate::store;
@@ -33,11 +32,11 @@ pub fn bearer(req: &HttpRequest) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Who is calling: the live job, the rank and the token it presented.
+/// Who is calling: the live job, the rank and the attempt whose token it presented.
 struct Caller {
     id: Uuid,
     rank: u32,
-    token: String,
+    attempt: u32,
     job: JobHandle,
 }
 
@@ -73,25 +72,18 @@ async fn caller(
             None => Err(ApiError::job_not_found(id)),
         };
     };
-    let caller = Caller {
-        id,
-        rank,
-        token,
-        job,
-    };
-    let check = Authorize {
-        rank,
-        token: caller.token.clone(),
-    };
-    match caller.job.addr.send(check).await {
-        Ok(Ok(())) => Ok(caller),
-        Ok(Err(why)) => Err(rejected(&caller, why)),
-        Err(_) => Err(ended(&caller)),
+    match job.tokens.attempt_of(rank, &hash_token(&token)) {
+        Ok(attempt) => Ok(Caller {
+            id,
+            rank,
+            attempt,
+            job,
+        }),
+        Err(why) => Err(rejected(id, rank, why)),
     }
 }
 
-fn rejected(c: &Caller, why: WorkerRejected) -> ApiError {
-    let (id, rank) = (c.id, c.rank);
+fn rejected(id: Uuid, rank: u32, why: WorkerRejected) -> ApiError {
     match why {
         WorkerRejected::UnknownRank => ApiError::NotFound(format!("job {id} has no rank {rank}")),
         WorkerRejected::Stale => ApiError::StaleIncarnation(format!(
@@ -185,7 +177,7 @@ pub async fn heartbeat(
     }
     let msg = Heartbeat {
         rank: c.rank,
-        token: c.token.clone(),
+        attempt: c.attempt,
         body,
     };
     match c.job.addr.send(msg).await.map_err(|_| ended(&c))? {
@@ -195,7 +187,7 @@ pub async fn heartbeat(
             "ok": true,
             "ignored": "an automatic heartbeat: this rank's script sends its own, which win"
         }))),
-        Err(why) => Err(rejected(&c, why)),
+        Err(why) => Err(rejected(c.id, c.rank, why)),
     }
 }
 
@@ -236,13 +228,13 @@ pub async fn allreduce(
     let body: AllReduceBody = parse_json(&body, false)?;
     let msg = AllReduceRequest {
         rank: c.rank,
-        token: c.token.clone(),
+        attempt: c.attempt,
         step: body.step,
         values: body.values,
     };
     match c.job.addr.send(msg).await.map_err(|_| ended(&c))? {
         Ok(mean) => Ok(HttpResponse::Ok().json(json!({ "step": body.step, "values": *mean }))),
-        Err(why) => Err(rejected(&c, why)),
+        Err(why) => Err(rejected(c.id, c.rank, why)),
     }
 }
 
@@ -299,7 +291,7 @@ pub async fn checkpoint(
     }
     let msg = CheckpointPart {
         rank: c.rank,
-        token: c.token.clone(),
+        attempt: c.attempt,
         step: body.step,
         part: PartInfo {
             rank: c.rank,
@@ -313,6 +305,6 @@ pub async fn checkpoint(
     };
     match c.job.addr.send(msg).await.map_err(|_| ended(&c))? {
         Ok(()) => Ok(HttpResponse::Ok().json(json!({ "ok": true }))),
-        Err(why) => Err(rejected(&c, why)),
+        Err(why) => Err(rejected(c.id, c.rank, why)),
     }
 }

@@ -306,11 +306,11 @@ pub struct Goodput {
 impl Goodput {
     /// `step` is the job's step now (the slowest rank's).
     pub fn of(incidents: &[IncidentRow], wall_s: f64, step: Option<u64>) -> Goodput {
-        let recovering_s: f64 = incidents.iter().map(|i| i.seconds_lost).sum();
-        let backoff_s = incidents
-            .iter()
-            .map(|i| (i.backoff_ms as f64 / 1000.0).min(i.seconds_lost))
-            .sum();
+        // Folded from +0.0: `sum()` of no floats is -0.0, which the API would show as such.
+        let recovering_s = incidents.iter().fold(0.0, |a, i| a + i.seconds_lost);
+        let backoff_s = incidents.iter().fold(0.0, |a, i| {
+            a + (i.backoff_ms as f64 / 1000.0).min(i.seconds_lost)
+        });
         let steps_redone: u64 = incidents.iter().filter_map(|i| i.steps_lost).sum();
         let estimate = incidents.iter().any(|i| i.steps_lost.is_none());
         let wall_s = wall_s.max(0.0);
@@ -370,6 +370,16 @@ mod tests {
             step_s: None,
             stacks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_job_without_incidents_recovered_for_plus_zero_seconds() {
+        let g = Goodput::of(&[], 12.0, Some(40));
+        assert!(
+            g.recovering_s == 0.0 && g.recovering_s.is_sign_positive(),
+            "{g:?}"
+        );
+        assert!(g.backoff_s.is_sign_positive(), "{g:?}");
     }
 
     #[test]

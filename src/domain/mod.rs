@@ -4,12 +4,14 @@
 pub mod error_file;
 pub mod failure_policy;
 pub mod incident;
+pub mod liveness;
 pub mod progress;
 pub mod python_command;
 pub mod rank;
 pub mod restart;
 pub mod state;
 pub mod straggler;
+pub mod verdict;
 pub mod worker_env;
 
 pub use rank::RankSlot;

@@ -52,7 +52,7 @@ impl RankView {
             self.saved_step = Some(saved);
         }
         if body.as_object().is_some_and(|o| !o.is_empty()) {
-            self.heartbeat = Some(body);
+            self.heartbeat = Some(bounded_heartbeat(body));
         }
         true
     }
@@ -64,6 +64,65 @@ impl RankView {
             .get("loss")?
             .as_f64()
     }
+}
+
+/// Metrics of a heartbeat kept for the summary, at most.
+const MAX_METRICS: usize = 32;
+/// Other fields of a heartbeat kept, at most.
+const MAX_FIELDS: usize = 8;
+/// Longest key and longest string value kept.
+const MAX_KEY: usize = 64;
+const MAX_STRING: usize = 128;
+
+/// What of a heartbeat body the summary keeps: a rank controls it, and the summary is held in
+/// memory, stored with the job and sent with every `/jobs/summaries`. `step` always; up to
+/// [`MAX_METRICS`] scalar `metrics` and [`MAX_FIELDS`] other scalar fields with short keys and
+/// strings; how many were left out is said in `dropped`.
+pub fn bounded_heartbeat(body: Value) -> Value {
+    let Value::Object(fields) = body else {
+        return Value::Null;
+    };
+    let scalar = |v: &Value| match v {
+        Value::String(s) => s.len() <= MAX_STRING,
+        Value::Number(_) | Value::Bool(_) | Value::Null => true,
+        _ => false,
+    };
+    let mut kept = serde_json::Map::new();
+    let mut dropped = 0usize;
+    let mut others = 0usize;
+    for (key, value) in fields {
+        match key.as_str() {
+            "step" | "dropped" => {
+                kept.insert(key, value);
+            }
+            "metrics" => {
+                let Value::Object(metrics) = value else {
+                    dropped += 1;
+                    continue;
+                };
+                let mut small = serde_json::Map::new();
+                for (k, v) in metrics {
+                    if small.len() < MAX_METRICS && k.len() <= MAX_KEY && scalar(&v) {
+                        small.insert(k, v);
+                    } else {
+                        dropped += 1;
+                    }
+                }
+                kept.insert(key, Value::Object(small));
+            }
+            _ if others < MAX_FIELDS && key.len() <= MAX_KEY && scalar(&value) => {
+                others += 1;
+                kept.insert(key, value);
+            }
+            _ => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        kept.insert("dropped".into(), Value::from(dropped));
+    } else {
+        kept.remove("dropped");
+    }
+    Value::Object(kept)
 }
 
 const WINDOW: Duration = Duration::from_secs(10);
@@ -223,7 +282,8 @@ pub struct Summary {
     pub eta_s: Option<f64>,
     /// Mean of the ranks' last reported `metrics.loss`.
     pub loss: Option<f64>,
-    /// Restart decisions recorded for this job (rows of `/jobs/{id}/restarts`).
+    /// Restarts for the job's own failures: the rows of `/jobs/{id}/restarts` less the
+    /// `server_restart` ones (the server's own restarts are not the job's failures).
     pub restarts: u32,
     pub last_checkpoint_step: Option<u64>,
     pub last_checkpoint_at: Option<String>,
@@ -232,9 +292,10 @@ pub struct Summary {
     /// `local` or `slurm`.
     #[serde(default)]
     pub launcher: String,
-    /// The Slurm job id of the allocation the ranks run in, while there is one.
+    /// The launcher's own handle on the job's ranks, while there is one: for Slurm
+    /// `{"kind": "slurm", "id": "<job id of the allocation>"}`; null for local and docker.
     #[serde(default)]
-    pub slurm_job_id: Option<u64>,
+    pub launcher_ref: Option<LauncherRef>,
     /// Nodes excluded from this job's launches (bad-node quarantine), in order.
     #[serde(default)]
     pub excluded_nodes: Vec<String>,
@@ -263,14 +324,27 @@ fn no_step_data(spec: &JobSpec, heard: bool) -> String {
     } else {
         "this script sends no heartbeats"
     };
-    let how = if !spec.launcher.python_hook() {
-        "POST heartbeats with a step from the script (README: the worker contract); the          automatic heartbeats of torch scripts need the local launcher"
+    let how = if !spec.launcher.host_local_hooks() {
+        "POST heartbeats with a step from the script (README: the worker contract); the \
+         automatic heartbeats of torch scripts need the local launcher"
     } else if !spec.auto_heartbeat {
-        "automatic heartbeats are off (\"auto_heartbeat\": false): drop that field, or POST          heartbeats with a step (README: the worker contract)"
+        "automatic heartbeats are off (\"auto_heartbeat\": false): drop that field, or POST \
+         heartbeats with a step (README: the worker contract)"
     } else {
-        "a Python script that imports torch reports its optimizer steps by itself; any other          script can POST heartbeats with a step (README: the worker contract)"
+        "a Python script that imports torch reports its optimizer steps by itself; any other \
+         script can POST heartbeats with a step (README: the worker contract)"
     };
     format!("no step data: {what}; {how}")
+}
+
+/// A launcher's own handle on a job's ranks, named by the launcher's kind, so that a client
+/// reads every launcher's the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LauncherRef {
+    /// The launcher (`slurm`).
+    pub kind: String,
+    /// Its id there (the Slurm job id of the allocation).
+    pub id: String,
 }
 
 pub struct SummaryInput<'a> {
@@ -284,7 +358,7 @@ pub struct SummaryInput<'a> {
     pub restarts: u32,
     pub progress: &'a Progress,
     pub last_checkpoint: Option<(u64, String)>,
-    pub slurm_job_id: Option<u64>,
+    pub launcher_ref: Option<LauncherRef>,
     pub excluded_nodes: Vec<String>,
     pub goodput: Option<Goodput>,
     /// Per rank: its own steps/s and whether it is a straggler (empty: unknown).
@@ -399,7 +473,7 @@ impl Summary {
             last_checkpoint_step: input.last_checkpoint.as_ref().map(|(s, _)| *s),
             last_checkpoint_at: input.last_checkpoint.map(|(_, at)| at),
             launcher: input.spec.launcher.as_str().to_string(),
-            slurm_job_id: input.slurm_job_id,
+            launcher_ref: input.launcher_ref,
             excluded_nodes: input.excluded_nodes,
             no_step_data,
             goodput: input.goodput,
@@ -443,7 +517,7 @@ mod heartbeat_tests {
         assert!(no_step_data(&spec, false).contains("sends no heartbeats; a Python script"));
         spec.auto_heartbeat = false;
         assert!(no_step_data(&spec, true).contains("carry no step; automatic heartbeats are off"));
-        spec.launcher = crate::spec::LauncherKind::Docker;
+        spec.launcher = "docker".parse().unwrap();
         assert!(no_step_data(&spec, false).contains("need the local launcher"));
     }
 
@@ -473,7 +547,7 @@ mod heartbeat_tests {
                 restarts: 0,
                 progress: &progress,
                 last_checkpoint: None,
-                slurm_job_id: None,
+                launcher_ref: None,
                 excluded_nodes: Vec::new(),
                 goodput: None,
                 rank_rates: Vec::new(),
@@ -490,5 +564,35 @@ mod heartbeat_tests {
             .progress
             .record_heartbeat(Utc::now(), json!({"step": 1}));
         assert_eq!(summary(JobState::Running, secs(25), &ranks), None);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::bounded_heartbeat;
+    use serde_json::json;
+
+    #[test]
+    fn a_heartbeat_is_kept_small() {
+        let long = "y".repeat(1000);
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("loss".into(), json!(0.5));
+        for i in 0..100 {
+            metrics.insert(format!("m{i:03}"), json!(i));
+        }
+        metrics.insert("nested".into(), json!({"a": 1}));
+        let body = json!({"step": 9, "metrics": metrics, "note": long, "lr": 0.1, "x": [1, 2]});
+        let kept = bounded_heartbeat(body);
+        assert_eq!(kept["step"], 9);
+        assert_eq!(kept["metrics"]["loss"], 0.5);
+        assert_eq!(kept["metrics"].as_object().unwrap().len(), 32);
+        assert_eq!(kept["lr"], 0.1);
+        assert!(kept.get("note").is_none() && kept.get("x").is_none());
+        // 69 metrics past the 32, the nested one, the long note and the list.
+        assert_eq!(kept["dropped"], 69 + 1 + 2);
+        assert!(kept.to_string().len() < 2048);
+        // A small heartbeat is kept as it was.
+        let small = json!({"step": 1, "metrics": {"loss": 0.1}});
+        assert_eq!(bounded_heartbeat(small.clone()), small);
     }
 }

@@ -1,7 +1,5 @@
 //! A rank as its Job sees it: its state and the bookkeeping restored after a server restart.
 
-use std::collections::HashSet;
-
 use super::RankState;
 use super::progress::RankView;
 
@@ -11,9 +9,6 @@ pub struct RankSlot {
     pub state: RankState,
     /// The attempt number the next launch uses; the current incarnation is `next_attempt - 1`.
     pub next_attempt: u32,
-    pub token_hash: String,
-    /// Tokens of earlier incarnations: their heartbeats get 409.
-    pub past_tokens: HashSet<String>,
     /// A restart is waiting for this rank's next launch (its `restarted_at` is recorded then).
     pub restart_pending: bool,
     pub progress: RankView,
@@ -24,8 +19,6 @@ impl RankSlot {
         RankSlot {
             state: RankState::Pending,
             next_attempt: 0,
-            token_hash: String::new(),
-            past_tokens: HashSet::new(),
             restart_pending: false,
             progress: RankView::default(),
         }

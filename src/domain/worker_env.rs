@@ -7,149 +7,34 @@ use uuid::Uuid;
 
 use crate::spec::JobSpec;
 
-/// One variable of the worker contract.
-pub struct EnvVar {
-    pub name: &'static str,
-    /// Set only for jobs whose `dataset` or `checkpoint_dir` is in object storage.
-    pub s3_only: bool,
-    /// A default, as torchrun's: a job's `env` may set it, and then wins.
-    pub default_only: bool,
-    /// Put in front of the value the rank would have had (the job's `env`, else the
-    /// server's environment); a job's `env` may set it.
-    pub prepends: bool,
-    /// Set only on a warm standby that becomes the rank, by its launcher.
-    pub warm_only: bool,
+pub mod names;
+
+pub use names::{
+    EnvVar, SIGNALS_TO_HANDLE, WARM_START, WORKER_ENV, all_names, is_reserved, reserved_names,
+};
+
+/// Where a rank sits among its peers, as its launcher placed it: torchrun's node is a group
+/// of `local_world_size` ranks that share a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub local_rank: u32,
+    pub local_world_size: u32,
+    pub group_rank: u32,
+    pub group_world_size: u32,
 }
 
-const fn var(name: &'static str) -> EnvVar {
-    EnvVar {
-        name,
-        s3_only: false,
-        default_only: false,
-        prepends: false,
-        warm_only: false,
+impl Placement {
+    /// Rank `rank` of `world_size` when ranks fill groups of `per_group` in order (ranks
+    /// r / per_group share a group); a group larger than the job is the whole job.
+    pub fn in_groups_of(rank: u32, world_size: u32, per_group: u32) -> Self {
+        let local_world_size = per_group.min(world_size).max(1);
+        Placement {
+            local_rank: rank % local_world_size,
+            local_world_size,
+            group_rank: rank / local_world_size,
+            group_world_size: world_size.div_ceil(local_world_size),
+        }
     }
-}
-
-const fn prepend(name: &'static str) -> EnvVar {
-    EnvVar {
-        name,
-        s3_only: false,
-        default_only: false,
-        prepends: true,
-        warm_only: false,
-    }
-}
-
-const fn s3(name: &'static str) -> EnvVar {
-    EnvVar {
-        name,
-        s3_only: true,
-        default_only: false,
-        prepends: false,
-        warm_only: false,
-    }
-}
-
-const fn default(name: &'static str) -> EnvVar {
-    EnvVar {
-        name,
-        s3_only: false,
-        default_only: true,
-        prepends: false,
-        warm_only: false,
-    }
-}
-
-const fn warm(name: &'static str) -> EnvVar {
-    EnvVar {
-        name,
-        s3_only: false,
-        default_only: false,
-        prepends: false,
-        warm_only: true,
-    }
-}
-
-/// The signals torchrun's agent forwards to its workers (`--signals-to-handle`).
-pub const SIGNALS_TO_HANDLE: &str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT";
-
-/// Every variable trainvisor sets for a rank, in the order it sets them.
-pub const WORKER_ENV: &[EnvVar] = &[
-    var("RANK"),
-    var("WORLD_SIZE"),
-    var("LOCAL_RANK"),
-    var("LOCAL_WORLD_SIZE"),
-    var("MASTER_ADDR"),
-    var("MASTER_PORT"),
-    var("JOB_ID"),
-    var("RESTART_COUNT"),
-    var("TORCHELASTIC_RESTART_COUNT"),
-    // The rest of torchrun's contract, with the values torchrun would set.
-    var("GROUP_RANK"),
-    var("GROUP_WORLD_SIZE"),
-    var("ROLE_NAME"),
-    var("ROLE_RANK"),
-    var("ROLE_WORLD_SIZE"),
-    var("TORCHELASTIC_RUN_ID"),
-    var("TORCHELASTIC_MAX_RESTARTS"),
-    var("TORCHELASTIC_ERROR_FILE"),
-    var("TORCHELASTIC_SIGNALS_TO_HANDLE"),
-    default("TORCH_NCCL_ASYNC_ERROR_HANDLING"),
-    default("OMP_NUM_THREADS"),
-    var("CHECKPOINT_DIR"),
-    var("DATASET_DIR"),
-    var("CHECKPOINT_EVERY"),
-    var("SLEEP_SEC"),
-    var("HEARTBEAT_TIMEOUT"),
-    var("TRAINVISOR_HEARTBEAT_URL"),
-    var("TRAINVISOR_SERVER_URL"),
-    var("TRAINVISOR_TOKEN"),
-    var("TRAINVISOR_INSTANCE"),
-    var("TRAINVISOR_SPEC"),
-    // S3 settings and credentials come from the server's environment, never from a spec
-    // (which the API echoes).
-    s3("S3_REGION"),
-    s3("S3_MAX_RETRIES"),
-    s3("S3_RETRY_TIMEOUT_S"),
-    s3("S3_ENDPOINT"),
-    s3("S3_ACCESS_KEY"),
-    s3("S3_SECRET_KEY"),
-    var("TRAINVISOR_CACHE_DIR"),
-    // Local ranks only: where a Python rank's stacks are written when a hung rank is being
-    // diagnosed, and the hook that registers them (see launcher::stacks).
-    var("TRAINVISOR_STACKS_FILE"),
-    prepend("PYTHONPATH"),
-    // Local ranks of a job with `auto_heartbeat` (the default): the hook on PYTHONPATH
-    // heartbeats a torch script's optimizer steps; and, once a previous incarnation reported
-    // a `torch.save` after its steps, the step count the script goes on from when it loads.
-    var("TRAINVISOR_AUTO_HEARTBEAT"),
-    var("TRAINVISOR_RESUME_STEP"),
-    // Set to 1 when the rank is a warm standby that became the rank (see launcher::standby).
-    warm(WARM_START),
-];
-
-/// The one variable by which a script can tell it was warm-started.
-pub const WARM_START: &str = "TRAINVISOR_WARM_START";
-
-/// The names a job's `env` may not set: every name of the contract but torchrun's defaults.
-pub fn reserved_names() -> Vec<&'static str> {
-    WORKER_ENV
-        .iter()
-        .filter(|v| !v.default_only && !v.prepends)
-        .map(|v| v.name)
-        .collect()
-}
-
-pub fn is_reserved(name: &str) -> bool {
-    WORKER_ENV
-        .iter()
-        .any(|v| v.name == name && !v.default_only && !v.prepends)
-}
-
-/// Every name of the contract, defaults included.
-pub fn all_names() -> Vec<&'static str> {
-    WORKER_ENV.iter().map(|v| v.name).collect()
 }
 
 /// What one incarnation's environment is made of.
@@ -157,6 +42,7 @@ pub struct RankEnv<'a> {
     pub job_id: Uuid,
     pub spec: &'a JobSpec,
     pub rank: u32,
+    pub placement: Placement,
     pub attempt: u32,
     pub token: &'a str,
     pub master_addr: &'a str,
@@ -214,26 +100,18 @@ impl RankEnv<'_> {
 
     fn value(&self, name: &str) -> Option<String> {
         let spec = self.spec;
-        // On Slurm, ranks r / ntasks_per_node share a node as torchrun's nodes would.
-        let (local_rank, local_world) = match &spec.slurm {
-            Some(s) => (
-                self.rank % s.ntasks_per_node,
-                s.ntasks_per_node.min(spec.world_size),
-            ),
-            None => (self.rank, spec.world_size),
-        };
+        let place = self.placement;
         Some(match name {
             "RANK" => self.rank.to_string(),
             "WORLD_SIZE" => spec.world_size.to_string(),
-            "LOCAL_RANK" => local_rank.to_string(),
-            "LOCAL_WORLD_SIZE" => local_world.to_string(),
+            "LOCAL_RANK" => place.local_rank.to_string(),
+            "LOCAL_WORLD_SIZE" => place.local_world_size.to_string(),
             "MASTER_ADDR" => self.master_addr.to_string(),
             "MASTER_PORT" => self.master_port.to_string(),
             "JOB_ID" => self.job_id.to_string(),
             "RESTART_COUNT" | "TORCHELASTIC_RESTART_COUNT" => self.attempt.to_string(),
-            // torchrun's node: a group of LOCAL_WORLD_SIZE ranks.
-            "GROUP_RANK" => (self.rank / local_world.max(1)).to_string(),
-            "GROUP_WORLD_SIZE" => spec.world_size.div_ceil(local_world.max(1)).to_string(),
+            "GROUP_RANK" => place.group_rank.to_string(),
+            "GROUP_WORLD_SIZE" => place.group_world_size.to_string(),
             "ROLE_NAME" => "default".to_string(),
             "ROLE_RANK" => self.rank.to_string(),
             "ROLE_WORLD_SIZE" => spec.world_size.to_string(),
@@ -307,11 +185,13 @@ mod tests {
         .unwrap()
     }
 
-    fn env_of(spec: &JobSpec, s3: &[(String, String)]) -> Vec<(String, String)> {
+    /// Rank 1's environment, its node holding `per_node` ranks.
+    fn env_in(spec: &JobSpec, s3: &[(String, String)], per_node: u32) -> Vec<(String, String)> {
         RankEnv {
             job_id: Uuid::nil(),
             spec,
             rank: 1,
+            placement: Placement::in_groups_of(1, spec.world_size, per_node),
             attempt: 3,
             token: "t",
             master_addr: "127.0.0.1",
@@ -329,6 +209,10 @@ mod tests {
             resume_step: Some(40),
         }
         .build()
+    }
+
+    fn env_of(spec: &JobSpec, s3: &[(String, String)]) -> Vec<(String, String)> {
+        env_in(spec, s3, spec.world_size)
     }
 
     #[test]
@@ -377,15 +261,7 @@ mod tests {
         let mut spec = spec("/data");
         spec.env.insert("OMP_NUM_THREADS".into(), "8".into());
         spec.world_size = 8;
-        spec.slurm = Some(crate::spec::SlurmSpec {
-            partition: None,
-            nodes: 2,
-            ntasks_per_node: 4,
-            time_limit: None,
-            srun_args: Vec::new(),
-            exclude_after_failures: 2,
-        });
-        let env = env_of(&spec, &[]);
+        let env = env_in(&spec, &[], 4);
         assert_eq!(
             env.iter().filter(|(k, _)| k == "OMP_NUM_THREADS").count(),
             1,
@@ -395,7 +271,7 @@ mod tests {
         // PYTHONPATH: the stacks hook first, then the rank's own (the job's beats the server's).
         assert_eq!(get_of(&env, "PYTHONPATH"), "/h:/server/lib");
         spec.env.insert("PYTHONPATH".into(), "/mine".into());
-        let env = env_of(&spec, &[]);
+        let env = env_in(&spec, &[], 4);
         assert_eq!(
             env.iter().filter(|(k, _)| k == "PYTHONPATH").count(),
             1,
@@ -409,6 +285,11 @@ mod tests {
         assert_eq!(get_of(&env, "GROUP_RANK"), "0");
         assert_eq!(get_of(&env, "GROUP_WORLD_SIZE"), "2");
         assert_eq!(get_of(&env, "LOCAL_WORLD_SIZE"), "4");
+        assert_eq!(get_of(&env, "LOCAL_RANK"), "1");
+        // A node holding more ranks than the job: one group of the whole job.
+        let whole = Placement::in_groups_of(5, 6, 8);
+        assert_eq!((whole.local_world_size, whole.group_world_size), (6, 1));
+        assert_eq!((whole.local_rank, whole.group_rank), (5, 0));
     }
 
     #[test]

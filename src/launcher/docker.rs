@@ -8,8 +8,8 @@
 //!   token) or be given `--advertise-url`; a job is refused at the door otherwise.
 //! - Local `dataset` and `checkpoint_dir` are bind-mounted at the same paths, so the worker
 //!   contract's paths hold inside the container; the built-in trainer is this binary, mounted
-//!   read-only at its own path. Ranks run as the server's user and group, so what they write
-//!   belongs to the server.
+//!   read-only at its own path. What a container may mount and as whom it runs (not root,
+//!   no capabilities): `binds.rs`.
 //! - `docker-init` is the container's PID 1: it forwards SIGTERM to the rank and reaps what
 //!   the rank leaves behind.
 //! - Every container and network carries the labels `trainvisor.instance` (the data dir's id)
@@ -37,7 +37,9 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use futures_util::future::LocalBoxFuture;
 
+pub mod binds;
 mod engine;
+pub mod spec;
 
 pub use engine::{admit, sweep};
 use engine::{gpu_request, remove_labelled, server_url};
@@ -46,6 +48,7 @@ use super::{
     JobContext, JobLauncher, Launch, Line, LineAssembler, LiveRanks, MAX_LINE_BYTES, Place,
     Prepared, RankControl, RankProcess,
 };
+use crate::domain::worker_env::Placement;
 use crate::domain::{Exit, ExitCause};
 use crate::spec::DockerSpec;
 
@@ -185,17 +188,9 @@ impl Inner {
     ) -> Result<ContainerCreateBody, String> {
         let spec = self.spec()?;
         let job = &self.cx.spec;
-        let mut binds = Vec::new();
-        for location in [&job.dataset, &job.checkpoint_dir] {
-            if !location.contains("://") {
-                binds.push(format!("{location}:{location}"));
-            }
-        }
-        if job.command.is_none() {
-            let exe = self.cx.settings.trainer_exe.to_string_lossy().into_owned();
-            binds.push(format!("{exe}:{exe}:ro"));
-        }
-        binds.extend(spec.mounts.iter().cloned());
+        // Resolved and checked again at every launch: a rank may have swapped a path for a
+        // symlink since the job was admitted.
+        let binds = binds::binds(job, &self.cx.job_id, &self.cx.settings)?;
         let labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), self.cx.instance.clone()),
             (LABEL_JOB.to_string(), self.cx.job_id.to_string()),
@@ -203,8 +198,7 @@ impl Inner {
             ("trainvisor.attempt".to_string(), attempt.to_string()),
         ]);
         let alias = format!("rank-{rank}");
-        // SAFETY: plain syscalls without arguments.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = binds::rank_user(&self.cx.settings);
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
             working_dir: launch.cwd,
@@ -231,6 +225,10 @@ impl Inner {
                 // Swap as large as memory means none: the limit is the limit.
                 memory_swap: spec.memory_mb.map(|m| (m * 1024 * 1024) as i64),
                 device_requests: spec.gpus.as_deref().map(gpu_request),
+                // A token may start any image and command: the rank gets no way up from it.
+                privileged: Some(false),
+                cap_drop: Some(vec!["ALL".to_string()]),
+                security_opt: Some(vec!["no-new-privileges:true".to_string()]),
                 ..Default::default()
             }),
             networking_config: Some(NetworkingConfig {
@@ -259,13 +257,14 @@ impl Inner {
         let docker = self.docker().await?;
         let network = self.network().await?;
         let name = format!("trainvisor-{}-r{rank}-a{attempt}", self.cx.job_id);
-        let body = self.container_body(rank, attempt, launch, &network.name)?;
         // A bind source that does not exist would be made by the engine, as root.
-        let checkpoints = &self.cx.spec.checkpoint_dir;
-        if !checkpoints.contains("://") {
-            std::fs::create_dir_all(checkpoints)
-                .map_err(|e| format!("creating checkpoint_dir {checkpoints}: {e}"))?;
+        if !self.cx.spec.checkpoint_dir.contains("://") {
+            binds::prepare_checkpoint_dir(
+                &self.cx.spec.job_checkpoint_dir(&self.cx.job_id),
+                binds::rank_user(&self.cx.settings),
+            )?;
         }
+        let body = self.container_body(rank, attempt, launch, &network.name)?;
         docker
             .create_container(
                 Some(CreateContainerOptionsBuilder::new().name(&name).build()),
@@ -442,6 +441,7 @@ impl RankControl for ContainerControl {
 impl JobLauncher for DockerLauncher {
     fn prepare(&self, ranks: Vec<u32>) -> LocalBoxFuture<'static, Result<Prepared, String>> {
         let inner = self.inner.clone();
+        let world = inner.cx.spec.world_size;
         Box::pin(async move {
             let network = inner.network().await?;
             Ok(Prepared {
@@ -450,12 +450,14 @@ impl JobLauncher for DockerLauncher {
                 places: ranks
                     .into_iter()
                     .map(|r| {
-                        (
-                            r,
-                            Place {
-                                node: format!("rank-{r}"),
-                            },
-                        )
+                        let place = Place {
+                            node: format!("rank-{r}"),
+                            // One container a rank, but torchrun's view of one node, as before.
+                            placement: Placement::in_groups_of(r, world, world),
+                            // Its processes live in the container, out of this host's reach.
+                            host_local: false,
+                        };
+                        (r, place)
                     })
                     .collect(),
             })

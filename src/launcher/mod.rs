@@ -2,10 +2,15 @@
 //! ranks' processes live on the other (child processes of this server, Slurm job steps,
 //! Docker containers). A Job gets one [`JobLauncher`] for its life; a Worker sees only the
 //! [`RankProcess`] handle it starts: output lines, an exit, terminate with grace, kill.
-//! A new place to run ranks is a new file here and one arm in [`for_job`].
+//! A new place to run ranks is a new folder here (its launcher, its spec fields and their
+//! checks), its kind and capabilities in [`kind`], and its arms in [`for_job`], [`admit`] and
+//! [`sweep`]; everything else asks a launcher what it placed ([`Place`]) or can do.
 
 pub mod docker;
+pub mod kind;
 pub mod local;
+pub mod process;
+pub mod siblings;
 pub mod slurm;
 pub mod stacks;
 pub mod standby;
@@ -19,9 +24,11 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::config::Settings;
+use crate::domain::worker_env::Placement;
 use crate::domain::{Exit, Outcome};
-use crate::spec::{JobSpec, LauncherKind};
+use crate::spec::JobSpec;
 use crate::store::Recorder;
+use kind::LauncherKind;
 
 /// What to start for one rank: its argv and its environment (the worker contract).
 #[derive(Debug, Clone)]
@@ -32,11 +39,17 @@ pub struct Launch {
     pub cwd: Option<String>,
 }
 
-/// Where one rank goes, as its launcher placed it.
+/// Where one rank goes, as its launcher placed it: the facts the worker environment is made
+/// of, so that nothing outside `launcher/` needs to know which launcher placed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Place {
     /// The node shown in the summary and recorded with the incarnation.
     pub node: String,
+    /// Its local rank and group (torchrun's node) among the job's ranks.
+    pub placement: Placement,
+    /// The rank runs on this host, where host-local hooks apply: the Python stacks hook on
+    /// its `PYTHONPATH`, its stacks taken from its process group (see [`stacks`]).
+    pub host_local: bool,
 }
 
 /// The outcome of [`JobLauncher::prepare`]: where each rank goes and how they find each other.
@@ -95,8 +108,9 @@ pub struct RankProcess {
 /// What a launcher reports for the summary.
 #[derive(Debug, Clone, Default)]
 pub struct LauncherStatus {
-    /// The Slurm job id of the allocation the ranks run in, while there is one.
-    pub slurm_job_id: Option<u64>,
+    /// The launcher's own handle on what holds the job's ranks, while there is one (the Slurm
+    /// job id of their allocation); the summary shows it with the launcher's kind.
+    pub handle: Option<String>,
     /// Places excluded from the job's launches (bad-node quarantine), in order.
     pub excluded_nodes: Vec<String>,
     /// The job's warm standbys, by rank.
@@ -143,7 +157,7 @@ pub struct JobContext {
     pub job_id: Uuid,
     pub spec: Arc<JobSpec>,
     pub settings: Settings,
-    /// Marks everything the job starts as this data dir's (see `local::sweep`).
+    /// Marks everything the job starts as this data dir's (see `process::sweep`).
     pub instance: String,
     /// The server's own URL (what local ranks reach it at).
     pub base_url: String,
@@ -159,7 +173,7 @@ impl JobContext {
     }
 }
 
-/// The launcher of a job, from its spec: the one place that matches on the launcher kind.
+/// The launcher of a job, from its spec.
 pub fn for_job(cx: JobContext) -> Arc<dyn JobLauncher> {
     match cx.spec.launcher {
         LauncherKind::Local => Arc::new(local::LocalLauncher::new(cx)),
@@ -261,7 +275,7 @@ fn check_locations(spec: &JobSpec, settings: &Settings) -> Result<(), String> {
 /// At boot: ends whatever a previous server on this data dir left running (processes,
 /// containers), before any job is resumed.
 pub async fn sweep(instance: &str) -> usize {
-    local::sweep(instance) + docker::sweep(instance).await
+    process::sweep(instance) + docker::sweep(instance).await
 }
 
 /// Before a job is resumed after a server restart: drops what the dead server held for it

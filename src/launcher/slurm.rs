@@ -23,6 +23,7 @@ use crate::config::Settings;
 use crate::spec::SlurmSpec;
 
 mod job;
+pub mod spec;
 
 pub use job::SlurmLauncher;
 

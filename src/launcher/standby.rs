@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::ChildStdin;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{JobContext, Launch, Line, RankProcess, local};
+use super::{JobContext, Launch, Line, RankProcess, process};
 use crate::domain::progress::StandbyView;
 use crate::domain::python_command::{PythonCommand, PythonMain};
 use crate::domain::worker_env::WARM_START;
@@ -43,9 +43,6 @@ pub const FAILURES_BEFORE_COLD: u32 = 3;
 /// A rank that sends no step in its heartbeats (a torchrun script left as it was) counts as
 /// stepping once it has run this long.
 pub const SETTLE: Duration = Duration::from_secs(20);
-
-/// A standby not ready after this long is killed, as one that died.
-const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Lines of a failed standby's output quoted in the job's log.
 const QUOTED_LINES: usize = 3;
@@ -187,7 +184,7 @@ impl Standbys {
                         ..Exit::default()
                     })
                 }),
-                control: Arc::new(local::GroupControl { pgid: pid }),
+                control: Arc::new(process::GroupControl { pgid: pid }),
                 warm: true,
             },
             name: standby.name,
@@ -338,10 +335,10 @@ impl Standbys {
             return Ok(());
         };
         let nice = self.host.nice();
-        let mut running = local::spawn_standby(launch, local::Standby { nice }).await?;
+        let mut running = process::spawn_standby(launch, process::Standby { nice }).await?;
         let stdin = running.stdin.take();
         let (tell, ready) = oneshot::channel();
-        let process = local::into_rank(running, Some((READY_LINE, tell)));
+        let process = process::into_rank(running, Some((READY_LINE, tell)));
         let pid = process.pid;
         let (exit_tx, exit_rx) = oneshot::channel();
         {
@@ -400,10 +397,12 @@ impl Standbys {
             }
         });
         // Ready, or killed after the timeout (its exit then counts it as lost).
+        // (`--standby-ready-timeout-s`: a preload that hangs holds its slot no longer.)
         let this = self.clone();
         let control = process.control;
+        let limit = self.cx.settings.standby_ready_timeout;
         tokio::task::spawn_local(async move {
-            let ready = tokio::time::timeout(READY_TIMEOUT, ready).await;
+            let ready = tokio::time::timeout(limit, ready).await;
             let mut pool = this.pool();
             let mine = pool.standbys.get_mut(&rank).filter(|s| s.seq == seq);
             match (ready, mine) {
@@ -484,7 +483,7 @@ impl Standbys {
     }
 
     fn discard(&self, s: Standby) {
-        local::signal_group(s.pid, libc::SIGKILL);
+        process::signal_group(s.pid, libc::SIGKILL);
         self.host.discard(&s.name);
     }
 

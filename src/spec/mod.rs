@@ -8,17 +8,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::JobDefaults;
 
-mod docker;
-mod slurm;
+pub(crate) mod check;
 mod standby;
 
-use docker::{DockerRequest, resolve_docker};
-pub use docker::{DockerSpec, parse_mount};
-pub use slurm::{DEFAULT_EXCLUDE_AFTER_FAILURES, LauncherKind, SlurmSpec};
-use slurm::{SlurmRequest, resolve_slurm};
+use crate::launcher::docker::spec::{DockerRequest, resolve_docker};
+pub use crate::launcher::docker::spec::{DockerSpec, parse_mount};
+pub use crate::launcher::kind::LauncherKind;
+pub use crate::launcher::slurm::spec::{DEFAULT_EXCLUDE_AFTER_FAILURES, SlurmSpec};
+use crate::launcher::slurm::spec::{SlurmRequest, resolve_slurm};
+pub use check::SpecError;
+use check::{finite_in, in_range, invalid};
 pub use standby::{DEFAULT_PRELOAD, StandbySpec};
 
-pub use crate::domain::RestartScope;
+pub use crate::domain::restart::RestartScope;
 
 /// How the built-in trainer's ranks exchange gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -191,41 +193,16 @@ fn default_straggler_window_s() -> f64 {
     DEFAULT_STRAGGLER_WINDOW_S
 }
 
-/// Why a spec was refused; the message is shown to the client as is.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SpecError(pub String);
-
-fn invalid(msg: impl Into<String>) -> SpecError {
-    SpecError(msg.into())
-}
-
-fn in_range(name: &str, value: i64, min: i64, max: i64) -> Result<i64, SpecError> {
-    if value < min || value > max {
-        // A bound no one could mean is not worth printing.
-        return Err(invalid(if max == i64::MAX {
-            format!("{name} must be at least {min}, got {value}")
-        } else {
-            format!("{name} must be between {min} and {max}, got {value}")
-        }));
-    }
-    Ok(value)
-}
-
-fn finite_in(name: &str, value: f64, min: f64, max: f64) -> Result<f64, SpecError> {
-    if !value.is_finite() || value < min || value > max {
-        return Err(invalid(format!(
-            "{name} must be a number between {min} and {max}, got {value}"
-        )));
-    }
-    Ok(value)
-}
-
 fn valid_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
+
+/// The first restart's backoff when a job does not set `backoff_initial_ms`.
+pub const BACKOFF_INITIAL_MS: i64 = 500;
+/// The same for a job with `warm_standby`, whose ranks restart in about 0.2 s.
+pub const WARM_BACKOFF_INITIAL_MS: i64 = 50;
 
 impl JobRequest {
     /// Checks every field and fills in the server's defaults.
@@ -256,7 +233,7 @@ impl JobRequest {
                     "env name {key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
                 )));
             }
-            if crate::domain::worker_env::is_reserved(key) {
+            if crate::domain::worker_env::names::is_reserved(key) {
                 return Err(invalid(format!(
                     "env name {key} is set by trainvisor for every rank and cannot be overridden"
                 )));
@@ -297,9 +274,17 @@ impl JobRequest {
         } else {
             RestartScope::Worker
         };
+        // A warm standby replaces a rank in a fraction of a second, which the usual first
+        // wait would more than double: such jobs start their backoff lower (it still doubles
+        // on every failure in a row, so a crash loop still slows down).
+        let default_backoff = if self.warm_standby == Some(true) {
+            WARM_BACKOFF_INITIAL_MS
+        } else {
+            BACKOFF_INITIAL_MS
+        };
         let backoff_initial_ms = in_range(
             "backoff_initial_ms",
-            self.backoff_initial_ms.unwrap_or(500),
+            self.backoff_initial_ms.unwrap_or(default_backoff),
             0,
             3_600_000,
         )? as u64;
@@ -511,8 +496,8 @@ impl JobSpec {
     }
 
     /// The job's restart policy.
-    pub fn restart_policy(&self) -> crate::domain::RestartPolicy {
-        crate::domain::RestartPolicy {
+    pub fn restart_policy(&self) -> crate::domain::restart::RestartPolicy {
+        crate::domain::restart::RestartPolicy {
             scope: self.restart_scope,
             max_restarts: self.max_restarts,
             backoff_initial_ms: self.backoff_initial_ms,

@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{LauncherKind, SpecError, invalid};
+use super::LauncherKind;
+use super::check::{SpecError, invalid};
 use crate::domain::python_command::{PythonCommand, is_module_name};
 
 /// What `preload` is when a job asks for warm standby without naming modules: torch, and
@@ -36,10 +37,17 @@ pub(super) fn resolve_standby(
         }
         return Ok(None);
     }
-    if launcher == LauncherKind::Docker {
-        return Err(invalid(
-            "warm_standby works with the local and slurm launchers, not docker",
-        ));
+    if !launcher.supports_warm_standby() {
+        let able: Vec<_> = crate::launcher::kind::ALL
+            .iter()
+            .filter(|k| k.supports_warm_standby())
+            .map(|k| k.as_str())
+            .collect();
+        return Err(invalid(format!(
+            "warm_standby works with the {} launchers, not {}",
+            able.join(" and "),
+            launcher.as_str()
+        )));
     }
     let Some(command) = command else {
         return Err(invalid(

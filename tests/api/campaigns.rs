@@ -49,19 +49,6 @@ fn trainer_spec(data: &Path, sync: bool) -> Value {
     spec
 }
 
-async fn model_sha(client: &reqwest::Client, base: &str, id: &str) -> String {
-    let res = client
-        .get(format!("{base}/jobs/{id}/model"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200, "job {id} has no model");
-    res.headers()["x-model-sha256"]
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 #[actix_web::test]
 async fn campaign_trainer_jobs_survive_random_worker_kills_with_exact_models() {
     let app = spawn_app().await;
@@ -74,7 +61,7 @@ async fn campaign_trainer_jobs_survive_random_worker_kills_with_exact_models() {
             app.wait_finished(&id, Duration::from_secs(120)).await["state"],
             "succeeded"
         );
-        reference.insert(sync, model_sha(&app.client, &app.address, &id).await);
+        reference.insert(sync, model_sha(&app, &id).await);
     }
     let n = env_usize("CAMPAIGN_JOBS", 20);
     let mut jobs = Vec::new();
@@ -118,7 +105,7 @@ async fn campaign_trainer_jobs_survive_random_worker_kills_with_exact_models() {
                 println!("campaign (a): job {id} restart not caused by a kill: {r}");
             }
         }
-        let sha = model_sha(&app.client, &app.address, id).await;
+        let sha = model_sha(&app, id).await;
         assert_eq!(
             &sha, &reference[sync],
             "job {id} (sync {sync}) ended with a different model (seed {seed})"
@@ -162,7 +149,7 @@ async fn campaign_server_killed_repeatedly_mid_job_loses_nothing() {
     })
     .await
     .expect("reference finished");
-    let expected = model_sha(&client, &url, &reference_id).await;
+    let expected = served_model(&client, &url, &reference_id).await.1;
 
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -194,7 +181,7 @@ async fn campaign_server_killed_repeatedly_mid_job_loses_nothing() {
         .expect("job finished");
         assert_eq!(job["state"], "succeeded", "{job}");
         assert_eq!(
-            model_sha(&client, &url, id).await,
+            served_model(&client, &url, id).await.1,
             expected,
             "job {id}: model differs after server kills"
         );
@@ -288,7 +275,7 @@ async fn campaign_a_full_disk_fails_checkpoints_cleanly_and_training_recovers() 
             .await["state"],
         "succeeded"
     );
-    let expected = model_sha(&app.client, &app.address, &reference).await;
+    let expected = model_sha(&app, &reference).await;
 
     let mounted = Tmpfs::mount("256k");
     let disk = mounted.path();
@@ -324,11 +311,7 @@ async fn campaign_a_full_disk_fails_checkpoints_cleanly_and_training_recovers() 
     std::fs::remove_file(&ballast).unwrap();
     let job = app.wait_finished(&id, Duration::from_secs(120)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(
-        model_sha(&app.client, &app.address, &id).await,
-        expected,
-        "the model is exact"
-    );
+    assert_eq!(model_sha(&app, &id).await, expected, "the model is exact");
     println!(
         "campaign (d): disk full for {:.1} s; error logged: {:?}; newest valid checkpoint meanwhile: step {}; job finished with the exact model",
         full_since.elapsed().as_secs_f64(),

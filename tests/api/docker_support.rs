@@ -165,7 +165,7 @@ pub fn s3s_image() -> String {
     IMAGE
         .get_or_init(|| {
             let base = base_image();
-            let binary = crate::s3::binary("s3s-fs");
+            let binary = crate::helpers::s3_server::binary("s3s-fs");
             let ctx = tempfile::tempdir().unwrap();
             std::fs::copy(&binary, ctx.path().join("s3s-fs")).unwrap();
             std::fs::write(

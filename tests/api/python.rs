@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::helpers::*;
 
@@ -80,13 +79,6 @@ async fn wait_committed(dir: &Path, step: u64) {
     .unwrap_or_else(|| panic!("no checkpoint at step >= {step} in {}", dir.display()));
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 async fn log_text(app: &TestApp, id: &str) -> String {
     app.log_lines(id)
         .await
@@ -142,7 +134,7 @@ async fn python_job_commits_checkpoints_and_writes_the_model() {
         assert_eq!(part["name"], format!("rank-{rank:05}.part"));
         let bytes = std::fs::read(step_dir.join(part["name"].as_str().unwrap())).unwrap();
         assert_eq!(part["bytes"], bytes.len());
-        assert_eq!(part["sha256"], sha256_hex(&bytes));
+        assert_eq!(part["sha256"], trainvisor::checkpoint::sha256_hex(&bytes));
         // The part holds the rank's cursor, which the manifest repeats.
         let state: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(state["step"], 30);

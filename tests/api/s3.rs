@@ -8,232 +8,16 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
 use serde_json::{Value, json};
-use tempfile::TempDir;
-use trainvisor::checkpoint::{self, find_resume};
-use trainvisor::storage::{BlobStore, S3Config};
+use trainvisor::checkpoint;
+use trainvisor::storage::BlobStore;
 use trainvisor::trainer::data::{DatasetParams, make_dataset, upload_dir};
 use trainvisor::trainer::rng::SplitMix64;
 
+use crate::helpers::s3_server::{Kind, S3Server};
 use crate::helpers::*;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Kind {
-    S3sFs,
-    Garage,
-}
-
-/// A real S3 server on 127.0.0.1: its port and directory survive `stop` / `start`, so a test
-/// can take it down and bring the same store back.
-pub struct S3Server {
-    kind: Kind,
-    port: u16,
-    rpc_port: u16,
-    dir: TempDir,
-    child: Option<Child>,
-    pub bucket: String,
-    pub access_key: String,
-    pub secret_key: String,
-}
-
-/// A server binary: on PATH, or where `cargo install` puts it (`tests/run` installs both).
-pub fn binary(name: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    }) {
-        return path;
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let path = home.join(".cargo/bin").join(name);
-    assert!(
-        path.is_file(),
-        "{name} is not installed: tests/run installs it (cargo install ...)"
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn random_hex(rng: &mut SplitMix64, chars: usize) -> String {
-    (0..chars)
-        .map(|_| char::from_digit(rng.below(16) as u32, 16).unwrap())
-        .collect()
-}
-
-impl S3Server {
-    pub async fn start(kind: Kind) -> S3Server {
-        let mut rng = SplitMix64::new(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64,
-        );
-        let (access_key, secret_key) = match kind {
-            // Garage's key format: GK + 24 hex digits, and 64 hex digits.
-            Kind::Garage => (
-                format!("GK{}", random_hex(&mut rng, 24)),
-                random_hex(&mut rng, 64),
-            ),
-            Kind::S3sFs => (
-                format!("AK{}", random_hex(&mut rng, 16)),
-                format!("secret-{}", random_hex(&mut rng, 32)),
-            ),
-        };
-        let mut server = S3Server {
-            kind,
-            port: free_port(),
-            rpc_port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-            bucket: "trainvisor-test".into(),
-            access_key,
-            secret_key,
-        };
-        if kind == Kind::S3sFs {
-            // s3s-fs: a bucket is a directory under its root.
-            std::fs::create_dir_all(server.dir.path().join("root").join(&server.bucket)).unwrap();
-        } else {
-            let rpc_secret = random_hex(&mut rng, 64);
-            let d = server.dir.path();
-            let config = format!(
-                "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"sqlite\"\n\
-                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
-                 rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{rpc_secret}\"\n\n\
-                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{port}\"\n\
-                 root_domain = \".s3.garage.localhost\"\n",
-                meta = d.join("meta").display(),
-                data = d.join("data").display(),
-                rpc = server.rpc_port,
-                port = server.port,
-            );
-            std::fs::write(d.join("garage.toml"), config).unwrap();
-        }
-        server.start_again().await;
-        server
-    }
-
-    /// Starts the server process (again) on the same port and directory, and waits until it
-    /// answers an authenticated listing of the bucket.
-    pub async fn start_again(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("server.log"))
-            .unwrap();
-        let mut cmd = match self.kind {
-            Kind::S3sFs => {
-                let mut c = Command::new(binary("s3s-fs"));
-                c.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-                    .args(["--access-key", &self.access_key])
-                    .args(["--secret-key", &self.secret_key])
-                    .arg(self.dir.path().join("root"));
-                c
-            }
-            Kind::Garage => {
-                let mut c = Command::new(binary("garage"));
-                c.arg("-c")
-                    .arg(self.dir.path().join("garage.toml"))
-                    .args(["server", "--single-node", "--default-bucket"])
-                    .env("GARAGE_DEFAULT_ACCESS_KEY", &self.access_key)
-                    .env("GARAGE_DEFAULT_SECRET_KEY", &self.secret_key)
-                    .env("GARAGE_DEFAULT_BUCKET", &self.bucket)
-                    .env("RUST_LOG", "garage=warn");
-                c
-            }
-        };
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("the S3 server starts");
-        self.child = Some(child);
-        let store = self.store("");
-        let ready = wait_for(Duration::from_secs(60), || async {
-            store.list("").await.ok().map(|_| ())
-        })
-        .await;
-        if ready.is_none() {
-            let log =
-                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-            panic!(
-                "{:?} did not come up on port {}:\n{log}",
-                self.kind, self.port
-            );
-        }
-    }
-
-    /// kill -9: the server goes away at once, in the middle of whatever it was doing.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// What the trainvisor server is configured with (the seed's S3_* env), with a short
-    /// retry budget so a lasting outage fails a checkpoint within the test's patience.
-    pub fn config(&self) -> S3Config {
-        S3Config {
-            endpoint: Some(self.endpoint()),
-            region: match self.kind {
-                Kind::Garage => "garage".into(),
-                Kind::S3sFs => "us-east-1".into(),
-            },
-            access_key: Some(self.access_key.clone()),
-            secret_key: Some(self.secret_key.clone()),
-            max_retries: 3,
-            retry_timeout: Duration::from_secs(2),
-        }
-    }
-
-    pub fn url(&self, prefix: &str) -> String {
-        format!("s3://{}/{prefix}", self.bucket)
-    }
-
-    pub fn store(&self, prefix: &str) -> BlobStore {
-        BlobStore::open_with(&self.url(prefix), &self.config()).unwrap()
-    }
-
-    /// Every key in the bucket under `prefix`, listed with object_store directly.
-    pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let BlobStore::S3(s3) = self.store("") else {
-            unreachable!()
-        };
-        let prefix = object_store::path::Path::from(prefix);
-        s3.inner()
-            .list(Some(&prefix))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// 4 shards × 400 rows, 8 features, 3 classes (the trainer tests' dataset).
 fn params() -> DatasetParams {
@@ -266,44 +50,6 @@ fn spec(dataset: &str, checkpoints: &str, extra: Value) -> Value {
         spec[k] = v.clone();
     }
     spec
-}
-
-async fn model_hash(app: &TestApp, id: &str) -> String {
-    let res = app.get(&format!("/jobs/{id}/model")).await;
-    assert_eq!(res.status(), 200, "no model for {id}");
-    let sha = res.headers()["x-model-sha256"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let bytes = res.bytes().await.unwrap();
-    assert_eq!(checkpoint::sha256_hex(&bytes), sha);
-    sha
-}
-
-async fn run_to_end(app: &TestApp, spec: Value) -> String {
-    let id = app.create_job(spec).await;
-    let job = app.wait_finished(&id, Duration::from_secs(180)).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    id
-}
-
-/// LATEST in the bucket names a step whose manifest and every part verify.
-async fn assert_latest_valid(store: &BlobStore, world: u32) {
-    let Some(latest) = store.get(checkpoint::LATEST).await.unwrap() else {
-        return;
-    };
-    let name = String::from_utf8(latest).unwrap();
-    let step = checkpoint::parse_step_dir(name.trim()).expect("LATEST names a step");
-    let (resume, rejected) = find_resume(store, 0, world).await.unwrap();
-    let resume = resume.expect("a valid checkpoint exists");
-    assert!(
-        resume.manifest.step >= step,
-        "LATEST is ahead of every valid step"
-    );
-    assert!(
-        !rejected.iter().any(|r| r.step == step),
-        "LATEST points at an invalid step: {rejected:?}"
-    );
 }
 
 /// The checkpoint API and the bucket agree: the live (unpruned) steps the API lists are
@@ -367,7 +113,7 @@ async fn reference_hash(app: &TestApp, local_data: &Path, extra: Value) -> Strin
         extra,
     );
     let id = run_to_end(app, local).await;
-    model_hash(app, &id).await
+    model_sha(app, &id).await
 }
 
 async fn app_for(server: &S3Server) -> TestApp {
@@ -388,7 +134,7 @@ async fn full_job_and_exact_resume(kind: Kind) {
     )
     .await;
     assert_eq!(
-        model_hash(&app, &id).await,
+        model_sha(&app, &id).await,
         reference,
         "{kind:?}: S3 run differs"
     );
@@ -430,7 +176,7 @@ async fn full_job_and_exact_resume(kind: Kind) {
     assert_eq!(app.restarts(&id).await.len(), kills);
     assert_latest_valid(&store, 2).await;
     assert_eq!(
-        model_hash(&app, &id).await,
+        model_sha(&app, &id).await,
         reference_slow,
         "{kind:?}: resume after kill -9 is not exact"
     );
@@ -488,7 +234,7 @@ async fn outage_in_the_middle_of_checkpoints(kind: Kind) {
     assert_latest_valid(&store, 2).await;
     assert_api_matches_bucket(&app, &server, "ckpt", &id).await;
     assert_eq!(
-        model_hash(&app, &id).await,
+        model_sha(&app, &id).await,
         reference,
         "{kind:?}: the run through an outage is not exact"
     );
@@ -626,8 +372,8 @@ async fn s3_shards_are_fetched_on_demand_and_cached_by_etag() {
         inode
     );
     assert_eq!(
-        model_hash(&app, &first).await,
-        model_hash(&app, &second).await
+        model_sha(&app, &first).await,
+        model_sha(&app, &second).await
     );
 
     // The object changes: a new ETag, fetched again, the stale copy dropped.
@@ -660,10 +406,7 @@ async fn s3_shards_are_fetched_on_demand_and_cached_by_etag() {
     assert_eq!(cache_after.len(), 1);
     assert_eq!(cache_after[0].1.len(), 1, "the stale copy is gone");
     assert_ne!(cache_after[0].1, cache[0].1, "named by the new ETag");
-    assert_ne!(
-        model_hash(&app, &third).await,
-        model_hash(&app, &first).await
-    );
+    assert_ne!(model_sha(&app, &third).await, model_sha(&app, &first).await);
 }
 
 /// The secret key reaches workers through their environment only: never on a command line,

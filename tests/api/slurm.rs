@@ -109,22 +109,6 @@ fn trainer_spec(dataset: &Path, steps: u64, sleep: f64, slurm: bool) -> Value {
     spec
 }
 
-async fn model_sha(app: &TestApp, id: &str) -> String {
-    let res = app.get(&format!("/jobs/{id}/model")).await;
-    assert_eq!(res.status(), 200, "no model for {id}");
-    res.headers()["x-model-sha256"]
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-async fn run_ok(app: &TestApp, spec: Value) -> String {
-    let id = app.create_job(spec).await;
-    let job = app.wait_finished(&id, Duration::from_secs(240)).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    id
-}
-
 fn instance(app: &TestApp) -> String {
     std::fs::read_to_string(app.data_dir.path().join("instance-id"))
         .unwrap()
@@ -172,11 +156,12 @@ async fn a_trainer_job_across_two_nodes_matches_the_local_run() {
     let cluster = Cluster::start();
     let app = app_on(&cluster).await;
     let data = small_dataset(&app);
-    let local = run_ok(&app, trainer_spec(&data, 60, 0.0, false)).await;
+    let local = run_to_end(&app, trainer_spec(&data, 60, 0.0, false)).await;
     let id = app.create_job(trainer_spec(&data, 60, 0.02, true)).await;
     let summary = running_past(&app, &id, 1).await;
     assert_eq!(summary["launcher"], "slurm");
-    assert!(summary["slurm_job_id"].as_u64().is_some(), "{summary}");
+    assert_eq!(summary["launcher_ref"]["kind"], "slurm", "{summary}");
+    assert!(slurm_job_of(&summary).is_some(), "{summary}");
     assert_eq!(nodes_of(&summary), ["n1", "n1", "n2", "n2"]);
     assert!(!cluster.of_job(&id).is_empty(), "no Slurm job for {id}");
     let job = app.wait_finished(&id, Duration::from_secs(240)).await;
@@ -228,7 +213,7 @@ async fn a_rank_killed_on_its_node_is_restarted() {
             .any(|i| i["rank"] == 3 && i["attempt"] == 1 && i["node"] == "n2"),
         "{incs:?}"
     );
-    let local = run_ok(&app, trainer_spec(&data, 120, 0.0, false)).await;
+    let local = run_to_end(&app, trainer_spec(&data, 120, 0.0, false)).await;
     assert_eq!(model_sha(&app, &id).await, model_sha(&app, &local).await);
     cluster.wait_nothing_of(&id).await;
 }
@@ -262,7 +247,7 @@ async fn ranks_of_a_node_that_goes_down_move_to_the_other_node() {
         assert_eq!(last["node"], "n1", "rank {rank}: {incs:?}");
         assert_eq!(last["outcome"], "succeeded");
     }
-    let local = run_ok(&app, trainer_spec(&data, 150, 0.0, false)).await;
+    let local = run_to_end(&app, trainer_spec(&data, 150, 0.0, false)).await;
     assert_eq!(model_sha(&app, &id).await, model_sha(&app, &local).await);
 }
 
@@ -389,12 +374,17 @@ fn start_server(data_dir: &Path, conf: &Path) -> (std::process::Child, String) {
     (child, url)
 }
 
+/// The Slurm job id of a summary's allocation (`launcher_ref`).
+fn slurm_job_of(summary: &Value) -> Option<u64> {
+    summary["launcher_ref"]["id"].as_str()?.parse().ok()
+}
+
 /// Waits until both ranks run; returns the job's Slurm allocation.
 async fn both_running(app: &TestApp, id: &str) -> u64 {
     wait_for(Duration::from_secs(60), || async {
         let s = app.summary(id).await;
         (running_pids_in(&s).len() == 2)
-            .then(|| s["slurm_job_id"].as_u64())
+            .then(|| slurm_job_of(&s))
             .flatten()
     })
     .await
@@ -466,7 +456,7 @@ async fn torchruns_variables_follow_the_nodes() {
     let cluster = Cluster::start();
     let app = app_on(&cluster).await;
     let script = "import json, os\nprint('ENV ' + json.dumps(dict(os.environ)), flush=True)";
-    let id = run_ok(
+    let id = run_to_end(
         &app,
         json!({"world_size": 4, "launcher": "slurm", "nodes": 2, "ntasks_per_node": 2,
                "command": ["python3", "-c", script]}),

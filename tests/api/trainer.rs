@@ -25,46 +25,6 @@ fn job_dir(app: &TestApp, id: &str) -> PathBuf {
     app.data_dir.path().join("checkpoints").join(id)
 }
 
-async fn model_of(app: &TestApp, id: &str) -> (Vec<u8>, String) {
-    let res = app.get(&format!("/jobs/{id}/model")).await;
-    assert_eq!(res.status(), 200, "no model for {id}");
-    let sha = res.headers()["x-model-sha256"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let bytes = res.bytes().await.unwrap().to_vec();
-    assert_eq!(checkpoint::sha256_hex(&bytes), sha);
-    (bytes, sha)
-}
-
-async fn run_to_end(app: &TestApp, spec: Value) -> String {
-    let id = app.create_job(spec).await;
-    let job = app.wait_finished(&id, Duration::from_secs(120)).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    id
-}
-
-/// LATEST must always name a step whose manifest and every part verify.
-async fn assert_latest_valid(dir: &Path, world: u32) {
-    let store = BlobStore::open(dir.to_str().unwrap()).unwrap();
-    let Some(latest) = store.get(checkpoint::LATEST).await.unwrap() else {
-        return;
-    };
-    let name = String::from_utf8(latest).unwrap();
-    let step = checkpoint::parse_step_dir(name.trim()).expect("LATEST names a step");
-    let (resume, rejected) = find_resume(&store, 0, world).await.unwrap();
-    let resume = resume.expect("a valid checkpoint exists");
-    // Training goes on meanwhile, so a newer step may have been committed since LATEST was read.
-    assert!(
-        resume.manifest.step >= step,
-        "LATEST is ahead of every valid step"
-    );
-    assert!(
-        !rejected.iter().any(|r| r.step == step),
-        "LATEST points at an invalid step: {rejected:?}"
-    );
-}
-
 #[actix_web::test]
 async fn failure_free_runs_are_deterministic() {
     let app = spawn_app().await;
@@ -105,14 +65,14 @@ async fn run_with_kills(app: &TestApp, spec: Value, world: u32, seed: u64, kills
         }
         kill(pids[rng.below(pids.len() as u64) as usize], libc::SIGKILL);
         done += 1;
-        assert_latest_valid(&dir, world).await;
+        assert_latest_valid(&BlobStore::open(dir.to_str().unwrap()).unwrap(), world).await;
     }
     let job = app.wait_finished(&id, Duration::from_secs(120)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(done > 0, "no kill landed (seed {seed})");
     let restarts = app.restarts(&id).await;
     assert_eq!(restarts.len(), done, "one restart per kill (seed {seed})");
-    assert_latest_valid(&dir, world).await;
+    assert_latest_valid(&BlobStore::open(dir.to_str().unwrap()).unwrap(), world).await;
     model_of(app, &id).await.1
 }
 
@@ -303,6 +263,12 @@ async fn the_demo_job_needs_no_preparation_and_learns() {
     assert!(
         summary["last_checkpoint_step"].as_u64().is_some(),
         "{summary}"
+    );
+    // Rank 0 says the pace it trains at (issue 29, point 7); tests run the demo unpaced.
+    let lines = app.log_texts(&id).await;
+    assert!(
+        lines.contains(&"rank 0: pace: full speed (sleep_sec 0)".to_string()),
+        "{lines:?}"
     );
 }
 

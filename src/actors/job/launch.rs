@@ -80,11 +80,8 @@ impl Job {
         let slot = &mut self.ranks[rank as usize];
         let attempt = slot.next_attempt;
         slot.next_attempt += 1;
-        if !slot.token_hash.is_empty() {
-            let old = std::mem::take(&mut slot.token_hash);
-            slot.past_tokens.insert(old);
-        }
-        slot.token_hash = hash_token(&token);
+        let token_hash = hash_token(&token);
+        self.tokens.issue(rank, attempt, token_hash.clone());
         slot.state = RankState::starting();
         slot.progress.pid = None;
         slot.progress.attempt = attempt;
@@ -92,7 +89,7 @@ impl Job {
         self.ranks[rank as usize].progress.node = Some(node.clone());
         let launch = Launch {
             argv: self.argv(),
-            env: self.env(rank, attempt, &token, master_addr, server_url),
+            env: self.env(rank, &place, attempt, &token, master_addr, server_url),
             cwd: self.spec.working_dir.clone(),
         };
         let recorded = self
@@ -104,7 +101,7 @@ impl Job {
                 attempt,
                 pid: None,
                 master_port: self.master_port,
-                token_hash: self.ranks[rank as usize].token_hash.clone(),
+                token_hash,
                 started_at: now(),
                 node: Some(node),
             });
@@ -159,6 +156,7 @@ impl Job {
     fn env(
         &self,
         rank: u32,
+        place: &Place,
         attempt: u32,
         token: &str,
         master_addr: &str,
@@ -173,10 +171,11 @@ impl Job {
         {
             tracing::warn!(error = %e, dir = %dir.display(), "cannot make the error-file dir");
         }
-        // Local ranks: the Python stacks hook (first on PYTHONPATH) and its output file.
-        let local = self.spec.launcher.python_hook();
+        // Ranks on this host: the Python stacks hook (first on PYTHONPATH) and its output file.
         let stacks_file = stacks::path(&self.rt.settings.data_dir, self.id, rank, attempt);
-        let hooks_dir = local.then(|| stacks::hooks_dir(&self.rt.settings.data_dir));
+        let hooks_dir = place
+            .host_local
+            .then(|| stacks::hooks_dir(&self.rt.settings.data_dir));
         let inherited = std::env::var("PYTHONPATH").ok();
         let stacks_file = stacks_file.to_string_lossy();
         let hooks = hooks_dir.as_ref().map(|d| d.to_string_lossy());
@@ -184,6 +183,7 @@ impl Job {
             job_id: self.id,
             spec: &self.spec,
             rank,
+            placement: place.placement,
             attempt,
             token,
             master_addr,

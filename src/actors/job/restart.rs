@@ -1,5 +1,6 @@
-//! A Job's decision when one of its ranks fails: the failure policy, crash-loop detection,
-//! the restart policy's budget and backoff, and the restart itself (one rank, or the group).
+//! A Job's response when one of its ranks fails: it asks the pure restart verdict
+//! (`domain::verdict`: failure policy, budget, crash loop, backoff) what to do, and carries it
+//! out (the records, events and metrics, and the restart of one rank or of the group).
 
 use std::time::Duration;
 
@@ -8,8 +9,8 @@ use rand::Rng;
 
 use super::{Job, Phase};
 use crate::actors::messages::WorkerExited;
-use crate::domain::failure_policy::{self, FailureAction};
-use crate::domain::{Decision, Outcome, RankState, RestartPolicy, RestartScope};
+use crate::domain::verdict::{Failure, Rules, Verdict, verdict};
+use crate::domain::{RankState, RestartScope};
 use crate::store::history::HistoryOp;
 use crate::store::now;
 
@@ -22,7 +23,6 @@ impl Job {
         } else {
             format!("{cause}; last lines:\n{}", msg.tail.join("\n"))
         };
-        let scope = self.policy.scope;
         let draw = rand::rng().random_range(0.0..1.0);
         // How long the incarnation ran: a failure after a stable run starts the backoff over.
         let ran_for_s = match self.ranks[rank as usize].state {
@@ -31,66 +31,39 @@ impl Job {
             }
             _ => 0.0,
         };
-        // The job's failure policy first: some failures end the job, some cost nothing.
-        let (action, why) = failure_policy::action_for(
-            &self.spec.failure_policy,
-            self.spec.command.is_none(),
-            msg.exit.code,
-            msg.exit.signal,
-        );
-        if action == FailureAction::FailJob {
-            self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
-            let why = why.unwrap_or_default();
-            self.fail(format!("failure_policy: {why}: {with_tail}"), ctx);
-            return;
-        }
-        let counted = action == FailureAction::Count;
-        let policy = if counted {
-            self.policy
-        } else {
-            // Not counted: no budget to run out of.
-            RestartPolicy {
-                max_restarts: u32::MAX,
-                ..self.policy
-            }
-        };
-        let (n, backoff_ms) = match policy.decide(&self.counts, rank, ran_for_s, draw) {
-            Decision::Restart { n, backoff_ms } => (n, backoff_ms),
-            Decision::GiveUp { spent } => {
-                self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
-                let reason = format!(
-                    "{} after {spent} restart(s) (max_restarts {}): {with_tail}",
-                    msg.outcome.as_str(),
-                    self.policy.max_restarts
-                );
-                self.fail(reason, ctx);
-                return;
-            }
-        };
-        // A deterministic error that repeats without progress will repeat again: end the job
-        // instead of spending its budget (killed or hung ranks, and failures the policy
-        // ignores, are not such errors).
-        if counted
-            && self.spec.crash_loop_after > 0
-            && matches!(msg.outcome, Outcome::ExitCode | Outcome::SpawnError)
-        {
-            let progress = (
+        let failure = Failure {
+            rank,
+            outcome: msg.outcome,
+            exit_code: msg.exit.code,
+            signal: msg.exit.signal,
+            cause: &msg.detail,
+            ran_for_s,
+            progress: (
                 self.ranks[rank as usize].progress.step,
                 self.last_checkpoint.as_ref().map(|c| c.step),
-            );
-            let times = self.crash_loop.observe(rank, &msg.detail, progress);
-            if times >= self.spec.crash_loop_after {
-                self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
-                let reason = format!(
-                    "crash_loop: rank {rank} failed {times} times in a row the same way with no \
-                     progress in between (crash_loop_after {}): {with_tail}",
-                    self.spec.crash_loop_after
-                );
-                self.fail(reason, ctx);
-                return;
-            }
-        }
-        if counted {
+            ),
+        };
+        let rules = Rules {
+            policy: self.policy,
+            failure_policy: &self.spec.failure_policy,
+            builtin_trainer: self.spec.command.is_none(),
+            crash_loop_after: self.spec.crash_loop_after,
+        };
+        let (scope, backoff_ms, n, ignored) =
+            match verdict(&failure, &rules, &self.counts, &mut self.crash_loop, draw) {
+                Verdict::Restart {
+                    scope,
+                    backoff_ms,
+                    n,
+                    ignored,
+                } => (scope, backoff_ms, n, ignored),
+                Verdict::Fail(why) => {
+                    self.ranks[rank as usize].state = RankState::failed(Some(msg.outcome));
+                    self.fail(why.reason(rank, msg.outcome, &with_tail), ctx);
+                    return;
+                }
+            };
+        if let Some(n) = n {
             self.policy.record(&mut self.counts, rank, n, ran_for_s);
         }
         let slot = &mut self.ranks[rank as usize];
@@ -143,19 +116,18 @@ impl Job {
             self.id,
             Some(rank),
             Some(msg.attempt),
-            if counted {
-                format!(
+            match (n, ignored) {
+                (Some(n), _) => format!(
                     "{cause}; restart {n}/{} ({} scope) in {backoff_ms} ms",
                     self.policy.max_restarts,
                     scope.as_str()
-                )
-            } else {
-                format!(
+                ),
+                (None, why) => format!(
                     "{cause}; restart not counted against max_restarts ({}) ({} scope) in \
                      {backoff_ms} ms",
                     why.unwrap_or_default(),
                     scope.as_str()
-                )
+                ),
             },
         );
         self.open_incident(rank, msg.outcome, &cause, scope, backoff_ms);

@@ -9,10 +9,9 @@ use chrono::Utc;
 use tokio::sync::oneshot;
 
 use super::{Job, RankState};
-use crate::actors::hash_token;
 use crate::actors::messages::Beat;
 use crate::actors::messages::{
-    AllReduceRequest, Authorize, CheckpointPart, Committed, Heartbeat, RegisterPart, WorkerRejected,
+    AllReduceRequest, CheckpointPart, Committed, Heartbeat, RegisterPart, WorkerRejected,
 };
 use crate::store::history::HistoryOp;
 
@@ -39,35 +38,21 @@ impl AllReduce {
 }
 
 impl Job {
-    /// Checks a worker's token; returns the attempt it belongs to.
-    fn authorize(&self, rank: u32, token: &str) -> Result<u32, WorkerRejected> {
+    /// Whether incarnation `attempt` of `rank` (whose token the worker API checked) is still
+    /// the rank's current one and runs: a worker call of any other is stale.
+    fn still_runs(&self, rank: u32, attempt: u32) -> Result<(), WorkerRejected> {
         let slot = self
             .ranks
             .get(rank as usize)
             .ok_or(WorkerRejected::UnknownRank)?;
-        let hash = hash_token(token);
-        if hash != slot.token_hash {
-            return Err(if slot.past_tokens.contains(&hash) {
-                WorkerRejected::Stale
-            } else {
-                WorkerRejected::BadToken
-            });
-        }
-        if !matches!(
+        let runs = matches!(
             slot.state,
             RankState::Starting { .. } | RankState::Running { .. }
-        ) {
+        );
+        if !runs || slot.next_attempt != attempt + 1 {
             return Err(WorkerRejected::Stale);
         }
-        Ok(slot.next_attempt - 1)
-    }
-}
-
-impl Handler<Authorize> for Job {
-    type Result = Result<(), WorkerRejected>;
-
-    fn handle(&mut self, msg: Authorize, _: &mut Context<Self>) -> Self::Result {
-        self.authorize(msg.rank, &msg.token).map(|_| ())
+        Ok(())
     }
 }
 
@@ -75,7 +60,8 @@ impl Handler<Heartbeat> for Job {
     type Result = Result<bool, WorkerRejected>;
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
-        let attempt = self.authorize(msg.rank, &msg.token)?;
+        let attempt = msg.attempt;
+        self.still_runs(msg.rank, attempt)?;
         let step = msg.body.get("step").and_then(serde_json::Value::as_u64);
         let slot = &mut self.ranks[msg.rank as usize];
         if !slot.progress.record_heartbeat(Utc::now(), msg.body) {
@@ -141,7 +127,7 @@ pub type Contribution = Result<Arc<Vec<f64>>, oneshot::Receiver<Arc<Vec<f64>>>>;
 
 impl Job {
     fn contribute(&mut self, msg: AllReduceRequest) -> Result<Contribution, WorkerRejected> {
-        self.authorize(msg.rank, &msg.token)?;
+        self.still_runs(msg.rank, msg.attempt)?;
         let world = self.spec.world_size as usize;
         self.allreduce
             .contribute(world, msg.rank, msg.step, msg.values)
@@ -149,8 +135,7 @@ impl Job {
 }
 
 impl AllReduce {
-    /// Adds rank `rank`'s values for `step` (`rank < world`, checked by the caller's token
-    /// check). The last rank of the round gets the mean and wakes the others.
+    /// Adds rank `rank`'s values for `step` (`rank < world`, checked with the caller's token). The last rank of the round gets the mean and wakes the others.
     pub fn contribute(
         &mut self,
         world: usize,
@@ -205,7 +190,7 @@ impl Handler<CheckpointPart> for Job {
     type Result = ResponseFuture<Result<(), WorkerRejected>>;
 
     fn handle(&mut self, msg: CheckpointPart, _: &mut Context<Self>) -> Self::Result {
-        let authorized = self.authorize(msg.rank, &msg.token);
+        let authorized = self.still_runs(msg.rank, msg.attempt);
         let checkpoint = self.checkpoint.clone();
         Box::pin(async move {
             authorized?;

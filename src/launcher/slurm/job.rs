@@ -13,8 +13,9 @@ use std::time::Duration;
 use futures_util::future::LocalBoxFuture;
 
 use super::{Allocation, Step};
+use crate::domain::worker_env::Placement;
 use crate::domain::{ExitCause, Outcome};
-use crate::launcher::local::{self, GroupControl};
+use crate::launcher::process::{self, GroupControl};
 use crate::launcher::standby::{self, StandbyHost, Standbys};
 use crate::launcher::{
     JobContext, JobLauncher, Launch, LauncherStatus, Place, Prepared, RankControl, RankProcess,
@@ -372,11 +373,21 @@ impl JobLauncher for SlurmLauncher {
                 .slurm
                 .as_ref()
                 .map_or(1, |s| s.ntasks_per_node.max(1));
+            let world = inner.cx.spec.world_size;
             let mut st = inner.state();
             let places = st
                 .place(&ranks, per)
                 .into_iter()
-                .map(|(rank, node)| (rank, Place { node }))
+                .map(|(rank, node)| {
+                    let place = Place {
+                        node,
+                        // Ranks r / ntasks_per_node share a node, as torchrun's nodes would.
+                        placement: Placement::in_groups_of(rank, world, per),
+                        // Its processes run on a compute node: no stacks hook, no host group.
+                        host_local: false,
+                    };
+                    (rank, place)
+                })
                 .collect();
             Ok(Prepared {
                 master_addr: st.master_addr(),
@@ -402,7 +413,7 @@ impl JobLauncher for SlurmLauncher {
             );
             let (conf, alloc, cold_name) = (step.conf.clone(), step.alloc, step.name.clone());
             let cold = move |launch| {
-                Box::pin(local::start_process(step.wrap(launch))) as LocalBoxFuture<'static, _>
+                Box::pin(process::start_process(step.wrap(launch))) as LocalBoxFuture<'static, _>
             };
             let started =
                 standby::start_rank(standbys, rank, attempt, &place.node, launch, cold).await;
@@ -545,7 +556,7 @@ impl JobLauncher for SlurmLauncher {
     fn status(&self) -> LauncherStatus {
         let st = self.inner.state();
         LauncherStatus {
-            slurm_job_id: st.alloc.as_ref().map(|a| a.job_id),
+            handle: st.alloc.as_ref().map(|a| a.job_id.to_string()),
             excluded_nodes: st.excluded.clone(),
             standbys: self
                 .standbys

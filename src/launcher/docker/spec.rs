@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{LauncherKind, SpecError, finite_in, in_range, invalid};
+use crate::launcher::kind::LauncherKind;
+use crate::spec::check::{SpecError, finite_in, in_range, invalid};
 
 /// The Docker options of a job (`launcher = docker`), resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,15 +21,15 @@ pub struct DockerSpec {
     pub mounts: Vec<String>,
 }
 
-pub(super) struct DockerRequest {
-    pub(super) image: Option<String>,
-    pub(super) cpus: Option<f64>,
-    pub(super) memory_mb: Option<i64>,
-    pub(super) gpus: Option<String>,
-    pub(super) mounts: Option<Vec<String>>,
+pub(crate) struct DockerRequest {
+    pub(crate) image: Option<String>,
+    pub(crate) cpus: Option<f64>,
+    pub(crate) memory_mb: Option<i64>,
+    pub(crate) gpus: Option<String>,
+    pub(crate) mounts: Option<Vec<String>>,
 }
 
-pub(super) fn resolve_docker(
+pub(crate) fn resolve_docker(
     launcher: LauncherKind,
     req: DockerRequest,
 ) -> Result<Option<DockerSpec>, SpecError> {

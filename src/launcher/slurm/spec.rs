@@ -1,46 +1,10 @@
-//! The Slurm part of a job spec: `launcher`, the allocation's shape and extra `srun` arguments.
+//! The Slurm part of a job spec: the allocation's shape and extra `srun` arguments, and their
+//! checks (only with `"launcher": "slurm"`).
 
 use serde::{Deserialize, Serialize};
 
-use super::{SpecError, in_range, invalid};
-
-/// Where a job's ranks run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum LauncherKind {
-    /// Child processes of the server, on this machine.
-    #[default]
-    Local,
-    /// Slurm job steps (`srun`) inside an allocation the job owns.
-    Slurm,
-    /// Docker containers of the job's `image`, on a network of the job's own.
-    Docker,
-}
-
-impl LauncherKind {
-    /// Whether its ranks get trainvisor's Python hook (stacks, automatic heartbeats): they
-    /// must see the server's data dir, where it is written, and run on this host.
-    pub fn python_hook(self) -> bool {
-        self == LauncherKind::Local
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LauncherKind::Local => "local",
-            LauncherKind::Slurm => "slurm",
-            LauncherKind::Docker => "docker",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "local" => Some(LauncherKind::Local),
-            "slurm" => Some(LauncherKind::Slurm),
-            "docker" => Some(LauncherKind::Docker),
-            _ => None,
-        }
-    }
-}
+use crate::launcher::kind::LauncherKind;
+use crate::spec::check::{SpecError, in_range, invalid};
 
 /// The Slurm options of a job (`launcher = slurm`), resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,13 +32,13 @@ fn default_node_failures() -> u32 {
 /// One failure on a node may be the program's fault; a second on the same node points at it.
 pub const DEFAULT_EXCLUDE_AFTER_FAILURES: u32 = 2;
 
-pub(super) struct SlurmRequest {
-    pub(super) partition: Option<String>,
-    pub(super) nodes: Option<i64>,
-    pub(super) ntasks_per_node: Option<i64>,
-    pub(super) time_limit: Option<String>,
-    pub(super) srun_args: Option<Vec<String>>,
-    pub(super) exclude_after_failures: Option<i64>,
+pub(crate) struct SlurmRequest {
+    pub(crate) partition: Option<String>,
+    pub(crate) nodes: Option<i64>,
+    pub(crate) ntasks_per_node: Option<i64>,
+    pub(crate) time_limit: Option<String>,
+    pub(crate) srun_args: Option<Vec<String>>,
+    pub(crate) exclude_after_failures: Option<i64>,
 }
 
 /// `srun` options trainvisor sets itself for every rank; a job's `srun_args` may not set them.
@@ -101,7 +65,7 @@ const RESERVED_SRUN: &[&str] = &[
     "--pty",
 ];
 
-pub(super) fn resolve_slurm(
+pub(crate) fn resolve_slurm(
     launcher: LauncherKind,
     world_size: u32,
     req: SlurmRequest,
