@@ -100,17 +100,21 @@ async fn kill_error(
     std::fs::write(&script, DDP)?;
     let log = dir.join(format!("steps-{mode}.jsonl"));
     let mut spec = json!({
-        "world_size": 2, "restart_scope": "job", "total_steps": 300, "backoff_initial_ms": 200,
+        "world_size": 2, "restart_scope": "job", "total_steps": 1000, "backoff_initial_ms": 200,
         "command": [python, "-u", &script, &log],
-        "env": {"TOTAL_STEPS": "300", "CKPT_EVERY": "25", "STEP_SLEEP": "0.05"},
+        "env": {"TOTAL_STEPS": "1000", "CKPT_EVERY": "25", "STEP_SLEEP": "0.05"},
     });
     if warm {
         spec["warm_standby"] = json!(true);
     }
     let id = submit(client, spec).await?;
-    // Past step 60 and, warm, once both standbys are ready.
+    // Past step 60 and, warm, once both standbys are ready (importing torch beside two
+    // training ranks on 2 cores takes a while: hence the long job).
     let pid = poll_long(|| async {
         let s = client.get(&format!("/jobs/{id}/summary")).await?;
+        if s["state"] != "running" && s["state"] != "pending" {
+            bail!("the job ended ({}) before the kill", s["state"]);
+        }
         let ready = !warm
             || s["workers"]
                 .as_array()
