@@ -257,6 +257,11 @@ def _trainvisor_observe():
     import os, sys
     if os.environ.get("TRAINVISOR_AUTO_HEARTBEAT") != "1":
         return
+    # Only the rank's own process: a Python process the script starts (multiprocessing's
+    # spawn, a subprocess) inherits the environment, and its steps are not the rank's.
+    mine = str(os.getpid())
+    if os.environ.setdefault("TRAINVISOR_HOOK_PID", mine) != mine:
+        return
     observer = _TrainvisorObserver()
     sys._trainvisor_observer = observer
     if "torch" in sys.modules:
