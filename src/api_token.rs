@@ -12,6 +12,64 @@ use std::path::Path;
 use anyhow::Context as _;
 use rand::Rng;
 
+/// The fewest characters of a token accepted on an address other than loopback.
+pub const MIN_PUBLIC_CHARS: usize = 16;
+/// The fewest different characters in such a token (`aaaa…` or a run of spaces has one).
+pub const MIN_DISTINCT_CHARS: usize = 8;
+
+/// Why a token is too weak to guard a server that others can reach, if it is. A random token
+/// of 16 hex digits (64 bits) passes; so does `openssl rand -hex 32` or what
+/// [`load_or_create`] generates.
+pub fn weakness(token: &str) -> Option<String> {
+    let chars = token.chars().count();
+    if chars < MIN_PUBLIC_CHARS {
+        return Some(format!(
+            "it has {chars} characters; at least {MIN_PUBLIC_CHARS} are needed"
+        ));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("it holds spaces or control characters".into());
+    }
+    let distinct = token
+        .chars()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    if distinct < MIN_DISTINCT_CHARS {
+        return Some(format!(
+            "it has only {distinct} different characters; at least {MIN_DISTINCT_CHARS} are needed"
+        ));
+    }
+    None
+}
+
+/// Takes the token out of this process's environment, where any process of the same user
+/// (a rank, for one) could read it in `/proc/<pid>/environ`: the bytes of the original
+/// environment block (what the kernel shows there) are overwritten and the variable is
+/// removed, and the process is marked not dumpable, so its `/proc` files belong to root.
+/// Called once, by `serve`, before any thread or rank is started.
+pub fn scrub_from_environment(name: &str) {
+    let prefix = format!("{name}=");
+    // SAFETY: single-threaded at this point (called before the runtime starts); `environ` is
+    // a NUL-terminated array of NUL-terminated strings, written in place up to their NULs.
+    unsafe {
+        unsafe extern "C" {
+            static mut environ: *mut *mut libc::c_char;
+        }
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let entry = *p;
+            let bytes = std::ffi::CStr::from_ptr(entry).to_bytes();
+            if bytes.starts_with(prefix.as_bytes()) {
+                let value = entry.add(prefix.len());
+                std::ptr::write_bytes(value, 0, bytes.len() - prefix.len());
+            }
+            p = p.add(1);
+        }
+        std::env::remove_var(name);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
 /// Where the token came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -105,5 +163,27 @@ mod tests {
         std::fs::write(&path, "\n").unwrap();
         let e = load_or_create(&path).unwrap_err().to_string();
         assert!(e.contains("is empty"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod strength_tests {
+    use super::weakness;
+
+    #[test]
+    fn weak_tokens_are_named() {
+        for (token, weak) in [
+            ("x", true),
+            ("            ", true),
+            ("aaaaaaaaaaaaaaaa", true),
+            ("abababababababababab", true),
+            ("twelve chars", true),
+            ("has a space in the middle of it", true),
+            ("0123456789abcdef", false),
+            ("docker-launcher-test-token", false),
+            ("5f0c1a9e8b7d6c5f4e3d2c1b0a9f8e7d", false),
+        ] {
+            assert_eq!(weakness(token).is_some(), weak, "{token:?}");
+        }
     }
 }

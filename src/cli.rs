@@ -34,28 +34,37 @@ enum Command {
     /// Write a synthetic classification dataset (shard-00000.jsonl …, test.jsonl) to a
     /// directory or to s3://bucket/prefix (with the S3_* environment).
     MakeDataset {
+        /// The directory (or s3://bucket/prefix) to write the shards to.
         #[arg(long)]
         out: PathBuf,
+        /// Shard files: each rank of a job reads shards round-robin, so at least world_size.
         #[arg(long, default_value_t = 8)]
         shards: usize,
+        /// Records in each shard file.
         #[arg(long, default_value_t = 10_000)]
         rows_per_shard: usize,
+        /// Features of each record.
         #[arg(long, default_value_t = 32)]
         features: usize,
+        /// Classes the records fall into.
         #[arg(long, default_value_t = 4)]
         classes: usize,
+        /// Random seed: the same seed writes the same dataset.
         #[arg(long, default_value_t = 42)]
         seed: u64,
         /// Fraction of labels replaced by a random class.
         #[arg(long, default_value_t = 0.03)]
         label_noise: f64,
+        /// Records in test.jsonl (what `eval` measures accuracy on).
         #[arg(long, default_value_t = 5_000)]
         test_rows: usize,
     },
     /// Print the accuracy of a model file (GET /jobs/{id}/model) on a JSON-lines file.
     Eval {
+        /// The model file, as GET /jobs/{id}/model returns it.
         #[arg(long)]
         model: PathBuf,
+        /// A JSON-lines file of records, such as the dataset's test.jsonl.
         #[arg(long)]
         data: PathBuf,
     },
@@ -70,6 +79,7 @@ enum Command {
     Jobs {
         #[command(flatten)]
         server: ServerArgs,
+        /// Only jobs in this state: queued, pending, running, succeeded, failed or stopped.
         #[arg(long)]
         state: Option<String>,
     },
@@ -77,30 +87,40 @@ enum Command {
     Status {
         #[command(flatten)]
         server: ServerArgs,
+        /// The job's id, or any unique start of it (such as the 8 characters the page shows).
         job: String,
     },
     /// Print a job's logs; -f follows them until the job ends.
     Logs {
         #[command(flatten)]
         server: ServerArgs,
+        /// The job's id, or any unique start of it (such as the 8 characters the page shows).
         job: String,
+        /// Keep printing new lines as they come, until the job ends.
         #[arg(short, long)]
         follow: bool,
+        /// Only this rank's lines.
         #[arg(long)]
         rank: Option<u32>,
+        /// How many of the last lines to print first.
         #[arg(long, default_value_t = 100)]
         tail: u32,
+        /// Leave out each line's time (when the server received it, UTC).
+        #[arg(long)]
+        no_timestamps: bool,
     },
     /// Stop a job.
     Stop {
         #[command(flatten)]
         server: ServerArgs,
+        /// The job's id, or any unique start of it (such as the 8 characters the page shows).
         job: String,
     },
     /// Show a progress bar until the job ends; exit 0 if it succeeded, 1 if it failed, 2 if stopped.
     Wait {
         #[command(flatten)]
         server: ServerArgs,
+        /// The job's id, or any unique start of it (such as the 8 characters the page shows).
         job: String,
     },
     /// Exit 0 if the server answers GET /health, 1 if not (the container's HEALTHCHECK: no
@@ -255,6 +275,18 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     log_format: crate::telemetry::LogFormat,
+    /// UID:GID that Docker ranks run as (default: the server's own; `65534:65534`, nobody,
+    /// when the server runs as root). `0:0` runs them as root, which a token then is.
+    #[arg(long, env = "TRAINVISOR_DOCKER_USER", value_parser = crate::launcher::docker::binds::parse_user)]
+    docker_user: Option<(u32, u32)>,
+    /// Seconds a warm standby may take to import its preloads before it is killed and counted
+    /// as a failed standby.
+    #[arg(
+        long,
+        env = "TRAINVISOR_STANDBY_READY_TIMEOUT_S",
+        default_value_t = 600
+    )]
+    standby_ready_timeout_s: u64,
 }
 
 fn parse_launcher(s: &str) -> Result<crate::spec::LauncherKind, String> {
@@ -288,6 +320,8 @@ impl ServeArgs {
         settings.body_timeout = Duration::from_millis(self.body_timeout_ms.max(1));
         settings.max_connections = self.max_connections.map(|n| n.max(1));
         settings.accounting = !self.no_accounting;
+        settings.docker_user = self.docker_user;
+        settings.standby_ready_timeout = Duration::from_secs(self.standby_ready_timeout_s.max(1));
         if !settings.allowed_roots.is_empty() {
             // The defaults live in the data dir, so it is always allowed.
             settings.allowed_roots.push(settings.data_dir.clone());
@@ -360,8 +394,15 @@ pub fn main() -> ExitCode {
             follow,
             rank,
             tail,
+            no_timestamps,
         }) => with_client(&server, |c| async move {
-            client::logs(&c, &job, follow, rank, tail).await.map(|()| 0)
+            let args = client::LogsArgs {
+                follow,
+                rank,
+                tail,
+                timestamps: !no_timestamps,
+            };
+            client::logs(&c, &job, args).await.map(|()| 0)
         }),
         Some(Command::Stop { server, job }) => with_client(&server, |c| async move {
             client::stop(&c, &job).await.map(|()| 0)
@@ -370,13 +411,17 @@ pub fn main() -> ExitCode {
             with_client(&server, |c| async move { client::wait(&c, &job).await })
         }
         Some(Command::Health { server, timeout }) => {
+            quiet_on_closed_pipe();
             let c = client::Client::new(&server, None, false);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(client::health(&c, Duration::from_secs_f64(timeout))))
-                .map(|version| println!("healthy: trainvisor {version} at {server}"))
+                .map(|version| {
+                    let line = format!("healthy: trainvisor {version} at {server}");
+                    println!("{}", client::output::printable(&line))
+                })
         }
         Some(Command::Validate {
             server,
@@ -411,11 +456,14 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, so `docker logs` of a container that cannot start says why at a glance.
+            // One line, so `docker logs` of a container that cannot start says why at a glance;
+            // escaped, since it may quote a rank's output.
             let message = format!("{e:#}");
             eprintln!(
                 "trainvisor: {}",
-                message.split_whitespace().collect::<Vec<_>>().join(" ")
+                client::output::printable(
+                    &message.split_whitespace().collect::<Vec<_>>().join(" ")
+                )
             );
             ExitCode::FAILURE
         }
@@ -428,6 +476,7 @@ where
     F: FnOnce(client::Client) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<i32>>,
 {
+    quiet_on_closed_pipe();
     let c = client::Client::new(&args.server, args.api_token.as_deref(), args.json);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -437,6 +486,16 @@ where
         std::process::exit(code);
     }
     Ok(())
+}
+
+/// A client command whose reader goes away (`trainvisor status JOB | head -3`) ends quietly
+/// on SIGPIPE, as `cat` does, instead of panicking on the failed write. Only the client
+/// commands: the server must outlive any one closed pipe.
+fn quiet_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -452,6 +511,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .filter(|p| !p.as_os_str().is_empty());
     let mut settings = args.settings()?;
+    // Read; now out of reach of the ranks (they run as this user and could read
+    // /proc/<server>/environ otherwise).
+    crate::api_token::scrub_from_environment("TRAINVISOR_API_TOKEN");
     crate::startup::prepare_data_dir(&settings.data_dir)?;
     if let (None, Some(path)) = (&settings.api_token, token_file) {
         let (token, source) = crate::api_token::load_or_create(&path)?;
@@ -508,38 +570,4 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::CommandFactory;
-
-    /// The README's configuration table lists every flag of `serve`, with its variable.
-    #[test]
-    fn the_readme_configuration_table_has_every_serve_flag() {
-        let readme = include_str!("../README.md");
-        let start = readme.find("## Configuration").expect("the section");
-        let table: Vec<&str> = readme[start..]
-            .lines()
-            .skip_while(|l| !l.starts_with("| flag"))
-            .take_while(|l| l.starts_with('|'))
-            .collect();
-        let cli = super::Cli::command();
-        cli.clone().debug_assert();
-        let serve = cli.find_subcommand("serve").expect("serve");
-        for arg in serve.get_arguments() {
-            let Some(long) = arg.get_long() else { continue };
-            if long == "help" {
-                continue;
-            }
-            let row = table
-                .iter()
-                .find(|r| r.starts_with(&format!("| `--{long}`")))
-                .unwrap_or_else(|| panic!("--{long} is missing from the README's table"));
-            if let Some(env) = arg.get_env() {
-                let env = env.to_string_lossy();
-                assert!(
-                    row.contains(&format!("`{env}`")),
-                    "--{long}: {env} not in {row}"
-                );
-            }
-        }
-    }
-}
+mod tests;

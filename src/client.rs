@@ -2,14 +2,19 @@
 //! over the REST API. Readable output by default, `--json` for scripts. Errors from the
 //! server are shown as its `{error, message}`.
 
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 mod incidents;
+pub mod job_id;
+mod logs;
+pub mod output;
 mod table;
+
+pub use logs::{LogsArgs, logs};
+use output::{number, printable, printable_json};
 
 use table::Align::{Left, Right};
 
@@ -80,14 +85,14 @@ impl Client {
                 .is_ok_and(|ip| ip.is_loopback())
     }
 
+    /// Prints `value` as JSON with `--json`, else as `readable` makes it; either way with
+    /// the server's text escaped (see `output`).
     fn print(&self, value: &Value, readable: impl FnOnce(&Value) -> String) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(value).unwrap_or_default()
-            );
+            let json = serde_json::to_string_pretty(value).unwrap_or_default();
+            println!("{}", printable_json(&json));
         } else {
-            println!("{}", readable(value));
+            println!("{}", printable(&readable(value)));
         }
     }
 }
@@ -105,18 +110,23 @@ pub async fn health(c: &Client, timeout: Duration) -> anyhow::Result<String> {
 #[derive(clap::Args)]
 #[group(skip)]
 pub struct Submit {
+    /// Number of ranks (processes) to run. Default: the server's WORLD_SIZE.
     #[arg(long)]
     pub world_size: Option<u32>,
-    /// total_steps
+    /// Steps to train (the spec's total_steps; the built-in trainer stops there, and the ETA
+    /// counts to it).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// A label shown in `jobs`, `status` and the page.
     #[arg(long)]
     pub name: Option<String>,
+    /// Steps between checkpoints (the built-in trainer). Default: the server's CHECKPOINT_EVERY.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// worker or job
+    /// What a failure restarts: `worker` (the failed rank) or `job` (every rank, as torchrun).
     #[arg(long)]
     pub restart_scope: Option<String>,
+    /// Restarts allowed per rank before the job fails. Default: the server's MAX_RESTARTS.
     #[arg(long)]
     pub max_restarts: Option<u32>,
     /// The ranks' working directory. Default: this shell's directory when the server is on
@@ -194,7 +204,7 @@ pub async fn submit(c: &Client, s: Submit) -> anyhow::Result<()> {
             eprintln!(
                 "note: {} is not a directory on the server; the ranks run in the server's \
                  working directory (--working-dir sets one)",
-                dir.map(|d| d.display().to_string()).unwrap_or_default()
+                printable(&dir.map(|d| d.display().to_string()).unwrap_or_default())
             );
             if let Some(obj) = spec.as_object_mut() {
                 obj.remove("working_dir");
@@ -223,16 +233,33 @@ pub async fn jobs(c: &Client, state: Option<String>) -> anyhow::Result<()> {
         None => "/jobs".to_string(),
     };
     let jobs = c.get(&path).await?;
+    if c.json {
+        c.print(&jobs, |_| String::new());
+        return Ok(());
+    }
+    // The summaries carry each job's step; a server too old to serve them leaves PROGRESS "-".
+    let summaries = c.get("/jobs/summaries").await.unwrap_or(Value::Null);
+    let progress_of = |id: &str| {
+        summaries
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["job_id"] == id)
+            .map(progress_cell)
+            .unwrap_or_else(|| "-".into())
+    };
     c.print(&jobs, |jobs| {
         let rows: Vec<Vec<String>> = jobs
             .as_array()
             .into_iter()
             .flatten()
             .map(|j| {
+                let id = j["job_id"].as_str().unwrap_or_default();
                 vec![
-                    j["job_id"].as_str().unwrap_or_default().to_string(),
+                    id.to_string(),
                     j["state"].as_str().unwrap_or_default().to_string(),
                     fmt_opt(&j["world_size"], 0),
+                    progress_of(id),
                     fmt_opt(&j["restarts"], 0),
                     j["created_at"].as_str().unwrap_or_default().to_string(),
                     j["name"].as_str().unwrap_or("").to_string(),
@@ -244,6 +271,7 @@ pub async fn jobs(c: &Client, state: Option<String>) -> anyhow::Result<()> {
                 ("JOB", Left),
                 ("STATE", Left),
                 ("RANKS", Right),
+                ("PROGRESS", Right),
                 ("RESTARTS", Right),
                 ("CREATED", Left),
                 ("NAME", Left),
@@ -254,9 +282,22 @@ pub async fn jobs(c: &Client, state: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `1200/2000 60%` for a job that knows its total, `step 1200` for one that does not, `-`
+/// before any step.
+fn progress_cell(s: &Value) -> String {
+    match (s["step"].as_u64(), s["total_steps"].as_u64()) {
+        (Some(step), Some(total)) if total > 0 => format!(
+            "{step}/{total} {}%",
+            (step.min(total) as f64 * 100.0 / total as f64).floor()
+        ),
+        (Some(step), _) => format!("step {step}"),
+        _ => "-".into(),
+    }
+}
+
 fn fmt_opt(v: &Value, digits: usize) -> String {
     match v.as_f64() {
-        Some(f) if v.is_f64() => format!("{f:.digits$}"),
+        Some(f) if v.is_f64() => number(f, digits),
         Some(_) => v.to_string(),
         None => "-".to_string(),
     }
@@ -264,7 +305,7 @@ fn fmt_opt(v: &Value, digits: usize) -> String {
 
 fn describe_summary(s: &Value) -> String {
     let eta = match s["eta_s"].as_f64() {
-        Some(eta) => format!("{eta:.0} s"),
+        Some(eta) => format!("{} s", number(eta, 0)),
         None => "-".to_string(),
     };
     let mut out = format!(
@@ -307,7 +348,7 @@ fn describe_summary(s: &Value) -> String {
                 fmt_opt(&w["steps_per_s"], 1),
                 w["heartbeat_age_s"]
                     .as_f64()
-                    .map(|a| format!("{a:.1}s ago"))
+                    .map(|a| format!("{}s ago", number(a, 1)))
                     .unwrap_or("-".into()),
             ];
             if standbys {
@@ -341,6 +382,7 @@ fn describe_summary(s: &Value) -> String {
 }
 
 pub async fn status(c: &Client, job: &str) -> anyhow::Result<()> {
+    let job = &job_id::resolve(c, job).await?;
     let s = c.get(&format!("/jobs/{job}/summary")).await?;
     if c.json {
         c.print(&s, describe_summary);
@@ -357,11 +399,12 @@ pub async fn status(c: &Client, job: &str) -> anyhow::Result<()> {
         text.push_str("\nincidents:\n");
         text.push_str(&incidents::describe_incidents(&all));
     }
-    println!("{text}");
+    println!("{}", printable(&text));
     Ok(())
 }
 
 pub async fn stop(c: &Client, job: &str) -> anyhow::Result<()> {
+    let job = &job_id::resolve(c, job).await?;
     let j = c.post(&format!("/jobs/{job}/stop"), &json!({})).await?;
     c.print(&j, |j| {
         format!(
@@ -373,111 +416,9 @@ pub async fn stop(c: &Client, job: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_line(c: &Client, line: &Value) {
-    if c.json {
-        println!("{line}");
-    } else {
-        let rank = line["rank"]
-            .as_u64()
-            .map(|r| format!("[{r}]"))
-            .unwrap_or_else(|| "[-]".into());
-        let stream = if line["stream"] == "stdout" {
-            ""
-        } else {
-            line["stream"].as_str().unwrap_or("")
-        };
-        println!(
-            "{rank}{}{} {}",
-            if stream.is_empty() { "" } else { " " },
-            stream,
-            line["line"].as_str().unwrap_or("")
-        );
-    }
-}
-
-/// Prints the tail, and with `follow` every new line until the job ends (SSE, resuming from
-/// the last seq seen if the connection drops).
-pub async fn logs(
-    c: &Client,
-    job: &str,
-    follow: bool,
-    rank: Option<u32>,
-    tail: u32,
-) -> anyhow::Result<()> {
-    let rank_q = rank.map(|r| format!("&rank={r}")).unwrap_or_default();
-    if !follow {
-        let res = c
-            .get(&format!("/jobs/{job}/logs?tail={tail}{rank_q}"))
-            .await?;
-        for line in res["lines"].as_array().into_iter().flatten() {
-            print_line(c, line);
-        }
-        return Ok(());
-    }
-    let mut last: Option<i64> = None;
-    loop {
-        let mut req = c.http.get(format!(
-            "{}/jobs/{job}/logs/stream?tail={tail}{rank_q}",
-            c.base
-        ));
-        if let Some(seq) = last {
-            req = req.header("Last-Event-ID", seq.to_string());
-        }
-        let mut res = match req.send().await {
-            Ok(res) if res.status().is_success() => res,
-            Ok(res) => {
-                let body: Value = res.json().await.unwrap_or(Value::Null);
-                bail!(
-                    "{}",
-                    body["message"].as_str().unwrap_or("cannot follow the logs")
-                );
-            }
-            Err(_) => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let mut buf = String::new();
-        loop {
-            let chunk = match res.chunk().await {
-                Ok(Some(chunk)) => chunk,
-                // Dropped: reconnect from the last line printed.
-                _ => break,
-            };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(pos) = buf.find("\n\n") {
-                let block: String = buf.drain(..pos + 2).collect();
-                let (mut event, mut data) = ("message", String::new());
-                for l in block.lines() {
-                    if let Some(v) = l.strip_prefix("event:") {
-                        event = if v.trim() == "log" {
-                            "log"
-                        } else if v.trim() == "end" {
-                            "end"
-                        } else {
-                            "other"
-                        };
-                    } else if let Some(v) = l.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                match event {
-                    "log" => {
-                        let line: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                        last = line["seq"].as_i64().or(last);
-                        print_line(c, &line);
-                    }
-                    "end" => return Ok(()),
-                    _ => {}
-                }
-            }
-        }
-        std::io::stdout().flush()?;
-    }
-}
-
 /// Shows a progress bar until the job ends; the exit code is the job's outcome.
 pub async fn wait(c: &Client, job: &str) -> anyhow::Result<i32> {
+    let job = &job_id::resolve(c, job).await?;
     let tty = !c.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_line = String::new();
     // Not on a terminal (a pipe, a file, CI logs): one line per change of state or restart
@@ -488,7 +429,7 @@ pub async fn wait(c: &Client, job: &str) -> anyhow::Result<i32> {
         let s = c.get(&format!("/jobs/{job}/summary")).await?;
         let state = s["state"].as_str().unwrap_or_default().to_string();
         if !c.json {
-            let line = progress_line(&s);
+            let line = printable(&progress_line(&s));
             if tty {
                 if line != last_line {
                     eprint!("\r\x1b[2K{line}");

@@ -46,68 +46,83 @@ impl JobDefaults {
     /// Defaults with the seed's environment names applied over `for_data_dir`.
     /// A variable that is set but does not parse is an error, not silently ignored.
     pub fn from_env(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::from_vars(data_dir, |name| std::env::var(name).ok())
+    }
+
+    /// `from_env` over any source of variables (`var` answers a name's value).
+    fn from_vars(data_dir: &Path, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let vars = Vars(&var);
         let mut d = Self::for_data_dir(data_dir);
         d.demo_sleep_sec = DEMO_SLEEP_SEC;
-        if let Some(v) = env_parse::<u32>("WORLD_SIZE")? {
+        if let Some(v) = vars.parse::<u32>("WORLD_SIZE")? {
             d.world_size = Some(v);
         }
         // USE_S3 makes the bucket the default for whatever DATASET_DIR / CHECKPOINT_DIR leave
         // unset; an explicit path or s3:// URL in them still wins.
-        if env_flag("USE_S3")? {
-            let bucket = env_string("S3_BUCKET")
+        if vars.flag("USE_S3")? {
+            let bucket = vars
+                .string("S3_BUCKET")
                 .ok_or_else(|| anyhow::anyhow!("USE_S3 is set but S3_BUCKET is not"))?;
             crate::storage::S3Url::parse(&format!("s3://{bucket}"))
                 .map_err(|e| anyhow::anyhow!("S3_BUCKET: {e}"))?;
             d.dataset = PathBuf::from(format!("s3://{bucket}/datasets/demo"));
             d.checkpoint_dir = PathBuf::from(format!("s3://{bucket}/checkpoints"));
         }
-        if let Some(v) = env_string("DATASET_DIR") {
+        if let Some(v) = vars.string("DATASET_DIR") {
             d.dataset = PathBuf::from(v);
+            // The user's own data trains at full speed: the demo's pace is only for the
+            // demo dataset the server makes in its data dir (or bucket).
+            d.demo_sleep_sec = d.sleep_sec;
         }
-        if let Some(v) = env_string("CHECKPOINT_DIR") {
+        if let Some(v) = vars.string("CHECKPOINT_DIR") {
             d.checkpoint_dir = PathBuf::from(v);
         }
-        if let Some(v) = env_parse("CHECKPOINT_EVERY")? {
+        if let Some(v) = vars.parse("CHECKPOINT_EVERY")? {
             d.checkpoint_every = v;
         }
-        if let Some(v) = env_parse("SLEEP_SEC")? {
+        if let Some(v) = vars.parse("SLEEP_SEC")? {
             d.sleep_sec = v;
             d.demo_sleep_sec = v;
         }
-        if let Some(v) = env_parse("HEARTBEAT_TIMEOUT")? {
+        if let Some(v) = vars.parse("HEARTBEAT_TIMEOUT")? {
             d.heartbeat_timeout_s = v;
         }
-        if let Some(v) = env_parse("MAX_RESTARTS")? {
+        if let Some(v) = vars.parse("MAX_RESTARTS")? {
             d.max_restarts = v;
         }
         Ok(d)
     }
 }
 
-fn env_string(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
+/// The seed's variables, read through a lookup (the process environment, or a test's map).
+struct Vars<'a>(&'a dyn Fn(&str) -> Option<String>);
 
-/// A boolean variable: 1/true/yes/on or 0/false/no/off (unset is false).
-fn env_flag(name: &str) -> anyhow::Result<bool> {
-    match env_string(name).map(|v| v.to_ascii_lowercase()) {
-        None => Ok(false),
-        Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
-        Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
-        Some(v) => anyhow::bail!("environment variable {name}={v:?}: expected true or false"),
+impl Vars<'_> {
+    fn string(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.is_empty())
     }
-}
 
-fn env_parse<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    match env_string(name) {
-        None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("environment variable {name}={v:?}: {e}")),
+    /// A boolean variable: 1/true/yes/on or 0/false/no/off (unset is false).
+    fn flag(&self, name: &str) -> anyhow::Result<bool> {
+        match self.string(name).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
+            Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
+            Some(v) => anyhow::bail!("environment variable {name}={v:?}: expected true or false"),
+        }
+    }
+
+    fn parse<T: std::str::FromStr>(&self, name: &str) -> anyhow::Result<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.string(name) {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("environment variable {name}={v:?}: {e}")),
+        }
     }
 }
 
@@ -160,6 +175,12 @@ pub struct Settings {
     /// How to reach `s3://` locations (the seed's `S3_*` env); workers of jobs that use S3 get
     /// the same settings, credentials included, through their environment only.
     pub s3: crate::storage::S3Config,
+    /// The uid and gid of Docker ranks; none: the server's own, or `nobody` (65534) when the
+    /// server runs as root (`launcher::docker::binds::rank_user`).
+    pub docker_user: Option<(u32, u32)>,
+    /// A warm standby whose preloads have not finished importing after this long is killed
+    /// (and counted as a failed standby).
+    pub standby_ready_timeout: Duration,
 }
 
 impl Settings {
@@ -188,6 +209,38 @@ impl Settings {
             max_connections: None,
             session_ttl: Duration::from_secs(12 * 3600),
             s3: crate::storage::S3Config::default(),
+            docker_user: None,
+            standby_ready_timeout: Duration::from_secs(600),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults(vars: &[(&str, &str)]) -> JobDefaults {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        JobDefaults::from_vars(Path::new("/data"), |name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+        .unwrap()
+    }
+
+    /// Issue 29, point 7: the demo's pace only for the demo dataset the server makes.
+    #[test]
+    fn the_demo_pace_is_for_the_servers_own_demo_dataset_only() {
+        let own = defaults(&[]);
+        assert_eq!(own.dataset, Path::new("/data/datasets/demo"));
+        assert_eq!((own.demo_sleep_sec, own.sleep_sec), (DEMO_SLEEP_SEC, 0.0));
+        let bucket = defaults(&[("USE_S3", "1"), ("S3_BUCKET", "demo-bucket")]);
+        assert_eq!(bucket.demo_sleep_sec, DEMO_SLEEP_SEC, "made in the bucket");
+        let real = defaults(&[("DATASET_DIR", "/datasets/imagenet-shards")]);
+        assert_eq!((real.demo_sleep_sec, real.sleep_sec), (0.0, 0.0));
+        let told = defaults(&[("DATASET_DIR", "/d"), ("SLEEP_SEC", "0.5")]);
+        assert_eq!((told.demo_sleep_sec, told.sleep_sec), (0.5, 0.5));
     }
 }

@@ -11,12 +11,14 @@ pub mod domain;
 pub mod fuzz;
 pub mod launcher;
 pub mod metrics;
+pub mod pressure;
 pub mod spec;
 pub mod startup;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod trainer;
+pub mod untrusted;
 pub mod validate;
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::{Actor, Addr};
@@ -19,9 +20,6 @@ use crate::api::{self, ApiError, AppState};
 use crate::bus::{EventBus, LogBus};
 use crate::config::Settings;
 use crate::store::{self, Recorder};
-
-/// The shortest API token accepted on an address other than loopback.
-pub const MIN_PUBLIC_TOKEN_CHARS: usize = 12;
 
 pub struct Application {
     addr: SocketAddr,
@@ -75,13 +73,14 @@ impl Application {
         }
         if !addr.ip().is_loopback()
             && let Some(token) = &settings.api_token
-            && token.chars().count() < MIN_PUBLIC_TOKEN_CHARS
+            && let Some(why) = crate::api_token::weakness(token)
         {
             anyhow::bail!(
-                "refusing to listen on {addr} with an API token of {} characters: on an address \
-                 other than loopback it must have at least {MIN_PUBLIC_TOKEN_CHARS} (e.g. \
-                 `openssl rand -hex 32`)",
-                token.chars().count()
+                "refusing to listen on {addr} with a weak API token: {why}. On an address other \
+                 than loopback a token must have at least {} characters, {} of them different, \
+                 and no spaces (e.g. `openssl rand -hex 32`)",
+                crate::api_token::MIN_PUBLIC_CHARS,
+                crate::api_token::MIN_DISTINCT_CHARS
             );
         }
         let reachable = if addr.ip().is_unspecified() {
@@ -103,6 +102,7 @@ impl Application {
             .max_connections
             .unwrap_or_else(|| connection_cap(open_files));
         tracing::debug!(open_files, max_connections, "connection limit");
+        let http = crate::pressure::HttpPressure::new(max_connections);
         let rt = Arc::new(Runtime {
             pool,
             recorder,
@@ -114,6 +114,7 @@ impl Application {
             registry: Registry::default(),
             metrics,
             sse_streams: Default::default(),
+            http: http.clone(),
         });
         let manager = JobManager::new(rt.clone()).start();
         let resumed = manager.send(Restore).await??;
@@ -143,6 +144,11 @@ impl Application {
                 .default_service(web::to(|| async {
                     Err::<actix_web::HttpResponse, _>(ApiError::NotFound("no such route".into()))
                 }))
+        })
+        // Every connection is counted while open, so a saturated listener is known (and
+        // ranks are not declared hung for heartbeats it could not accept).
+        .on_connect(move |_, ext| {
+            ext.insert(Rc::new(http.connected()));
         })
         .workers(http_workers)
         // The cap is per HTTP worker; past it the listener stops accepting (the kernel's
@@ -274,13 +280,14 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// A random id kept in the data dir; it marks every worker this data dir's servers start.
+/// A random id kept in the data dir, keyed to its file's inode (`launcher::siblings`); it marks
+/// every worker this data dir's servers start, and no copy of the data dir has the same.
 fn instance_id(dir: &Path) -> anyhow::Result<String> {
     let path = dir.join("instance-id");
     if let Ok(id) = std::fs::read_to_string(&path) {
         let id = id.trim();
         if !id.is_empty() {
-            return Ok(id.to_string());
+            return Ok(crate::launcher::siblings::instance(id, &path));
         }
     }
     let id = uuid::Uuid::new_v4().to_string();
@@ -289,5 +296,5 @@ fn instance_id(dir: &Path) -> anyhow::Result<String> {
     f.write_all(id.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
-    Ok(id)
+    Ok(crate::launcher::siblings::instance(&id, &path))
 }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::bench::{Client, Server};
+use crate::client::output::{printable, printable_json};
 use crate::trainer::data::{DatasetParams, make_dataset};
 
 pub struct ValidateArgs {
@@ -36,6 +37,8 @@ struct Report {
     checks: Vec<Check>,
     passed: usize,
     failed: usize,
+    /// Against a running server: what became of the check's jobs.
+    cleanup: Option<String>,
 }
 
 /// How long one wait may take before its check fails (a loaded machine, not a measurement).
@@ -52,10 +55,13 @@ async fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
     let dir = std::env::temp_dir().join(format!("trainvisor-validate-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
     let started_here = args.server.is_none();
+    // The server started here logs to a file (its warnings, such as the kill's "rank failed;
+    // restarting", are expected), shown only when a check fails.
+    let server_log = dir.join("server.log");
     let (server, url) = match &args.server {
         Some(url) => (None, url.trim_end_matches('/').to_string()),
         None => {
-            let server = Server::start(&dir, "127.0.0.1:0", None)?;
+            let server = Server::start_logging_to(&dir, &server_log)?;
             let url = server.url.clone();
             (Some(server), url)
         }
@@ -68,6 +74,7 @@ async fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
         client: &client,
         checks: &mut checks,
         print: !args.json,
+        jobs: Vec::new(),
     };
     if !args.json {
         println!(
@@ -80,9 +87,26 @@ async fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
         );
     }
     run.all(&dir, local).await;
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
+    let jobs = std::mem::take(&mut run.jobs);
     let failed = checks.iter().filter(|c| c.result == "failed").count();
+    // A server of the user's keeps no trace of the check, unless it failed: then its jobs
+    // are what to look at.
+    let cleanup = match (&server, failed) {
+        (Some(_), _) => None,
+        (None, 0) => Some(remove_jobs(&client, &jobs).await),
+        (None, _) => Some(format!(
+            "its jobs are left on the server to look at: {}",
+            jobs.join(", ")
+        )),
+    };
+    drop(server);
+    if failed > 0
+        && started_here
+        && let Ok(log) = std::fs::read_to_string(&server_log)
+    {
+        eprintln!("the server's log:\n{}", printable(&log));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     let passed = checks.iter().filter(|c| c.result == "ok").count();
     if args.json {
         let report = Report {
@@ -91,9 +115,16 @@ async fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
             checks,
             passed,
             failed,
+            cleanup,
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            printable_json(&serde_json::to_string_pretty(&report)?)
+        );
     } else {
+        if let Some(cleanup) = cleanup {
+            println!("{}", printable(&cleanup));
+        }
         println!("{passed} passed, {failed} failed");
     }
     Ok(if failed == 0 { 0 } else { 1 })
@@ -103,6 +134,22 @@ struct Checks<'a> {
     client: &'a Client,
     checks: &'a mut Vec<Check>,
     print: bool,
+    /// The jobs the check submitted.
+    jobs: Vec<String>,
+}
+
+/// Deletes the check's jobs (stopping any still running); says what became of them.
+async fn remove_jobs(client: &Client, jobs: &[String]) -> String {
+    if jobs.is_empty() {
+        return "no jobs were left on the server".into();
+    }
+    match client
+        .post("/jobs/purge", &json!({"job_ids": jobs, "force": true}))
+        .await
+    {
+        Ok(_) => format!("its {} jobs were deleted from the server", jobs.len()),
+        Err(e) => format!("its jobs could not be deleted ({e:#}): {}", jobs.join(", ")),
+    }
 }
 
 /// The spec of the check's jobs: synchronous training with frequent checkpoints and a pace
@@ -127,6 +174,8 @@ impl Checks<'_> {
             } else {
                 format!("  ({detail})")
             };
+            // A detail may quote the server or a rank: shown escaped, as by every command.
+            let extra = printable(&extra);
             println!("  {tag} {name:<46} {ms:>8.0} ms{extra}");
         }
         self.checks.push(Check {
@@ -175,7 +224,11 @@ impl Checks<'_> {
         };
         let t = Instant::now();
         let id = match self.client.post("/jobs", &job_spec(&dataset)).await {
-            Ok(job) => job["job_id"].as_str().unwrap_or_default().to_string(),
+            Ok(job) => {
+                let id = job["job_id"].as_str().unwrap_or_default().to_string();
+                self.jobs.push(id.clone());
+                id
+            }
             Err(e) => {
                 self.record("2-rank job submitted", t, Err(e));
                 return;
@@ -252,11 +305,12 @@ impl Checks<'_> {
         sha.context("no x-model-sha256 header")
     }
 
-    async fn reference(&self, dataset: &Path) -> anyhow::Result<(String, String)> {
+    async fn reference(&mut self, dataset: &Path) -> anyhow::Result<(String, String)> {
         let mut spec = job_spec(dataset);
         spec["sleep_sec"] = json!(0.0);
         let job = self.client.post("/jobs", &spec).await?;
         let id = job["job_id"].as_str().unwrap_or_default().to_string();
+        self.jobs.push(id.clone());
         let end = self.wait_end(&id).await?;
         if end["state"] != "succeeded" {
             bail!("job {id} ended {}: {}", end["state"], end["reason"]);

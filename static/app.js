@@ -21,6 +21,7 @@
   let open = null;              // the job shown in the job view
   let events = null;            // EventSource on /events
   let skewMs = 0;               // browser clock minus server clock, from event timestamps
+  let signedOut = false;        // the server answered 401: the list is empty until sign-in
 
   // ---------------------------------------------------------------- helpers
   function el(tag, attrs, ...children) {
@@ -153,6 +154,16 @@
     if (h < 48) return `${h} h ${m % 60} min`;
     return `${Math.floor(h / 24)} d ${h % 24} h`;
   }
+  // The jobs list's Age: one unit, so the column stays narrow ("12 s", "5 min", "3 h", "2 d");
+  // the exact times are in the cell's tooltip.
+  function fmtAgeShort(seconds) {
+    if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "—";
+    seconds = Math.max(0, seconds);
+    if (seconds < 60) return `${Math.floor(seconds)} s`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+    if (seconds < 48 * 3600) return `${Math.floor(seconds / 3600)} h`;
+    return `${Math.floor(seconds / 86400)} d`;
+  }
   const ageSince = (ts) => {
     const t = parseTs(ts);
     return Number.isFinite(t) ? (serverNow() - t) / 1000 : null;
@@ -219,15 +230,16 @@
       fillJobRow(tr, job);
       if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
     });
+    // Signed out, the list is empty because the server will not say: not "no jobs".
+    setText($("jobs-empty"), signedOut ? "Sign in to see the jobs." : "No jobs yet: submit one below.");
     $("jobs-empty").hidden = jobs.size > 0;
   }
 
   function newJobRow(id) {
     const link = el("a", { href: `#/jobs/${id}` });
     const tr = el("tr", { "data-job-id": id },
-      el("td", null, link, el("span", { class: "sub", text: shortId(id) })),
+      el("td", null, link, el("span", { class: "sub" })),
       el("td", null, badge("")),
-      el("td", { class: "num" }),
       el("td"),
       el("td", { class: "num" }),
       el("td", { class: "age" }));
@@ -239,17 +251,18 @@
   }
 
   function fillJobRow(tr, job) {
-    const [cName, cState, cWorld, cProg, cRestarts] = tr.children;
+    const [cName, cState, cProg, cRestarts] = tr.children;
     const link = cName.firstChild;
     setText(link, job.name || shortId(job.job_id));
     link.title = job.job_id;
-    cName.lastChild.hidden = !job.name;
+    // The world size rides under the name, so the name gets the room of a column.
+    const ranks = job.world_size === 1 ? "1 rank" : `${job.world_size} ranks`;
+    setText(cName.lastChild, job.name ? `${shortId(job.job_id)} · ${ranks}` : ranks);
     const b = cState.firstChild;
     b.dataset.state = job.state || "";
     setText(b, job.state);
     tr.dataset.state = job.state || "";
     if (job.reason) cState.title = job.reason; else cState.removeAttribute("title");
-    setText(cWorld, job.world_size);
     renderProgressCell(cProg, job);
     setText(cRestarts, job.restarts ?? 0);
     if (open && open.id === job.job_id) tr.setAttribute("aria-current", "true");
@@ -282,8 +295,8 @@
   }
 
   function renderJobAge(tr, job) {
-    const cell = tr.children[5];
-    setText(cell, fmtAge(ageSince(job.created_at)));
+    const cell = tr.children[4];
+    setText(cell, fmtAgeShort(ageSince(job.created_at)));
     cell.title = `created ${fmtTime(job.created_at)}` +
       (job.finished_at ? `, finished ${fmtTime(job.finished_at)}` : "");
   }
@@ -842,7 +855,7 @@
       if (job) {
         Object.assign(job, { step: d.step, progress: d.progress, live: d });
         const tr = $("jobs-body").querySelector(`tr[data-job-id="${CSS.escape(id)}"]`);
-        if (tr) renderProgressCell(tr.children[3], job);
+        if (tr) renderProgressCell(tr.children[2], job);
       }
       if (open && open.id === id) {
         renderOpen();
@@ -1226,6 +1239,8 @@
   // With --api-token, the API answers 401 until POST /session sets the session cookie
   // (HttpOnly, so this page never holds the token after sending it).
   function needSignIn(message) {
+    signedOut = true;
+    renderJobs();
     const box = $("signin");
     if (message) setText($("signin-why"), message);
     if (box.hidden) {
@@ -1245,6 +1260,8 @@
       await api("POST", "/session", { token: input.value });
       input.value = "";
       input.removeAttribute("aria-invalid");
+      signedOut = false;
+      renderJobs();
       $("signin").hidden = true;
       clearPageError();
       connectEvents();          // hello re-reads the jobs

@@ -162,11 +162,23 @@ impl Handler<Restore> for JobManager {
     fn handle(&mut self, _: Restore, _: &mut Context<Self>) -> Self::Result {
         let pool = self.rt.pool.clone();
         let settings = self.rt.settings.clone();
+        let recorder = self.rt.recorder.clone();
+        let instance = self.rt.instance.clone();
         Box::pin(
             async move {
                 let mut inits = Vec::new();
+                let theirs = crate::launcher::siblings::jobs_of_siblings(&instance);
                 for record in store::jobs::unfinished(&pool).await? {
-                    inits.push(restore_plan(&pool, record, &settings).await?);
+                    if let Some(pid) = record
+                        .job_id
+                        .parse()
+                        .ok()
+                        .and_then(|id: Uuid| theirs.get(&id))
+                    {
+                        refuse_sibling_job(&recorder, &record, *pid);
+                        continue;
+                    }
+                    inits.push(restore_plan(&pool, &recorder, record, &settings).await?);
                 }
                 Ok(inits)
             }
@@ -184,10 +196,33 @@ impl Handler<Restore> for JobManager {
     }
 }
 
+/// A job another live server runs (this data dir is a copy of its, or the other way round) is
+/// not run twice: it ends here, failed, saying who runs it.
+fn refuse_sibling_job(recorder: &crate::store::Recorder, record: &JobRecord, pid: u32) {
+    let Ok(job_id) = record.job_id.parse::<Uuid>() else {
+        return;
+    };
+    let reason = format!(
+        "another live trainvisor server runs this job (its rank is pid {pid}): this data dir \
+         is a copy of that server's, or the other way round; it is not run twice"
+    );
+    tracing::warn!(%job_id, pid, "{reason}");
+    recorder.record(HistoryOp::JobState {
+        job_id,
+        state: JobState::Failed,
+        at: now(),
+        reason: Some(reason),
+        summary: None,
+    });
+}
+
 /// Rebuilds a job's rank bookkeeping from its history, closes what the dead server left open
-/// and records a `server_restart` restart for every rank it will relaunch.
+/// and records a `server_restart` restart for every rank it will relaunch. It only reads: the
+/// writes go through the recorder, in order, so a server booting on a full disk comes up
+/// degraded (and resumes the job once they commit) instead of exiting.
 async fn restore_plan(
     pool: &sqlx::SqlitePool,
+    recorder: &crate::store::Recorder,
     record: JobRecord,
     settings: &crate::config::Settings,
 ) -> Result<JobInit, ManagerError> {
@@ -199,9 +234,16 @@ async fn restore_plan(
         .map_err(|e| anyhow::anyhow!("job {id}: stored spec unreadable: {e}"))?;
     let at = now();
     crate::launcher::forget(&spec, id, settings).await;
-    store::jobs::close_orphaned_incarnations(pool, id, &at).await?;
-    store::jobs::close_open_incidents(pool, id, &at).await?;
-    let incidents = store::jobs::incidents(pool, id).await?;
+    recorder.record(HistoryOp::ClosedByServerRestart {
+        job_id: id,
+        at: at.clone(),
+    });
+    let mut incidents = store::jobs::incidents(pool, id).await?;
+    // As the queued write will have them.
+    for open in incidents.iter_mut().filter(|i| i.end == "open") {
+        open.end = "server_restart".into();
+        open.ended_at = Some(at.clone());
+    }
     let excluded_nodes = store::jobs::excluded_nodes(pool, id)
         .await?
         .into_iter()
@@ -228,10 +270,13 @@ async fn restore_plan(
     for r in &restarts {
         counts.count_row(r.rank as u32, &r.scope, &r.reason);
     }
-    let mut restart_events = restarts.len() as u32;
+    // The job's own failures: the server's restarts are in the history, not in the count.
+    let restart_events = restarts
+        .iter()
+        .filter(|r| Outcome::parse(&r.reason) != Some(Outcome::ServerRestart))
+        .count() as u32;
     let started = !incarnations.is_empty();
     if started {
-        let mut conn = pool.acquire().await?;
         for (rank, slot) in ranks.iter_mut().enumerate() {
             if spec.restart_scope == RestartScope::Worker && slot.state.is_succeeded() {
                 continue;
@@ -239,7 +284,7 @@ async fn restore_plan(
             if spec.restart_scope == RestartScope::Job {
                 slot.state = RankState::Pending;
             }
-            HistoryOp::RestartDetected {
+            recorder.record(HistoryOp::RestartDetected {
                 job_id: id,
                 rank: rank as u32,
                 attempt: slot.next_attempt,
@@ -250,11 +295,8 @@ async fn restore_plan(
                 detail: "the trainvisor server restarted; relaunching the rank".to_string(),
                 detected_at: at.clone(),
                 backoff_ms: 0,
-            }
-            .apply(&mut conn)
-            .await?;
+            });
             slot.restart_pending = true;
-            restart_events += 1;
         }
     }
     Ok(JobInit {

@@ -40,6 +40,8 @@ pub struct Runtime {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Open SSE streams (log and event streams together).
     pub sse_streams: std::sync::atomic::AtomicUsize,
+    /// How full the HTTP listener is (a saturated server hears no heartbeats).
+    pub http: Arc<crate::pressure::HttpPressure>,
 }
 
 /// Counts one open SSE stream while alive.

@@ -17,6 +17,7 @@ use super::messages::{
 };
 use crate::domain::error_file::{self, RootCause};
 use crate::domain::incident::RankStacks;
+use crate::domain::liveness::{self, Watch};
 use crate::domain::{Ending, Exit, Outcome};
 use crate::launcher::{JobLauncher, RankControl, RankProcess, stacks};
 use crate::store::recorder::NewLine;
@@ -174,12 +175,13 @@ impl Worker {
     fn arm_watchdog(&mut self, attempt: u32, after: Duration, ctx: &mut Context<Self>) {
         ctx.run_later(after, move |act, ctx| {
             let timeout = act.heartbeat_timeout;
+            let saturated = act.rt.http.saturated_ago();
             let Some(inc) = act.current_mut(attempt) else {
                 return;
             };
             let silent = inc.last_beat.map(|t| t.elapsed()).unwrap_or_default();
-            if silent < timeout {
-                act.arm_watchdog(attempt, timeout - silent, ctx);
+            if let Watch::Recheck(after) = liveness::watch(silent, timeout, saturated) {
+                act.arm_watchdog(attempt, after, ctx);
                 return;
             }
             if inc.ending != Ending::Natural {

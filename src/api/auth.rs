@@ -126,14 +126,14 @@ pub struct SessionReply {
             SameSite=Strict). `auth` is `none` when the server has no API token", body = SessionReply),
         (status = 400, description = "Not a JSON object with a `token` string", body = ErrorBody),
         (status = 401, description = "Wrong API token", body = ErrorBody),
-        (status = 413, description = "Body larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 413, description = "Body larger than 4096 bytes", body = ErrorBody),
     )
 )]
 pub async fn session(
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = super::body::read(&state, body).await?;
+    let body = super::body::read_unauthenticated(&state, body).await?;
     let request: SessionRequest = parse_json(&body, false)?;
     let Some(token) = state.rt.settings.api_token.as_deref() else {
         return Ok(HttpResponse::Ok().json(serde_json::json!({"auth": "none"})));

@@ -11,9 +11,29 @@ use super::{ApiError, AppState};
 
 /// The whole body, or 413 past the size limit, 408 past the deadline, 400 when the client
 /// broke it off.
-pub async fn read(state: &AppState, mut payload: web::Payload) -> Result<Bytes, ApiError> {
+pub async fn read(state: &AppState, payload: web::Payload) -> Result<Bytes, ApiError> {
     let limit = state.rt.settings.max_body_bytes;
-    let timeout = state.rt.settings.body_timeout;
+    read_within(payload, limit, state.rt.settings.body_timeout).await
+}
+
+/// The body of a route anyone may call without a token (`POST /session`): what it carries is
+/// small, so it is held to [`UNAUTHENTICATED_BODY_BYTES`] and a quarter of the body deadline.
+pub async fn read_unauthenticated(
+    state: &AppState,
+    payload: web::Payload,
+) -> Result<Bytes, ApiError> {
+    let limit = UNAUTHENTICATED_BODY_BYTES.min(state.rt.settings.max_body_bytes);
+    read_within(payload, limit, state.rt.settings.body_timeout / 4).await
+}
+
+/// Largest body of a route that needs no token.
+pub const UNAUTHENTICATED_BODY_BYTES: usize = 4096;
+
+async fn read_within(
+    mut payload: web::Payload,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
     let whole = async {
         let mut body = BytesMut::new();
         while let Some(chunk) = payload.next().await {
@@ -21,7 +41,8 @@ pub async fn read(state: &AppState, mut payload: web::Payload) -> Result<Bytes, 
                 chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
             if body.len() + chunk.len() > limit {
                 return Err(ApiError::TooLarge(format!(
-                    "request body larger than {limit} bytes (--max-body-bytes)"
+                    "request body larger than {limit} bytes (--max-body-bytes; 4096 for \
+                     POST /session)"
                 )));
             }
             body.extend_from_slice(&chunk);
@@ -30,8 +51,8 @@ pub async fn read(state: &AppState, mut payload: web::Payload) -> Result<Bytes, 
     };
     tokio::time::timeout(timeout, whole).await.map_err(|_| {
         ApiError::BodyTimeout(format!(
-            "the request body did not arrive whole within {} ms (--body-timeout-ms); the \
-             connection is closed",
+            "the request body did not arrive whole within {} ms (--body-timeout-ms; a quarter \
+             of it for POST /session); the connection is closed",
             timeout.as_millis()
         ))
     })?

@@ -12,6 +12,11 @@ use crate::domain::incident::IncidentRow;
 use crate::store;
 use crate::store::jobs::ProgressSample;
 
+/// These routes take no query parameters: any is a 400, as everywhere else.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
+
 /// A job's incidents, oldest first.
 #[utoipa::path(
     get,
@@ -22,12 +27,14 @@ use crate::store::jobs::ProgressSample;
     responses(
         (status = 200, description = "Incidents: root cause, timeline (detected, spawned, first \
             heartbeat, training again), steps and seconds lost", body = Vec<IncidentRow>),
+        (status = 400, description = "A query parameter (these routes take none)", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn incidents(
     state: web::Data<AppState>,
     path: web::Path<String>,
+    _query: web::Query<NoQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_job_id(&path)?;
     super::jobs::record(&state, id).await?;
@@ -52,12 +59,14 @@ pub async fn incidents(
     params(JobId),
     responses(
         (status = 200, description = "Progress samples, oldest first", body = Vec<ProgressSample>),
+        (status = 400, description = "A query parameter (these routes take none)", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
     )
 )]
 pub async fn progress(
     state: web::Data<AppState>,
     path: web::Path<String>,
+    _query: web::Query<NoQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_job_id(&path)?;
     super::jobs::record(&state, id).await?;

@@ -74,6 +74,45 @@ pub struct ListQuery {
     /// Only jobs in this state.
     #[param(value_type = Option<JobState>)]
     state: Option<String>,
+    /// Jobs in the page, 1 to 1000 (default 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// Jobs skipped before the page (default 0).
+    #[param(minimum = 0)]
+    offset: Option<i64>,
+}
+
+/// A page of a listing: `?limit=N&offset=M`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Jobs in the page, 1 to 1000 (default 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// Jobs skipped before the page (default 0).
+    #[param(minimum = 0)]
+    offset: Option<i64>,
+}
+
+/// The most jobs one page of `/jobs` or `/jobs/summaries` holds.
+pub const MAX_PAGE: i64 = 1000;
+
+/// `(limit, offset)` of a listing, or a 400 naming what is wrong.
+fn page(limit: Option<i64>, offset: Option<i64>) -> Result<(i64, i64), ApiError> {
+    let limit = limit.unwrap_or(MAX_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let offset = offset.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::BadRequest(format!(
+            "offset must be 0 or more, not {offset}"
+        )));
+    }
+    Ok((limit, offset))
 }
 
 /// Jobs, newest first.
@@ -96,7 +135,9 @@ pub async fn list(
             "unknown state {s:?}; one of pending, running, succeeded, failed, stopped"
         )));
     }
-    let jobs = store::jobs::list(&state.rt.pool, query.state.as_deref()).await?;
+    let (limit, offset) = page(query.limit, query.offset)?;
+    let jobs =
+        store::jobs::list_page(&state.rt.pool, query.state.as_deref(), limit, offset).await?;
     Ok(HttpResponse::Ok().json(jobs))
 }
 
@@ -183,10 +224,18 @@ pub async fn summary(
     path = "/jobs/summaries",
     operation_id = "job_summaries",
     tag = "jobs",
-    responses((status = 200, description = "Summaries, newest first", body = Vec<Summary>))
+    params(PageQuery),
+    responses(
+        (status = 200, description = "Summaries, newest first", body = Vec<Summary>),
+        (status = 400, description = "An unknown or invalid query parameter", body = ErrorBody),
+    )
 )]
-pub async fn summaries(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let jobs = store::jobs::list(&state.rt.pool, None).await?;
+pub async fn summaries(
+    state: web::Data<AppState>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (limit, offset) = page(query.limit, query.offset)?;
+    let jobs = store::jobs::list_page(&state.rt.pool, None, limit, offset).await?;
     let mut out = Vec::with_capacity(jobs.len());
     for job in &jobs {
         match summary_of(&state, job).await {

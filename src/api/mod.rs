@@ -29,10 +29,19 @@ pub struct AppState {
     pub manager: Addr<JobManager>,
 }
 
-/// Job ids in paths are UUIDs; anything else names no job.
+/// Job ids in paths are UUIDs in the one form the server writes them (lower-case, hyphenated,
+/// 36 characters); anything else (upper case, braces, `urn:uuid:`, no hyphens) names no job,
+/// so one job has one URL.
 pub fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse()
-        .map_err(|_| ApiError::NotFound(format!("no job with id {raw:?} (job ids are UUIDs)")))
+    raw.parse::<Uuid>()
+        .ok()
+        .filter(|id| id.hyphenated().to_string() == raw)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no job with id {raw:?} (job ids are lower-case UUIDs such as \
+                 3dcb3e33-0f5e-4c1a-9a57-8d2b1e0c4f6a)"
+            ))
+        })
 }
 
 /// A resource whose other methods get a JSON 405 with the `Allow` header (RFC 9110).

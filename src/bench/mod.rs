@@ -319,6 +319,23 @@ impl Server {
         token: Option<&str>,
         flags: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::spawn(dir, bind, token, flags, Stdio::inherit())
+    }
+
+    /// A server on a free loopback port whose log (stderr) goes to `log`, not to this
+    /// terminal (what `validate` starts).
+    pub(crate) fn start_logging_to(dir: &Path, log: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(log)?;
+        Self::spawn(dir, "127.0.0.1:0", None, &[], Stdio::from(log))
+    }
+
+    fn spawn(
+        dir: &Path,
+        bind: &str,
+        token: Option<&str>,
+        flags: &[&str],
+        stderr: Stdio,
+    ) -> anyhow::Result<Self> {
         let t0 = Instant::now();
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args([
@@ -333,7 +350,8 @@ impl Server {
         .args(flags)
         .env("RUST_LOG", "warn")
         .env_remove("TRAINVISOR_API_TOKEN")
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(stderr);
         if let Some(token) = token {
             cmd.env("TRAINVISOR_API_TOKEN", token);
         }

@@ -4,6 +4,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use super::output::number;
+
 /// Lines of each rank's stacks printed (the API has them all).
 const STACK_LINES: usize = 12;
 
@@ -12,11 +14,10 @@ pub fn describe_goodput(g: &Value) -> Option<String> {
     let goodput = g["goodput"].as_f64()?;
     let secs = |k: &str| g[k].as_f64().unwrap_or(0.0);
     Some(format!(
-        "goodput {goodput:.3}  (wall {:.1} s, recovering {:.1} s of which backoff {:.1} s, \
-         {}, {})",
-        secs("wall_s"),
-        secs("recovering_s"),
-        secs("backoff_s"),
+        "goodput {goodput:.3}  (wall {} s, recovering {} s of which backoff {} s, {}, {})",
+        number(secs("wall_s"), 1),
+        number(secs("recovering_s"), 1),
+        number(secs("backoff_s"), 1),
         plural(
             g["steps_redone"].as_u64().unwrap_or(0),
             "step redone",
@@ -55,11 +56,14 @@ pub fn describe_incidents(incidents: &[Value]) -> String {
         ));
         let detected = at(&i["detected_at"]);
         let phase = |k: &str| match (detected, at(&i[k])) {
-            (Some(d), Some(t)) => format!("+{:.2} s", (t - d).num_milliseconds() as f64 / 1000.0),
+            (Some(d), Some(t)) => format!(
+                "+{} s",
+                number((t - d).num_milliseconds() as f64 / 1000.0, 2)
+            ),
             _ => "-".to_string(),
         };
         out.push_str(&format!(
-            "   detected {}  spawned {}  first heartbeat {}  training {}  lost {}, {:.1} s\n",
+            "   detected {}  spawned {}  first heartbeat {}  training {}  lost {}, {} s\n",
             detected
                 .map(|d| d.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
                 .unwrap_or_default(),
@@ -67,7 +71,7 @@ pub fn describe_incidents(incidents: &[Value]) -> String {
             phase("first_heartbeat_at"),
             phase("training_at"),
             plural(i["steps_lost"].as_u64().unwrap_or(0), "step", "steps"),
-            i["seconds_lost"].as_f64().unwrap_or(0.0),
+            number(i["seconds_lost"].as_f64().unwrap_or(0.0), 1),
         ));
         // A hung rank's incident: what every rank was doing before it was killed.
         for s in i["stacks"].as_array().into_iter().flatten() {

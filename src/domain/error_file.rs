@@ -29,16 +29,10 @@ pub struct RootCause {
     pub traceback: Option<String>,
 }
 
-/// Reads an incarnation's error file, if it wrote one; garbage reads as nothing.
+/// Reads an incarnation's error file, if it wrote one; garbage reads as nothing. The rank
+/// controls the file: a symlink, FIFO or device reads as nothing too, never blocking.
 pub fn read(path: &Path) -> Option<RootCause> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(MAX_BYTES as u64)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    parse(&bytes)
+    parse(&crate::untrusted::read_capped(path, 0, MAX_BYTES).ok()?)
 }
 
 /// torch writes `{"message": {"message": "Type: text", "extraInfo": {"py_callstack": "…",

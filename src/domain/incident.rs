@@ -262,11 +262,11 @@ pub struct Goodput {
 impl Goodput {
     /// `step` is the job's step now (the slowest rank's).
     pub fn of(incidents: &[IncidentRow], wall_s: f64, step: Option<u64>) -> Goodput {
-        let recovering_s: f64 = incidents.iter().map(|i| i.seconds_lost).sum();
-        let backoff_s = incidents
-            .iter()
-            .map(|i| (i.backoff_ms as f64 / 1000.0).min(i.seconds_lost))
-            .sum();
+        // Folded from +0.0: `sum()` of no floats is -0.0, which the API would show as such.
+        let recovering_s = incidents.iter().fold(0.0, |a, i| a + i.seconds_lost);
+        let backoff_s = incidents.iter().fold(0.0, |a, i| {
+            a + (i.backoff_ms as f64 / 1000.0).min(i.seconds_lost)
+        });
         let steps_redone: u64 = incidents.iter().map(|i| i.steps_lost).sum();
         let wall_s = wall_s.max(0.0);
         let training_s = (wall_s - recovering_s).max(0.0);
@@ -317,6 +317,16 @@ mod tests {
             resumed_step: resumed,
             stacks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_job_without_incidents_recovered_for_plus_zero_seconds() {
+        let g = Goodput::of(&[], 12.0, Some(40));
+        assert!(
+            g.recovering_s == 0.0 && g.recovering_s.is_sign_positive(),
+            "{g:?}"
+        );
+        assert!(g.backoff_s.is_sign_positive(), "{g:?}");
     }
 
     #[test]

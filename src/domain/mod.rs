@@ -4,6 +4,7 @@
 pub mod error_file;
 pub mod failure_policy;
 pub mod incident;
+pub mod liveness;
 pub mod progress;
 pub mod python_command;
 pub mod rank;

@@ -35,7 +35,7 @@ impl RankView {
             self.step = Some(step);
         }
         if body.as_object().is_some_and(|o| !o.is_empty()) {
-            self.heartbeat = Some(body);
+            self.heartbeat = Some(bounded_heartbeat(body));
         }
     }
 
@@ -46,6 +46,65 @@ impl RankView {
             .get("loss")?
             .as_f64()
     }
+}
+
+/// Metrics of a heartbeat kept for the summary, at most.
+const MAX_METRICS: usize = 32;
+/// Other fields of a heartbeat kept, at most.
+const MAX_FIELDS: usize = 8;
+/// Longest key and longest string value kept.
+const MAX_KEY: usize = 64;
+const MAX_STRING: usize = 128;
+
+/// What of a heartbeat body the summary keeps: a rank controls it, and the summary is held in
+/// memory, stored with the job and sent with every `/jobs/summaries`. `step` always; up to
+/// [`MAX_METRICS`] scalar `metrics` and [`MAX_FIELDS`] other scalar fields with short keys and
+/// strings; how many were left out is said in `dropped`.
+pub fn bounded_heartbeat(body: Value) -> Value {
+    let Value::Object(fields) = body else {
+        return Value::Null;
+    };
+    let scalar = |v: &Value| match v {
+        Value::String(s) => s.len() <= MAX_STRING,
+        Value::Number(_) | Value::Bool(_) | Value::Null => true,
+        _ => false,
+    };
+    let mut kept = serde_json::Map::new();
+    let mut dropped = 0usize;
+    let mut others = 0usize;
+    for (key, value) in fields {
+        match key.as_str() {
+            "step" | "dropped" => {
+                kept.insert(key, value);
+            }
+            "metrics" => {
+                let Value::Object(metrics) = value else {
+                    dropped += 1;
+                    continue;
+                };
+                let mut small = serde_json::Map::new();
+                for (k, v) in metrics {
+                    if small.len() < MAX_METRICS && k.len() <= MAX_KEY && scalar(&v) {
+                        small.insert(k, v);
+                    } else {
+                        dropped += 1;
+                    }
+                }
+                kept.insert(key, Value::Object(small));
+            }
+            _ if others < MAX_FIELDS && key.len() <= MAX_KEY && scalar(&value) => {
+                others += 1;
+                kept.insert(key, value);
+            }
+            _ => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        kept.insert("dropped".into(), Value::from(dropped));
+    } else {
+        kept.remove("dropped");
+    }
+    Value::Object(kept)
 }
 
 const WINDOW: Duration = Duration::from_secs(10);
@@ -197,7 +256,8 @@ pub struct Summary {
     pub eta_s: Option<f64>,
     /// Mean of the ranks' last reported `metrics.loss`.
     pub loss: Option<f64>,
-    /// Restart decisions recorded for this job (rows of `/jobs/{id}/restarts`).
+    /// Restarts for the job's own failures: the rows of `/jobs/{id}/restarts` less the
+    /// `server_restart` ones (the server's own restarts are not the job's failures).
     pub restarts: u32,
     pub last_checkpoint_step: Option<u64>,
     pub last_checkpoint_at: Option<String>,
@@ -354,5 +414,35 @@ impl Summary {
             standby_off: input.standby_off,
             workers,
         }
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::bounded_heartbeat;
+    use serde_json::json;
+
+    #[test]
+    fn a_heartbeat_is_kept_small() {
+        let long = "y".repeat(1000);
+        let mut metrics = serde_json::Map::new();
+        metrics.insert("loss".into(), json!(0.5));
+        for i in 0..100 {
+            metrics.insert(format!("m{i:03}"), json!(i));
+        }
+        metrics.insert("nested".into(), json!({"a": 1}));
+        let body = json!({"step": 9, "metrics": metrics, "note": long, "lr": 0.1, "x": [1, 2]});
+        let kept = bounded_heartbeat(body);
+        assert_eq!(kept["step"], 9);
+        assert_eq!(kept["metrics"]["loss"], 0.5);
+        assert_eq!(kept["metrics"].as_object().unwrap().len(), 32);
+        assert_eq!(kept["lr"], 0.1);
+        assert!(kept.get("note").is_none() && kept.get("x").is_none());
+        // 69 metrics past the 32, the nested one, the long note and the list.
+        assert_eq!(kept["dropped"], 69 + 1 + 2);
+        assert!(kept.to_string().len() < 2048);
+        // A small heartbeat is kept as it was.
+        let small = json!({"step": 1, "metrics": {"loss": 0.1}});
+        assert_eq!(bounded_heartbeat(small.clone()), small);
     }
 }

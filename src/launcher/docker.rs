@@ -8,8 +8,8 @@
 //!   token) or be given `--advertise-url`; a job is refused at the door otherwise.
 //! - Local `dataset` and `checkpoint_dir` are bind-mounted at the same paths, so the worker
 //!   contract's paths hold inside the container; the built-in trainer is this binary, mounted
-//!   read-only at its own path. Ranks run as the server's user and group, so what they write
-//!   belongs to the server.
+//!   read-only at its own path. What a container may mount and as whom it runs (not root,
+//!   no capabilities): `binds.rs`.
 //! - `docker-init` is the container's PID 1: it forwards SIGTERM to the rank and reaps what
 //!   the rank leaves behind.
 //! - Every container and network carries the labels `trainvisor.instance` (the data dir's id)
@@ -37,6 +37,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use futures_util::future::LocalBoxFuture;
 
+pub mod binds;
 mod engine;
 pub mod spec;
 
@@ -187,17 +188,9 @@ impl Inner {
     ) -> Result<ContainerCreateBody, String> {
         let spec = self.spec()?;
         let job = &self.cx.spec;
-        let mut binds = Vec::new();
-        for location in [&job.dataset, &job.checkpoint_dir] {
-            if !location.contains("://") {
-                binds.push(format!("{location}:{location}"));
-            }
-        }
-        if job.command.is_none() {
-            let exe = self.cx.settings.trainer_exe.to_string_lossy().into_owned();
-            binds.push(format!("{exe}:{exe}:ro"));
-        }
-        binds.extend(spec.mounts.iter().cloned());
+        // Resolved and checked again at every launch: a rank may have swapped a path for a
+        // symlink since the job was admitted.
+        let binds = binds::binds(job, &self.cx.job_id, &self.cx.settings)?;
         let labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), self.cx.instance.clone()),
             (LABEL_JOB.to_string(), self.cx.job_id.to_string()),
@@ -205,8 +198,7 @@ impl Inner {
             ("trainvisor.attempt".to_string(), attempt.to_string()),
         ]);
         let alias = format!("rank-{rank}");
-        // SAFETY: plain syscalls without arguments.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = binds::rank_user(&self.cx.settings);
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
             working_dir: launch.cwd,
@@ -233,6 +225,10 @@ impl Inner {
                 // Swap as large as memory means none: the limit is the limit.
                 memory_swap: spec.memory_mb.map(|m| (m * 1024 * 1024) as i64),
                 device_requests: spec.gpus.as_deref().map(gpu_request),
+                // A token may start any image and command: the rank gets no way up from it.
+                privileged: Some(false),
+                cap_drop: Some(vec!["ALL".to_string()]),
+                security_opt: Some(vec!["no-new-privileges:true".to_string()]),
                 ..Default::default()
             }),
             networking_config: Some(NetworkingConfig {
@@ -261,13 +257,14 @@ impl Inner {
         let docker = self.docker().await?;
         let network = self.network().await?;
         let name = format!("trainvisor-{}-r{rank}-a{attempt}", self.cx.job_id);
-        let body = self.container_body(rank, attempt, launch, &network.name)?;
         // A bind source that does not exist would be made by the engine, as root.
-        let checkpoints = &self.cx.spec.checkpoint_dir;
-        if !checkpoints.contains("://") {
-            std::fs::create_dir_all(checkpoints)
-                .map_err(|e| format!("creating checkpoint_dir {checkpoints}: {e}"))?;
+        if !self.cx.spec.checkpoint_dir.contains("://") {
+            binds::prepare_checkpoint_dir(
+                &self.cx.spec.job_checkpoint_dir(&self.cx.job_id),
+                binds::rank_user(&self.cx.settings),
+            )?;
         }
+        let body = self.container_body(rank, attempt, launch, &network.name)?;
         docker
             .create_container(
                 Some(CreateContainerOptionsBuilder::new().name(&name).build()),

@@ -179,16 +179,42 @@ pub fn admit(spec: &crate::spec::JobSpec) -> Result<(), String> {
         std::env::var_os("PATH")
             .is_some_and(|path| std::env::split_paths(&path).any(|d| executable(&d.join(program))))
     };
-    if found {
-        Ok(())
-    } else {
-        Err(format!(
+    if !found {
+        return Err(format!(
             "command: {program} is not an executable file{} on the server",
             if program.contains('/') {
                 ""
             } else {
                 " found on the PATH"
             }
-        ))
+        ));
     }
+    python_script_exists(spec)
+}
+
+/// `python train.py` without a `train.py` where the ranks start would fail every rank at once
+/// and then the job through the crash-loop rule: refused at the door instead. The directory
+/// is the job's `working_dir`, else the server's own (where its ranks start).
+fn python_script_exists(spec: &crate::spec::JobSpec) -> Result<(), String> {
+    use crate::domain::python_command::{PythonCommand, PythonMain};
+    let Some(Ok(PythonCommand {
+        main: PythonMain::Script(script),
+        ..
+    })) = spec.command.as_deref().map(PythonCommand::parse)
+    else {
+        return Ok(());
+    };
+    let dir = match &spec.working_dir {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::env::current_dir().map_err(|e| format!("working_dir: {e}"))?,
+    };
+    let path = dir.join(&script);
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(format!(
+        "command: the script {script} is not a file in {} on the server{}",
+        dir.display(),
+        if path.exists() { "" } else { " (no such file)" }
+    ))
 }

@@ -10,6 +10,7 @@ pub mod docker;
 pub mod kind;
 pub mod local;
 pub mod process;
+pub mod siblings;
 pub mod slurm;
 pub mod stacks;
 pub mod standby;

@@ -4,7 +4,6 @@
 //! (each thread's name, wait channel and kernel stack where readable). Bounded in size and time.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,6 +12,8 @@ use uuid::Uuid;
 
 /// At most this much text per rank.
 pub const MAX_BYTES: usize = 64 * 1024;
+/// At most this much of a stacks file read for the hook's registration lines.
+const MAX_REGISTRY: usize = 256 * 1024;
 /// At most this many processes of a rank described.
 const MAX_PROCESSES: usize = 16;
 
@@ -65,7 +66,17 @@ pub fn hooks_dir(data_dir: &Path) -> PathBuf {
     let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
     if !written.contains(&dir) {
         let _ = std::fs::create_dir_all(&dir);
-        match std::fs::write(dir.join("sitecustomize.py"), SITECUSTOMIZE) {
+        // Written beside and renamed over: a rank (same user) may have replaced the file with a
+        // symlink, and writing through it would overwrite whatever it points at.
+        let tmp = dir.join(format!(".sitecustomize.py.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let written_ok = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, SITECUSTOMIZE.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, dir.join("sitecustomize.py")));
+        match written_ok {
             Ok(()) => {
                 written.insert(dir.clone());
             }
@@ -148,9 +159,12 @@ fn group_members(pgid: u32) -> Vec<u32> {
     pids
 }
 
-/// The (pid, signal) pairs the hook registered in `file`, and the file's length now.
+/// The (pid, signal) pairs the hook registered in `file`, and the file's length now. The rank
+/// controls the file: it is read as [`crate::untrusted`] reads, at most [`MAX_REGISTRY`] bytes.
 fn registered(file: &Path) -> (BTreeMap<u32, i32>, u64) {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let len = crate::untrusted::len(file);
+    let bytes = crate::untrusted::read_capped(file, 0, MAX_REGISTRY).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let pairs = text
         .lines()
         .filter_map(|l| {
@@ -159,13 +173,13 @@ fn registered(file: &Path) -> (BTreeMap<u32, i32>, u64) {
             Some((pid.trim().parse().ok()?, sig.trim().parse().ok()?))
         })
         .collect();
-    (pairs, text.len() as u64)
+    (pairs, len)
 }
 
 /// What the signalled processes wrote after `offset`, once it has stopped growing for a
 /// moment or `deadline` has passed.
 fn wait_for_dump(file: &Path, offset: u64, deadline: Instant) -> String {
-    let len = || std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let len = || crate::untrusted::len(file);
     let mut last = offset;
     let mut still_since: Option<Instant> = None;
     while Instant::now() < deadline {
@@ -178,13 +192,9 @@ fn wait_for_dump(file: &Path, offset: u64, deadline: Instant) -> String {
             break;
         }
     }
-    let mut out = String::new();
-    if let Ok(mut f) = std::fs::File::open(file)
-        && f.seek(SeekFrom::Start(offset)).is_ok()
-    {
-        let _ = f.take(MAX_BYTES as u64).read_to_string(&mut out);
-    }
-    out.lines()
+    let bytes = crate::untrusted::read_capped(file, offset, MAX_BYTES).unwrap_or_default();
+    String::from_utf8_lossy(&bytes)
+        .lines()
         .filter(|l| !l.starts_with("# trainvisor: "))
         .collect::<Vec<_>>()
         .join("\n")

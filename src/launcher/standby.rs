@@ -44,9 +44,6 @@ pub const FAILURES_BEFORE_COLD: u32 = 3;
 /// stepping once it has run this long.
 pub const SETTLE: Duration = Duration::from_secs(20);
 
-/// A standby not ready after this long is killed, as one that died.
-const READY_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// Lines of a failed standby's output quoted in the job's log.
 const QUOTED_LINES: usize = 3;
 
@@ -400,10 +397,12 @@ impl Standbys {
             }
         });
         // Ready, or killed after the timeout (its exit then counts it as lost).
+        // (`--standby-ready-timeout-s`: a preload that hangs holds its slot no longer.)
         let this = self.clone();
         let control = process.control;
+        let limit = self.cx.settings.standby_ready_timeout;
         tokio::task::spawn_local(async move {
-            let ready = tokio::time::timeout(READY_TIMEOUT, ready).await;
+            let ready = tokio::time::timeout(limit, ready).await;
             let mut pool = this.pool();
             let mine = pool.standbys.get_mut(&rank).filter(|s| s.seq == seq);
             match (ready, mine) {

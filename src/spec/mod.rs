@@ -190,6 +190,11 @@ fn valid_env_name(name: &str) -> bool {
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
+/// The first restart's backoff when a job does not set `backoff_initial_ms`.
+pub const BACKOFF_INITIAL_MS: i64 = 500;
+/// The same for a job with `warm_standby`, whose ranks restart in about 0.2 s.
+pub const WARM_BACKOFF_INITIAL_MS: i64 = 50;
+
 impl JobRequest {
     /// Checks every field and fills in the server's defaults.
     pub fn resolve(self, defaults: &JobDefaults) -> Result<JobSpec, SpecError> {
@@ -260,9 +265,17 @@ impl JobRequest {
         } else {
             RestartScope::Worker
         };
+        // A warm standby replaces a rank in a fraction of a second, which the usual first
+        // wait would more than double: such jobs start their backoff lower (it still doubles
+        // on every failure in a row, so a crash loop still slows down).
+        let default_backoff = if self.warm_standby == Some(true) {
+            WARM_BACKOFF_INITIAL_MS
+        } else {
+            BACKOFF_INITIAL_MS
+        };
         let backoff_initial_ms = in_range(
             "backoff_initial_ms",
-            self.backoff_initial_ms.unwrap_or(500),
+            self.backoff_initial_ms.unwrap_or(default_backoff),
             0,
             3_600_000,
         )? as u64;

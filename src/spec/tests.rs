@@ -36,6 +36,27 @@ mod unit {
         assert_eq!(spec.restart_policy().backoff_ms(30), 30_000);
     }
 
+    /// Issue 29, point 8: warm-standby jobs start their backoff at 50 ms, not 500.
+    #[test]
+    fn a_warm_standby_job_backs_off_less_at_first() {
+        let req = |warm: Option<bool>, backoff: Option<i64>| JobRequest {
+            world_size: Some(2),
+            command: Some(vec!["python".into(), "train.py".into()]),
+            warm_standby: warm,
+            backoff_initial_ms: backoff,
+            ..Default::default()
+        };
+        let policy = |r: JobRequest| r.resolve(&defaults()).unwrap().restart_policy();
+        let warm = policy(req(Some(true), None));
+        assert_eq!((warm.backoff_ms(1), warm.backoff_ms(3)), (50, 200));
+        assert_eq!(policy(req(None, None)).backoff_ms(1), 500);
+        assert_eq!(
+            policy(req(Some(true), Some(0))).backoff_ms(1),
+            0,
+            "a set value wins"
+        );
+    }
+
     #[test]
     fn scope_defaults_follow_the_workload() {
         let d = defaults();

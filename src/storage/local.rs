@@ -37,9 +37,13 @@ impl LocalStore {
         blocking(move || write_atomic(&path, &data, false)).await
     }
 
+    /// A file ranks wrote (checkpoint parts, the model): no symlink below the root is followed
+    /// and only a regular file is read, so a rank cannot make the server read a device, a FIFO
+    /// or a file outside the checkpoint dir.
     pub async fn get(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
-        let path = self.path(key);
-        blocking(move || match fs::read(&path) {
+        let root = self.root.clone();
+        let key = key.to_string();
+        blocking(move || match read_beneath(&root, &key) {
             Ok(data) => Ok(Some(data)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -48,8 +52,9 @@ impl LocalStore {
     }
 
     pub async fn size(&self, key: &str) -> io::Result<Option<u64>> {
+        // Only a file's own metadata, not its target's: never blocks and never reads.
         let path = self.path(key);
-        blocking(move || match fs::metadata(&path) {
+        blocking(move || match fs::symlink_metadata(&path) {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -209,4 +214,12 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn read_beneath(root: &Path, key: &str) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = crate::untrusted::open_beneath(root, Path::new(key))?;
+    let mut data = Vec::new();
+    f.read_to_end(&mut data)?;
+    Ok(data)
 }

@@ -87,6 +87,9 @@ pub enum HistoryOp {
     },
     /// An incident opened or moved on (written whole each time: a few times per failure).
     Incident { job_id: Uuid, row: Box<IncidentRow> },
+    /// A restarted server closes what its predecessor left open: incarnations without an end
+    /// and open incidents, as ended by the server's restart at `at`.
+    ClosedByServerRestart { job_id: Uuid, at: String },
     /// One point of the job's progress charts.
     ProgressSample {
         job_id: Uuid,
@@ -100,6 +103,10 @@ pub enum HistoryOp {
 impl HistoryOp {
     pub async fn apply(&self, conn: &mut SqliteConnection) -> sqlx::Result<()> {
         match self {
+            HistoryOp::ClosedByServerRestart { job_id, at } => {
+                crate::store::jobs::close_orphaned_incarnations(&mut *conn, *job_id, at).await?;
+                crate::store::jobs::close_open_incidents(&mut *conn, *job_id, at).await?;
+            }
             HistoryOp::JobState {
                 job_id,
                 state,

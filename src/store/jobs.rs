@@ -36,7 +36,8 @@ pub struct JobRecord {
 
 const SELECT_JOB: &str = "SELECT id, name, state, world_size, created_at, started_at, finished_at,
     reason, spec, summary, logs_dropped,
-    (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id) AS restarts,
+    (SELECT COUNT(*) FROM restarts r WHERE r.job_id = jobs.id
+       AND r.reason <> 'server_restart') AS restarts,
     (SELECT json_group_array(node) FROM (SELECT node FROM excluded_nodes x
        WHERE x.job_id = jobs.id ORDER BY excluded_at, node)) AS excluded_nodes
     FROM jobs";
@@ -73,6 +74,23 @@ pub async fn list(pool: &SqlitePool, state: Option<&str>) -> sqlx::Result<Vec<Jo
         "{SELECT_JOB} WHERE ?1 IS NULL OR state = ?1 ORDER BY created_at DESC, id"
     )))
     .bind(state)
+    .fetch_all(pool)
+    .await
+}
+
+/// One page of jobs, newest first: `limit` from the `offset`-th.
+pub async fn list_page(
+    pool: &SqlitePool,
+    state: Option<&str>,
+    limit: i64,
+    offset: i64,
+) -> sqlx::Result<Vec<JobRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_JOB} WHERE ?1 IS NULL OR state = ?1 ORDER BY created_at DESC, id LIMIT ?2 OFFSET ?3"
+    )))
+    .bind(state)
+    .bind(limit)
+    .bind(offset)
     .fetch_all(pool)
     .await
 }
@@ -171,7 +189,7 @@ pub async fn restarts(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Restart>>
 
 /// Marks the incarnations a dead server left open as ended by the server restart.
 pub async fn close_orphaned_incarnations(
-    pool: &SqlitePool,
+    conn: &mut sqlx::SqliteConnection,
     id: Uuid,
     at: &str,
 ) -> sqlx::Result<()> {
@@ -181,7 +199,7 @@ pub async fn close_orphaned_incarnations(
     )
     .bind(at)
     .bind(id.to_string())
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -269,7 +287,11 @@ impl IncidentDb {
 }
 
 /// Closes the incidents a dead server left open: they ended with it, at `at`.
-pub async fn close_open_incidents(pool: &SqlitePool, id: Uuid, at: &str) -> sqlx::Result<()> {
+pub async fn close_open_incidents(
+    conn: &mut sqlx::SqliteConnection,
+    id: Uuid,
+    at: &str,
+) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE incidents SET end_state = 'server_restart', ended_at = ?1,
            seconds_lost = MAX(0, (julianday(?1) - julianday(detected_at)) * 86400.0)
@@ -277,7 +299,7 @@ pub async fn close_open_incidents(pool: &SqlitePool, id: Uuid, at: &str) -> sqlx
     )
     .bind(at)
     .bind(id.to_string())
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }

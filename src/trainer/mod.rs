@@ -174,6 +174,10 @@ async fn train(env: Env) -> anyhow::Result<()> {
     );
 
     let sleep = Duration::from_secs_f64(spec.sleep_sec);
+    let log_every = log_every(spec.checkpoint_every, spec.sleep_sec);
+    if rank == 0 {
+        println!("rank 0: {}", describe_pace(spec.sleep_sec));
+    }
     // The previous checkpoint's write and registration, running while training goes on.
     let mut saving: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     let batch_size = spec.batch_size as usize;
@@ -215,9 +219,9 @@ async fn train(env: Env) -> anyhow::Result<()> {
             saving = Some(tokio::spawn(async move {
                 write_part(&store, &client, rank, &header, &model).await
             }));
-            if step.is_multiple_of(spec.checkpoint_every * 20) || step == total_steps {
-                println!("rank {rank}: step {step}/{total_steps} loss {loss:.4}");
-            }
+        }
+        if step.is_multiple_of(log_every) || step == total_steps {
+            println!("rank {rank}: step {step}/{total_steps} loss {loss:.4}");
         }
         if !sleep.is_zero() {
             tokio::time::sleep(sleep).await;
@@ -241,6 +245,28 @@ async fn train(env: Env) -> anyhow::Result<()> {
         .await;
     println!("rank {rank}: done after {step} steps, loss {loss:.4}");
     Ok(())
+}
+
+/// Steps between two `step N/M` lines: at a paced job's speed one about every 2 s, so a few
+/// seconds of the log stream always show one; at full speed every 20 checkpoints.
+fn log_every(checkpoint_every: u64, sleep_sec: f64) -> u64 {
+    if sleep_sec > 0.0 {
+        ((2.0 / sleep_sec).ceil() as u64).max(1)
+    } else {
+        checkpoint_every.saturating_mul(20).max(1)
+    }
+}
+
+/// The pace a job trains at, said once in its log: a demo's slow pace must not pass for speed.
+fn describe_pace(sleep_sec: f64) -> String {
+    if sleep_sec > 0.0 {
+        format!(
+            "pace: sleeping {sleep_sec} s after each step (sleep_sec; the demo's pace on the \
+             server's demo dataset; \"sleep_sec\": 0 trains at full speed)"
+        )
+    } else {
+        "pace: full speed (sleep_sec 0)".to_string()
+    }
 }
 
 /// A checkpoint that could not be written (disk full, storage down) is not fatal: the
@@ -329,4 +355,21 @@ pub fn eval(model: &std::path::Path, data: &std::path::Path) -> anyhow::Result<f
     )?;
     let examples = data::read_examples(data)?;
     Ok(m.accuracy(&examples))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_every;
+
+    /// Issue 29, point 6: at the demo's pace (0.1 s a step) a line every 20 steps (about 2 s),
+    /// so the quick start's 5-second look at the log stream shows steps; at full speed every
+    /// 20 checkpoints, as before.
+    #[test]
+    fn a_paced_job_logs_its_step_every_two_seconds() {
+        assert_eq!(log_every(5, crate::config::DEMO_SLEEP_SEC), 20);
+        assert_eq!(log_every(5, 0.5), 4);
+        assert_eq!(log_every(5, 10.0), 1);
+        assert_eq!(log_every(5, 0.0), 100);
+        assert_eq!(log_every(0, 0.0), 1);
+    }
 }

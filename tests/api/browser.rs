@@ -119,13 +119,13 @@ impl Drop for Chromedriver {
 }
 
 /// The page under test: a WebDriver session plus helpers that poll the DOM.
-struct Page {
-    c: Client,
+pub struct Page {
+    pub c: Client,
 }
 
 impl Page {
     /// Runs `body` (a function body with `return`) in the page.
-    async fn js(&self, body: &str) -> Value {
+    pub async fn js(&self, body: &str) -> Value {
         self.c
             .execute(body, vec![])
             .await
@@ -133,7 +133,7 @@ impl Page {
     }
 
     /// Polls `body` until it returns something other than null/false/"", and returns that.
-    async fn wait(&self, what: &str, body: &str) -> Value {
+    pub async fn wait(&self, what: &str, body: &str) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
             let v = self.c.execute(body, vec![]).await;
@@ -175,7 +175,7 @@ impl Page {
         );
     }
 
-    async fn find(&self, css: &str) -> fantoccini::elements::Element {
+    pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
         self.c
             .find(Locator::Css(css))
             .await
@@ -183,7 +183,7 @@ impl Page {
     }
 
     /// Replaces an input's value by typing, as a user would.
-    async fn type_into(&self, css: &str, text: &str) {
+    pub async fn type_into(&self, css: &str, text: &str) {
         let e = self.find(css).await;
         e.clear().await.expect("clear");
         if !text.is_empty() {
@@ -199,7 +199,7 @@ impl Page {
             .unwrap_or_else(|e| panic!("select {value:?} in {css}: {e}"));
     }
 
-    async fn screenshot(&self, name: &str) -> PathBuf {
+    pub async fn screenshot(&self, name: &str) -> PathBuf {
         let path = artifacts_dir().join(name);
         let png = self.c.screenshot().await.expect("screenshot");
         std::fs::write(&path, png).expect("write screenshot");
@@ -209,7 +209,7 @@ impl Page {
 }
 
 /// Opens a browser, runs `scenario`, and closes the browser whether it passed or panicked.
-async fn with_page<F>(app: &TestApp, name: &str, scenario: F)
+pub async fn with_page<F>(app: &TestApp, name: &str, scenario: F)
 where
     F: AsyncFnOnce(&Page, &TestApp),
 {
@@ -228,7 +228,7 @@ where
     }
 }
 
-async fn open_page(page: &Page, url: &str) {
+pub async fn open_page(page: &Page, url: &str) {
     page.c.goto(url).await.expect("open the page");
     page.wait(
         "the page connected to GET /events",
@@ -330,7 +330,8 @@ async fn the_page_runs_watches_and_stops_a_job() {
             "the job in the list, running, with 2 ranks",
             &format!(
                 "const r = document.querySelector(\"{row}\");
-                 return r && r.dataset.state === 'running' && r.children[2].textContent === '2'
+                 return r && r.dataset.state === 'running'
+                   && r.querySelector('.sub').textContent.endsWith('2 ranks')
                    && r.textContent.includes('browser-e2e');"
             ),
         )
@@ -439,7 +440,7 @@ async fn the_page_runs_watches_and_stops_a_job() {
             "the list counts the restart",
             &format!(
                 "const r = document.querySelector(\"{row}\");
-                 return r && r.children[4].textContent === '1';"
+                 return r && r.children[3].textContent === '1';"
             ),
         )
         .await;
@@ -594,24 +595,32 @@ async fn the_page_shows_the_root_cause_of_a_failure() {
     .await;
 }
 
+/// Submits `spec` to a server that has an API token; the new job's id.
+pub async fn submit_with_token(app: &TestApp, token: &str, spec: Value) -> String {
+    let res = app
+        .client
+        .post(app.url("/jobs"))
+        .bearer_auth(token)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[actix_web::test]
 async fn the_page_signs_in_when_the_server_has_an_api_token() {
     let app = spawn_app_with(|s| s.api_token = Some("s3cret-token".into())).await;
-    let id = {
-        let res = app
-            .client
-            .post(app.url("/jobs"))
-            .bearer_auth("s3cret-token")
-            .json(&json!({"world_size": 1, "name": "behind-a-token", "command": ["true"]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        res.json::<Value>().await.unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let id = submit_with_token(
+        &app,
+        "s3cret-token",
+        json!({"world_size": 1, "name": "behind-a-token", "command": ["true"]}),
+    )
+    .await;
     with_page(&app, "signin", async |page, app| {
         page.c.goto(&format!("{}/", app.address)).await.unwrap();
         page.wait(

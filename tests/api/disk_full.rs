@@ -268,3 +268,58 @@ async fn a_full_checkpoint_disk_leaves_no_empty_steps_and_names_the_file() {
     );
     assert_eq!(step_dirs(&checkpoints), Vec::<PathBuf>::new());
 }
+
+/// A server that boots on a full data dir (its predecessor was killed with a job running) comes
+/// up degraded instead of exiting: `/health` answers, `/ready` is 503, and the job resumes by
+/// itself once space is back (issue 23, item 4).
+#[actix_web::test]
+async fn a_server_boots_degraded_on_a_full_disk_and_resumes_when_space_returns() {
+    let disk = Tmpfs::mount("20m");
+    let data_dir = disk.path().join("data");
+    let marks = tempfile::tempdir().unwrap();
+    let server = start(&data_dir);
+    let script = format!("touch {}/$$; sleep 300", marks.path().display());
+    let id = server
+        .app
+        .create_job(json!({"world_size": 1, "command": sh(&script)}))
+        .await;
+    wait_for(Duration::from_secs(30), || async {
+        (marked_pids(marks.path()).len() == 1).then_some(())
+    })
+    .await
+    .expect("the rank started");
+    drop(server); // SIGKILL: the job is left running in the history.
+    wait_for(Duration::from_secs(10), || async {
+        (!marked_pids(marks.path()).iter().any(|p| alive(*p))).then_some(())
+    })
+    .await
+    .expect("the rank died with its server");
+
+    let ballast = disk.fill();
+    let server = start(&data_dir);
+    let app = &server.app;
+    let degraded = wait_for(Duration::from_secs(30), || async {
+        let h = health(app).await;
+        (h["status"] == "degraded").then_some(h)
+    })
+    .await
+    .expect("/health answers, degraded, on a full disk");
+    assert!(degraded["degraded"]["reason"].is_string(), "{degraded}");
+    assert_eq!(app.get("/ready").await.status(), 503);
+    assert_eq!(marked_pids(marks.path()).len(), 1, "no rank before its row");
+
+    std::fs::remove_file(ballast).unwrap();
+    let resumed = wait_for(Duration::from_secs(60), || async {
+        let pids = marked_pids(marks.path());
+        (pids.len() == 2 && pids.iter().any(|p| alive(*p))).then_some(())
+    })
+    .await;
+    assert!(resumed.is_some(), "the job resumed once space returned");
+    assert_eq!(app.get("/ready").await.status(), 200);
+    let restarts = app.restarts(&id).await;
+    assert!(
+        restarts.iter().any(|r| r["reason"] == "server_restart"),
+        "{restarts:?}"
+    );
+    server.stop();
+}

@@ -151,6 +151,8 @@ if rank == 1:
         except OSError:
             time.sleep(0.1)
 print('SECRET', 'TRAINVISOR_API_TOKEN' in os.environ, flush=True)
+status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
+print('PRIV', status['CapEff'].strip(), status['CapBnd'].strip(), status['NoNewPrivs'].strip(), flush=True)
 time.sleep(2)
 print('err line', file=sys.stderr)
 "
@@ -188,7 +190,12 @@ print('err line', file=sys.stderr)
     assert_eq!(r0[4], "2");
     // SAFETY: plain syscall.
     let uid = unsafe { libc::geteuid() };
-    assert_eq!(r1[5], uid.to_string(), "ranks run as the server's user");
+    // Never root unless the server is told so: a server running as root runs ranks as nobody.
+    let expected = if uid == 0 { 65534 } else { uid };
+    assert_eq!(r1[5], expected.to_string(), "ranks run as a non-root user");
+    // No capabilities, not even in the bounding set, and no way to gain privileges (setuid).
+    let privs = lines.iter().find(|l| l.starts_with("PRIV ")).unwrap();
+    assert_eq!(privs, "PRIV 0000000000000000 0000000000000000 1", "{privs}");
     let master = lines.iter().find(|l| l.starts_with("MASTER ")).unwrap();
     assert_eq!(
         master.split(' ').nth(1).unwrap(),
@@ -520,6 +527,63 @@ async fn what_cannot_start_is_refused_at_the_door() {
         )
         .await;
     assert_json_error(res, 422).await;
+    // The host is never a rank's to mount: its root, the kernel's files, the Docker socket
+    // (or a directory holding it), the server's data dir — also behind a symlink.
+    let sneaky = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/", sneaky.path().join("root")).unwrap();
+    let sneaky_root = format!("{}:/host", sneaky.path().join("root").display());
+    let data_dir = format!("{}:/d", app.data_dir.path().display());
+    let mut refused = vec![
+        "/:/host",
+        "/etc/..:/host",
+        "/proc:/p",
+        "/sys/fs:/s",
+        "/dev:/d",
+        "/run:/r",
+        sneaky_root.as_str(),
+        data_dir.as_str(),
+    ];
+    if std::path::Path::new("/var/run/docker.sock").exists() {
+        refused.push("/var/run/docker.sock:/var/run/docker.sock");
+        refused.push("/var/run:/r");
+    }
+    for mount in refused {
+        let res = app
+            .post_json("/jobs", &python_job(1, script, json!({"mounts": [mount]})))
+            .await;
+        let err = assert_json_error(res, 422).await;
+        assert!(
+            err["message"].as_str().unwrap().contains("mount"),
+            "{mount}: {err}"
+        );
+    }
+    for (field, value) in [("dataset", "/"), ("checkpoint_dir", "/")] {
+        let res = app
+            .post_json("/jobs", &python_job(1, script, json!({ field: value })))
+            .await;
+        assert_json_error(res, 422).await;
+    }
+    // With --allowed-root, a mount source must lie inside one.
+    let rooted = spawn_app_with(|s| {
+        s.bind = "0.0.0.0:0".into();
+        s.api_token = Some(TOKEN.into());
+        s.allowed_roots = vec![s.data_dir.clone()];
+    })
+    .await;
+    let outside = tempfile::tempdir().unwrap();
+    let mount = format!("{}:/data", outside.path().display());
+    let res = test_client()
+        .post(rooted.url("/jobs"))
+        .bearer_auth(TOKEN)
+        .json(&python_job(1, script, json!({ "mounts": [mount] })))
+        .send()
+        .await
+        .unwrap();
+    let err = assert_json_error(res, 422).await;
+    assert!(
+        err["message"].as_str().unwrap().contains("allowed-root"),
+        "{err}"
+    );
     let res = app
         .post_json(
             "/jobs",

@@ -250,7 +250,7 @@ async fn weak_or_visible_tokens_are_called_out() {
         Ok(_) => panic!("a one-character token was accepted on 0.0.0.0"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(err.contains("at least 12"), "{err}");
+    assert!(err.contains("at least 16"), "{err}");
 
     let data_dir = tempfile::tempdir().unwrap();
     let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))

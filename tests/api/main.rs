@@ -2,14 +2,17 @@
 
 mod bad_input;
 mod browser;
+mod browser_layout;
 mod campaigns;
 mod cli;
+mod cli_output;
 mod deploy;
 mod disk_full;
 mod docker_launcher;
 mod docker_support;
 mod failures;
 mod hardening;
+mod hardening3;
 mod helpers;
 mod incidents;
 mod lifecycle;

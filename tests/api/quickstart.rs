@@ -163,10 +163,26 @@ async fn the_readme_quick_start_works_as_typed() {
             assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
             checked.push("incident");
         } else if cmd.contains("/logs/stream") {
+            let before = reqwest::get(format!("{url}/jobs/{job}/logs?tail=1"))
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap();
+            let last_seq = before["lines"][0]["seq"].as_i64().unwrap_or(0);
             let ran = run(&cmd, dir.path(), &url, &job).await;
             // --max-time ends it: curl's code 28, after the lines that came.
             assert_eq!(ran.code, 28, "{}", ran.stdout);
-            assert!(ran.stdout.contains("event: log"), "{}", ran.stdout);
+            // Issue 29, point 6: the 5 s show training live (a step line newer than what
+            // was there when the stream was opened), not only the replayed tail.
+            let live_step = ran.stdout.split("\n\n").any(|event| {
+                let id = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("id: "))
+                    .and_then(|id| id.trim().parse::<i64>().ok());
+                id.is_some_and(|id| id > last_seq) && event.contains(": step ")
+            });
+            assert!(live_step, "no live step line in 5 s: {}", ran.stdout);
             checked.push("log stream");
         } else if cmd.ends_with("/checkpoints") {
             let v = json(&run(&cmd, dir.path(), &url, &job).await, typed);
@@ -195,6 +211,14 @@ async fn the_readme_quick_start_works_as_typed() {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("{}", ran.stdout));
             assert!(accuracy > 0.8, "{accuracy}");
+            // The demo's pace is said in the job's log (issue 29, point 7).
+            let log = reqwest::get(format!("{url}/jobs/{job}/logs?rank=0&tail=100000"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(log.contains("rank 0: pace: sleeping 0.1 s"), "{log}");
             println!("quick start: accuracy {accuracy}");
             checked.push("eval");
         } else {

@@ -70,6 +70,12 @@ async fn jobs_resume_after_the_server_is_killed_and_nothing_is_left_over() {
             .iter()
             .all(|r| r["reason"] == "server_restart" && r["restarted_at"].is_string())
     );
+    // Issue 29, point 9: the server's own restarts are in the history, not counted as the
+    // job's failures (in the list, the record and the summary).
+    assert_eq!(job["restarts"], 0, "{job}");
+    assert_eq!(app.summary(&id).await["restarts"], 0);
+    let listed = app.get_json("/jobs").await;
+    assert_eq!(listed[0]["restarts"], 0, "{listed}");
     let incs = app.incarnations(&id).await;
     assert_eq!(
         incs.len(),

@@ -139,3 +139,88 @@ async fn campaign_a_slow_body_flood_is_cut_off_while_health_and_a_job_stay_fine(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("Too many open files"), "{stderr}");
 }
+
+/// A connection that sends the first line of a request's head and nothing more: it holds a
+/// slot until the server's header deadline (5 s) cuts it.
+async fn stall_head(addr: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET /health HTTP/1.1\r\n").await?;
+    Ok(s)
+}
+
+/// Slow clients that fill the connection cap (issue 23, item 5) hold heartbeats back in the
+/// kernel's backlog; a healthy rank is then not killed as hung for the server's deafness, and
+/// `POST /session` (no token needed) takes no more than 4 KiB.
+#[actix_web::test]
+async fn a_saturated_listener_kills_no_healthy_rank() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainvisor"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--kill-grace-ms", "300"])
+        .args(["--max-connections", "16", "--data-dir"])
+        .arg(data_dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = listening_url(&mut child);
+    let _server = crate::helpers::ServerProcess(child);
+    let app = TestApp {
+        address: address.clone(),
+        client: test_client(),
+        data_dir: tempfile::tempdir().unwrap(),
+    };
+    let host = address.trim_start_matches("http://").to_string();
+
+    let big = format!("{{\"token\": \"{}\"}}", "x".repeat(8192));
+    let res = app
+        .client
+        .post(app.url("/session"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
+
+    // A rank that beats every 0.2 s, each beat given up after 1 s; its timeout is 1.5 s.
+    let beat = crate::helpers::beat(r#"{"step": 1}"#).replace("curl -s", "curl -s -m 1");
+    let id = app
+        .create_job(json!({"world_size": 1, "heartbeat_timeout_s": 1.5,
+                           "command": sh(&format!("while true; do {beat}; sleep 0.2; done"))}))
+        .await;
+    app.running_pids(&id, 1).await;
+    wait_for(Duration::from_secs(20), || async {
+        (app.summary(&id).await["step"] == 1).then_some(())
+    })
+    .await
+    .expect("the rank beats");
+
+    // Ten seconds of slow clients, always more than the cap, re-opened as the server cuts them.
+    let flood_until = Instant::now() + Duration::from_secs(10);
+    let flooder = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while Instant::now() < flood_until {
+            open.retain(|h: &tokio::task::JoinHandle<String>| !h.is_finished());
+            while open.len() < 64 {
+                match stall_head(&host).await {
+                    Ok(s) => open.push(tokio::spawn(until_closed(s))),
+                    Err(_) => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for h in open {
+            h.abort();
+        }
+    });
+    flooder.await.unwrap();
+    // The rank was silent for most of the flood: the server could not hear it. It is alive and
+    // beating again, and it was never restarted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarts = app.restarts(&id).await;
+    assert!(
+        restarts.is_empty(),
+        "a healthy rank was restarted: {restarts:?}"
+    );
+    assert_eq!(app.stop(&id).await.status(), 200);
+}

@@ -61,6 +61,11 @@ async fn validate_passes_on_a_server_it_starts_and_on_a_running_one() {
         );
     }
     assert!(stdout.contains("8 passed, 0 failed"), "{stdout}");
+    // Issue 29, point 5: the server it started logs to a file, not into the report.
+    assert!(
+        !stderr.contains("WARN"),
+        "a stray server log line: {stderr}"
+    );
 
     let app = spawn_app().await;
     let (code, stdout, stderr) = validate(&["--server", &app.address, "--json"]).await;
@@ -72,9 +77,17 @@ async fn validate_passes_on_a_server_it_starts_and_on_a_running_one() {
         checks(&report).iter().all(|(_, result)| result == "ok"),
         "{report}"
     );
-    // It ran real jobs on that server.
+    // It ran real jobs on that server, and removed them when they passed (issue 29, point 5).
+    assert_eq!(
+        report["cleanup"], "its 2 jobs were deleted from the server",
+        "{report}"
+    );
     let jobs = app.get_json("/jobs").await;
-    assert!(jobs.as_array().unwrap().len() >= 2, "{jobs}");
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "the check's jobs are left: {jobs}"
+    );
 }
 
 #[actix_web::test]

@@ -91,6 +91,15 @@ pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Resul
         if !std::path::Path::new(source).exists() {
             return Err(format!("mounts: {source} does not exist on this host"));
         }
+        super::binds::host_path("mounts", source, settings)?;
+    }
+    for (what, path) in [
+        ("dataset", &spec.dataset),
+        ("checkpoint_dir", &spec.checkpoint_dir),
+    ] {
+        if !path.contains("://") && std::path::Path::new(path).exists() {
+            super::binds::host_path(what, path, settings)?;
+        }
     }
     let docker = connect().await?;
     match docker.inspect_image(&d.image).await {

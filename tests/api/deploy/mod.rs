@@ -596,7 +596,7 @@ fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
             "-e",
             &format!("S3_SECRET_KEY={wrong}"),
             "-e",
-            "TRAINVISOR_API_TOKEN=a-given-token",
+            "TRAINVISOR_API_TOKEN=a-given-token-of-the-operator",
             &image,
         ],
     );

@@ -121,7 +121,10 @@ pub fn marked_processes(instance: &str) -> Vec<u32> {
             continue;
         }
         if let Ok(env) = std::fs::read(entry.path().join("environ"))
-            && env.split(|&b| b == 0).any(|v| v == marker.as_bytes())
+            && env.split(|&b| b == 0).any(|v| {
+                // The marker is the data dir's id keyed to its file's inode: `<id>.<key>`.
+                v == marker.as_bytes() || v.starts_with(format!("{marker}.").as_bytes())
+            })
         {
             out.push(pid);
         }
