@@ -171,10 +171,12 @@ class _TrainvisorObserver:
             text = reply.read()
         except Exception:
             return None
+        # 4xx but "too many requests" or a timeout: this incarnation is no longer heard.
+        refused = 400 <= reply.status < 500 and reply.status not in (408, 429)
         try:
-            self.stopped = 400 <= reply.status < 500 or bool(json.loads(text).get("ignored"))
+            self.stopped = refused or bool(json.loads(text).get("ignored"))
         except Exception:
-            pass
+            self.stopped = refused
         return not self.stopped
 
 
