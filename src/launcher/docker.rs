@@ -28,7 +28,8 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, NetworkCreateRequest,
+    NetworkingConfig,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, LogsOptionsBuilder,
@@ -214,6 +215,13 @@ impl Inner {
                     .collect(),
             ),
             hostname: Some(alias.clone()),
+            // The image's HEALTHCHECK is the server's (the project's own image has one), not
+            // a rank's: the heartbeat is the rank's health, and a probe would run in its
+            // cgroup, under its limits.
+            healthcheck: Some(HealthConfig {
+                test: Some(vec!["NONE".to_string()]),
+                ..Default::default()
+            }),
             user: Some(format!("{uid}:{gid}")),
             labels: Some(labels),
             host_config: Some(HostConfig {
@@ -342,10 +350,11 @@ impl Inner {
         })
     }
 
-    /// Removes a container and waits until it is gone (another removal of it may be under
-    /// way: the engine answers 409 to the second one).
+    /// Removes a container with its anonymous volumes (an image's `VOLUME`s) and waits until
+    /// it is gone (another removal of it may be under way: the engine answers 409 to the
+    /// second one).
     async fn remove(&self, docker: &Docker, name: &str) {
-        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        let options = remove_options();
         for _ in 0..REMOVE_POLLS {
             match docker.remove_container(name, Some(options.clone())).await {
                 Err(e) if !not_found(&e) => {
@@ -370,6 +379,15 @@ impl Inner {
         let filter = format!("{LABEL_JOB}={}", self.cx.job_id);
         remove_labelled(&docker, &filter).await;
     }
+}
+
+/// `docker rm -f -v`: an image that declares a `VOLUME` (the project's own does) gets an
+/// anonymous volume with every container, which would outlive it otherwise.
+fn remove_options() -> bollard::query_parameters::RemoveContainerOptions {
+    RemoveContainerOptionsBuilder::new()
+        .force(true)
+        .v(true)
+        .build()
 }
 
 /// Waits for a container to stop; its exit code (a signal for 128 + n), and whether the OOM

@@ -1,5 +1,7 @@
 //! The Docker launcher against the real engine: ranks as containers of an image built here
-//! (the registry-free base), on a network of the job's own. Lifecycle and the worker contract
+//! (the registry-free base plus a `VOLUME` and a `HEALTHCHECK`, which ranks must neither leave
+//! behind nor inherit), on a network of the job's own. Every test counts what its job left on
+//! the engine (containers, networks, volumes): nothing. Lifecycle and the worker contract
 //! inside a container, a container killed and a rank cut off from the network (both
 //! recovered, the model exact), a hang, job-scope restarts, stop, a server kill -9 with
 //! nothing of its own left behind (and nothing of anyone else's removed), the OOM killer, and
@@ -9,7 +11,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::docker_support::{base_image, docker, docker_ok, unique_name};
+use crate::docker_support::{
+    JobLeftovers, base_image, containers_with, docker, docker_ok, networks_with, rank_image,
+    unique_name,
+};
 use crate::helpers::*;
 
 const TOKEN: &str = "docker-launcher-test-token";
@@ -41,7 +46,7 @@ fn authed_client() -> reqwest::Client {
 
 /// A job spec whose ranks run `script` with python3 in a container of the base image.
 fn python_job(world: u32, script: &str, extra: Value) -> Value {
-    let mut spec = json!({"world_size": world, "launcher": "docker", "image": base_image(),
+    let mut spec = json!({"world_size": world, "launcher": "docker", "image": rank_image(),
                           "command": ["python3", "-u", "-c", script],
                           "heartbeat_timeout_s": 2.0, "backoff_initial_ms": 0});
     for (k, v) in extra.as_object().unwrap() {
@@ -61,37 +66,6 @@ def beat(step):
     urllib.request.urlopen(req, timeout=2).read()
 rank = int(os.environ["RANK"]); attempt = int(os.environ["RESTART_COUNT"])
 "#;
-
-/// Removes whatever of a job is left on the engine when a test ends, passed or failed (a
-/// failed test's server dies with the test and cannot clean up).
-struct JobGuard(String);
-
-impl Drop for JobGuard {
-    fn drop(&mut self) {
-        let label = format!("trainvisor.job={}", self.0);
-        for c in containers_with(&label) {
-            let _ = docker(&["rm", "-f", &c]);
-        }
-        for n in networks_with(&label) {
-            let _ = docker(&["network", "rm", &n]);
-        }
-    }
-}
-
-/// Containers that carry `label` (`key=value`), running or not.
-fn containers_with(label: &str) -> Vec<String> {
-    docker_ok(&["ps", "-a", "-q", "--filter", &format!("label={label}")])
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-fn networks_with(label: &str) -> Vec<String> {
-    docker_ok(&["network", "ls", "-q", "--filter", &format!("label={label}")])
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
 
 /// The running container of `rank` of job `id`.
 async fn container_of(id: &str, rank: u32) -> String {
@@ -160,7 +134,7 @@ print('err line', file=sys.stderr)
     let id = app
         .create_job(python_job(2, &script, json!({"heartbeat_timeout_s": 30.0})))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let leftovers = JobLeftovers::new(&id);
     let summary = wait_for(Duration::from_secs(60), || async {
         let s = app.summary(&id).await;
         (running_pids_in(&s).len() == 2).then_some(s)
@@ -173,6 +147,10 @@ print('err line', file=sys.stderr)
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
     assert_eq!(summary["workers"][1]["node"], "rank-1");
+    // The image's HEALTHCHECK is the server's business, not a rank's: none runs.
+    let container = container_of(&id, 0).await;
+    let health = "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}";
+    assert_eq!(docker_ok(&["inspect", "-f", health, &container]), "none");
     let job = finish(&app, &id, Duration::from_secs(90)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let lines = lines_of(&app, &id).await;
@@ -209,10 +187,12 @@ print('err line', file=sys.stderr)
             .any(|l| l["line"] == "err line" && l["stream"] == "stderr"),
         "stderr is streamed as stderr"
     );
-    // Nothing of the job is left on the engine.
-    let label = format!("trainvisor.job={id}");
-    assert!(containers_with(&label).is_empty());
-    assert!(networks_with(&label).is_empty());
+    // Nothing of the job is left on the engine, the image's VOLUME included.
+    assert!(
+        !leftovers.volumes_seen().is_empty(),
+        "the image's VOLUME gave the containers anonymous volumes"
+    );
+    assert_eq!(leftovers.left(), (vec![], vec![], vec![]));
 }
 
 #[actix_web::test]
@@ -233,9 +213,9 @@ async fn containers_train_exactly_through_a_kill_and_a_partition() {
 
     let mut spec = train.clone();
     spec["launcher"] = json!("docker");
-    spec["image"] = json!(base_image());
+    spec["image"] = json!(rank_image());
     let id = app.create_job(spec).await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let step_past = |n: u64| {
         let app = &app;
         let id = id.clone();
@@ -307,7 +287,7 @@ time.sleep(1)
             json!({"restart_scope": "worker", "heartbeat_timeout_s": 1.0}),
         ))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let job = finish(&app, &id, Duration::from_secs(90)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let restarts = app.restarts(&id).await;
@@ -332,7 +312,7 @@ for step in range(400):
     let id = app
         .create_job(python_job(2, &script, json!({"restart_scope": "job"})))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let pids = app.running_pids(&id, 2).await;
     // kill -9 of the pid the summary shows, from the host.
     kill(pids[0], libc::SIGKILL);
@@ -355,7 +335,7 @@ async fn stop_ends_every_container_and_the_network() {
     let app = spawn_reachable_app().await;
     let script = format!("{PRELUDE}\nbeat(1)\ntime.sleep(3600)\n");
     let id = app.create_job(python_job(3, &script, json!({}))).await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     app.running_pids(&id, 3).await;
     let label = format!("trainvisor.job={id}");
     assert_eq!(containers_with(&label).len(), 3);
@@ -377,7 +357,7 @@ async fn the_oom_killer_is_its_own_restart_reason() {
             json!({"memory_mb": 32, "max_restarts": 1}),
         ))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let job = finish(&app, &id, Duration::from_secs(90)).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert!(
@@ -433,7 +413,7 @@ async fn a_server_killed_leaves_nothing_of_its_own_behind() {
         .as_str()
         .unwrap()
         .to_string();
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let label = format!("trainvisor.job={id}");
     wait_for(Duration::from_secs(60), || async {
         (containers_with(&label).len() == 2).then_some(())

@@ -189,27 +189,59 @@ pub fn s3s_image() -> String {
                 ),
             )
             .unwrap();
-            let files = ["s3s-fs", "entrypoint.sh", "Dockerfile"].map(|f| ctx.path().join(f));
-            let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &base]);
-            let tag = format!(
-                "trainvisor-test-s3s:{}",
-                digest(&files.each_ref().map(|p| p.as_path()), &base_id)
-            );
-            if docker(&["image", "inspect", &tag]).status.success() {
-                return tag;
-            }
-            docker_ok(&[
-                "build",
-                "-q",
-                "--label",
-                "org.trainvisor.test=1",
-                "-t",
-                &tag,
-                ctx.path().to_str().unwrap(),
-            ]);
-            tag
+            build_context(
+                ctx.path(),
+                &["s3s-fs", "entrypoint.sh", "Dockerfile"],
+                "trainvisor-test-s3s",
+            )
         })
         .clone()
+}
+
+/// The image the launcher tests run ranks in: the base plus what a real training image often
+/// declares and a rank must not inherit: a `VOLUME` (an anonymous volume with every
+/// container) and a `HEALTHCHECK` (one that always fails, so a rank that inherited it shows
+/// as unhealthy).
+pub fn rank_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let ctx = tempfile::tempdir().unwrap();
+            std::fs::write(
+                ctx.path().join("Dockerfile"),
+                format!(
+                    "FROM {}\n\
+                     VOLUME /scratch\n\
+                     HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"false\"]\n",
+                    base_image()
+                ),
+            )
+            .unwrap();
+            build_context(ctx.path(), &["Dockerfile"], "trainvisor-test-rank")
+        })
+        .clone()
+}
+
+/// Builds the context `dir` (its `Dockerfile` on the base image) as `repo:<digest of files
+/// and the base>`, unless an image of that tag exists.
+fn build_context(dir: &Path, files: &[&str], repo: &str) -> String {
+    let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &base_image()]);
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let tag = format!("{repo}:{}", digest(&refs, &base_id));
+    if docker(&["image", "inspect", &tag]).status.success() {
+        return tag;
+    }
+    docker_ok(&[
+        "build",
+        "-q",
+        "--label",
+        "org.trainvisor.test=1",
+        "-t",
+        &tag,
+        dir.to_str().unwrap(),
+    ]);
+    tag
 }
 
 /// A container this test started; removed (with its anonymous volumes) on drop.
@@ -399,4 +431,135 @@ impl Drop for ComposeProject {
     fn drop(&mut self) {
         let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
     }
+}
+
+/// What a job of a trainvisor server puts on the engine, and the proof that none of it is
+/// left: containers and networks carry the label `trainvisor.job=<id>`; the anonymous volumes
+/// of its containers (an image's `VOLUME`s) carry nothing, so a watcher thread notes the
+/// volumes of the job's containers while they exist. On drop, when the test has not failed
+/// already, it waits (up to 60 s: removal is asynchronous) and fails unless every container,
+/// network and volume of the job is gone; then it removes whatever is left.
+pub struct JobLeftovers {
+    label: String,
+    volumes: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JobLeftovers {
+    pub fn new(job_id: &str) -> JobLeftovers {
+        let label = format!("trainvisor.job={job_id}");
+        let volumes: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> =
+            std::sync::Arc::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (label, volumes, stop) = (label.clone(), volumes.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let seen = volumes_of(&containers_with(&label));
+                    volumes.lock().unwrap().extend(seen);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            })
+        };
+        JobLeftovers {
+            label,
+            volumes,
+            stop,
+            watcher: Some(watcher),
+        }
+    }
+
+    /// The anonymous volumes seen on the job's containers so far.
+    pub fn volumes_seen(&self) -> Vec<String> {
+        self.volumes.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// What of the job is still on the engine: containers, networks, volumes.
+    pub fn left(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let volumes = self
+            .volumes_seen()
+            .into_iter()
+            .filter(|v| docker(&["volume", "inspect", v]).status.success())
+            .collect();
+        (
+            containers_with(&self.label),
+            networks_with(&self.label),
+            volumes,
+        )
+    }
+}
+
+impl Drop for JobLeftovers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        let nothing = |l: &(Vec<String>, Vec<String>, Vec<String>)| {
+            l.0.is_empty() && l.1.is_empty() && l.2.is_empty()
+        };
+        let mut left = self.left();
+        if !std::thread::panicking() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !nothing(&left) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                left = self.left();
+            }
+        }
+        for c in &left.0 {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        for n in &left.1 {
+            let _ = docker(&["network", "rm", n]);
+        }
+        for v in &left.2 {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+        if !std::thread::panicking() {
+            assert!(
+                nothing(&left),
+                "left behind by {}: containers {:?}, networks {:?}, volumes {:?}",
+                self.label,
+                left.0,
+                left.1,
+                left.2
+            );
+        }
+    }
+}
+
+/// Containers that carry `label` (`key=value`), running or not.
+pub fn containers_with(label: &str) -> Vec<String> {
+    docker_ok(&["ps", "-a", "-q", "--filter", &format!("label={label}")])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Networks that carry `label` (`key=value`).
+pub fn networks_with(label: &str) -> Vec<String> {
+    docker_ok(&["network", "ls", "-q", "--filter", &format!("label={label}")])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The volumes (named or anonymous) mounted in `containers`; containers gone meanwhile are
+/// skipped.
+fn volumes_of(containers: &[String]) -> Vec<String> {
+    if containers.is_empty() {
+        return Vec::new();
+    }
+    let mut args = vec![
+        "inspect",
+        "-f",
+        "{{range .Mounts}}{{if eq .Type \"volume\"}}{{.Name}} {{end}}{{end}}",
+    ];
+    args.extend(containers.iter().map(String::as_str));
+    let out = docker(&args);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }

@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::DeviceRequest;
-use bollard::query_parameters::{
-    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
-};
+use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
 
-use super::{LABEL_INSTANCE, REMOVE_POLL, REMOVE_POLLS, connect, not_found};
+use super::{LABEL_INSTANCE, REMOVE_POLL, REMOVE_POLLS, connect, not_found, remove_options};
 use crate::config::Settings;
 use crate::spec::{JobSpec, parse_mount};
 
@@ -113,7 +111,7 @@ pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Resul
     }
 }
 
-/// Removes the containers and networks that carry `label` (a `key=value` filter).
+/// Removes the containers (with their anonymous volumes) and networks that carry `label` (a `key=value` filter).
 pub(super) async fn remove_labelled(docker: &Docker, label: &str) -> usize {
     let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
     let mut removed = 0;
@@ -126,7 +124,7 @@ pub(super) async fn remove_labelled(docker: &Docker, label: &str) -> usize {
         ))
         .await
         .unwrap_or_default();
-    let options = RemoveContainerOptionsBuilder::new().force(true).build();
+    let options = remove_options();
     for c in containers {
         if let Some(id) = c.id
             && docker
