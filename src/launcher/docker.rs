@@ -331,9 +331,22 @@ impl Inner {
             name: name.clone(),
         });
         self.live.insert(rank, attempt, control.clone());
+        // The container's PID 1 is a process of this host: its pidfd is readable the instant
+        // it ends, where the engine reports the end a few hundred ms later (containerd's event,
+        // then dockerd's). The engine stays the authority on the exit code and the OOM killer.
+        let seen = super::process::watch_pid(pid);
         let inner = self.clone();
         let exit = Box::pin(async move {
-            let exit = wait(&docker, &name).await;
+            let exit = wait_seen(&docker, &name, seen).await;
+            if let (Some(seen_at), Some(code @ 1..)) =
+                (exit.seen_at, exit.code.or(exit.signal.map(|s| 128 + s)))
+            {
+                inner.cx.note(format!(
+                    "rank {rank}: container {name} ended, seen through its host pid {pid} {} ms \
+                     before the engine reported exit code {code}",
+                    seen_at.elapsed().as_millis()
+                ));
+            }
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, forward).await;
             inner.live.remove(rank, attempt);
             // Removing a container takes the engine a while (~0.2 s here): off the path from
@@ -390,6 +403,31 @@ fn remove_options() -> bollard::query_parameters::RemoveContainerOptions {
         .build()
 }
 
+/// [`wait`], with the instant `seen` (the container's host pid ended) resolved first, if it
+/// did.
+async fn wait_seen(
+    docker: &Docker,
+    name: &str,
+    seen: Option<impl std::future::Future<Output = ()>>,
+) -> Exit {
+    let engine = wait(docker, name);
+    let Some(seen) = seen else {
+        return engine.await;
+    };
+    tokio::pin!(engine, seen);
+    tokio::select! {
+        biased;
+        exit = &mut engine => exit,
+        () = &mut seen => {
+            let seen_at = std::time::Instant::now();
+            Exit {
+                seen_at: Some(seen_at),
+                ..engine.await
+            }
+        }
+    }
+}
+
 /// Waits for a container to stop; its exit code (a signal for 128 + n), and whether the OOM
 /// killer ended it.
 async fn wait(docker: &Docker, name: &str) -> Exit {
@@ -426,6 +464,7 @@ async fn wait(docker: &Docker, name: &str) -> Exit {
         code,
         signal,
         cause: oom.then_some(ExitCause::OomKilled),
+        ..Exit::default()
     }
 }
 

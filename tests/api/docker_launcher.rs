@@ -322,6 +322,14 @@ for step in range(400):
     assert_eq!(restarts.len(), 1, "{restarts:?}");
     assert_eq!(restarts[0]["scope"], "job");
     assert_eq!(restarts[0]["reason"], "signal");
+    // Seen through the container's host pid (a pidfd), before the engine's wait reported it.
+    let lines = lines_of(&app, &id).await;
+    assert!(
+        lines.iter().any(|l| l.starts_with("rank 0: container ")
+            && l.contains(&format!("seen through its host pid {} ", pids[0]))
+            && l.ends_with("before the engine reported exit code 137")),
+        "{lines:?}"
+    );
     let incarnations = app.incarnations(&id).await;
     assert_eq!(
         incarnations.len(),
