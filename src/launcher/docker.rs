@@ -8,7 +8,8 @@
 //!   token) or be given `--advertise-url`; a job is refused at the door otherwise.
 //! - Local `dataset` and `checkpoint_dir` are bind-mounted at the same paths, so the worker
 //!   contract's paths hold inside the container; the built-in trainer is this binary, mounted
-//!   read-only at its own path. What a container may mount and as whom it runs (not root,
+//!   read-only at its own path. The incarnation's own error-file directory is bound too, so
+//!   the root cause it writes is read back (`binds::incarnation_bind`). What a container may mount and as whom it runs (not root,
 //!   no capabilities): `binds.rs`.
 //! - `docker-init` is the container's PID 1: it forwards SIGTERM to the rank and reaps what
 //!   the rank leaves behind.
@@ -191,7 +192,13 @@ impl Inner {
         let job = &self.cx.spec;
         // Resolved and checked again at every launch: a rank may have swapped a path for a
         // symlink since the job was admitted.
-        let binds = binds::binds(job, &self.cx.job_id, &self.cx.settings)?;
+        let mut binds = binds::binds(job, &self.cx.job_id, &self.cx.settings)?;
+        let (uid, gid) = binds::rank_user(&self.cx.settings);
+        binds.extend(binds::incarnation_bind(
+            &launch.env,
+            &self.cx.settings,
+            (uid, gid),
+        ));
         let labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), self.cx.instance.clone()),
             (LABEL_JOB.to_string(), self.cx.job_id.to_string()),
@@ -199,7 +206,6 @@ impl Inner {
             ("trainvisor.attempt".to_string(), attempt.to_string()),
         ]);
         let alias = format!("rank-{rank}");
-        let (uid, gid) = binds::rank_user(&self.cx.settings);
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
             working_dir: launch.cwd,

@@ -88,9 +88,7 @@ pub fn hooks_dir(data_dir: &Path) -> PathBuf {
 
 /// Where incarnation `attempt` of `rank` writes its Python stacks (beside its error file).
 pub fn path(data_dir: &Path, job_id: Uuid, rank: u32, attempt: u32) -> PathBuf {
-    data_dir
-        .join("errors")
-        .join(job_id.to_string())
+    crate::domain::error_file::incarnation_dir(data_dir, job_id, rank, attempt)
         .join(format!("rank-{rank}-attempt-{attempt}.stacks"))
 }
 

@@ -21,7 +21,7 @@ const TOKEN: &str = "docker-launcher-test-token";
 
 /// The server on every address (containers reach it through their network's gateway), with
 /// an API token, and a client that sends it.
-async fn spawn_reachable_app() -> TestApp {
+pub(crate) async fn spawn_reachable_app() -> TestApp {
     let mut app = spawn_app_with(|s| {
         s.bind = "0.0.0.0:0".into();
         s.api_token = Some(TOKEN.into());
@@ -31,7 +31,7 @@ async fn spawn_reachable_app() -> TestApp {
     app
 }
 
-fn authed_client() -> reqwest::Client {
+pub(crate) fn authed_client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
@@ -45,7 +45,7 @@ fn authed_client() -> reqwest::Client {
 }
 
 /// A job spec whose ranks run `script` with python3 in a container of the base image.
-fn python_job(world: u32, script: &str, extra: Value) -> Value {
+pub(crate) fn python_job(world: u32, script: &str, extra: Value) -> Value {
     let mut spec = json!({"world_size": world, "launcher": "docker", "image": rank_image(),
                           "command": ["python3", "-u", "-c", script],
                           "heartbeat_timeout_s": 2.0, "backoff_initial_ms": 0});
@@ -56,7 +56,7 @@ fn python_job(world: u32, script: &str, extra: Value) -> Value {
 }
 
 /// The Python helpers every script starts with: a heartbeat, as a worker would send it.
-const PRELUDE: &str = r#"
+pub(crate) const PRELUDE: &str = r#"
 import json, os, socket, sys, time, urllib.request
 def beat(step):
     req = urllib.request.Request(os.environ["TRAINVISOR_HEARTBEAT_URL"],
@@ -68,7 +68,7 @@ rank = int(os.environ["RANK"]); attempt = int(os.environ["RESTART_COUNT"])
 "#;
 
 /// The running container of `rank` of job `id`.
-async fn container_of(id: &str, rank: u32) -> String {
+pub(crate) async fn container_of(id: &str, rank: u32) -> String {
     wait_for(Duration::from_secs(60), || async {
         let out = docker_ok(&[
             "ps",
@@ -85,7 +85,7 @@ async fn container_of(id: &str, rank: u32) -> String {
 }
 
 /// Waits for the job to end; if it does not, fails with the end of its log.
-async fn finish(app: &TestApp, id: &str, timeout: Duration) -> Value {
+pub(crate) async fn finish(app: &TestApp, id: &str, timeout: Duration) -> Value {
     let end = wait_for(timeout, || async {
         let job = app.job(id).await;
         let state = job["state"].as_str().unwrap_or_default().to_string();
@@ -102,7 +102,7 @@ async fn finish(app: &TestApp, id: &str, timeout: Duration) -> Value {
     }
 }
 
-async fn lines_of(app: &TestApp, id: &str) -> Vec<String> {
+pub(crate) async fn lines_of(app: &TestApp, id: &str) -> Vec<String> {
     app.log_lines(id)
         .await
         .iter()
