@@ -17,7 +17,7 @@ use crate::docker_support::{
 };
 use crate::helpers::*;
 
-const TOKEN: &str = "docker-launcher-test-token";
+pub(crate) const TOKEN: &str = "docker-launcher-test-token";
 
 /// The server on every address (containers reach it through their network's gateway), with
 /// an API token, and a client that sends it.
