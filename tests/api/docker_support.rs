@@ -1,8 +1,10 @@
 //! Docker for tests, with no registry: the base image from Debian's packages
 //! (`deploy/base-image.sh`), the trainvisor image around this test build's binary
-//! (`deploy/Dockerfile --target prebuilt`), an S3 server image around the s3s-fs binary the S3
-//! tests install, and guards that remove the containers, networks and volumes a test creates
-//! (also when it fails). Each image is built at most once per test run.
+//! (`deploy/Dockerfile --target prebuilt`), the S3 server image of `deploy/s3-image.sh` around
+//! the s3s-fs binary the S3 tests install, a rank image with a `VOLUME` and a `HEALTHCHECK`,
+//! guards that remove the containers, networks and volumes a test creates (also when it
+//! fails), and [`JobLeftovers`], which fails a test whose job left any behind. Each image is
+//! built at most once per test run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -154,46 +156,32 @@ pub fn trainvisor_image() -> String {
         .clone()
 }
 
-/// An S3 server image built here: the s3s-fs binary (installed by tests/run) on the base
-/// image, serving the directory /data on port 9000 (a bucket is a directory). Its entrypoint
-/// takes the credentials from `S3_ACCESS_KEY` / `S3_SECRET_KEY`, or MinIO's
-/// `MINIO_ROOT_USER` / `MINIO_ROOT_PASSWORD`, and ignores its arguments, so it stands in for
-/// MinIO in the compose file and the manifests unchanged. /data is writable by any user, as
-/// a volume is for a pod's `fsGroup` (the StatefulSet runs it as a non-root user).
+/// The registry-free S3 server image users build for Compose, by the same recipe:
+/// `deploy/s3-image.sh` (s3s-fs on the base image, standing in for MinIO in the compose file
+/// and the manifests unchanged), around the s3s-fs binary tests/run installs.
 pub fn s3s_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
-            let base = base_image();
             let binary = crate::helpers::s3_server::binary("s3s-fs");
-            let ctx = tempfile::tempdir().unwrap();
-            std::fs::copy(&binary, ctx.path().join("s3s-fs")).unwrap();
-            std::fs::write(
-                ctx.path().join("entrypoint.sh"),
-                "#!/bin/sh\n\
-                 # Arguments (MinIO's, from compose.yaml or a manifest) are ignored.\n\
-                 exec s3s-fs --host 0.0.0.0 --port 9000 \\\n  \
-                 --access-key \"${S3_ACCESS_KEY:-$MINIO_ROOT_USER}\" \\\n  \
-                 --secret-key \"${S3_SECRET_KEY:-$MINIO_ROOT_PASSWORD}\" /data\n",
-            )
-            .unwrap();
-            std::fs::write(
-                ctx.path().join("Dockerfile"),
-                format!(
-                    "FROM {base}\n\
-                     COPY s3s-fs entrypoint.sh /usr/local/bin/\n\
-                     RUN chmod 0755 /usr/local/bin/entrypoint.sh && mkdir -m 0777 /data\n\
-                     VOLUME /data\n\
-                     EXPOSE 9000\n\
-                     ENTRYPOINT [\"/usr/bin/tini\", \"--\", \"/usr/local/bin/entrypoint.sh\"]\n"
-                ),
-            )
-            .unwrap();
-            build_context(
-                ctx.path(),
-                &["s3s-fs", "entrypoint.sh", "Dockerfile"],
-                "trainvisor-test-s3s",
-            )
+            let out = Command::new(repo_root().join("deploy/s3-image.sh"))
+                .env("S3S_FS", &binary)
+                .env("S3_IMAGE_REPO", "trainvisor-test-s3s")
+                .stdin(Stdio::null())
+                .output()
+                .expect("deploy/s3-image.sh runs");
+            assert!(
+                out.status.success(),
+                "deploy/s3-image.sh failed: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .expect("s3-image.sh prints the image name")
+                .trim()
+                .to_string()
         })
         .clone()
 }
@@ -217,18 +205,16 @@ pub fn rank_image() -> String {
                 ),
             )
             .unwrap();
-            build_context(ctx.path(), &["Dockerfile"], "trainvisor-test-rank")
+            build_context(ctx.path(), "trainvisor-test-rank")
         })
         .clone()
 }
 
-/// Builds the context `dir` (its `Dockerfile` on the base image) as `repo:<digest of files
-/// and the base>`, unless an image of that tag exists.
-fn build_context(dir: &Path, files: &[&str], repo: &str) -> String {
+/// Builds the context `dir` (a `Dockerfile` on the base image) as `repo:<digest of it and the
+/// base>`, unless an image of that tag exists.
+fn build_context(dir: &Path, repo: &str) -> String {
     let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &base_image()]);
-    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
-    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    let tag = format!("{repo}:{}", digest(&refs, &base_id));
+    let tag = format!("{repo}:{}", digest(&[&dir.join("Dockerfile")], &base_id));
     if docker(&["image", "inspect", &tag]).status.success() {
         return tag;
     }
