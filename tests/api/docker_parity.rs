@@ -1,6 +1,6 @@
 //! Container ranks on a par with local ones, against the real engine: the root cause a rank
 //! writes to torchrun's error file is read back from its container; S3 on loopback, which a
-//! container cannot reach, is refused at the door.
+//! container cannot reach, is refused at the door; the README's snippet runs as typed.
 
 use std::time::Duration;
 
@@ -75,4 +75,61 @@ async fn s3_on_loopback_is_refused_for_container_ranks() {
     }
     let jobs = app.get_json("/jobs").await;
     assert_eq!(jobs, json!([]), "nothing was created: {jobs}");
+}
+
+/// The README's "Ranks as Docker containers" snippet, as typed: the token it exports for the
+/// server is the one its curl sends, so the job is judged on its merits (here a 422: the
+/// example's paths and image are not on this host), never refused as unauthorized (401).
+#[test]
+fn the_docker_ranks_snippet_runs_as_typed() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme
+        .find("## Ranks as Docker containers")
+        .expect("the section")..];
+    let block = section
+        .split("```bash\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("its bash block");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = tempfile::tempdir().unwrap();
+    // Only where the server runs changes; a human types the curl once it listens.
+    let serve = format!(
+        "{} serve --data-dir {}",
+        env!("CARGO_BIN_EXE_trainvisor"),
+        data.path().display()
+    );
+    let script = block
+        .replace("trainvisor serve", &serve)
+        .replace(":8000", &format!(":{port}"))
+        .replace(
+            " &\n",
+            &format!(
+                " &\nSERVER=$!\nfor i in $(seq 300); do curl -sf localhost:{port}/health >/dev/null \
+                 && break; sleep 0.1; done\n"
+            ),
+        );
+    assert!(
+        script.contains("SERVER=$!"),
+        "the snippet starts a server: {block}"
+    );
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("{script}\necho\nkill $SERVER; wait $SERVER"))
+        .env_remove("TRAINVISOR_API_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let answer = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("curl answered nothing: {stdout}"));
+    let answer: serde_json::Value = serde_json::from_str(answer).unwrap();
+    // Past the token: judged on the spec (its example paths are not on this host), not a 401.
+    assert_eq!(answer["error"], "invalid_spec", "{answer}");
 }
