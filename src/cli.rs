@@ -418,7 +418,10 @@ pub fn main() -> ExitCode {
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(client::health(&c, Duration::from_secs_f64(timeout))))
-                .map(|version| println!("healthy: trainvisor {version} at {server}"))
+                .map(|version| {
+                    let line = format!("healthy: trainvisor {version} at {server}");
+                    println!("{}", client::output::printable(&line))
+                })
         }
         Some(Command::Validate {
             server,

@@ -264,6 +264,12 @@ async fn the_demo_job_needs_no_preparation_and_learns() {
         summary["last_checkpoint_step"].as_u64().is_some(),
         "{summary}"
     );
+    // Rank 0 says the pace it trains at (issue 29, point 7); tests run the demo unpaced.
+    let lines = app.log_texts(&id).await;
+    assert!(
+        lines.contains(&"rank 0: pace: full speed (sleep_sec 0)".to_string()),
+        "{lines:?}"
+    );
 }
 
 #[actix_web::test]
