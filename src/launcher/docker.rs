@@ -194,6 +194,7 @@ impl Inner {
         // symlink since the job was admitted.
         let mut binds = binds::binds(job, &self.cx.job_id, &self.cx.settings)?;
         let (uid, gid) = binds::rank_user(&self.cx.settings);
+        binds.extend(binds::hooks_bind(&launch.env, &self.cx.settings));
         binds.extend(binds::incarnation_bind(
             &launch.env,
             &self.cx.settings,
@@ -335,6 +336,7 @@ impl Inner {
         let control = Arc::new(ContainerControl {
             docker: docker.clone(),
             name: name.clone(),
+            init_pid: pid,
         });
         self.live.insert(rank, attempt, control.clone());
         // The container's PID 1 is a process of this host: its pidfd is readable the instant
@@ -478,6 +480,22 @@ async fn wait(docker: &Docker, name: &str) -> Exit {
 struct ContainerControl {
     docker: Docker,
     name: String,
+    /// docker-init's pid on this host.
+    init_pid: u32,
+}
+
+/// The process group of the rank under docker-init (`init`'s first child, which docker-init
+/// puts in a group of its own), as this host numbers it.
+fn rank_group(init: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
+    let child: u32 = children.split_whitespace().next()?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+    // pid (comm) state ppid pgrp …: comm may hold spaces and parentheses.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 impl ContainerControl {
@@ -499,6 +517,10 @@ impl RankControl for ContainerControl {
     fn kill(&self) {
         self.signal("SIGKILL");
     }
+
+    fn host_group(&self) -> Option<u32> {
+        rank_group(self.init_pid)
+    }
 }
 
 impl JobLauncher for DockerLauncher {
@@ -517,8 +539,9 @@ impl JobLauncher for DockerLauncher {
                             node: format!("rank-{r}"),
                             // One container a rank, but torchrun's view of one node, as before.
                             placement: Placement::in_groups_of(r, world, world),
-                            // Its processes live in the container, out of this host's reach.
-                            host_local: false,
+                            // Its processes are this host's too (one kernel): the stacks hook
+                            // is mounted into the container and its stacks are taken from here.
+                            host_local: true,
                         };
                         (r, place)
                     })

@@ -1,6 +1,7 @@
 //! Container ranks on a par with local ones, against the real engine: the root cause a rank
 //! writes to torchrun's error file is read back from its container; S3 on loopback, which a
-//! container cannot reach, is refused at the door; the README's snippet runs as typed.
+//! container cannot reach, is refused at the door; a hung rank's Python stacks are taken in
+//! its container; the README's snippet runs as typed.
 
 use std::time::Duration;
 
@@ -132,4 +133,37 @@ fn the_docker_ranks_snippet_runs_as_typed() {
     let answer: serde_json::Value = serde_json::from_str(answer).unwrap();
     // Past the token: judged on the spec (its example paths are not on this host), not a 401.
     assert_eq!(answer["error"], "invalid_spec", "{answer}");
+}
+
+/// A hung rank's Python stacks are taken inside its container (the hook is mounted, the signal
+/// goes to its host pid) before it is killed and restarted.
+#[actix_web::test]
+async fn a_hung_containers_stacks_are_taken_before_it_is_killed() {
+    let app = spawn_reachable_app().await;
+    let script = format!(
+        "{PRELUDE}
+def stuck_in_here():
+    time.sleep(3600)
+beat(1)
+if attempt == 0:
+    stuck_in_here()
+"
+    );
+    let id = app
+        .create_job(python_job(
+            1,
+            &script,
+            json!({"heartbeat_timeout_s": 1.0, "max_restarts": 1}),
+        ))
+        .await;
+    let _leftovers = JobLeftovers::new(&id);
+    let job = finish(&app, &id, Duration::from_secs(90)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let incidents = app.get_json(&format!("/jobs/{id}/incidents")).await;
+    let incident = &incidents[0];
+    assert_eq!(incident["reason"], "heartbeat_timeout", "{incidents}");
+    let stacks = &incident["stacks"][0];
+    assert_eq!(stacks["kind"], "python", "{stacks}");
+    let text = stacks["text"].as_str().unwrap();
+    assert!(text.contains("in stuck_in_here"), "{text}");
 }

@@ -159,6 +159,20 @@ pub fn prepare_checkpoint_dir(dir: &str, user: (u32, u32)) -> Result<(), String>
     Ok(())
 }
 
+/// The Python stacks hook (a `sitecustomize` in the server's data dir, first on the rank's
+/// `PYTHONPATH` when the job asks for stacks), bound read-only at the same path so a Python
+/// rank's stacks can be taken before it is killed for a hang, as a local rank's.
+pub fn hooks_bind(env: &[(String, String)], settings: &Settings) -> Option<String> {
+    env.iter().find(|(k, _)| k == "TRAINVISOR_STACKS_FILE")?;
+    let hooks = crate::launcher::stacks::hooks_dir(&settings.data_dir);
+    let meta = std::fs::symlink_metadata(&hooks).ok()?;
+    if !meta.is_dir() {
+        return None;
+    }
+    let hooks = hooks.display();
+    Some(format!("{hooks}:{hooks}:ro"))
+}
+
 /// The incarnation's own directory for its error file and Python stacks
 /// (`TORCHELASTIC_ERROR_FILE`'s directory, which the server has just made under its data dir):
 /// handed to the ranks' user and bound at the same path, so the worker contract's path holds
