@@ -414,8 +414,26 @@ impl ComposeProject {
 }
 
 impl Drop for ComposeProject {
+    /// `down -v`, then, unless the test failed already, fails if anything of the project is
+    /// left: containers, networks or volumes (Compose labels them all with the project).
     fn drop(&mut self) {
         let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        let label = format!("label=com.docker.compose.project={}", self.name);
+        let left = |what: &[&str]| {
+            let mut args = what.to_vec();
+            args.extend(["-q", "--filter", label.as_str()]);
+            docker_ok(&args)
+        };
+        let containers = left(&["ps", "-a"]);
+        let networks = left(&["network", "ls"]);
+        let volumes = left(&["volume", "ls"]);
+        if !std::thread::panicking() {
+            assert!(
+                containers.is_empty() && networks.is_empty() && volumes.is_empty(),
+                "compose down -v left containers {containers:?}, networks {networks:?}, \
+                 volumes {volumes:?}"
+            );
+        }
     }
 }
 
