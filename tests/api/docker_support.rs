@@ -458,11 +458,19 @@ impl JobLeftovers {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watcher = {
             let (label, volumes, stop) = (label.clone(), volumes.clone(), stop.clone());
+            // One `docker ps` a poll, an inspect only for containers not seen yet: two tests
+            // at a time must not cost the machine a core in docker CLI processes.
             std::thread::spawn(move || {
+                let mut inspected = std::collections::BTreeSet::new();
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    let seen = volumes_of(&containers_with(&label));
-                    volumes.lock().unwrap().extend(seen);
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    let new: Vec<String> = containers_with(&label)
+                        .into_iter()
+                        .filter(|c| !inspected.contains(c))
+                        .collect();
+                    // A container's volumes exist from its creation: one look is enough.
+                    volumes.lock().unwrap().extend(volumes_of(&new));
+                    inspected.extend(new);
+                    std::thread::sleep(std::time::Duration::from_millis(150));
                 }
             })
         };
