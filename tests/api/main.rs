@@ -19,6 +19,7 @@ mod incidents;
 mod lifecycle;
 mod logs;
 mod metrics;
+mod observe;
 mod python;
 mod quickstart;
 mod s3;
