@@ -9,15 +9,18 @@
 //! - Local `dataset` and `checkpoint_dir` are bind-mounted at the same paths, so the worker
 //!   contract's paths hold inside the container; the built-in trainer is this binary, mounted
 //!   read-only at its own path. The incarnation's own error-file directory is bound too, so
-//!   the root cause it writes is read back (`binds::incarnation_bind`). What a container may mount and as whom it runs (not root,
-//!   no capabilities): `binds.rs`.
+//!   the root cause it writes is read back (`binds::incarnation_bind`), and the Python hook's
+//!   directory, read-only, so a hung rank's stacks are taken in its container. What a
+//!   container may mount and as whom it runs (not root, no capabilities): `binds.rs`.
 //! - `docker-init` is the container's PID 1: it forwards SIGTERM to the rank and reaps what
 //!   the rank leaves behind.
 //! - Every container and network carries the labels `trainvisor.instance` (the data dir's id)
 //!   and `trainvisor.job`: the next server on the same data dir removes what a crashed
 //!   predecessor left, and nothing of anyone else's.
-//! - Exit comes from the engine's wait; the OOM killer is read from the container's state and
-//!   is its own restart reason (`oom_killed`).
+//! - The end of a container is seen through its PID 1's pidfd on this host (milliseconds);
+//!   the exit code comes from the engine's wait, the OOM killer is read from the container's
+//!   state and is its own restart reason (`oom_killed`). Removal takes the container's
+//!   anonymous volumes with it, and ranks never run the image's `HEALTHCHECK`.
 
 use std::collections::HashMap;
 use std::io;

@@ -202,7 +202,11 @@ pub fn incarnation_bind(
     {
         // A non-root server cannot hand it to another --docker-user: the rank then cannot
         // write its error file, and a failure is explained by its exit and last lines alone.
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot hand the error-file dir to the ranks' user");
+        tracing::warn!(
+            dir = %dir.display(),
+            error = %e,
+            "cannot hand the error-file dir to the ranks' user"
+        );
     }
     let dir = dir.display();
     Some(format!("{dir}:{dir}"))

@@ -142,7 +142,8 @@ fn s3_reachable(spec: &JobSpec, settings: &Settings) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes the containers (with their anonymous volumes) and networks that carry `label` (a `key=value` filter).
+/// Removes the containers (with their anonymous volumes) and networks that carry `label` (a
+/// `key=value` filter).
 pub(super) async fn remove_labelled(docker: &Docker, label: &str) -> usize {
     let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
     let mut removed = 0;
