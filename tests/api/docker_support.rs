@@ -51,25 +51,7 @@ pub fn unique_name(prefix: &str) -> String {
 pub fn base_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
-        .get_or_init(|| {
-            let out = Command::new(repo_root().join("deploy/base-image.sh"))
-                .stdin(Stdio::null())
-                .output()
-                .expect("deploy/base-image.sh runs");
-            assert!(
-                out.status.success(),
-                "deploy/base-image.sh failed: {}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            stdout
-                .lines()
-                .last()
-                .expect("base-image.sh prints the image name")
-                .trim()
-                .to_string()
-        })
+        .get_or_init(|| image_script("deploy/base-image.sh", &[]))
         .clone()
 }
 
@@ -156,6 +138,27 @@ pub fn trainvisor_image() -> String {
         .clone()
 }
 
+/// Runs one of deploy/'s image scripts with `env`; the image name is its last line on stdout.
+fn image_script(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> String {
+    let out = Command::new(repo_root().join(script))
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{script} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("{script} prints the image name"))
+        .trim()
+        .to_string()
+}
+
 /// The registry-free S3 server image users build for Compose, by the same recipe:
 /// `deploy/s3-image.sh` (s3s-fs on the base image, standing in for MinIO in the compose file
 /// and the manifests unchanged), around the s3s-fs binary tests/run installs.
@@ -164,24 +167,13 @@ pub fn s3s_image() -> String {
     IMAGE
         .get_or_init(|| {
             let binary = crate::helpers::s3_server::binary("s3s-fs");
-            let out = Command::new(repo_root().join("deploy/s3-image.sh"))
-                .env("S3S_FS", &binary)
-                .env("S3_IMAGE_REPO", "trainvisor-test-s3s")
-                .stdin(Stdio::null())
-                .output()
-                .expect("deploy/s3-image.sh runs");
-            assert!(
-                out.status.success(),
-                "deploy/s3-image.sh failed: {}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .expect("s3-image.sh prints the image name")
-                .trim()
-                .to_string()
+            image_script(
+                "deploy/s3-image.sh",
+                &[
+                    ("S3S_FS", binary.as_os_str()),
+                    ("S3_IMAGE_REPO", "trainvisor-test-s3s".as_ref()),
+                ],
+            )
         })
         .clone()
 }
