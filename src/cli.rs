@@ -523,8 +523,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(async move {
         prepare_buckets(&settings).await?;
         let app = Application::build(settings).await?;
-        // One machine-readable line on stdout, for scripts that bind port 0.
-        println!("trainvisor listening on http://{}", app.local_addr());
+        // One machine-readable line on stdout, for scripts that bind port 0: the address as
+        // bound, so a server on every address (a container's) does not claim loopback only.
+        println!("trainvisor listening on http://{}", app.bound_addr());
         app.run_until_signal().await
     })
 }

@@ -326,7 +326,7 @@ fn no_step_data(spec: &JobSpec, heard: bool) -> String {
     };
     let how = if !spec.launcher.host_local_hooks() {
         "POST heartbeats with a step from the script (README: the worker contract); the \
-         automatic heartbeats of torch scripts need the local launcher"
+         automatic heartbeats of torch scripts need the local or Docker launcher"
     } else if !spec.auto_heartbeat {
         "automatic heartbeats are off (\"auto_heartbeat\": false): drop that field, or POST \
          heartbeats with a step (README: the worker contract)"
@@ -517,8 +517,8 @@ mod heartbeat_tests {
         assert!(no_step_data(&spec, false).contains("sends no heartbeats; a Python script"));
         spec.auto_heartbeat = false;
         assert!(no_step_data(&spec, true).contains("carry no step; automatic heartbeats are off"));
-        spec.launcher = "docker".parse().unwrap();
-        assert!(no_step_data(&spec, false).contains("need the local launcher"));
+        spec.launcher = "slurm".parse().unwrap();
+        assert!(no_step_data(&spec, false).contains("need the local or Docker launcher"));
     }
 
     /// Not while a script may still be importing torch: after NO_STEP_DATA_AFTER of running,

@@ -47,8 +47,9 @@ pub struct Place {
     pub node: String,
     /// Its local rank and group (torchrun's node) among the job's ranks.
     pub placement: Placement,
-    /// The rank runs on this host, where host-local hooks apply: the Python stacks hook on
-    /// its `PYTHONPATH`, its stacks taken from its process group (see [`stacks`]).
+    /// The rank runs on this host (a container of the local engine too: one kernel), where
+    /// host-local hooks apply: the Python stacks hook on its `PYTHONPATH`, its stacks taken
+    /// from its process group (see [`stacks`]).
     pub host_local: bool,
 }
 

@@ -103,7 +103,7 @@ pub fn into_rank(
             Ok(status) => Exit {
                 code: status.code(),
                 signal: status.signal(),
-                cause: None,
+                ..Exit::default()
             },
             Err(e) => Exit {
                 cause: Some(ExitCause::Unobserved(e.to_string())),
@@ -256,7 +256,20 @@ async fn spawn_from_thread(launch: Launch, standby: Option<Standby>) -> io::Resu
     })
 }
 
+/// Resolves when process `pid` (any process of this host, not only a child) has exited: a
+/// pidfd, readable the instant it exits. `None` when the pid cannot be watched (it has exited
+/// already, or the kernel has no pidfd).
+pub fn watch_pid(pid: u32) -> Option<impl std::future::Future<Output = ()>> {
+    let fd = pidfd_open(pid)?;
+    Some(async move {
+        let _ = fd.readable().await;
+    })
+}
+
 fn pidfd_open(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    if pid == 0 {
+        return None;
+    }
     // SAFETY: plain syscall; the returned descriptor is owned by us.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {

@@ -56,9 +56,7 @@ pub fn hooks_dir(data_dir: &Path) -> PathBuf {
 
 /// Where incarnation `attempt` of `rank` writes its Python stacks (beside its error file).
 pub fn path(data_dir: &Path, job_id: Uuid, rank: u32, attempt: u32) -> PathBuf {
-    data_dir
-        .join("errors")
-        .join(job_id.to_string())
+    crate::domain::error_file::incarnation_dir(data_dir, job_id, rank, attempt)
         .join(format!("rank-{rank}-attempt-{attempt}.stacks"))
 }
 
@@ -71,9 +69,11 @@ pub fn capture(pgid: u32, file: &Path, limit: Duration) -> (String, String) {
         return ("none".into(), "no process left in the rank's group".into());
     }
     let (registered, offset) = registered(file);
-    let python: BTreeMap<u32, i32> = registered
-        .into_iter()
-        .filter(|(pid, _)| procs.contains(pid))
+    // The hook writes its pid as its own pid namespace numbers it (a container's); the host
+    // pid of each member is what gets the signal.
+    let python: BTreeMap<u32, i32> = procs
+        .iter()
+        .filter_map(|&host| Some((host, *registered.get(&namespace_pid(host)?)?)))
         .collect();
     for (&pid, &sig) in &python {
         // SAFETY: signals a pid of the rank's own group that registered this signal itself.
@@ -125,6 +125,14 @@ fn group_members(pgid: u32) -> Vec<u32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// The pid of host process `pid` in its own (innermost) pid namespace: itself on the host, its
+/// number inside a container (the last field of `NSpid` in its status).
+fn namespace_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
 }
 
 /// The (pid, signal) pairs the hook registered in `file`, and the file's length now. The rank

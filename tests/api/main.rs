@@ -9,6 +9,7 @@ mod cli_output;
 mod deploy;
 mod disk_full;
 mod docker_launcher;
+mod docker_parity;
 mod docker_support;
 mod failures;
 mod hardening;

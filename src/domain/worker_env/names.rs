@@ -111,7 +111,7 @@ pub const WORKER_ENV: &[EnvVar] = &[
     s3("S3_ACCESS_KEY"),
     s3("S3_SECRET_KEY"),
     var("TRAINVISOR_CACHE_DIR"),
-    // Local ranks only: where a Python rank's stacks are written when a hung rank is being
+    // Ranks on this host (local, Docker): where a Python rank's stacks are written when a hung rank is being
     // diagnosed, and the hook that registers them (see launcher::stacks).
     var("TRAINVISOR_STACKS_FILE"),
     prepend("PYTHONPATH"),
