@@ -229,9 +229,10 @@ pub enum WorkerRejected {
 // the job's `WorkerTokens` before the body was read); the Job refuses it as stale (409) unless
 // that attempt still runs.
 
-/// A heartbeat from incarnation `attempt` of `rank`.
+/// A heartbeat from incarnation `attempt` of `rank`. Ok(false): an automatic heartbeat
+/// ignored because the script sends its own.
 #[derive(Message)]
-#[rtype(result = "Result<(), WorkerRejected>")]
+#[rtype(result = "Result<bool, WorkerRejected>")]
 pub struct Heartbeat {
     pub rank: u32,
     pub attempt: u32,

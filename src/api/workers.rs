@@ -110,6 +110,11 @@ pub struct HeartbeatBody {
     step: Option<u64>,
     /// Anything numeric the rank wants shown, e.g. `{"loss": 0.3}`.
     metrics: Option<Value>,
+    /// Set by trainvisor's Python hook (automatic heartbeats); a script's own heartbeats,
+    /// without it, win over them.
+    trainvisor_auto: Option<bool>,
+    /// Automatic heartbeats: the step count at the script's last `torch.save`.
+    saved_step: Option<u64>,
 }
 
 /// Reply of the heartbeat and checkpoint routes.
@@ -117,6 +122,9 @@ pub struct HeartbeatBody {
 #[allow(dead_code)] // Describes the `json!` reply.
 pub struct OkReply {
     ok: bool,
+    /// Heartbeat only: set when an automatic heartbeat (`"trainvisor_auto": true`, sent by
+    /// trainvisor's Python hook) was ignored because the script sends its own.
+    ignored: Option<String>,
 }
 
 /// Reply of the all-reduce route: the mean over every rank.
@@ -173,7 +181,12 @@ pub async fn heartbeat(
         body,
     };
     match c.job.addr.send(msg).await.map_err(|_| ended(&c))? {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({ "ok": true }))),
+        Ok(true) => Ok(HttpResponse::Ok().json(json!({ "ok": true }))),
+        // trainvisor's Python hook stops when it reads this.
+        Ok(false) => Ok(HttpResponse::Ok().json(json!({
+            "ok": true,
+            "ignored": "an automatic heartbeat: this rank's script sends its own, which win"
+        }))),
         Err(why) => Err(rejected(c.id, c.rank, why)),
     }
 }

@@ -6,6 +6,7 @@ mod accounting;
 mod api;
 mod checkpoint;
 mod docker;
+pub mod observe;
 pub mod peers;
 mod recovery;
 mod s3;
@@ -45,6 +46,7 @@ pub const SCENARIOS: &[&str] = &[
     "slurm",
     "docker",
     "peers",
+    "observe",
     "s3",
 ];
 
@@ -209,6 +211,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     .await
                     .context("peers")?;
                 }
+            }
+        }
+        if want("observe") {
+            if args.quick {
+                eprintln!("bench: an unchanged torch script observed: skipped: --quick");
+                notes.insert("observe".into(), "skipped: --quick".into());
+            } else {
+                eprintln!("bench: an unchanged torch script observed (hook cost, kill -9 errors)");
+                let python = peers::prepare(&args.peers.dir).context("the torch venv")?;
+                observe::run(&client, &python, &dir.join("observe"), &mut figures)
+                    .await
+                    .context("observe")?;
             }
         }
         if want("s3") {

@@ -46,6 +46,18 @@ macro_rules! launcher_kinds {
     };
 }
 
+impl LauncherKind {
+    /// Whether its ranks run on this host and get its host-local hooks (the launch's
+    /// `Place::host_local`): the Python hook's stacks and automatic heartbeats. A summary
+    /// without step data says how to get it accordingly.
+    pub fn host_local_hooks(self) -> bool {
+        match self {
+            LauncherKind::Local => true,
+            LauncherKind::Slurm | LauncherKind::Docker => false,
+        }
+    }
+}
+
 impl std::str::FromStr for LauncherKind {
     type Err = String;
 

@@ -20,43 +20,11 @@ const MAX_PROCESSES: usize = 16;
 /// Loaded by every Python rank started by the local launcher (it is first on their
 /// `PYTHONPATH`): registers `faulthandler` for all threads on a real-time signal, writing to
 /// `TRAINVISOR_STACKS_FILE`, and says so in that file with its pid and signal, so only
-/// processes that can take the signal get it. Then it hands over to any other
-/// `sitecustomize` further down the path, as if it had not been there.
-pub const SITECUSTOMIZE: &str = r##"# Written by trainvisor: lets it capture this rank's Python stacks before killing a hung rank.
-def _trainvisor_stacks():
-    import os
-    path = os.environ.get("TRAINVISOR_STACKS_FILE")
-    if not path:
-        return
-    try:
-        import faulthandler, signal
-        sig = signal.SIGRTMIN + 2
-        f = open(path, "a", buffering=1)
-        faulthandler.register(sig, file=f, all_threads=True, chain=False)
-        f.write("# trainvisor: faulthandler on signal %d in pid %d\n" % (sig, os.getpid()))
-        f.flush()
-        import sys
-        sys._trainvisor_stacks_file = f
-    except Exception:
-        pass
-
-def _trainvisor_chain():
-    import importlib, os, sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    mine = sys.modules.pop("sitecustomize", None)
-    saved = list(sys.path)
-    try:
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-        importlib.import_module("sitecustomize")
-    except ImportError:
-        if mine is not None:
-            sys.modules["sitecustomize"] = mine
-    finally:
-        sys.path[:] = saved
-
-_trainvisor_stacks()
-_trainvisor_chain()
-"##;
+/// processes that can take the signal get it; observes the optimizer steps of a script that
+/// imports torch (`TRAINVISOR_AUTO_HEARTBEAT`, see README "Unchanged PyTorch scripts"). Then
+/// it hands over to any other `sitecustomize` further down the path, as if it had not been
+/// there.
+pub const SITECUSTOMIZE: &str = include_str!("sitecustomize.py");
 
 /// The directory holding [`SITECUSTOMIZE`] under the data dir, written once per data dir
 /// and server process.
@@ -80,7 +48,7 @@ pub fn hooks_dir(data_dir: &Path) -> PathBuf {
             Ok(()) => {
                 written.insert(dir.clone());
             }
-            Err(e) => tracing::warn!(error = %e, "cannot write the Python stacks hook"),
+            Err(e) => tracing::warn!(error = %e, "cannot write the Python hook"),
         }
     }
     dir

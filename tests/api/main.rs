@@ -18,6 +18,7 @@ mod incidents;
 mod lifecycle;
 mod logs;
 mod metrics;
+mod observe;
 mod python;
 mod quickstart;
 mod s3;

@@ -57,18 +57,20 @@ impl Job {
 }
 
 impl Handler<Heartbeat> for Job {
-    type Result = Result<(), WorkerRejected>;
+    type Result = Result<bool, WorkerRejected>;
 
     fn handle(&mut self, msg: Heartbeat, _: &mut Context<Self>) -> Self::Result {
         let attempt = msg.attempt;
         self.still_runs(msg.rank, attempt)?;
         let step = msg.body.get("step").and_then(serde_json::Value::as_u64);
+        let slot = &mut self.ranks[msg.rank as usize];
+        if !slot.progress.record_heartbeat(Utc::now(), msg.body) {
+            return Ok(false);
+        }
         if let Some(step) = step {
             self.straggler_step(msg.rank, attempt, step);
             self.launcher.rank_stepping(msg.rank);
         }
-        let slot = &mut self.ranks[msg.rank as usize];
-        slot.progress.record_heartbeat(Utc::now(), msg.body);
         self.incident_heartbeat(msg.rank, step);
         self.workers[msg.rank as usize].do_send(Beat { attempt });
         self.progress.observe(&self.ranks);
@@ -102,7 +104,7 @@ impl Handler<Heartbeat> for Job {
                 });
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
