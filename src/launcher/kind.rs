@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 macro_rules! launcher_kinds {
     ($(
         $(#[doc = $doc:literal])*
-        $variant:ident = $name:literal, warm_standby: $warm:literal;
+        $variant:ident = $name:literal, warm_standby: $warm:literal, host_local_hooks: $hooks:literal;
     )+) => {
         /// Where a job's ranks run.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -42,21 +42,18 @@ macro_rules! launcher_kinds {
                     $(LauncherKind::$variant => $warm,)+
                 }
             }
+
+            /// Whether its ranks run on this host and get its host-local hooks (what its
+            /// launcher's places say, `Place::host_local`): the Python hook's stacks and
+            /// automatic heartbeats (containers of the local engine too: one kernel, the hook
+            /// mounted into them). A summary without step data says how to get it accordingly.
+            pub fn host_local_hooks(self) -> bool {
+                match self {
+                    $(LauncherKind::$variant => $hooks,)+
+                }
+            }
         }
     };
-}
-
-impl LauncherKind {
-    /// Whether its ranks run on this host and get its host-local hooks (the launch's
-    /// `Place::host_local`): the Python hook's stacks and automatic heartbeats. Containers of
-    /// the local engine do (one kernel; the hook is mounted into them). A summary without
-    /// step data says how to get it accordingly.
-    pub fn host_local_hooks(self) -> bool {
-        match self {
-            LauncherKind::Local | LauncherKind::Docker => true,
-            LauncherKind::Slurm => false,
-        }
-    }
 }
 
 impl std::str::FromStr for LauncherKind {
@@ -73,11 +70,12 @@ impl std::str::FromStr for LauncherKind {
 // The first row is the default. Each name must be its variant in lowercase (serde's name).
 launcher_kinds! {
     /// Child processes of the server, on this machine.
-    Local = "local", warm_standby: true;
+    Local = "local", warm_standby: true, host_local_hooks: true;
     /// Slurm job steps (`srun`) inside an allocation the job owns.
-    Slurm = "slurm", warm_standby: true;
+    Slurm = "slurm", warm_standby: true, host_local_hooks: false;
     /// Docker containers of the job's `image`, on a network of the job's own.
-    Docker = "docker", warm_standby: false;
+    /// (Its containers share this host's kernel; the hook is mounted into them.)
+    Docker = "docker", warm_standby: false, host_local_hooks: true;
 }
 
 #[cfg(test)]
