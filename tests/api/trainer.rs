@@ -71,7 +71,11 @@ async fn run_with_kills(app: &TestApp, spec: Value, world: u32, seed: u64, kills
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(done > 0, "no kill landed (seed {seed})");
     let restarts = app.restarts(&id).await;
-    assert_eq!(restarts.len(), done, "one restart per kill (seed {seed})");
+    assert_eq!(
+        restarts.len(),
+        done,
+        "one restart per kill (seed {seed}): {restarts:#?}"
+    );
     assert_latest_valid(&BlobStore::open(dir.to_str().unwrap()).unwrap(), world).await;
     model_of(app, &id).await.1
 }
