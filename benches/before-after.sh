@@ -2,18 +2,20 @@
 # Recovery and API figures of two builds side by side, in one run: `trainvisor bench --only
 # recovery,api` of BEFORE and AFTER, alternated ROUNDS times (so drift in the machine's load
 # hits both), then the median of each figure per build, written as JSON and printed as a
-# table. Used for the launcher-seam redesign (issue 12): BEFORE is the commit before it.
+# table. Used for the launcher-seam redesign (issue 12) and the honest seams (issue 22, with
+# ONLY=recovery,api,accounting for the heartbeat's latency and throughput): BEFORE is the
+# commit before the change.
 #
-#   benches/before-after.sh BEFORE_BIN AFTER_BIN [OUT.json] [ROUNDS]
+#   [ONLY=SCENARIOS] benches/before-after.sh BEFORE_BIN AFTER_BIN [OUT.json] [ROUNDS]
 set -euo pipefail
-before=$1 after=$2 out=${3:-bench-results/redesign.json} rounds=${4:-2}
+before=$1 after=$2 out=${3:-bench-results/redesign.json} rounds=${4:-2} only=${ONLY:-recovery,api}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for i in $(seq 1 "$rounds"); do
   for which in before after; do
     bin=$before; [ "$which" = after ] && bin=$after
     echo "before-after: round $i, $which" >&2
-    "$bin" bench --only recovery,api --out "$tmp/$which-$i.json" >/dev/null
+    "$bin" bench --only "$only" --out "$tmp/$which-$i.json" >/dev/null
   done
 done
 python3 - "$tmp" "$out" "$rounds" <<'PY'

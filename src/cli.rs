@@ -418,7 +418,10 @@ pub fn main() -> ExitCode {
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(client::health(&c, Duration::from_secs_f64(timeout))))
-                .map(|version| println!("healthy: trainvisor {version} at {server}"))
+                .map(|version| {
+                    let line = format!("healthy: trainvisor {version} at {server}");
+                    println!("{}", client::output::printable(&line))
+                })
         }
         Some(Command::Validate {
             server,
@@ -520,8 +523,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(async move {
         prepare_buckets(&settings).await?;
         let app = Application::build(settings).await?;
-        // One machine-readable line on stdout, for scripts that bind port 0.
-        println!("trainvisor listening on http://{}", app.local_addr());
+        // One machine-readable line on stdout, for scripts that bind port 0: the address as
+        // bound, so a server on every address (a container's) does not claim loopback only.
+        println!("trainvisor listening on http://{}", app.bound_addr());
         app.run_until_signal().await
     })
 }

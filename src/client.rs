@@ -324,6 +324,10 @@ fn describe_summary(s: &Value) -> String {
         fmt_opt(&s["restarts"], 0),
         fmt_opt(&s["last_checkpoint_step"], 0),
     );
+    if let Some(why) = s["no_step_data"].as_str() {
+        out.push_str(why);
+        out.push('\n');
+    }
     let workers = s["workers"].as_array().cloned().unwrap_or_default();
     // A STANDBY column for jobs with warm standbys.
     let standbys = workers

@@ -23,6 +23,8 @@ use crate::store::{self, Recorder};
 
 pub struct Application {
     addr: SocketAddr,
+    /// The address the listener is bound to (`0.0.0.0:8000` on every address).
+    bound: SocketAddr,
     server: Server,
     manager: Addr<JobManager>,
     _lock: std::fs::File,
@@ -167,6 +169,7 @@ impl Application {
         tracing::info!(%addr, data_dir = %data_dir.display(), "trainvisor listening");
         Ok(Application {
             addr: reachable,
+            bound: addr,
             server,
             manager,
             _lock: lock,
@@ -175,6 +178,12 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The address the server listens on, as bound: an unspecified one (`0.0.0.0`) means
+    /// every address of the host (or container).
+    pub fn bound_addr(&self) -> SocketAddr {
+        self.bound
     }
 
     /// The address clients on this machine reach the server at.

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::bench::{Client, Server};
+use crate::client::output::{printable, printable_json};
 use crate::trainer::data::{DatasetParams, make_dataset};
 
 pub struct ValidateArgs {
@@ -103,7 +104,7 @@ async fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
         && started_here
         && let Ok(log) = std::fs::read_to_string(&server_log)
     {
-        eprintln!("the server's log:\n{log}");
+        eprintln!("the server's log:\n{}", printable(&log));
     }
     let _ = std::fs::remove_dir_all(&dir);
     let passed = checks.iter().filter(|c| c.result == "ok").count();
@@ -116,10 +117,13 @@ async fn validate(args: ValidateArgs) -> anyhow::Result<i32> {
             failed,
             cleanup,
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            printable_json(&serde_json::to_string_pretty(&report)?)
+        );
     } else {
         if let Some(cleanup) = cleanup {
-            println!("{cleanup}");
+            println!("{}", printable(&cleanup));
         }
         println!("{passed} passed, {failed} failed");
     }
@@ -170,6 +174,8 @@ impl Checks<'_> {
             } else {
                 format!("  ({detail})")
             };
+            // A detail may quote the server or a rank: shown escaped, as by every command.
+            let extra = printable(&extra);
             println!("  {tag} {name:<46} {ms:>8.0} ms{extra}");
         }
         self.checks.push(Check {

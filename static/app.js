@@ -489,6 +489,10 @@
     setText($("st-ckpt"), Number.isFinite(s.last_checkpoint_step)
       ? `step ${s.last_checkpoint_step}` : "—");
     $("st-ckpt").title = s.last_checkpoint_at ? `committed ${fmtTime(s.last_checkpoint_at)}` : "";
+    // What the job cannot show (no step ever reported) and how to get it, from the server.
+    const noSteps = $("no-step-data");
+    setText(noSteps, s.no_step_data || "");
+    noSteps.hidden = !s.no_step_data;
     renderRanks();
     renderCharts();
     renderAges();
@@ -613,9 +617,10 @@
     const list = open ? open.incidents : [];
     const s = open && open.summary;
     const g = s && s.goodput;
-    setText($("goodput"), g ? `Goodput ${fmtNum(g.goodput, 3)}: of ${fmtNum(g.wall_s, 1)} s, ` +
+    setText($("goodput"), g ? `Goodput ${g.estimate ? "≤ " : ""}${fmtNum(g.goodput, 3)}: of ${fmtNum(g.wall_s, 1)} s, ` +
       `${fmtNum(g.recovering_s, 1)} s recovering (${fmtNum(g.backoff_s, 1)} s in backoff), ` +
-      `${g.steps_redone} steps redone` : "");
+      `${g.steps_redone} steps redone` +
+      (g.estimate ? "; an estimate: steps lost unknown (no step data), redone steps left out" : "") : "");
     // The last save on notice (stop, SIGTERM, SIGUSR1, checkpoint request) and what it cost.
     const n = s && s.last_notice;
     setText($("notice"), n ? `Save on notice (${n.cause}): ${n.outcome}` +
@@ -646,7 +651,7 @@
           el("strong", { text: `#${i.seq} rank ${i.rank} ${i.reason}` }), " ",
           el("span", { text: `${(i.detail || "").split("\n")[0]} — ${i.scope} restart of ${ranks} — ` }),
           el("span", { class: "badge", "data-state": i.end === "recovered" ? "succeeded" : "failed", text: i.end }),
-          el("span", { class: "muted", text: ` ${fmtTime(i.detected_at)}; lost ${i.steps_lost} steps, ${fmtNum(i.seconds_lost, 2)} s` })),
+          el("span", { class: "muted", text: ` ${fmtTime(i.detected_at)}; lost ${i.steps_lost ?? "unknown"} steps, ${fmtNum(i.seconds_lost, 2)} s` })),
         bar,
         // A hung rank: what every rank was doing before it was killed.
         ...(i.stacks || []).map((st) => el("details", { class: "stacks", "data-rank": st.rank, "data-kind": st.kind },
@@ -703,8 +708,9 @@
     const h = (open && history.get(open.id)) || [];
     // Restarts are marked on the charts where they were detected.
     const marks = open ? open.restarts.map((r) => parseTs(r.detected_at)).filter(Number.isFinite) : [];
-    drawChart($("chart-loss"), h, "loss", marks);
-    drawChart($("chart-rate"), h, "rate", marks);
+    const empty = open && open.summary && open.summary.no_step_data ? "no step data" : "no data yet";
+    drawChart($("chart-loss"), h, "loss", marks, empty);
+    drawChart($("chart-rate"), h, "rate", marks, empty);
   }
 
   function svg(tag, attrs, text) {
@@ -714,7 +720,7 @@
     return node;
   }
 
-  function drawChart(root, points, key, marks = []) {
+  function drawChart(root, points, key, marks = [], empty = "no data yet") {
     const W = 480, H = 150, L = 52, R = 10, T = 10, B = 24;
     const pts = points.filter((p) => Number.isFinite(p[key]));
     root.dataset.points = String(pts.length);
@@ -724,7 +730,7 @@
     ];
     if (!pts.length) {
       nodes.push(svg("text", { x: (L + W - R) / 2, y: (T + H - B) / 2, "text-anchor": "middle" },
-        "no data yet"));
+        empty));
       root.replaceChildren(...nodes);
       return;
     }

@@ -25,11 +25,12 @@ resolved in the server's working directory):
 trainvisor sets CHECKPOINT_DIR to the job's own directory, RESTART_COUNT (also
 TORCHELASTIC_RESTART_COUNT) and, for every launch of the job, a fresh MASTER_PORT. If the
 helper ``examples/python/trainvisor_worker.py`` is found, the script also heartbeats so a hung
-rank is detected (optional: without heartbeats a rank is supervised by its exit alone) and
-it saves on notice: when trainvisor asks (a stop, its SIGTERM, Slurm's ``--signal``), the ranks
-agree on the step with one tiny all-reduce per step, rank 0 writes ``ddp.pt`` there, and every
-rank registers a part of that step so trainvisor commits it; then they hold until ended.
-This example is not run in CI (torch is not installed there).
+rank is detected (optional: without it, trainvisor's Python hook still reports the optimizer
+steps and loss of a local rank, see the README's "Unchanged PyTorch scripts"), and it saves on
+notice: when trainvisor asks (a stop, its SIGTERM, Slurm's ``--signal``), the ranks agree on the
+step with one tiny all-reduce per step, rank 0 writes ``ddp.pt`` there, and every rank registers
+a part of that step so trainvisor commits it; then they hold until ended. This example is not
+run in CI; tests/scripts/ddp_unchanged.py, a plainer DDP script, is (tests/api/observe.rs).
 """
 
 import json

@@ -416,7 +416,8 @@ impl Actor for Job {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.publish_job();
         ctx.run_interval(stragglers::CHECK_EVERY, |act, ctx| {
-            act.check_stragglers(ctx)
+            act.check_stragglers(ctx);
+            act.check_quiet_incidents();
         });
         if !self.spec.env.contains_key("OMP_NUM_THREADS") {
             // torchrun warns about it too: one thread per rank unless the job says otherwise.

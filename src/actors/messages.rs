@@ -244,10 +244,11 @@ pub enum WorkerRejected {
 // the job's `WorkerTokens` before the body was read); the Job refuses it as stale (409) unless
 // that attempt still runs.
 
-/// A heartbeat from incarnation `attempt` of `rank`; answered with the save request in
-/// flight, if any.
+/// A heartbeat from incarnation `attempt` of `rank`; answered with whether it was recorded
+/// (false: an automatic heartbeat ignored because the script sends its own) and the save
+/// request in flight, if any.
 #[derive(Message)]
-#[rtype(result = "Result<Option<crate::domain::notice::SaveRequest>, WorkerRejected>")]
+#[rtype(result = "Result<(bool, Option<crate::domain::notice::SaveRequest>), WorkerRejected>")]
 pub struct Heartbeat {
     pub rank: u32,
     pub attempt: u32,

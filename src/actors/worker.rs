@@ -127,7 +127,7 @@ impl Worker {
                 tail
             });
             let exit = exit.await;
-            let ended = Instant::now();
+            let ended = exit.seen_at.unwrap_or_else(Instant::now);
             let tail = match tokio::time::timeout(DRAIN_TIMEOUT, reader).await {
                 Ok(Ok(tail)) => tail.into_iter().collect(),
                 _ => Vec::new(),

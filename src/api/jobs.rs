@@ -75,8 +75,10 @@ pub struct ListQuery {
     #[param(value_type = Option<JobState>)]
     state: Option<String>,
     /// Jobs in the page, 1 to 1000 (default 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// Jobs skipped before the page (default 0).
+    #[param(minimum = 0)]
     offset: Option<i64>,
 }
 
@@ -86,8 +88,10 @@ pub struct ListQuery {
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Jobs in the page, 1 to 1000 (default 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// Jobs skipped before the page (default 0).
+    #[param(minimum = 0)]
     offset: Option<i64>,
 }
 

@@ -113,8 +113,12 @@ pub struct HeartbeatBody {
     /// The rank was given notice (it got SIGUSR1, e.g. Slurm's `--signal` before a
     /// preemption), e.g. `"SIGUSR1"`: the whole job saves and holds at the saved step.
     notice: Option<String>,
-    /// The last step the rank began saving a part of: tells a rank writing its part of a
-    /// save request's step from one that missed it.
+    /// Set by trainvisor's Python hook (automatic heartbeats); a script's own heartbeats,
+    /// without it, win over them.
+    trainvisor_auto: Option<bool>,
+    /// The last step the rank saved (began saving a part of; for automatic heartbeats the
+    /// step count at the script's last `torch.save`): tells a rank writing its part of a save
+    /// request's step from one that missed it.
     saved_step: Option<u64>,
 }
 
@@ -126,6 +130,9 @@ pub struct OkReply {
     /// Heartbeats only: save your part of `save.by_step` right after finishing that step
     /// (absent: nothing to do). With `halt`, train no further until the request changes.
     save: Option<crate::domain::notice::SaveRequest>,
+    /// Heartbeat only: set when an automatic heartbeat (`"trainvisor_auto": true`, sent by
+    /// trainvisor's Python hook) was ignored because the script sends its own.
+    ignored: Option<String>,
 }
 
 /// Reply of the all-reduce route: the mean over every rank.
@@ -187,8 +194,13 @@ pub async fn heartbeat(
         body,
     };
     match c.job.addr.send(msg).await.map_err(|_| ended(&c))? {
-        Ok(None) => Ok(HttpResponse::Ok().json(json!({ "ok": true }))),
-        Ok(Some(save)) => Ok(HttpResponse::Ok().json(json!({ "ok": true, "save": save }))),
+        Ok((true, None)) => Ok(HttpResponse::Ok().json(json!({ "ok": true }))),
+        Ok((true, Some(save))) => Ok(HttpResponse::Ok().json(json!({ "ok": true, "save": save }))),
+        // trainvisor's Python hook stops when it reads this.
+        Ok((false, _)) => Ok(HttpResponse::Ok().json(json!({
+            "ok": true,
+            "ignored": "an automatic heartbeat: this rank's script sends its own, which win"
+        }))),
         Err(why) => Err(rejected(c.id, c.rank, why)),
     }
 }

@@ -7,6 +7,7 @@ mod api;
 mod checkpoint;
 mod docker;
 mod notice;
+pub mod observe;
 pub mod peers;
 mod recovery;
 mod s3;
@@ -47,6 +48,7 @@ pub const SCENARIOS: &[&str] = &[
     "slurm",
     "docker",
     "peers",
+    "observe",
     "s3",
 ];
 
@@ -217,6 +219,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     .await
                     .context("peers")?;
                 }
+            }
+        }
+        if want("observe") {
+            if args.quick {
+                eprintln!("bench: an unchanged torch script observed: skipped: --quick");
+                notes.insert("observe".into(), "skipped: --quick".into());
+            } else {
+                eprintln!("bench: an unchanged torch script observed (hook cost, kill -9 errors)");
+                let python = peers::prepare(&args.peers.dir).context("the torch venv")?;
+                observe::run(&client, &python, &dir.join("observe"), &mut figures)
+                    .await
+                    .context("observe")?;
             }
         }
         if want("s3") {

@@ -64,7 +64,7 @@ fn unix_now() -> f64 {
 }
 
 /// Makes (or reuses) the venv with Ray Train and torch. Err is the reason to skip the peers.
-fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn prepare(dir: &Path) -> anyhow::Result<PathBuf> {
     let venv = dir.join("venv");
     let python = venv.join("bin").join("python");
     let marker = venv.join(".trainvisor-bench");

@@ -9,12 +9,15 @@ use super::output::number;
 /// Lines of each rank's stacks printed (the API has them all).
 const STACK_LINES: usize = 12;
 
-/// `goodput 0.93  (wall 61.0 s, recovering 2.4 s of which backoff 0.2 s, 15 steps redone)`.
+/// `goodput 0.93  (wall 61.0 s, recovering 2.4 s of which backoff 0.2 s, 15 steps redone)`;
+/// an estimate (steps lost unknown) reads `goodput ≤ 0.930 (estimate: …)`.
 pub fn describe_goodput(g: &Value) -> Option<String> {
     let goodput = g["goodput"].as_f64()?;
     let secs = |k: &str| g[k].as_f64().unwrap_or(0.0);
+    let estimate = g["estimate"] == true;
     Some(format!(
-        "goodput {goodput:.3}  (wall {} s, recovering {} s of which backoff {} s, {}, {})",
+        "goodput {}{goodput:.3}  (wall {} s, recovering {} s of which backoff {} s, {}, {}){}",
+        if estimate { "≤ " } else { "" },
         number(secs("wall_s"), 1),
         number(secs("recovering_s"), 1),
         number(secs("backoff_s"), 1),
@@ -28,6 +31,12 @@ pub fn describe_goodput(g: &Value) -> Option<String> {
             "incident",
             "incidents"
         ),
+        if estimate {
+            "\n  estimate: steps lost unknown (the ranks reported no steps), so redone steps are \
+             left out and recovery of ranks that report nothing ends 10 s after they all started"
+        } else {
+            ""
+        },
     ))
 }
 
@@ -93,7 +102,10 @@ pub fn describe_incidents(incidents: &[Value]) -> String {
             phase("spawned_at"),
             phase("first_heartbeat_at"),
             phase("training_at"),
-            plural(i["steps_lost"].as_u64().unwrap_or(0), "step", "steps"),
+            match i["steps_lost"].as_u64() {
+                Some(n) => plural(n, "step", "steps"),
+                None => "unknown steps".to_string(),
+            },
             number(i["seconds_lost"].as_f64().unwrap_or(0.0), 1),
         ));
         // A hung rank's incident: what every rank was doing before it was killed.
@@ -147,5 +159,23 @@ mod tests {
              detected 2026-12-03 12:00:01.000  spawned +0.21 s  first heartbeat +0.35 s  \
              training +1.02 s  lost 15 steps, 1.0 s"
         );
+    }
+
+    /// Steps lost that nobody reported read as unknown, never as 0; the goodput says it is
+    /// an estimate.
+    #[test]
+    fn unknown_steps_lost_and_an_estimated_goodput_say_so() {
+        let text = describe_incidents(&[json!({
+            "seq": 1, "rank": 0, "reason": "signal", "detail": "killed by SIGKILL",
+            "scope": "worker", "ranks": [0], "end": "recovered",
+            "detected_at": "2026-12-03T12:00:01.000Z", "training_at": "2026-12-03T12:00:12.000Z",
+            "steps_lost": null, "seconds_lost": 11.0
+        })]);
+        assert!(text.ends_with("lost unknown steps, 11.0 s"), "{text}");
+        let g = json!({"goodput": 0.8, "wall_s": 55.0, "recovering_s": 11.0, "backoff_s": 0.5,
+                       "steps_redone": 0, "redo_s": null, "incidents": 1, "estimate": true});
+        let line = describe_goodput(&g).unwrap();
+        assert!(line.starts_with("goodput ≤ 0.800"), "{line}");
+        assert!(line.contains("estimate: steps lost unknown"), "{line}");
     }
 }

@@ -6,17 +6,30 @@ use anyhow::bail;
 use super::Client;
 use super::output::printable;
 
+/// Jobs asked for at a time: the most one page of `GET /jobs` holds.
+const PAGE: usize = 1000;
+
 /// The whole id of the job `typed` names: a UUID as is, else the one job whose id starts
 /// with it.
 pub async fn resolve(c: &Client, typed: &str) -> anyhow::Result<String> {
     if let Ok(id) = typed.parse::<uuid::Uuid>() {
         return Ok(id.to_string());
     }
-    let jobs = c.get("/jobs").await?;
+    // Every job, a page at a time (the server's pages hold at most PAGE).
+    let mut jobs = Vec::new();
+    loop {
+        let page = c
+            .get(&format!("/jobs?limit={PAGE}&offset={}", jobs.len()))
+            .await?;
+        let page = page.as_array().cloned().unwrap_or_default();
+        let full = page.len() == PAGE;
+        jobs.extend(page);
+        if !full {
+            break;
+        }
+    }
     let known: Vec<(&str, &str)> = jobs
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .filter_map(|j| Some((j["job_id"].as_str()?, j["name"].as_str().unwrap_or(""))))
         .collect();
     match pick(typed, &known) {

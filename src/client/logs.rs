@@ -19,7 +19,7 @@ pub struct LogsArgs {
     pub timestamps: bool,
 }
 
-/// `2026-12-05T00:12:01.123Z [1] stderr Traceback …`: the time, the rank, the stream when it
+/// `2026-12-05T00:12:01.123456Z [1] stderr Traceback …`: the time, the rank, the stream when it
 /// is not stdout, and the line.
 pub fn format_line(line: &Value, timestamps: bool) -> String {
     let rank = line["rank"]
@@ -140,10 +140,10 @@ mod tests {
     #[test]
     fn a_line_reads_time_rank_stream_text() {
         let line = json!({"seq": 7, "rank": 1, "stream": "stderr",
-                          "ts": "2026-12-05T00:12:01.123Z", "line": "boom \u{1b}[2J"});
+                          "ts": "2026-12-05T00:12:01.123456Z", "line": "boom \u{1b}[2J"});
         assert_eq!(
             format_line(&line, true),
-            "2026-12-05T00:12:01.123Z [1] stderr boom \\x1b[2J"
+            "2026-12-05T00:12:01.123456Z [1] stderr boom \\x1b[2J"
         );
         let out = json!({"seq": 8, "rank": 0, "stream": "stdout", "ts": "t", "line": "ok"});
         assert_eq!(format_line(&out, false), "[0] ok");

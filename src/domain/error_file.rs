@@ -14,10 +14,18 @@ const MAX_MESSAGE: usize = 2000;
 
 /// The error file of one incarnation (`TORCHELASTIC_ERROR_FILE`), fresh for each.
 pub fn path(data_dir: &Path, job_id: Uuid, rank: u32, attempt: u32) -> PathBuf {
+    incarnation_dir(data_dir, job_id, rank, attempt)
+        .join(format!("rank-{rank}-attempt-{attempt}.json"))
+}
+
+/// The directory of what one incarnation writes for the server to read back (its error file,
+/// its Python stacks): a directory of its own, so that a rank in a container gets it mounted
+/// and sees no other rank's.
+pub fn incarnation_dir(data_dir: &Path, job_id: Uuid, rank: u32, attempt: u32) -> PathBuf {
     data_dir
         .join("errors")
         .join(job_id.to_string())
-        .join(format!("rank-{rank}-attempt-{attempt}.json"))
+        .join(format!("rank-{rank}-attempt-{attempt}"))
 }
 
 /// What a rank said it died of.

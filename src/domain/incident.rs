@@ -5,11 +5,17 @@
 //! wall time not lost to failures.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Outcome, RestartScope, ts};
+
+/// Ranks that report no steps and never heartbeat train again once every restarted rank has
+/// stayed up this long after the last of them started: long enough to import torch and join
+/// a process group on a loaded machine, and a failure within it is a new incident.
+pub const QUIET_ALIVE: Duration = Duration::from_secs(10);
 
 /// How an incident ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -78,6 +84,8 @@ pub struct Failure {
     pub last_step: Option<u64>,
     /// The step of the checkpoint the replacements resume from (none: from the start).
     pub resumed_step: Option<u64>,
+    /// The job's mean seconds per step just before it was detected (none: not known).
+    pub step_s: Option<f64>,
     /// What every rank was doing when this (hung) rank was declared hung, captured before
     /// anything was killed. Empty for other failures.
     pub stacks: Vec<RankStacks>,
@@ -160,6 +168,25 @@ impl Incident {
         changed
     }
 
+    /// Ranks that report nothing (no step ever, no heartbeat since the failure): the job
+    /// trains again once they have all stayed up [`QUIET_ALIVE`], and that moment counts as
+    /// when it did. Returns true when the record changed.
+    pub fn alive(&mut self, now: DateTime<Utc>) -> bool {
+        let quiet = self.failure.last_step.is_none() && self.first_heartbeat_at.is_none();
+        let Some(spawned) = self.spawned_at.filter(|_| self.is_open() && quiet) else {
+            return false;
+        };
+        let at = spawned + chrono::Duration::from_std(QUIET_ALIVE).unwrap_or_default();
+        if now < at {
+            return false;
+        }
+        self.not_training.clear();
+        self.training_at = Some(at);
+        self.end = IncidentEnd::Recovered;
+        self.ended_at = Some(at);
+        true
+    }
+
     /// The job or the server ended while the incident was open.
     pub fn close(&mut self, end: IncidentEnd, at: DateTime<Utc>) -> bool {
         if !self.is_open() {
@@ -170,12 +197,17 @@ impl Incident {
         true
     }
 
-    /// Steps done before the failure that must be done again.
-    pub fn steps_lost(&self) -> u64 {
+    /// Steps done before the failure that must be done again; unknown (None) when the
+    /// ranks reported no step before it.
+    pub fn steps_lost(&self) -> Option<u64> {
         let f = &self.failure;
-        f.last_step
-            .unwrap_or(0)
-            .saturating_sub(f.resumed_step.unwrap_or(0))
+        let last = f.last_step?;
+        Some(last.saturating_sub(f.resumed_step.unwrap_or(0)))
+    }
+
+    /// The time the lost steps had taken: steps lost at the job's step time.
+    pub fn redo_s(&self) -> Option<f64> {
+        Some(self.steps_lost()? as f64 * self.failure.step_s?)
     }
 
     /// Seconds from detection to training again (or to the end, or to `now` while open).
@@ -206,6 +238,7 @@ impl Incident {
             steps_lost: self.steps_lost(),
             seconds_lost: self.seconds_lost(now),
             stacks: f.stacks.clone(),
+            redo_s: self.redo_s(),
         }
     }
 }
@@ -232,11 +265,16 @@ pub struct IncidentRow {
     pub end: String,
     pub last_step: Option<u64>,
     pub resumed_step: Option<u64>,
-    pub steps_lost: u64,
+    /// Null when the ranks reported no step before the failure: unknown, not none.
+    pub steps_lost: Option<u64>,
     pub seconds_lost: f64,
     /// For a hung rank: what every rank of the job was doing before it was killed.
     #[serde(default)]
     pub stacks: Vec<RankStacks>,
+    /// The time the lost steps had taken: `steps_lost` at the job's step time just before
+    /// the failure (null when either is unknown).
+    #[serde(default)]
+    pub redo_s: Option<f64>,
 }
 
 /// Where a job's wall time went: `goodput` in the summary.
@@ -251,12 +289,18 @@ pub struct Goodput {
     pub recovering_s: f64,
     /// The part of `recovering_s` spent waiting in restart backoff.
     pub backoff_s: f64,
-    /// Σ steps done again after resuming from an older checkpoint.
+    /// Σ steps done again after resuming from an older checkpoint (of the incidents where
+    /// they are known).
     pub steps_redone: u64,
-    /// The training time those steps took the first time (at the job's mean step time).
-    pub redo_s: f64,
+    /// The training time those steps took the first time (at the job's mean step time); null
+    /// when an incident's steps lost are unknown (its ranks reported no steps).
+    pub redo_s: Option<f64>,
     /// (wall − recovering − redo) / wall: 1.0 for a job that never failed.
     pub goodput: f64,
+    /// True when an incident's steps lost are unknown: the redone steps are left out and the
+    /// time recovering of ranks that report nothing is an estimate (see `QUIET_ALIVE`), so
+    /// `goodput` is an upper bound.
+    pub estimate: bool,
 }
 
 impl Goodput {
@@ -267,15 +311,22 @@ impl Goodput {
         let backoff_s = incidents.iter().fold(0.0, |a, i| {
             a + (i.backoff_ms as f64 / 1000.0).min(i.seconds_lost)
         });
-        let steps_redone: u64 = incidents.iter().map(|i| i.steps_lost).sum();
+        let steps_redone: u64 = incidents.iter().filter_map(|i| i.steps_lost).sum();
+        let estimate = incidents.iter().any(|i| i.steps_lost.is_none());
         let wall_s = wall_s.max(0.0);
         let training_s = (wall_s - recovering_s).max(0.0);
+        // Each incident's redo at the step time measured before it; where that is not known,
+        // at the job's mean step time over its whole training time.
         let executed = step.unwrap_or(0) + steps_redone;
-        let redo_s = if executed > 0 {
-            training_s * steps_redone as f64 / executed as f64
-        } else {
-            0.0
-        };
+        let redo_s: f64 = incidents
+            .iter()
+            .map(|i| match (i.redo_s, i.steps_lost) {
+                (Some(redo), _) => redo,
+                (None, Some(lost)) if executed > 0 => training_s * lost as f64 / executed as f64,
+                _ => 0.0,
+            })
+            // Not `sum()`, whose empty sum is -0.0.
+            .fold(0.0, |a, b| a + b);
         let goodput = if wall_s > 0.0 {
             ((wall_s - recovering_s - redo_s) / wall_s).clamp(0.0, 1.0)
         } else {
@@ -288,8 +339,9 @@ impl Goodput {
             recovering_s,
             backoff_s,
             steps_redone,
-            redo_s,
+            redo_s: (!estimate).then_some(redo_s),
             goodput,
+            estimate,
         }
     }
 }
@@ -315,6 +367,7 @@ mod tests {
             at: Utc::now(),
             last_step: last,
             resumed_step: resumed,
+            step_s: None,
             stacks: Vec::new(),
         }
     }
@@ -343,7 +396,7 @@ mod tests {
         assert!(i.heartbeat(1, Some(31), at(1000)));
         assert_eq!(i.end, IncidentEnd::Recovered);
         assert_eq!(i.training_at, Some(at(1000)));
-        assert_eq!(i.steps_lost(), 7);
+        assert_eq!(i.steps_lost(), Some(7));
         assert!(!i.close(IncidentEnd::JobEnded, at(2000)), "already ended");
         let row = i.row(at(5000));
         assert_eq!(row.first_heartbeat_at, Some(ts(at(900))));
@@ -355,7 +408,7 @@ mod tests {
     #[test]
     fn without_a_checkpoint_every_step_is_lost_and_ranks_without_steps_count_on_heartbeat() {
         let mut i = Incident::open(failure(vec![2], Some(12), None));
-        assert_eq!(i.steps_lost(), 12);
+        assert_eq!(i.steps_lost(), Some(12));
         let mut quiet = Incident::open(failure(vec![2], None, None));
         let t = Utc::now();
         quiet.spawned(2, t);
@@ -377,8 +430,47 @@ mod tests {
         assert_eq!(g.steps_redone, 100);
         assert_eq!(g.backoff_s, 0.5);
         // 90 s of training did 1100 steps; 100 of them were redone.
-        assert!((g.redo_s - 90.0 * 100.0 / 1100.0).abs() < 1e-9);
-        assert!((g.goodput - (100.0 - 10.0 - g.redo_s) / 100.0).abs() < 1e-9);
+        let redo_s = g.redo_s.unwrap();
+        assert!((redo_s - 90.0 * 100.0 / 1100.0).abs() < 1e-9);
+        assert!((g.goodput - (100.0 - 10.0 - redo_s) / 100.0).abs() < 1e-9);
         assert!(g.goodput < 1.0);
+        assert!(!g.estimate);
+        // With the step time measured before the failure, the redo is the time the lost
+        // steps took (startup and stalls in the training time do not inflate it).
+        i.failure.step_s = Some(0.05);
+        let g = Goodput::of(&[i.row(t)], 100.0, Some(1000));
+        assert!((g.redo_s.unwrap() - 100.0 * 0.05).abs() < 1e-9);
+        assert!((g.goodput - (100.0 - 10.0 - 5.0) / 100.0).abs() < 1e-9);
+    }
+
+    /// A script that reports nothing: training again once every replacement has stayed up
+    /// QUIET_ALIVE, steps lost unknown (not 0), the goodput an estimate without a redo time.
+    #[test]
+    fn ranks_that_report_nothing_train_again_after_staying_up_and_lose_unknown_steps() {
+        let mut i = Incident::open(failure(vec![0, 1], None, None));
+        let t = i.failure.at;
+        let alive = chrono::Duration::from_std(QUIET_ALIVE).unwrap();
+        assert!(!i.alive(t + alive * 2), "not running yet");
+        i.spawned(0, t + Duration::seconds(1));
+        i.spawned(1, t + Duration::seconds(2));
+        assert!(!i.alive(t + Duration::seconds(2) + alive - Duration::milliseconds(1)));
+        assert!(i.is_open());
+        assert!(i.alive(t + Duration::seconds(30)));
+        assert_eq!(i.end, IncidentEnd::Recovered);
+        assert_eq!(i.training_at, Some(t + Duration::seconds(2) + alive));
+        assert_eq!(i.steps_lost(), None);
+        let row = i.row(t + Duration::seconds(60));
+        assert_eq!(row.steps_lost, None);
+        assert_eq!(row.seconds_lost, 2.0 + QUIET_ALIVE.as_secs_f64());
+        let g = Goodput::of(&[row], 100.0, None);
+        assert!(g.estimate);
+        assert_eq!(g.redo_s, None);
+        assert_eq!(g.steps_redone, 0);
+        assert!((g.goodput - (100.0 - g.recovering_s) / 100.0).abs() < 1e-9);
+        // Ranks that reported steps before the failure are waited for, however long.
+        let mut stepping = Incident::open(failure(vec![0], Some(5), None));
+        stepping.spawned(0, t);
+        assert!(!stepping.alive(t + Duration::hours(1)));
+        assert!(stepping.is_open());
     }
 }

@@ -26,17 +26,35 @@ pub struct RankView {
     pub heartbeat: Option<Value>,
     /// The current incarnation is a warm standby that became the rank.
     pub warm: bool,
+    /// The rank's script has sent heartbeats of its own: automatic ones are ignored.
+    pub own_heartbeats: bool,
+    /// The step count at the script's last `torch.save`, as automatic heartbeats report it.
+    pub saved_step: Option<u64>,
 }
 
+/// The mark of a heartbeat sent by trainvisor's Python hook rather than by the script.
+pub const AUTO_HEARTBEAT: &str = "trainvisor_auto";
+
 impl RankView {
-    pub fn record_heartbeat(&mut self, at: DateTime<Utc>, body: Value) {
+    /// Records a heartbeat; false when it was an automatic one and the script sends its own,
+    /// which win (the two would count steps differently).
+    pub fn record_heartbeat(&mut self, at: DateTime<Utc>, body: Value) -> bool {
+        let auto = body.get(AUTO_HEARTBEAT) == Some(&Value::Bool(true));
+        if auto && self.own_heartbeats {
+            return false;
+        }
+        self.own_heartbeats |= !auto;
         self.last_heartbeat = Some(at);
         if let Some(step) = body.get("step").and_then(Value::as_u64) {
             self.step = Some(step);
         }
+        if auto && let Some(saved) = body.get("saved_step").and_then(Value::as_u64) {
+            self.saved_step = Some(saved);
+        }
         if body.as_object().is_some_and(|o| !o.is_empty()) {
             self.heartbeat = Some(bounded_heartbeat(body));
         }
+        true
     }
 
     fn loss(&self) -> Option<f64> {
@@ -133,6 +151,14 @@ impl Progress {
         {
             self.samples.pop_front();
         }
+    }
+
+    /// Mean seconds per step over the window, up to the last step seen (a stall that follows
+    /// does not count: it is the time a step took, for the steps a failure loses).
+    pub fn step_s(&self) -> Option<f64> {
+        let (t0, s0) = *self.samples.front()?;
+        let (t1, s1) = *self.samples.back()?;
+        (s1 > s0).then(|| t1.duration_since(t0).as_secs_f64() / (s1 - s0) as f64)
     }
 
     pub fn steps_per_s(&self) -> Option<f64> {
@@ -280,11 +306,39 @@ pub struct Summary {
     /// With `warm_standby`: why the ranks start cold, once standbys kept failing to start.
     #[serde(default)]
     pub standby_off: Option<String>,
+    /// Once the job has run 20 s (or ended) without any rank reporting a step: what is not
+    /// known (step, steps/s, ETA, steps lost) and how to make it known. Null when steps are
+    /// reported.
+    #[serde(default)]
+    pub no_step_data: Option<String>,
     /// The last save on notice of this run (stop, SIGTERM, signal, checkpoint request): its
     /// outcome, `saved_at_step` and `steps_lost`.
     #[serde(default)]
     pub last_notice: Option<super::notice::NoticeReport>,
     pub workers: Vec<WorkerSummary>,
+}
+
+/// How long a job runs without a step before its summary says it has no step data.
+pub const NO_STEP_DATA_AFTER: Duration = Duration::from_secs(20);
+
+/// Why a job that has run has no step data, and how to get it.
+fn no_step_data(spec: &JobSpec, heard: bool) -> String {
+    let what = if heard {
+        "this script's heartbeats carry no step"
+    } else {
+        "this script sends no heartbeats"
+    };
+    let how = if !spec.launcher.host_local_hooks() {
+        "POST heartbeats with a step from the script (README: the worker contract); the \
+         automatic heartbeats of torch scripts need the local or Docker launcher"
+    } else if !spec.auto_heartbeat {
+        "automatic heartbeats are off (\"auto_heartbeat\": false): drop that field, or POST \
+         heartbeats with a step (README: the worker contract)"
+    } else {
+        "a Python script that imports torch reports its optimizer steps by itself; any other \
+         script can POST heartbeats with a step (README: the worker contract)"
+    };
+    format!("no step data: {what}; {how}")
 }
 
 /// A launcher's own handle on a job's ranks, named by the launcher's kind, so that a client
@@ -353,6 +407,17 @@ impl Summary {
         };
         let losses: Vec<f64> = ranks.iter().filter_map(|r| r.progress.loss()).collect();
         let loss = (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64);
+        // Said once the job has run for a while (a torch script needs seconds to import torch
+        // and take its first step) or has ended without a step.
+        let ran = input
+            .started_at
+            .as_deref()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .is_some_and(|t| ended || (now - t).to_std().is_ok_and(|d| d >= NO_STEP_DATA_AFTER));
+        let no_step_data = (step.is_none() && ran).then(|| {
+            let heard = ranks.iter().any(|r| r.progress.last_heartbeat.is_some());
+            no_step_data(input.spec, heard)
+        });
         let workers = ranks
             .iter()
             .enumerate()
@@ -415,11 +480,97 @@ impl Summary {
             launcher: input.spec.launcher.as_str().to_string(),
             launcher_ref: input.launcher_ref,
             excluded_nodes: input.excluded_nodes,
+            no_step_data,
             goodput: input.goodput,
             standby_off: input.standby_off,
             last_notice: input.last_notice,
             workers,
         }
+    }
+}
+
+#[cfg(test)]
+mod heartbeat_tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Automatic heartbeats count until the script sends one of its own; from then on they
+    /// are ignored, whatever step they say.
+    #[test]
+    fn a_scripts_own_heartbeats_win_over_automatic_ones() {
+        let mut v = RankView::default();
+        let t = Utc::now();
+        assert!(v.record_heartbeat(t, json!({"step": 3, AUTO_HEARTBEAT: true, "saved_step": 2})));
+        assert_eq!((v.step, v.saved_step), (Some(3), Some(2)));
+        assert!(v.record_heartbeat(t, json!({"step": 10})));
+        assert!(!v.record_heartbeat(t, json!({"step": 4, AUTO_HEARTBEAT: true, "saved_step": 4})));
+        assert_eq!((v.step, v.saved_step), (Some(10), Some(2)));
+        // A script's own `saved_step` means nothing to trainvisor.
+        assert!(v.record_heartbeat(t, json!({"step": 11, "saved_step": 11})));
+        assert_eq!(v.saved_step, Some(2));
+    }
+
+    #[test]
+    fn no_step_data_says_how_to_get_it() {
+        let mut spec = crate::spec::JobRequest {
+            world_size: Some(1),
+            ..Default::default()
+        }
+        .resolve(&crate::config::JobDefaults::for_data_dir(
+            std::path::Path::new("/d"),
+        ))
+        .unwrap();
+        assert!(no_step_data(&spec, false).contains("sends no heartbeats; a Python script"));
+        spec.auto_heartbeat = false;
+        assert!(no_step_data(&spec, true).contains("carry no step; automatic heartbeats are off"));
+        spec.launcher = "slurm".parse().unwrap();
+        assert!(no_step_data(&spec, false).contains("need the local or Docker launcher"));
+    }
+
+    /// Not while a script may still be importing torch: after NO_STEP_DATA_AFTER of running,
+    /// or once the job ended, and never once a step is known.
+    #[test]
+    fn no_step_data_is_said_after_a_while_or_at_the_end() {
+        let spec = crate::spec::JobRequest {
+            world_size: Some(1),
+            ..Default::default()
+        }
+        .resolve(&crate::config::JobDefaults::for_data_dir(
+            std::path::Path::new("/d"),
+        ))
+        .unwrap();
+        let mut ranks = vec![RankSlot::new()];
+        let progress = Progress::default();
+        let summary = |state, started: chrono::Duration, ranks: &[RankSlot]| {
+            Summary::build(SummaryInput {
+                id: Uuid::nil(),
+                spec: &spec,
+                state,
+                reason: None,
+                created_at: "",
+                started_at: Some(ts(Utc::now() - started)),
+                ranks,
+                restarts: 0,
+                progress: &progress,
+                last_checkpoint: None,
+                launcher_ref: None,
+                excluded_nodes: Vec::new(),
+                goodput: None,
+                rank_rates: Vec::new(),
+                standbys: Default::default(),
+                standby_off: None,
+                last_notice: None,
+            })
+            .no_step_data
+        };
+        let secs = chrono::Duration::seconds;
+        assert_eq!(summary(JobState::Running, secs(5), &ranks), None);
+        assert!(summary(JobState::Running, secs(25), &ranks).is_some());
+        assert!(summary(JobState::Succeeded, secs(5), &ranks).is_some());
+        ranks[0]
+            .progress
+            .record_heartbeat(Utc::now(), json!({"step": 1}));
+        assert_eq!(summary(JobState::Running, secs(25), &ranks), None);
     }
 }
 

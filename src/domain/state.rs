@@ -244,6 +244,10 @@ pub struct Exit {
     /// Something the launcher knows beyond the code: the node failed, the OOM killer struck,
     /// or the exit could not be observed.
     pub cause: Option<ExitCause>,
+    /// When the launcher saw the process end, when that was before the exit was known (a
+    /// container's end is seen through its host pid before the engine reports its code):
+    /// the instant the failure was detected.
+    pub seen_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,9 +320,8 @@ mod tests {
     #[test]
     fn an_exit_becomes_one_outcome_by_precedence() {
         let killed = Exit {
-            code: None,
             signal: Some(9),
-            cause: None,
+            ..Exit::default()
         };
         assert_eq!(killed.outcome(Ending::Hung), Outcome::HeartbeatTimeout);
         assert_eq!(killed.outcome(Ending::Terminated), Outcome::Stopped);

@@ -58,6 +58,8 @@ pub struct RankEnv<'a> {
     /// For ranks on this host: where their Python stacks go, the directory of the hook that
     /// registers them, and the `PYTHONPATH` the rank would have had without it.
     pub stacks: Option<StacksEnv<'a>>,
+    /// The step count at the last `torch.save` the automatic heartbeats reported.
+    pub resume_step: Option<u64>,
 }
 
 /// The part of the environment that lets trainvisor take a local Python rank's stacks.
@@ -133,6 +135,16 @@ impl RankEnv<'_> {
             "TRAINVISOR_SPEC" => serde_json::to_string(spec).unwrap_or_default(),
             "TRAINVISOR_CACHE_DIR" => self.cache_dir.to_string(),
             "TRAINVISOR_STACKS_FILE" => self.stacks.as_ref()?.file.to_string(),
+            "TRAINVISOR_AUTO_HEARTBEAT" => {
+                self.stacks.as_ref()?;
+                spec.auto_heartbeat.then(|| "1".to_string())?
+            }
+            "TRAINVISOR_RESUME_STEP" => {
+                self.stacks.as_ref()?;
+                spec.auto_heartbeat
+                    .then_some(self.resume_step?)?
+                    .to_string()
+            }
             "PYTHONPATH" => {
                 let s = self.stacks.as_ref()?;
                 let before = spec
@@ -194,6 +206,7 @@ mod tests {
                 hooks_dir: "/h",
                 inherited_pythonpath: Some("/server/lib"),
             }),
+            resume_step: Some(40),
         }
         .build()
     }
@@ -226,6 +239,14 @@ mod tests {
             get("TRAINVISOR_HEARTBEAT_URL"),
             format!("http://s/jobs/{}/workers/1/heartbeat", Uuid::nil())
         );
+        assert_eq!(get("TRAINVISOR_AUTO_HEARTBEAT"), "1");
+        assert_eq!(get("TRAINVISOR_RESUME_STEP"), "40");
+        // `"auto_heartbeat": false`: neither reaches the rank, so the hook stays idle.
+        let mut quiet = spec("/data");
+        quiet.auto_heartbeat = false;
+        let env = env_of(&quiet, &[]);
+        assert!(!env.iter().any(|(k, _)| k.starts_with("TRAINVISOR_AUTO")));
+        assert!(!env.iter().any(|(k, _)| k == "TRAINVISOR_RESUME_STEP"));
         // Without a bucket, no S3 variable reaches the rank.
         let local = env_of(&spec("/data"), &s3);
         assert!(!local.iter().any(|(k, _)| k.starts_with("S3_")));

@@ -8,15 +8,19 @@
 //!   token) or be given `--advertise-url`; a job is refused at the door otherwise.
 //! - Local `dataset` and `checkpoint_dir` are bind-mounted at the same paths, so the worker
 //!   contract's paths hold inside the container; the built-in trainer is this binary, mounted
-//!   read-only at its own path. What a container may mount and as whom it runs (not root,
-//!   no capabilities): `binds.rs`.
+//!   read-only at its own path. The incarnation's own error-file directory is bound too, so
+//!   the root cause it writes is read back (`binds::incarnation_bind`), and the Python hook's
+//!   directory, read-only, so a hung rank's stacks are taken in its container. What a
+//!   container may mount and as whom it runs (not root, no capabilities): `binds.rs`.
 //! - `docker-init` is the container's PID 1: it forwards SIGTERM to the rank and reaps what
 //!   the rank leaves behind.
 //! - Every container and network carries the labels `trainvisor.instance` (the data dir's id)
 //!   and `trainvisor.job`: the next server on the same data dir removes what a crashed
 //!   predecessor left, and nothing of anyone else's.
-//! - Exit comes from the engine's wait; the OOM killer is read from the container's state and
-//!   is its own restart reason (`oom_killed`).
+//! - The end of a container is seen through its PID 1's pidfd on this host (milliseconds);
+//!   the exit code comes from the engine's wait, the OOM killer is read from the container's
+//!   state and is its own restart reason (`oom_killed`). Removal takes the container's
+//!   anonymous volumes with it, and ranks never run the image's `HEALTHCHECK`.
 
 use std::collections::HashMap;
 use std::io;
@@ -28,7 +32,8 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    ContainerCreateBody, EndpointSettings, HealthConfig, HostConfig, NetworkCreateRequest,
+    NetworkingConfig,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, LogsOptionsBuilder,
@@ -190,7 +195,14 @@ impl Inner {
         let job = &self.cx.spec;
         // Resolved and checked again at every launch: a rank may have swapped a path for a
         // symlink since the job was admitted.
-        let binds = binds::binds(job, &self.cx.job_id, &self.cx.settings)?;
+        let mut binds = binds::binds(job, &self.cx.job_id, &self.cx.settings)?;
+        let (uid, gid) = binds::rank_user(&self.cx.settings);
+        binds.extend(binds::hooks_bind(&launch.env, &self.cx.settings));
+        binds.extend(binds::incarnation_bind(
+            &launch.env,
+            &self.cx.settings,
+            (uid, gid),
+        ));
         let labels = HashMap::from([
             (LABEL_INSTANCE.to_string(), self.cx.instance.clone()),
             (LABEL_JOB.to_string(), self.cx.job_id.to_string()),
@@ -198,7 +210,6 @@ impl Inner {
             ("trainvisor.attempt".to_string(), attempt.to_string()),
         ]);
         let alias = format!("rank-{rank}");
-        let (uid, gid) = binds::rank_user(&self.cx.settings);
         Ok(ContainerCreateBody {
             image: Some(spec.image.clone()),
             working_dir: launch.cwd,
@@ -214,6 +225,13 @@ impl Inner {
                     .collect(),
             ),
             hostname: Some(alias.clone()),
+            // The image's HEALTHCHECK is the server's (the project's own image has one), not
+            // a rank's: the heartbeat is the rank's health, and a probe would run in its
+            // cgroup, under its limits.
+            healthcheck: Some(HealthConfig {
+                test: Some(vec!["NONE".to_string()]),
+                ..Default::default()
+            }),
             user: Some(format!("{uid}:{gid}")),
             labels: Some(labels),
             host_config: Some(HostConfig {
@@ -321,11 +339,25 @@ impl Inner {
         let control = Arc::new(ContainerControl {
             docker: docker.clone(),
             name: name.clone(),
+            init_pid: pid,
         });
         self.live.insert(rank, attempt, control.clone());
+        // The container's PID 1 is a process of this host: its pidfd is readable the instant
+        // it ends, where the engine reports the end a few hundred ms later (containerd's event,
+        // then dockerd's). The engine stays the authority on the exit code and the OOM killer.
+        let seen = super::process::watch_pid(pid);
         let inner = self.clone();
         let exit = Box::pin(async move {
-            let exit = wait(&docker, &name).await;
+            let exit = wait_seen(&docker, &name, seen).await;
+            if let (Some(seen_at), Some(code @ 1..)) =
+                (exit.seen_at, exit.code.or(exit.signal.map(|s| 128 + s)))
+            {
+                inner.cx.note(format!(
+                    "rank {rank}: container {name} ended, seen through its host pid {pid} {} ms \
+                     before the engine reported exit code {code}",
+                    seen_at.elapsed().as_millis()
+                ));
+            }
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, forward).await;
             inner.live.remove(rank, attempt);
             // Removing a container takes the engine a while (~0.2 s here): off the path from
@@ -342,10 +374,11 @@ impl Inner {
         })
     }
 
-    /// Removes a container and waits until it is gone (another removal of it may be under
-    /// way: the engine answers 409 to the second one).
+    /// Removes a container with its anonymous volumes (an image's `VOLUME`s) and waits until
+    /// it is gone (another removal of it may be under way: the engine answers 409 to the
+    /// second one).
     async fn remove(&self, docker: &Docker, name: &str) {
-        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        let options = remove_options();
         for _ in 0..REMOVE_POLLS {
             match docker.remove_container(name, Some(options.clone())).await {
                 Err(e) if !not_found(&e) => {
@@ -369,6 +402,40 @@ impl Inner {
         }
         let filter = format!("{LABEL_JOB}={}", self.cx.job_id);
         remove_labelled(&docker, &filter).await;
+    }
+}
+
+/// `docker rm -f -v`: an image that declares a `VOLUME` (the project's own does) gets an
+/// anonymous volume with every container, which would outlive it otherwise.
+fn remove_options() -> bollard::query_parameters::RemoveContainerOptions {
+    RemoveContainerOptionsBuilder::new()
+        .force(true)
+        .v(true)
+        .build()
+}
+
+/// [`wait`], with the instant `seen` (the container's host pid ended) resolved first, if it
+/// did.
+async fn wait_seen(
+    docker: &Docker,
+    name: &str,
+    seen: Option<impl std::future::Future<Output = ()>>,
+) -> Exit {
+    let engine = wait(docker, name);
+    let Some(seen) = seen else {
+        return engine.await;
+    };
+    tokio::pin!(engine, seen);
+    tokio::select! {
+        biased;
+        exit = &mut engine => exit,
+        () = &mut seen => {
+            let seen_at = std::time::Instant::now();
+            Exit {
+                seen_at: Some(seen_at),
+                ..engine.await
+            }
+        }
     }
 }
 
@@ -408,6 +475,7 @@ async fn wait(docker: &Docker, name: &str) -> Exit {
         code,
         signal,
         cause: oom.then_some(ExitCause::OomKilled),
+        ..Exit::default()
     }
 }
 
@@ -415,6 +483,22 @@ async fn wait(docker: &Docker, name: &str) -> Exit {
 struct ContainerControl {
     docker: Docker,
     name: String,
+    /// docker-init's pid on this host.
+    init_pid: u32,
+}
+
+/// The process group of the rank under docker-init (`init`'s first child, which docker-init
+/// puts in a group of its own), as this host numbers it.
+fn rank_group(init: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
+    let child: u32 = children.split_whitespace().next()?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+    // pid (comm) state ppid pgrp …: comm may hold spaces and parentheses.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 impl ContainerControl {
@@ -436,6 +520,10 @@ impl RankControl for ContainerControl {
     fn kill(&self) {
         self.signal("SIGKILL");
     }
+
+    fn host_group(&self) -> Option<u32> {
+        rank_group(self.init_pid)
+    }
 }
 
 impl JobLauncher for DockerLauncher {
@@ -454,8 +542,9 @@ impl JobLauncher for DockerLauncher {
                             node: format!("rank-{r}"),
                             // One container a rank, but torchrun's view of one node, as before.
                             placement: Placement::in_groups_of(r, world, world),
-                            // Its processes live in the container, out of this host's reach.
-                            host_local: false,
+                            // Its processes are this host's too (one kernel): the stacks hook
+                            // is mounted into the container and its stacks are taken from here.
+                            host_local: true,
                         };
                         (r, place)
                     })

@@ -47,8 +47,9 @@ pub struct Place {
     pub node: String,
     /// Its local rank and group (torchrun's node) among the job's ranks.
     pub placement: Placement,
-    /// The rank runs on this host, where host-local hooks apply: the Python stacks hook on
-    /// its `PYTHONPATH`, its stacks taken from its process group (see [`stacks`]).
+    /// The rank runs on this host (a container of the local engine too: one kernel), where
+    /// host-local hooks apply: the Python stacks hook on its `PYTHONPATH`, its stacks taken
+    /// from its process group (see [`stacks`]).
     pub host_local: bool,
 }
 
@@ -289,39 +290,44 @@ pub async fn forget(spec: &JobSpec, job_id: Uuid, settings: &Settings) {
     }
 }
 
-/// The live ranks of a job's launcher, so it can reach every one of them at once.
-#[derive(Default)]
-pub struct LiveRanks {
-    ranks: Mutex<HashMap<u32, LiveRank>>,
+/// The live ranks of a job's launcher, so it can reach every one of them at once: each rank's
+/// current attempt and control, kept by every launcher in this one shape (a launcher whose
+/// controls carry more, like Slurm's steps with their node, keeps its own control type).
+pub struct LiveRanks<C: ?Sized = dyn RankControl> {
+    ranks: Mutex<HashMap<u32, (u32, Arc<C>)>>,
 }
 
-/// A live rank's attempt and control.
-type LiveRank = (u32, Arc<dyn RankControl>);
+impl<C: ?Sized> Default for LiveRanks<C> {
+    fn default() -> Self {
+        LiveRanks {
+            ranks: Mutex::new(HashMap::new()),
+        }
+    }
+}
 
-impl LiveRanks {
-    pub fn insert(&self, rank: u32, attempt: u32, control: Arc<dyn RankControl>) {
+impl<C: ?Sized + RankControl> LiveRanks<C> {
+    pub fn insert(&self, rank: u32, attempt: u32, control: Arc<C>) {
         self.ranks.lock().unwrap().insert(rank, (attempt, control));
     }
 
-    /// Forgets incarnation `attempt` of `rank` (a newer one stays).
-    pub fn remove(&self, rank: u32, attempt: u32) {
+    /// Forgets incarnation `attempt` of `rank` (a newer one stays); whether it was there.
+    pub fn remove(&self, rank: u32, attempt: u32) -> bool {
         let mut ranks = self.ranks.lock().unwrap();
-        if ranks.get(&rank).is_some_and(|(a, _)| *a == attempt) {
+        let current = ranks.get(&rank).is_some_and(|(a, _)| *a == attempt);
+        if current {
             ranks.remove(&rank);
         }
+        current
     }
 
-    pub fn get(&self, rank: u32) -> Option<Arc<dyn RankControl>> {
-        self.ranks
-            .lock()
-            .unwrap()
-            .get(&rank)
-            .map(|(_, c)| c.clone())
+    /// Every live rank and its control.
+    pub fn all(&self) -> Vec<(u32, Arc<C>)> {
+        let ranks = self.ranks.lock().unwrap();
+        ranks.iter().map(|(r, (_, c))| (*r, c.clone())).collect()
     }
 
     pub fn kill_all(&self) {
-        let controls: Vec<_> = self.ranks.lock().unwrap().values().cloned().collect();
-        for (_, control) in controls {
+        for (_, control) in self.all() {
             control.kill();
         }
     }

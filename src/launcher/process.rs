@@ -107,7 +107,7 @@ pub fn into_rank(
             Ok(status) => Exit {
                 code: status.code(),
                 signal: status.signal(),
-                cause: None,
+                ..Exit::default()
             },
             Err(e) => Exit {
                 cause: Some(ExitCause::Unobserved(e.to_string())),
@@ -260,7 +260,20 @@ async fn spawn_from_thread(launch: Launch, standby: Option<Standby>) -> io::Resu
     })
 }
 
+/// Resolves when process `pid` (any process of this host, not only a child) has exited: a
+/// pidfd, readable the instant it exits. `None` when the pid cannot be watched (it has exited
+/// already, or the kernel has no pidfd).
+pub fn watch_pid(pid: u32) -> Option<impl std::future::Future<Output = ()>> {
+    let fd = pidfd_open(pid)?;
+    Some(async move {
+        let _ = fd.readable().await;
+    })
+}
+
 fn pidfd_open(pid: u32) -> Option<AsyncFd<OwnedFd>> {
+    if pid == 0 {
+        return None;
+    }
     // SAFETY: plain syscall; the returned descriptor is owned by us.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
@@ -338,29 +351,29 @@ where
     }
 }
 
+/// Every other process on this host whose environment can be read, with that environment
+/// (`NAME=value` entries separated by NUL bytes, as `/proc/<pid>/environ` has it).
+pub fn environments() -> impl Iterator<Item = (u32, Vec<u8>)> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            if pid == me {
+                return None;
+            }
+            Some((pid, std::fs::read(entry.path().join("environ")).ok()?))
+        })
+}
+
 /// Kills every process that carries `TRAINVISOR_INSTANCE=<instance>` in its environment:
 /// what a previous server on this data dir left behind. Returns how many were signalled.
 pub fn sweep(instance: &str) -> usize {
     let marker = format!("TRAINVISOR_INSTANCE={instance}");
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut killed = 0;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
+    for (pid, environ) in environments() {
         if environ
             .split(|&b| b == 0)
             .any(|var| var == marker.as_bytes())

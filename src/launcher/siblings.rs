@@ -27,20 +27,7 @@ pub fn jobs_of_siblings(instance: &str) -> BTreeMap<Uuid, u32> {
     let family = format!("TRAINVISOR_INSTANCE={id}.");
     let mine = format!("TRAINVISOR_INSTANCE={instance}");
     let mut jobs = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return jobs;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
+    for (pid, environ) in super::process::environments() {
         let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
         let sibling = vars
             .iter()

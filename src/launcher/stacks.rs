@@ -20,43 +20,11 @@ const MAX_PROCESSES: usize = 16;
 /// Loaded by every Python rank started by the local launcher (it is first on their
 /// `PYTHONPATH`): registers `faulthandler` for all threads on a real-time signal, writing to
 /// `TRAINVISOR_STACKS_FILE`, and says so in that file with its pid and signal, so only
-/// processes that can take the signal get it. Then it hands over to any other
-/// `sitecustomize` further down the path, as if it had not been there.
-pub const SITECUSTOMIZE: &str = r##"# Written by trainvisor: lets it capture this rank's Python stacks before killing a hung rank.
-def _trainvisor_stacks():
-    import os
-    path = os.environ.get("TRAINVISOR_STACKS_FILE")
-    if not path:
-        return
-    try:
-        import faulthandler, signal
-        sig = signal.SIGRTMIN + 2
-        f = open(path, "a", buffering=1)
-        faulthandler.register(sig, file=f, all_threads=True, chain=False)
-        f.write("# trainvisor: faulthandler on signal %d in pid %d\n" % (sig, os.getpid()))
-        f.flush()
-        import sys
-        sys._trainvisor_stacks_file = f
-    except Exception:
-        pass
-
-def _trainvisor_chain():
-    import importlib, os, sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    mine = sys.modules.pop("sitecustomize", None)
-    saved = list(sys.path)
-    try:
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-        importlib.import_module("sitecustomize")
-    except ImportError:
-        if mine is not None:
-            sys.modules["sitecustomize"] = mine
-    finally:
-        sys.path[:] = saved
-
-_trainvisor_stacks()
-_trainvisor_chain()
-"##;
+/// processes that can take the signal get it; observes the optimizer steps of a script that
+/// imports torch (`TRAINVISOR_AUTO_HEARTBEAT`, see README "Unchanged PyTorch scripts"). Then
+/// it hands over to any other `sitecustomize` further down the path, as if it had not been
+/// there.
+pub const SITECUSTOMIZE: &str = include_str!("sitecustomize.py");
 
 /// The directory holding [`SITECUSTOMIZE`] under the data dir, written once per data dir
 /// and server process.
@@ -80,7 +48,7 @@ pub fn hooks_dir(data_dir: &Path) -> PathBuf {
             Ok(()) => {
                 written.insert(dir.clone());
             }
-            Err(e) => tracing::warn!(error = %e, "cannot write the Python stacks hook"),
+            Err(e) => tracing::warn!(error = %e, "cannot write the Python hook"),
         }
     }
     dir
@@ -88,9 +56,7 @@ pub fn hooks_dir(data_dir: &Path) -> PathBuf {
 
 /// Where incarnation `attempt` of `rank` writes its Python stacks (beside its error file).
 pub fn path(data_dir: &Path, job_id: Uuid, rank: u32, attempt: u32) -> PathBuf {
-    data_dir
-        .join("errors")
-        .join(job_id.to_string())
+    crate::domain::error_file::incarnation_dir(data_dir, job_id, rank, attempt)
         .join(format!("rank-{rank}-attempt-{attempt}.stacks"))
 }
 
@@ -103,9 +69,11 @@ pub fn capture(pgid: u32, file: &Path, limit: Duration) -> (String, String) {
         return ("none".into(), "no process left in the rank's group".into());
     }
     let (registered, offset) = registered(file);
-    let python: BTreeMap<u32, i32> = registered
-        .into_iter()
-        .filter(|(pid, _)| procs.contains(pid))
+    // The hook writes its pid as its own pid namespace numbers it (a container's); the host
+    // pid of each member is what gets the signal.
+    let python: BTreeMap<u32, i32> = procs
+        .iter()
+        .filter_map(|&host| Some((host, *registered.get(&namespace_pid(host)?)?)))
         .collect();
     for (&pid, &sig) in &python {
         // SAFETY: signals a pid of the rank's own group that registered this signal itself.
@@ -157,6 +125,14 @@ fn group_members(pgid: u32) -> Vec<u32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// The pid of host process `pid` in its own (innermost) pid namespace: itself on the host, its
+/// number inside a container (the last field of `NSpid` in its status).
+fn namespace_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
 }
 
 /// The (pid, signal) pairs the hook registered in `file`, and the file's length now. The rank

@@ -82,6 +82,7 @@ pub struct JobRequest {
     pub mounts: Option<Vec<String>>,
     pub warm_standby: Option<bool>,
     pub preload: Option<Vec<String>>,
+    pub auto_heartbeat: Option<bool>,
 }
 
 /// A validated job spec with every default filled in. Stored as JSON in `jobs.spec`.
@@ -154,6 +155,14 @@ pub struct JobSpec {
     /// Warm standby ranks (`warm_standby: true`), with the modules they preload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_standby: Option<StandbySpec>,
+    /// Python ranks that import torch heartbeat their optimizer steps and loss by themselves
+    /// (trainvisor's `sitecustomize`, local launcher); `false` turns it off.
+    #[serde(default = "yes")]
+    pub auto_heartbeat: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Kubernetes resets a crash-looping container's backoff after it ran 10 minutes.
@@ -455,6 +464,7 @@ impl JobRequest {
             slurm,
             docker,
             warm_standby,
+            auto_heartbeat: self.auto_heartbeat.unwrap_or(true),
         })
     }
 }

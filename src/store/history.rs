@@ -306,8 +306,8 @@ impl HistoryOp {
                     "INSERT OR REPLACE INTO incidents
                      (job_id, seq, rank, reason, detail, scope, ranks, backoff_ms, detected_at,
                       spawned_at, first_heartbeat_at, training_at, ended_at, end_state,
-                      last_step, resumed_step, steps_lost, seconds_lost, stacks)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      last_step, resumed_step, steps_lost, seconds_lost, stacks, redo_s)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(job_id.to_string())
                 .bind(row.seq)
@@ -325,9 +325,12 @@ impl HistoryOp {
                 .bind(&row.end)
                 .bind(row.last_step.map(|s| s as i64))
                 .bind(row.resumed_step.map(|s| s as i64))
-                .bind(row.steps_lost as i64)
+                // Unknown is stored as 0 and read back as null: it is unknown exactly when
+                // `last_step` is null.
+                .bind(row.steps_lost.unwrap_or(0) as i64)
                 .bind(row.seconds_lost)
                 .bind(serde_json::to_string(&row.stacks).unwrap_or_else(|_| "[]".into()))
+                .bind(row.redo_s)
                 .execute(conn)
                 .await?;
             }

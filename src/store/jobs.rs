@@ -230,7 +230,7 @@ pub async fn incidents(pool: &SqlitePool, id: Uuid) -> sqlx::Result<Vec<Incident
     let rows: Vec<IncidentDb> = sqlx::query_as(
         "SELECT seq, rank, reason, detail, scope, ranks, backoff_ms, detected_at, spawned_at,
                 first_heartbeat_at, training_at, ended_at, end_state, last_step, resumed_step,
-                steps_lost, seconds_lost, stacks
+                steps_lost, seconds_lost, stacks, redo_s
          FROM incidents WHERE job_id = ? ORDER BY seq",
     )
     .bind(id.to_string())
@@ -259,6 +259,7 @@ struct IncidentDb {
     steps_lost: i64,
     seconds_lost: f64,
     stacks: String,
+    redo_s: Option<f64>,
 }
 
 impl IncidentDb {
@@ -279,9 +280,10 @@ impl IncidentDb {
             end: self.end_state,
             last_step: self.last_step.map(|s| s as u64),
             resumed_step: self.resumed_step.map(|s| s as u64),
-            steps_lost: self.steps_lost as u64,
+            steps_lost: self.last_step.map(|_| self.steps_lost as u64),
             seconds_lost: self.seconds_lost,
             stacks: serde_json::from_str(&self.stacks).unwrap_or_default(),
+            redo_s: self.redo_s,
         }
     }
 }

@@ -595,24 +595,32 @@ async fn the_page_shows_the_root_cause_of_a_failure() {
     .await;
 }
 
+/// Submits `spec` to a server that has an API token; the new job's id.
+pub async fn submit_with_token(app: &TestApp, token: &str, spec: Value) -> String {
+    let res = app
+        .client
+        .post(app.url("/jobs"))
+        .bearer_auth(token)
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[actix_web::test]
 async fn the_page_signs_in_when_the_server_has_an_api_token() {
     let app = spawn_app_with(|s| s.api_token = Some("s3cret-token".into())).await;
-    let id = {
-        let res = app
-            .client
-            .post(app.url("/jobs"))
-            .bearer_auth("s3cret-token")
-            .json(&json!({"world_size": 1, "name": "behind-a-token", "command": ["true"]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        res.json::<Value>().await.unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let id = submit_with_token(
+        &app,
+        "s3cret-token",
+        json!({"world_size": 1, "name": "behind-a-token", "command": ["true"]}),
+    )
+    .await;
     with_page(&app, "signin", async |page, app| {
         page.c.goto(&format!("{}/", app.address)).await.unwrap();
         page.wait(

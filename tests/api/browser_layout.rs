@@ -4,10 +4,10 @@
 //! log on the first screen. Screenshots: `target/browser-artifacts/first-hour-*.png`.
 
 use fantoccini::key::Key;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::browser::{open_page, with_page};
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::browser::{open_page, submit_with_token, with_page};
+use crate::helpers::spawn_app_with;
 
 const TOKEN: &str = "first-hour-7f3a9c2e51d84b06";
 
@@ -28,22 +28,6 @@ const NAMES: [&str; 10] = [
 /// Ranks that print a line and heartbeat a step every 0.3 s for a minute.
 const TRAIN: &str = r#"i=0; while [ $i -lt 200 ]; do echo "rank $RANK step $i loss 0.$((900 - i))"; curl -s -o /dev/null -X POST -H "Authorization: Bearer $TRAINVISOR_TOKEN" -d "{\"step\": $i}" "$TRAINVISOR_HEARTBEAT_URL"; i=$((i+1)); sleep 0.3; done"#;
 
-async fn submit(app: &TestApp, spec: Value) -> String {
-    let res = app
-        .client
-        .post(app.url("/jobs"))
-        .bearer_auth(TOKEN)
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    res.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[actix_web::test]
 async fn the_page_at_1280_by_800_with_ten_jobs_shows_names_ages_and_the_log() {
     let app = spawn_app_with(|s| s.api_token = Some(TOKEN.into())).await;
@@ -57,7 +41,7 @@ async fn the_page_at_1280_by_800_with_ten_jobs_shows_names_ages_and_the_log() {
             json!({"world_size": 4, "name": name, "command": ["sh", "-c", TRAIN],
                    "restart_scope": "worker", "total_steps": 200})
         };
-        let id = submit(&app, spec).await;
+        let id = submit_with_token(&app, TOKEN, spec).await;
         if i % 2 == 1 {
             training.push(id);
         }

@@ -1,5 +1,7 @@
 //! The Docker launcher against the real engine: ranks as containers of an image built here
-//! (the registry-free base), on a network of the job's own. Lifecycle and the worker contract
+//! (the registry-free base plus a `VOLUME` and a `HEALTHCHECK`, which ranks must neither leave
+//! behind nor inherit), on a network of the job's own. Every test counts what its job left on
+//! the engine (containers, networks, volumes): nothing. Lifecycle and the worker contract
 //! inside a container, a container killed and a rank cut off from the network (both
 //! recovered, the model exact), a hang, job-scope restarts, stop, a server kill -9 with
 //! nothing of its own left behind (and nothing of anyone else's removed), the OOM killer, and
@@ -9,14 +11,17 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::docker_support::{base_image, docker, docker_ok, unique_name};
+use crate::docker_support::{
+    JobLeftovers, base_image, containers_with, docker, docker_ok, networks_with, rank_image,
+    unique_name,
+};
 use crate::helpers::*;
 
-const TOKEN: &str = "docker-launcher-test-token";
+pub(crate) const TOKEN: &str = "docker-launcher-test-token";
 
 /// The server on every address (containers reach it through their network's gateway), with
 /// an API token, and a client that sends it.
-async fn spawn_reachable_app() -> TestApp {
+pub(crate) async fn spawn_reachable_app() -> TestApp {
     let mut app = spawn_app_with(|s| {
         s.bind = "0.0.0.0:0".into();
         s.api_token = Some(TOKEN.into());
@@ -26,7 +31,7 @@ async fn spawn_reachable_app() -> TestApp {
     app
 }
 
-fn authed_client() -> reqwest::Client {
+pub(crate) fn authed_client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
@@ -40,8 +45,8 @@ fn authed_client() -> reqwest::Client {
 }
 
 /// A job spec whose ranks run `script` with python3 in a container of the base image.
-fn python_job(world: u32, script: &str, extra: Value) -> Value {
-    let mut spec = json!({"world_size": world, "launcher": "docker", "image": base_image(),
+pub(crate) fn python_job(world: u32, script: &str, extra: Value) -> Value {
+    let mut spec = json!({"world_size": world, "launcher": "docker", "image": rank_image(),
                           "command": ["python3", "-u", "-c", script],
                           "heartbeat_timeout_s": 2.0, "backoff_initial_ms": 0});
     for (k, v) in extra.as_object().unwrap() {
@@ -51,7 +56,7 @@ fn python_job(world: u32, script: &str, extra: Value) -> Value {
 }
 
 /// The Python helpers every script starts with: a heartbeat, as a worker would send it.
-const PRELUDE: &str = r#"
+pub(crate) const PRELUDE: &str = r#"
 import json, os, socket, sys, time, urllib.request
 def beat(step):
     req = urllib.request.Request(os.environ["TRAINVISOR_HEARTBEAT_URL"],
@@ -62,39 +67,8 @@ def beat(step):
 rank = int(os.environ["RANK"]); attempt = int(os.environ["RESTART_COUNT"])
 "#;
 
-/// Removes whatever of a job is left on the engine when a test ends, passed or failed (a
-/// failed test's server dies with the test and cannot clean up).
-struct JobGuard(String);
-
-impl Drop for JobGuard {
-    fn drop(&mut self) {
-        let label = format!("trainvisor.job={}", self.0);
-        for c in containers_with(&label) {
-            let _ = docker(&["rm", "-f", &c]);
-        }
-        for n in networks_with(&label) {
-            let _ = docker(&["network", "rm", &n]);
-        }
-    }
-}
-
-/// Containers that carry `label` (`key=value`), running or not.
-fn containers_with(label: &str) -> Vec<String> {
-    docker_ok(&["ps", "-a", "-q", "--filter", &format!("label={label}")])
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-fn networks_with(label: &str) -> Vec<String> {
-    docker_ok(&["network", "ls", "-q", "--filter", &format!("label={label}")])
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 /// The running container of `rank` of job `id`.
-async fn container_of(id: &str, rank: u32) -> String {
+pub(crate) async fn container_of(id: &str, rank: u32) -> String {
     wait_for(Duration::from_secs(60), || async {
         let out = docker_ok(&[
             "ps",
@@ -111,7 +85,7 @@ async fn container_of(id: &str, rank: u32) -> String {
 }
 
 /// Waits for the job to end; if it does not, fails with the end of its log.
-async fn finish(app: &TestApp, id: &str, timeout: Duration) -> Value {
+pub(crate) async fn finish(app: &TestApp, id: &str, timeout: Duration) -> Value {
     let end = wait_for(timeout, || async {
         let job = app.job(id).await;
         let state = job["state"].as_str().unwrap_or_default().to_string();
@@ -128,7 +102,7 @@ async fn finish(app: &TestApp, id: &str, timeout: Duration) -> Value {
     }
 }
 
-async fn lines_of(app: &TestApp, id: &str) -> Vec<String> {
+pub(crate) async fn lines_of(app: &TestApp, id: &str) -> Vec<String> {
     app.log_lines(id)
         .await
         .iter()
@@ -160,7 +134,7 @@ print('err line', file=sys.stderr)
     let id = app
         .create_job(python_job(2, &script, json!({"heartbeat_timeout_s": 30.0})))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let leftovers = JobLeftovers::new(&id);
     let summary = wait_for(Duration::from_secs(60), || async {
         let s = app.summary(&id).await;
         (running_pids_in(&s).len() == 2).then_some(s)
@@ -173,6 +147,10 @@ print('err line', file=sys.stderr)
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
     assert_eq!(summary["workers"][1]["node"], "rank-1");
+    // The image's HEALTHCHECK is the server's business, not a rank's: none runs.
+    let container = container_of(&id, 0).await;
+    let health = "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}";
+    assert_eq!(docker_ok(&["inspect", "-f", health, &container]), "none");
     let job = finish(&app, &id, Duration::from_secs(90)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let lines = lines_of(&app, &id).await;
@@ -209,10 +187,12 @@ print('err line', file=sys.stderr)
             .any(|l| l["line"] == "err line" && l["stream"] == "stderr"),
         "stderr is streamed as stderr"
     );
-    // Nothing of the job is left on the engine.
-    let label = format!("trainvisor.job={id}");
-    assert!(containers_with(&label).is_empty());
-    assert!(networks_with(&label).is_empty());
+    // Nothing of the job is left on the engine, the image's VOLUME included.
+    assert!(
+        !leftovers.volumes_seen().is_empty(),
+        "the image's VOLUME gave the containers anonymous volumes"
+    );
+    assert_eq!(leftovers.left(), (vec![], vec![], vec![]));
 }
 
 #[actix_web::test]
@@ -233,9 +213,9 @@ async fn containers_train_exactly_through_a_kill_and_a_partition() {
 
     let mut spec = train.clone();
     spec["launcher"] = json!("docker");
-    spec["image"] = json!(base_image());
+    spec["image"] = json!(rank_image());
     let id = app.create_job(spec).await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let step_past = |n: u64| {
         let app = &app;
         let id = id.clone();
@@ -307,7 +287,7 @@ time.sleep(1)
             json!({"restart_scope": "worker", "heartbeat_timeout_s": 1.0}),
         ))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let job = finish(&app, &id, Duration::from_secs(90)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let restarts = app.restarts(&id).await;
@@ -332,7 +312,7 @@ for step in range(400):
     let id = app
         .create_job(python_job(2, &script, json!({"restart_scope": "job"})))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let pids = app.running_pids(&id, 2).await;
     // kill -9 of the pid the summary shows, from the host.
     kill(pids[0], libc::SIGKILL);
@@ -342,6 +322,14 @@ for step in range(400):
     assert_eq!(restarts.len(), 1, "{restarts:?}");
     assert_eq!(restarts[0]["scope"], "job");
     assert_eq!(restarts[0]["reason"], "signal");
+    // Seen through the container's host pid (a pidfd), before the engine's wait reported it.
+    let lines = lines_of(&app, &id).await;
+    assert!(
+        lines.iter().any(|l| l.starts_with("rank 0: container ")
+            && l.contains(&format!("seen through its host pid {} ", pids[0]))
+            && l.ends_with("before the engine reported exit code 137")),
+        "{lines:?}"
+    );
     let incarnations = app.incarnations(&id).await;
     assert_eq!(
         incarnations.len(),
@@ -355,7 +343,7 @@ async fn stop_ends_every_container_and_the_network() {
     let app = spawn_reachable_app().await;
     let script = format!("{PRELUDE}\nbeat(1)\ntime.sleep(3600)\n");
     let id = app.create_job(python_job(3, &script, json!({}))).await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     app.running_pids(&id, 3).await;
     let label = format!("trainvisor.job={id}");
     assert_eq!(containers_with(&label).len(), 3);
@@ -377,7 +365,7 @@ async fn the_oom_killer_is_its_own_restart_reason() {
             json!({"memory_mb": 32, "max_restarts": 1}),
         ))
         .await;
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let job = finish(&app, &id, Duration::from_secs(90)).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert!(
@@ -433,7 +421,7 @@ async fn a_server_killed_leaves_nothing_of_its_own_behind() {
         .as_str()
         .unwrap()
         .to_string();
-    let _cleanup = JobGuard(id.clone());
+    let _cleanup = JobLeftovers::new(&id);
     let label = format!("trainvisor.job={id}");
     wait_for(Duration::from_secs(60), || async {
         (containers_with(&label).len() == 2).then_some(())

@@ -1,8 +1,10 @@
 //! Docker for tests, with no registry: the base image from Debian's packages
 //! (`deploy/base-image.sh`), the trainvisor image around this test build's binary
-//! (`deploy/Dockerfile --target prebuilt`), an S3 server image around the s3s-fs binary the S3
-//! tests install, and guards that remove the containers, networks and volumes a test creates
-//! (also when it fails). Each image is built at most once per test run.
+//! (`deploy/Dockerfile --target prebuilt`), the S3 server image of `deploy/s3-image.sh` around
+//! the s3s-fs binary the S3 tests install, a rank image with a `VOLUME` and a `HEALTHCHECK`,
+//! guards that remove the containers, networks and volumes a test creates (also when it
+//! fails), and [`JobLeftovers`], which fails a test whose job left any behind. Each image is
+//! built at most once per test run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -49,25 +51,7 @@ pub fn unique_name(prefix: &str) -> String {
 pub fn base_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
-        .get_or_init(|| {
-            let out = Command::new(repo_root().join("deploy/base-image.sh"))
-                .stdin(Stdio::null())
-                .output()
-                .expect("deploy/base-image.sh runs");
-            assert!(
-                out.status.success(),
-                "deploy/base-image.sh failed: {}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            stdout
-                .lines()
-                .last()
-                .expect("base-image.sh prints the image name")
-                .trim()
-                .to_string()
-        })
+        .get_or_init(|| image_script("deploy/base-image.sh", &[]))
         .clone()
 }
 
@@ -154,62 +138,88 @@ pub fn trainvisor_image() -> String {
         .clone()
 }
 
-/// An S3 server image built here: the s3s-fs binary (installed by tests/run) on the base
-/// image, serving the directory /data on port 9000 (a bucket is a directory). Its entrypoint
-/// takes the credentials from `S3_ACCESS_KEY` / `S3_SECRET_KEY`, or MinIO's
-/// `MINIO_ROOT_USER` / `MINIO_ROOT_PASSWORD`, and ignores its arguments, so it stands in for
-/// MinIO in the compose file and the manifests unchanged. /data is writable by any user, as
-/// a volume is for a pod's `fsGroup` (the StatefulSet runs it as a non-root user).
+/// Runs one of deploy/'s image scripts with `env`; the image name is its last line on stdout.
+fn image_script(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> String {
+    let out = Command::new(repo_root().join(script))
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{script} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("{script} prints the image name"))
+        .trim()
+        .to_string()
+}
+
+/// The registry-free S3 server image users build for Compose, by the same recipe:
+/// `deploy/s3-image.sh` (s3s-fs on the base image, standing in for MinIO in the compose file
+/// and the manifests unchanged), around the s3s-fs binary tests/run installs.
 pub fn s3s_image() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
-            let base = base_image();
             let binary = crate::helpers::s3_server::binary("s3s-fs");
-            let ctx = tempfile::tempdir().unwrap();
-            std::fs::copy(&binary, ctx.path().join("s3s-fs")).unwrap();
-            std::fs::write(
-                ctx.path().join("entrypoint.sh"),
-                "#!/bin/sh\n\
-                 # Arguments (MinIO's, from compose.yaml or a manifest) are ignored.\n\
-                 exec s3s-fs --host 0.0.0.0 --port 9000 \\\n  \
-                 --access-key \"${S3_ACCESS_KEY:-$MINIO_ROOT_USER}\" \\\n  \
-                 --secret-key \"${S3_SECRET_KEY:-$MINIO_ROOT_PASSWORD}\" /data\n",
+            image_script(
+                "deploy/s3-image.sh",
+                &[
+                    ("S3S_FS", binary.as_os_str()),
+                    ("S3_IMAGE_REPO", "trainvisor-test-s3s".as_ref()),
+                ],
             )
-            .unwrap();
+        })
+        .clone()
+}
+
+/// The image the launcher tests run ranks in: the base plus what a real training image often
+/// declares and a rank must not inherit: a `VOLUME` (an anonymous volume with every
+/// container) and a `HEALTHCHECK` (one that always fails, so a rank that inherited it shows
+/// as unhealthy).
+pub fn rank_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let ctx = tempfile::tempdir().unwrap();
             std::fs::write(
                 ctx.path().join("Dockerfile"),
                 format!(
-                    "FROM {base}\n\
-                     COPY s3s-fs entrypoint.sh /usr/local/bin/\n\
-                     RUN chmod 0755 /usr/local/bin/entrypoint.sh && mkdir -m 0777 /data\n\
-                     VOLUME /data\n\
-                     EXPOSE 9000\n\
-                     ENTRYPOINT [\"/usr/bin/tini\", \"--\", \"/usr/local/bin/entrypoint.sh\"]\n"
+                    "FROM {}\n\
+                     VOLUME /scratch\n\
+                     HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"false\"]\n",
+                    base_image()
                 ),
             )
             .unwrap();
-            let files = ["s3s-fs", "entrypoint.sh", "Dockerfile"].map(|f| ctx.path().join(f));
-            let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &base]);
-            let tag = format!(
-                "trainvisor-test-s3s:{}",
-                digest(&files.each_ref().map(|p| p.as_path()), &base_id)
-            );
-            if docker(&["image", "inspect", &tag]).status.success() {
-                return tag;
-            }
-            docker_ok(&[
-                "build",
-                "-q",
-                "--label",
-                "org.trainvisor.test=1",
-                "-t",
-                &tag,
-                ctx.path().to_str().unwrap(),
-            ]);
-            tag
+            build_context(ctx.path(), "trainvisor-test-rank")
         })
         .clone()
+}
+
+/// Builds the context `dir` (a `Dockerfile` on the base image) as `repo:<digest of it and the
+/// base>`, unless an image of that tag exists.
+fn build_context(dir: &Path, repo: &str) -> String {
+    let base_id = docker_ok(&["image", "inspect", "-f", "{{.Id}}", &base_image()]);
+    let tag = format!("{repo}:{}", digest(&[&dir.join("Dockerfile")], &base_id));
+    if docker(&["image", "inspect", &tag]).status.success() {
+        return tag;
+    }
+    docker_ok(&[
+        "build",
+        "-q",
+        "--label",
+        "org.trainvisor.test=1",
+        "-t",
+        &tag,
+        dir.to_str().unwrap(),
+    ]);
+    tag
 }
 
 /// A container this test started; removed (with its anonymous volumes) on drop.
@@ -396,7 +406,164 @@ impl ComposeProject {
 }
 
 impl Drop for ComposeProject {
+    /// `down -v`, then, unless the test failed already, fails if anything of the project is
+    /// left: containers, networks or volumes (Compose labels them all with the project).
     fn drop(&mut self) {
         let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        let label = format!("label=com.docker.compose.project={}", self.name);
+        let left = |what: &[&str]| {
+            let mut args = what.to_vec();
+            args.extend(["-q", "--filter", label.as_str()]);
+            docker_ok(&args)
+        };
+        let containers = left(&["ps", "-a"]);
+        let networks = left(&["network", "ls"]);
+        let volumes = left(&["volume", "ls"]);
+        if !std::thread::panicking() {
+            assert!(
+                containers.is_empty() && networks.is_empty() && volumes.is_empty(),
+                "compose down -v left containers {containers:?}, networks {networks:?}, \
+                 volumes {volumes:?}"
+            );
+        }
     }
+}
+
+/// What a job of a trainvisor server puts on the engine, and the proof that none of it is
+/// left: containers and networks carry the label `trainvisor.job=<id>`; the anonymous volumes
+/// of its containers (an image's `VOLUME`s) carry nothing, so a watcher thread notes the
+/// volumes of the job's containers while they exist. On drop, when the test has not failed
+/// already, it waits (up to 60 s: removal is asynchronous) and fails unless every container,
+/// network and volume of the job is gone; then it removes whatever is left.
+pub struct JobLeftovers {
+    label: String,
+    volumes: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    watcher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JobLeftovers {
+    pub fn new(job_id: &str) -> JobLeftovers {
+        let label = format!("trainvisor.job={job_id}");
+        let volumes: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> =
+            std::sync::Arc::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (label, volumes, stop) = (label.clone(), volumes.clone(), stop.clone());
+            // One `docker ps` a poll, an inspect only for containers not seen yet: two tests
+            // at a time must not cost the machine a core in docker CLI processes.
+            std::thread::spawn(move || {
+                let mut inspected = std::collections::BTreeSet::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let new: Vec<String> = containers_with(&label)
+                        .into_iter()
+                        .filter(|c| !inspected.contains(c))
+                        .collect();
+                    // A container's volumes exist from its creation: one look is enough.
+                    volumes.lock().unwrap().extend(volumes_of(&new));
+                    inspected.extend(new);
+                    std::thread::sleep(std::time::Duration::from_millis(150));
+                }
+            })
+        };
+        JobLeftovers {
+            label,
+            volumes,
+            stop,
+            watcher: Some(watcher),
+        }
+    }
+
+    /// The anonymous volumes seen on the job's containers so far.
+    pub fn volumes_seen(&self) -> Vec<String> {
+        self.volumes.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// What of the job is still on the engine: containers, networks, volumes.
+    pub fn left(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let volumes = self
+            .volumes_seen()
+            .into_iter()
+            .filter(|v| docker(&["volume", "inspect", v]).status.success())
+            .collect();
+        (
+            containers_with(&self.label),
+            networks_with(&self.label),
+            volumes,
+        )
+    }
+}
+
+impl Drop for JobLeftovers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        let nothing = |l: &(Vec<String>, Vec<String>, Vec<String>)| {
+            l.0.is_empty() && l.1.is_empty() && l.2.is_empty()
+        };
+        let mut left = self.left();
+        if !std::thread::panicking() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !nothing(&left) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                left = self.left();
+            }
+        }
+        for c in &left.0 {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        for n in &left.1 {
+            let _ = docker(&["network", "rm", n]);
+        }
+        for v in &left.2 {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+        if !std::thread::panicking() {
+            assert!(
+                nothing(&left),
+                "left behind by {}: containers {:?}, networks {:?}, volumes {:?}",
+                self.label,
+                left.0,
+                left.1,
+                left.2
+            );
+        }
+    }
+}
+
+/// Containers that carry `label` (`key=value`), running or not.
+pub fn containers_with(label: &str) -> Vec<String> {
+    docker_ok(&["ps", "-a", "-q", "--filter", &format!("label={label}")])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Networks that carry `label` (`key=value`).
+pub fn networks_with(label: &str) -> Vec<String> {
+    docker_ok(&["network", "ls", "-q", "--filter", &format!("label={label}")])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The volumes (named or anonymous) mounted in `containers`; containers gone meanwhile are
+/// skipped.
+fn volumes_of(containers: &[String]) -> Vec<String> {
+    if containers.is_empty() {
+        return Vec::new();
+    }
+    let mut args = vec![
+        "inspect",
+        "-f",
+        "{{range .Mounts}}{{if eq .Type \"volume\"}}{{.Name}} {{end}}{{end}}",
+    ];
+    args.extend(containers.iter().map(String::as_str));
+    let out = docker(&args);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }

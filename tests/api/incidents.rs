@@ -106,8 +106,9 @@ async fn a_group_restart_is_one_incident_with_its_timeline_and_its_cost() {
         .as_u64()
         .expect("a checkpoint to resume from");
     assert!(last >= 45, "{i}");
-    assert_eq!(resumed % 10, 0, "checkpoints are every 10 steps: {i}");
-    assert!(resumed <= last && last - resumed <= 20, "{i}");
+    // Checkpoints are every 10 steps, but the survivors saved the last step every rank had
+    // completed before the group restarted (issue 24): at most the step in flight is redone.
+    assert!(resumed <= last && last - resumed <= 1, "{i}");
     assert_eq!(i["steps_lost"].as_u64().unwrap(), last - resumed, "{i}");
     assert!(
         i["seconds_lost"].as_f64().unwrap() >= 0.2,

@@ -211,6 +211,14 @@ async fn the_readme_quick_start_works_as_typed() {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("{}", ran.stdout));
             assert!(accuracy > 0.8, "{accuracy}");
+            // The demo's pace is said in the job's log (issue 29, point 7).
+            let log = reqwest::get(format!("{url}/jobs/{job}/logs?rank=0&tail=100000"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(log.contains("rank 0: pace: sleeping 0.1 s"), "{log}");
             println!("quick start: accuracy {accuracy}");
             checked.push("eval");
         } else {

@@ -71,7 +71,11 @@ async fn run_with_kills(app: &TestApp, spec: Value, world: u32, seed: u64, kills
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(done > 0, "no kill landed (seed {seed})");
     let restarts = app.restarts(&id).await;
-    assert_eq!(restarts.len(), done, "one restart per kill (seed {seed})");
+    assert_eq!(
+        restarts.len(),
+        done,
+        "one restart per kill (seed {seed}): {restarts:#?}"
+    );
     assert_latest_valid(&BlobStore::open(dir.to_str().unwrap()).unwrap(), world).await;
     model_of(app, &id).await.1
 }
@@ -265,6 +269,12 @@ async fn the_demo_job_needs_no_preparation_and_learns() {
     assert!(
         summary["last_checkpoint_step"].as_u64().is_some(),
         "{summary}"
+    );
+    // Rank 0 says the pace it trains at (issue 29, point 7); tests run the demo unpaced.
+    let lines = app.log_texts(&id).await;
+    assert!(
+        lines.contains(&"rank 0: pace: full speed (sleep_sec 0)".to_string()),
+        "{lines:?}"
     );
 }
 

@@ -41,8 +41,18 @@ impl Job {
                 self.record_incident(i, now);
             }
         }
-        // Heartbeats may lag behind a commit: every rank had reached a committed step.
-        let resumed_step = survivors_save.or(self.last_checkpoint.as_ref().map(|c| c.step));
+        // Heartbeats may lag behind a commit: every rank had reached a committed step. A
+        // script that checkpoints by itself resumes from its last `torch.save` (as automatic
+        // heartbeats reported it; see `TRAINVISOR_RESUME_STEP`). The survivors' save of a
+        // synchronous group, when they make one, comes first.
+        let resumed_step = survivors_save
+            .or(self.last_checkpoint.as_ref().map(|c| c.step))
+            .or_else(|| {
+                self.ranks
+                    .iter()
+                    .filter_map(|r| r.progress.saved_step)
+                    .max()
+            });
         let last_step = ranks
             .iter()
             .filter_map(|&r| self.ranks[r as usize].progress.step)
@@ -60,6 +70,7 @@ impl Job {
             at: now,
             last_step,
             resumed_step,
+            step_s: self.progress.step_s(),
             stacks: match self.hang_stacks.take() {
                 Some((hung, stacks)) if hung == rank => stacks,
                 _ => Vec::new(),
@@ -69,7 +80,7 @@ impl Job {
         let m = &self.rt.metrics;
         m.incidents.inc();
         if let Some(i) = self.incidents.last() {
-            m.steps_lost.inc_by(i.steps_lost());
+            m.steps_lost.inc_by(i.steps_lost().unwrap_or(0));
         }
     }
 
@@ -80,9 +91,9 @@ impl Job {
         let Some(i) = self.incidents.iter().rposition(Incident::is_open) else {
             return;
         };
-        let before = self.incidents[i].steps_lost();
+        let before = self.incidents[i].steps_lost().unwrap_or(0);
         self.incidents[i].failure.resumed_step = resumed;
-        let after = self.incidents[i].steps_lost();
+        let after = self.incidents[i].steps_lost().unwrap_or(0);
         self.rt
             .metrics
             .steps_lost
@@ -124,6 +135,20 @@ impl Job {
                         .training_again_seconds
                         .observe(took.num_milliseconds() as f64 / 1000.0);
                 }
+            }
+        }
+    }
+
+    /// Once a second: incidents of ranks that report nothing end once they have stayed up
+    /// (`Incident::alive`).
+    pub(super) fn check_quiet_incidents(&mut self) {
+        if !self.incidents.iter().any(Incident::is_open) {
+            return;
+        }
+        let now = Utc::now();
+        for i in 0..self.incidents.len() {
+            if self.incidents[i].alive(now) {
+                self.record_incident(i, now);
             }
         }
     }

@@ -198,6 +198,11 @@ impl Job {
                 hooks_dir,
                 inherited_pythonpath: inherited.as_deref(),
             }),
+            resume_step: self
+                .ranks
+                .iter()
+                .filter_map(|r| r.progress.saved_step)
+                .max(),
         }
         .build()
     }

@@ -12,7 +12,6 @@ use crate::actors::messages::WorkerExited;
 use crate::domain::verdict::{Failure, Rules, Verdict, verdict};
 use crate::domain::{RankState, RestartScope};
 use crate::store::history::HistoryOp;
-use crate::store::now;
 
 impl Job {
     pub(super) fn on_failure(&mut self, msg: WorkerExited, ctx: &mut Context<Job>) {
@@ -76,7 +75,11 @@ impl Job {
             exit_code: msg.exit.code,
             signal: msg.exit.signal,
             detail: with_tail,
-            detected_at: now(),
+            // When the rank's end was seen, which may be before its exit code was known.
+            detected_at: crate::domain::ts(
+                chrono::Utc::now()
+                    - chrono::Duration::from_std(msg.ended.elapsed()).unwrap_or_default(),
+            ),
             backoff_ms,
         });
         slot.restart_pending = true;

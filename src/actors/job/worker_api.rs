@@ -88,7 +88,7 @@ impl Job {
 }
 
 impl Handler<Heartbeat> for Job {
-    type Result = Result<Option<SaveRequest>, WorkerRejected>;
+    type Result = Result<(bool, Option<SaveRequest>), WorkerRejected>;
 
     fn handle(&mut self, msg: Heartbeat, ctx: &mut Context<Self>) -> Self::Result {
         let attempt = msg.attempt;
@@ -115,13 +115,15 @@ impl Handler<Heartbeat> for Job {
             .body
             .get("saved_step")
             .and_then(serde_json::Value::as_u64);
+        let slot = &mut self.ranks[msg.rank as usize];
+        if !slot.progress.record_heartbeat(Utc::now(), msg.body) {
+            return Ok((false, None));
+        }
         let save = self.save_request(msg.rank, step, saved_step);
         if let Some(step) = step {
             self.straggler_step(msg.rank, attempt, step);
             self.launcher.rank_stepping(msg.rank);
         }
-        let slot = &mut self.ranks[msg.rank as usize];
-        slot.progress.record_heartbeat(Utc::now(), msg.body);
         self.incident_heartbeat(msg.rank, step);
         self.workers[msg.rank as usize].do_send(Beat { attempt });
         self.progress.observe(&self.ranks);
@@ -155,7 +157,7 @@ impl Handler<Heartbeat> for Job {
                 });
             }
         }
-        Ok(save)
+        Ok((true, save))
     }
 }
 

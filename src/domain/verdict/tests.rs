@@ -107,6 +107,15 @@ fn rows() -> Vec<Row> {
             restart(W, 500, 1),
         ),
         Row {
+            made: 2,
+            repeats: 2,
+            ..row(
+                "straggler_action restart: counted and backed off as any failure, never a crash loop",
+                failure(Outcome::Straggler, None, Some(15)),
+                restart(W, 1500, 3),
+            )
+        },
+        Row {
             made: 1,
             ..row(
                 "restart: the backoff grows with failures in a row",

@@ -111,10 +111,15 @@ pub const WORKER_ENV: &[EnvVar] = &[
     s3("S3_ACCESS_KEY"),
     s3("S3_SECRET_KEY"),
     var("TRAINVISOR_CACHE_DIR"),
-    // Local ranks only: where a Python rank's stacks are written when a hung rank is being
+    // Ranks on this host (local, Docker): where a Python rank's stacks are written when a hung rank is being
     // diagnosed, and the hook that registers them (see launcher::stacks).
     var("TRAINVISOR_STACKS_FILE"),
     prepend("PYTHONPATH"),
+    // Ranks on this host of a job with `auto_heartbeat` (the default): the hook on PYTHONPATH
+    // heartbeats a torch script's optimizer steps; and, once a previous incarnation reported
+    // a `torch.save` after its steps, the step count the script goes on from when it loads.
+    var("TRAINVISOR_AUTO_HEARTBEAT"),
+    var("TRAINVISOR_RESUME_STEP"),
     // Set to 1 when the rank is a warm standby that became the rank (see launcher::standby).
     warm(WARM_START),
 ];

@@ -158,3 +158,56 @@ pub fn prepare_checkpoint_dir(dir: &str, user: (u32, u32)) -> Result<(), String>
     }
     Ok(())
 }
+
+/// The Python stacks hook (a `sitecustomize` in the server's data dir, first on the rank's
+/// `PYTHONPATH` when the job asks for stacks), bound read-only at the same path so a Python
+/// rank's stacks can be taken before it is killed for a hang, as a local rank's.
+pub fn hooks_bind(env: &[(String, String)], settings: &Settings) -> Option<String> {
+    env.iter().find(|(k, _)| k == "TRAINVISOR_STACKS_FILE")?;
+    let hooks = crate::launcher::stacks::hooks_dir(&settings.data_dir);
+    let meta = std::fs::symlink_metadata(&hooks).ok()?;
+    if !meta.is_dir() {
+        return None;
+    }
+    let hooks = hooks.display();
+    Some(format!("{hooks}:{hooks}:ro"))
+}
+
+/// The incarnation's own directory for its error file and Python stacks
+/// (`TORCHELASTIC_ERROR_FILE`'s directory, which the server has just made under its data dir):
+/// handed to the ranks' user and bound at the same path, so the worker contract's path holds
+/// inside the container and the server reads the file back as it does for a local rank. The
+/// only part of the data dir a container ever sees; none if the variable is missing or names
+/// anything else.
+pub fn incarnation_bind(
+    env: &[(String, String)],
+    settings: &Settings,
+    user: (u32, u32),
+) -> Option<String> {
+    let file = env
+        .iter()
+        .find(|(k, _)| k == "TORCHELASTIC_ERROR_FILE")
+        .map(|(_, v)| Path::new(v))?;
+    let dir = file.parent()?;
+    let errors = settings.data_dir.join("errors");
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    if !dir.starts_with(&errors)
+        || !meta.is_dir()
+        || dir.components().any(|c| c.as_os_str() == "..")
+    {
+        return None;
+    }
+    if (meta.uid(), meta.gid()) != user
+        && let Err(e) = std::os::unix::fs::lchown(dir, Some(user.0), Some(user.1))
+    {
+        // A non-root server cannot hand it to another --docker-user: the rank then cannot
+        // write its error file, and a failure is explained by its exit and last lines alone.
+        tracing::warn!(
+            dir = %dir.display(),
+            error = %e,
+            "cannot hand the error-file dir to the ranks' user"
+        );
+    }
+    let dir = dir.display();
+    Some(format!("{dir}:{dir}"))
+}

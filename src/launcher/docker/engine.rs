@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::DeviceRequest;
-use bollard::query_parameters::{
-    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
-};
+use bollard::query_parameters::{ListContainersOptionsBuilder, ListNetworksOptionsBuilder};
 
-use super::{LABEL_INSTANCE, REMOVE_POLL, REMOVE_POLLS, connect, not_found};
+use super::{LABEL_INSTANCE, REMOVE_POLL, REMOVE_POLLS, connect, not_found, remove_options};
 use crate::config::Settings;
 use crate::spec::{JobSpec, parse_mount};
 
@@ -68,6 +66,7 @@ pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Resul
         return Err("image is required with \"launcher\": \"docker\"".to_string());
     };
     server_url(settings, base_url, "0.0.0.0")?;
+    s3_reachable(spec, settings)?;
     // The server's own demo dataset is made on the first job that uses it.
     let demo = settings.job_defaults.dataset.to_string_lossy();
     if !spec.dataset.contains("://")
@@ -113,7 +112,38 @@ pub async fn admit(spec: &JobSpec, settings: &Settings, base_url: &str) -> Resul
     }
 }
 
-/// Removes the containers and networks that carry `label` (a `key=value` filter).
+/// A job that keeps its data or checkpoints in S3 needs an endpoint its containers reach: a
+/// loopback one (`localhost`, `127.0.0.1`, `::1`) would name each container itself.
+fn s3_reachable(spec: &JobSpec, settings: &Settings) -> Result<(), String> {
+    let Some(endpoint) = &settings.s3.endpoint else {
+        return Ok(());
+    };
+    let host = reqwest::Url::parse(endpoint)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()));
+    let loopback = host.as_deref().is_some_and(|h| {
+        h.eq_ignore_ascii_case("localhost")
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    for (what, path) in [
+        ("dataset", &spec.dataset),
+        ("checkpoint_dir", &spec.checkpoint_dir),
+    ] {
+        if loopback && path.starts_with("s3://") {
+            return Err(format!(
+                "{what}: {path} is in S3 at {endpoint}, a loopback address, which a rank's \
+                 container cannot reach (there it names the container itself): give the server \
+                 an S3_ENDPOINT the containers reach (the host's address, a name on their \
+                 network), or use a local path"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes the containers (with their anonymous volumes) and networks that carry `label` (a
+/// `key=value` filter).
 pub(super) async fn remove_labelled(docker: &Docker, label: &str) -> usize {
     let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
     let mut removed = 0;
@@ -126,7 +156,7 @@ pub(super) async fn remove_labelled(docker: &Docker, label: &str) -> usize {
         ))
         .await
         .unwrap_or_default();
-    let options = RemoveContainerOptionsBuilder::new().force(true).build();
+    let options = remove_options();
     for c in containers {
         if let Some(id) = c.id
             && docker

@@ -18,8 +18,8 @@ use crate::domain::{ExitCause, Outcome};
 use crate::launcher::process::{self, GroupControl};
 use crate::launcher::standby::{self, StandbyHost, Standbys};
 use crate::launcher::{
-    JobContext, JobLauncher, Launch, LauncherStatus, Place, Prepared, RankControl, RankProcess,
-    line_channel,
+    JobContext, JobLauncher, Launch, LauncherStatus, LiveRanks, Place, Prepared, RankControl,
+    RankProcess, line_channel,
 };
 use crate::store::history::HistoryOp;
 use crate::store::now;
@@ -39,6 +39,8 @@ struct Inner {
     /// Held while an allocation is asked for, so ranks that fail together wait for one.
     allocating: tokio::sync::Mutex<()>,
     state: Mutex<State>,
+    /// The job's live steps, by rank.
+    steps: LiveRanks<StepControl>,
 }
 
 #[derive(Default)]
@@ -51,7 +53,6 @@ struct State {
     /// Ranks placed and not yet exited, with their node (what loads a node).
     placed: HashMap<u32, String>,
     /// Steps running now, by rank.
-    steps: HashMap<u32, Arc<StepControl>>,
     poller: bool,
     released: bool,
 }
@@ -93,6 +94,7 @@ impl SlurmLauncher {
             cx,
             allocating: tokio::sync::Mutex::new(()),
             state: Mutex::new(state),
+            steps: LiveRanks::default(),
         });
         let host = Box::new(StepStandbys(Arc::downgrade(&inner)));
         SlurmLauncher {
@@ -246,11 +248,10 @@ impl Inner {
                 // Its ranks cannot stop gracefully: kill their sruns now; their exits are
                 // node failures.
                 let doomed: Vec<(u32, Arc<StepControl>)> = self
-                    .state()
                     .steps
-                    .iter()
+                    .all()
+                    .into_iter()
                     .filter(|(_, s)| s.node == node)
-                    .map(|(r, s)| (*r, s.clone()))
                     .collect();
                 for (rank, step) in doomed {
                     if step.node_failed.swap(true, Ordering::SeqCst) {
@@ -435,7 +436,7 @@ impl JobLauncher for SlurmLauncher {
                 attempt,
                 node_failed: AtomicBool::new(false),
             });
-            inner.state().steps.insert(rank, control.clone());
+            inner.steps.insert(rank, attempt, control.clone());
             // srun says so on its output when the step's node failed (it may then exit 0).
             let (tx, lines) = line_channel();
             let mut from_srun = process.lines;
@@ -461,14 +462,8 @@ impl JobLauncher for SlurmLauncher {
                         step_control.node
                     )));
                 }
-                let mut st = inner.state();
-                if st
-                    .steps
-                    .get(&rank)
-                    .is_some_and(|s| Arc::ptr_eq(s, &step_control))
-                {
-                    st.steps.remove(&rank);
-                    st.placed.remove(&rank);
+                if inner.steps.remove(rank, attempt) {
+                    inner.state().placed.remove(&rank);
                 }
                 exit
             });
@@ -547,8 +542,7 @@ impl JobLauncher for SlurmLauncher {
     /// Killing srun leaves the steps running: cancel the allocation too; the next server
     /// relaunches the job in a new one.
     fn kill_all(&self) -> LocalBoxFuture<'static, ()> {
-        let steps: Vec<_> = self.inner.state().steps.values().cloned().collect();
-        for step in steps {
+        for (_, step) in self.inner.steps.all() {
             step.group.kill();
         }
         self.release()

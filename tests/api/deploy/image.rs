@@ -76,6 +76,17 @@ fn images_build_from_debian_packages_and_this_repo() {
 #[test]
 fn healthcheck_needs_no_curl() {
     let image = trainvisor_image();
+    // Checked every second: Docker reports the server healthy within ~1 s of it listening.
+    assert_eq!(
+        docker_ok(&[
+            "image",
+            "inspect",
+            "-f",
+            "{{.Config.Healthcheck.Interval}}",
+            &image
+        ]),
+        "1s"
+    );
     let volume = Volume::create("tv-health");
     let c = Container::run(
         "tv-health",

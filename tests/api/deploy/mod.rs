@@ -513,7 +513,11 @@ async fn compose_with_s3_keeps_data_and_checkpoints_in_the_bucket() {
     // The seed's commands work on the project.
     app.address = connect(&tv).await.address;
     let out = project.ok(&["logs", "--no-color", "trainvisor"]);
-    assert!(out.contains("trainvisor listening on"), "{out}");
+    // It names the address it is bound to: every address of its container.
+    assert!(
+        out.contains("trainvisor listening on http://0.0.0.0:8000"),
+        "{out}"
+    );
 }
 
 /// Waits until a container has exited and returns its exit code.

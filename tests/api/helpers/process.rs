@@ -65,7 +65,8 @@ pub fn start_server_process(data_dir: &std::path::Path) -> (ServerProcess, Strin
     (ServerProcess(child), url)
 }
 
-/// The base URL a server child process prints on its first stdout line (piped).
+/// The base URL a server child process prints on its first stdout line (piped); a server on
+/// every address (`0.0.0.0`) is reached on loopback.
 pub fn listening_url(child: &mut std::process::Child) -> String {
     use std::io::BufRead;
     let mut first = String::new();
@@ -76,7 +77,7 @@ pub fn listening_url(child: &mut std::process::Child) -> String {
         .trim()
         .strip_prefix("trainvisor listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string()
+        .replace("://0.0.0.0:", "://127.0.0.1:")
 }
 
 pub fn kill(pid: u32, signal: i32) {
