@@ -47,6 +47,21 @@ async fn assert_only_checkpoint(app: &TestApp, id: &str, step: u64) {
     assert!(indexed.is_some(), "{:?}", committed_steps(app, id).await);
 }
 
+/// Waits until ranks `0..ranks` of the built-in trainer say they resumed from `step`.
+async fn wait_resumed(app: &TestApp, id: &str, ranks: u32, step: u64) {
+    let resumed = wait_for(Duration::from_secs(30), || async {
+        let texts = app.log_texts(id).await;
+        (0..ranks)
+            .all(|r| {
+                let want = format!("rank {r}: resumed from step {step} ");
+                texts.iter().any(|t| t.contains(&want))
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(resumed.is_some(), "{:?}", app.log_texts(id).await);
+}
+
 /// Every rank's last reported step, from the summary.
 fn rank_steps(summary: &Value) -> Vec<u64> {
     summary["workers"]
@@ -245,15 +260,7 @@ async fn sigusr1_to_one_rank_saves_the_whole_job() {
     assert_eq!(summary["state"], "running");
     // A kill -9 now (the preemption) loses nothing: the group resumes at the saved step.
     kill(pids[0], libc::SIGKILL);
-    let resumed = wait_for(Duration::from_secs(30), || async {
-        let texts = app.log_texts(&id).await;
-        texts
-            .iter()
-            .any(|t| t.contains(&format!("rank 0: resumed from step {saved} ")))
-            .then_some(())
-    })
-    .await;
-    assert!(resumed.is_some(), "{:?}", app.log_texts(&id).await);
+    wait_resumed(&app, &id, 1, saved).await;
     app.post_json(&format!("/jobs/{id}/stop"), &json!({"save": false}))
         .await;
 }
@@ -290,18 +297,7 @@ async fn the_servers_sigterm_saves_and_the_next_server_resumes_at_the_step_reach
         })
         .unwrap_or_else(|| panic!("no save on the SIGTERM: {texts:?}"));
     assert!((20..5000).contains(&saved));
-    let resumed = wait_for(Duration::from_secs(30), || async {
-        let texts = app.log_texts(&id).await;
-        (0..2)
-            .all(|r| {
-                texts
-                    .iter()
-                    .any(|t| t.contains(&format!("rank {r}: resumed from step {saved} ")))
-            })
-            .then_some(())
-    })
-    .await;
-    assert!(resumed.is_some(), "{:?}", app.log_texts(&id).await);
+    wait_resumed(&app, &id, 2, saved).await;
     app.post_json(&format!("/jobs/{id}/stop"), &json!({"save": false}))
         .await;
 }
@@ -358,11 +354,7 @@ async fn kill_9_of_one_rank_loses_at_most_one_step_and_the_model_is_identical() 
     assert_eq!(notice["outcome"], "saved", "{notice}");
     let saved = notice["saved_at_step"].as_u64().unwrap();
     assert!((50..300).contains(&saved), "{notice}");
-    let texts = app.log_texts(&id).await;
-    for rank in 0..2 {
-        let resumed = format!("rank {rank}: resumed from step {saved} ");
-        assert!(texts.iter().any(|t| t.contains(&resumed)), "{texts:?}");
-    }
+    wait_resumed(&app, &id, 2, saved).await;
     let redone = summary["goodput"]["steps_redone"].as_u64().unwrap();
     assert!(redone <= 1, "{summary}");
     assert_eq!(model_of(&app, &id).await.1, expected, "the model differs");
