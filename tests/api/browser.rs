@@ -597,19 +597,7 @@ async fn the_page_shows_the_root_cause_of_a_failure() {
 
 /// Submits `spec` to a server that has an API token; the new job's id.
 pub async fn submit_with_token(app: &TestApp, token: &str, spec: Value) -> String {
-    let res = app
-        .client
-        .post(app.url("/jobs"))
-        .bearer_auth(token)
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    res.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    crate::helpers::submit_to(&app.client, &app.address, Some(token), &spec).await
 }
 
 #[actix_web::test]

@@ -87,18 +87,8 @@ async fn no_rank_can_read_the_admin_token() {
     let client = test_client();
     // A rank runs; every process's environment and command line (this test runs as root, so it
     // reads at least what the rank could) is searched for the token.
-    let res = client
-        .post(format!("{url}/jobs"))
-        .bearer_auth(&token)
-        .json(&json!({"world_size": 1, "command": sh("sleep 300")}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let id = res.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let spec = json!({"world_size": 1, "command": sh("sleep 300")});
+    let id = submit_to(&client, &url, Some(&token), &spec).await;
     let running = wait_for(Duration::from_secs(30), || async {
         let s = try_json(
             client
@@ -260,17 +250,8 @@ async fn a_copied_data_dir_leaves_the_original_alone() {
     let original = tempfile::tempdir().unwrap();
     let (first, url) = start_server_process(original.path());
     let client = test_client();
-    let res = client
-        .post(format!("{url}/jobs"))
-        .json(&json!({"world_size": 1, "command": sh("sleep 300")}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let id = res.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let spec = json!({"world_size": 1, "command": sh("sleep 300")});
+    let id = submit_to(&client, &url, None, &spec).await;
     let summary_of = |url: String| {
         let client = client.clone();
         let id = id.clone();

@@ -336,17 +336,7 @@ async fn standbys_do_not_outlive_a_killed_server() {
     let data = tempfile::tempdir().unwrap();
     let (mut server, url) = start_server_process(data.path());
     let client = test_client();
-    let res = client
-        .post(format!("{url}/jobs"))
-        .json(&files.spec(2, 100_000, json!({})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let id = res.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = submit_to(&client, &url, None, &files.spec(2, 100_000, json!({}))).await;
     let s = wait_for(Duration::from_secs(90), || async {
         let s = try_json(client.get(format!("{url}/jobs/{id}/summary"))).await?;
         (standby_pids(&s).len() == 2).then_some(s)

@@ -333,3 +333,23 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// Submits `spec` to the server at `url` (a server process's, with its token if it has one);
+/// the new job's id.
+pub async fn submit_to(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    spec: &Value,
+) -> String {
+    let mut req = client.post(format!("{url}/jobs")).json(spec);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    res.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
