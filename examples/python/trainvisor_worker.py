@@ -496,6 +496,8 @@ class Context:
         self._answers += 1
 
     def _notice_fields(self, fields: dict) -> None:
+        # Tells the server this rank saves when asked, so a stop waits for its save.
+        fields["saves_on_notice"] = True
         if self._saved_step is not None:
             fields["saved_step"] = self._saved_step
         if self._signalled is not None:

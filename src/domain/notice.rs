@@ -120,10 +120,12 @@ impl NoticeOutcome {
     }
 }
 
-/// Whether a save can commit at all: every running rank either reads the request in its
-/// heartbeat's answer or is given SIGUSR1 (which only a rank that never heartbeated gets).
-pub fn can_be_asked(heartbeated: impl IntoIterator<Item = bool>, signal: bool) -> bool {
-    signal || heartbeated.into_iter().all(|h| h)
+/// Whether a save can commit at all: every running rank has said it saves on notice (and
+/// reads the request in its heartbeat's answer), or is given SIGUSR1 (`save_signal`). A script
+/// that never said so (an unchanged torchrun script, a shell loop) is not waited for: its stop
+/// is as prompt as it was before saves on notice.
+pub fn can_be_asked(saves_on_notice: impl IntoIterator<Item = bool>, signal: bool) -> bool {
+    signal || saves_on_notice.into_iter().all(|h| h)
 }
 
 /// What an interruption with notice cost, as the summary, the CLI and `/metrics` show it.

@@ -30,6 +30,9 @@ pub struct RankView {
     pub own_heartbeats: bool,
     /// The step count at the script's last `torch.save`, as automatic heartbeats report it.
     pub saved_step: Option<u64>,
+    /// The rank said it saves when asked (`"saves_on_notice": true` in a heartbeat): the
+    /// built-in trainer and the Python helper do. A stop waits for the save of such ranks only.
+    pub saves_on_notice: bool,
 }
 
 /// The mark of a heartbeat sent by trainvisor's Python hook rather than by the script.
@@ -47,6 +50,9 @@ impl RankView {
         self.last_heartbeat = Some(at);
         if let Some(step) = body.get("step").and_then(Value::as_u64) {
             self.step = Some(step);
+        }
+        if !auto && body.get("saves_on_notice") == Some(&Value::Bool(true)) {
+            self.saves_on_notice = true;
         }
         if auto && let Some(saved) = body.get("saved_step").and_then(Value::as_u64) {
             self.saved_step = Some(saved);

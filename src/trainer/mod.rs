@@ -422,6 +422,7 @@ fn start_heartbeats(
             loop {
                 let p = progress.lock().unwrap().clone();
                 let mut body = json!({"step": p.step, "total_steps": total_steps,
+                                      "saves_on_notice": true,
                                       "shard_idx": p.cursor.shard_idx,
                                       "line_idx": p.cursor.line_idx, "epoch": p.cursor.epoch});
                 if let Some(loss) = p.loss {

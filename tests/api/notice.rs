@@ -174,7 +174,8 @@ async fn a_checkpoint_request_saves_now_and_training_goes_on() {
     }
 }
 
-/// Rank 0 heartbeats a step and ignores the request; rank 1 never heartbeats and gets
+/// Rank 0 heartbeats a step, says it saves on notice and ignores the request; rank 1 never
+/// heartbeats and gets
 /// SIGUSR1 (`save_signal`), which it traps and prints. The stop waits out the grace, then
 /// ends both.
 #[actix_web::test]
@@ -185,7 +186,7 @@ async fn a_rank_that_ignores_the_request_costs_only_the_grace() {
            if [ "$RANK" = 0 ]; then {}; fi
            echo "rank $RANK up"
            while true; do sleep 0.05; done"#,
-        beat(r#"{"step": 7}"#)
+        beat(r#"{"step": 7, "saves_on_notice": true}"#)
     );
     let id = app
         .create_job(

@@ -77,7 +77,7 @@ impl Job {
             && matches!(cause, NoticeCause::Stop | NoticeCause::ServerShutdown);
         let heartbeated: Vec<bool> = self
             .live_ranks()
-            .map(|r| self.ranks[r as usize].progress.last_heartbeat.is_some())
+            .map(|r| self.ranks[r as usize].progress.saves_on_notice)
             .collect();
         let outcome = if !running {
             Some(NoticeOutcome::NothingToSave)
