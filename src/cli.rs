@@ -159,7 +159,7 @@ enum Command {
         #[arg(long, default_value = "bench-results/bench.json")]
         out: PathBuf,
         /// Run only these scenarios (comma-separated): recovery, hang, api, sse, scale, accounting,
-        /// training, checkpoint, slurm, peers.
+        /// training, checkpoint, notice, slurm, docker, peers, observe, s3.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Leave out the Ray Train and torchrun comparison (it needs PyPI the first time).

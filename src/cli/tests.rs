@@ -55,3 +55,17 @@ fn the_readme_configuration_table_has_every_serve_flag() {
         }
     }
 }
+
+/// `bench --help` names every scenario `--only` takes.
+#[test]
+fn the_bench_only_help_names_every_scenario() {
+    let mut cli = super::Cli::command();
+    let help = cli
+        .find_subcommand_mut("bench")
+        .expect("a bench subcommand")
+        .render_long_help()
+        .to_string();
+    for name in crate::bench::SCENARIOS {
+        assert!(help.contains(name), "{name} is missing from: {help}");
+    }
+}

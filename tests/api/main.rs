@@ -30,6 +30,7 @@ mod slow_clients;
 mod slurm;
 mod slurm_notice;
 mod standby;
+mod standby_limits;
 mod standby_program;
 mod stragglers;
 mod trainer;

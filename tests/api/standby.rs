@@ -157,7 +157,7 @@ fn has_cap_sys_nice() -> bool {
     u64::from_str_radix(hex, 16).unwrap() & (1 << 23) != 0
 }
 
-fn instance(app: &TestApp) -> String {
+pub fn instance(app: &TestApp) -> String {
     std::fs::read_to_string(app.data_dir.path().join("instance-id"))
         .unwrap()
         .trim()
@@ -570,41 +570,4 @@ async fn a_warm_ranks_exit_code_and_signal_are_its_own() {
         assert_eq!(i["signal"], libc::SIGTERM, "{i}");
         assert_eq!(i["outcome"], "stopped", "{i}");
     }
-}
-
-/// A preload that never finishes importing holds its standby no longer than
-/// `--standby-ready-timeout-s`: killed, counted as failed, and after three the job runs cold
-/// with the reason (issue 23, item 12).
-#[actix_web::test]
-async fn a_hung_preload_is_killed_after_the_ready_timeout() {
-    let files = Files::new();
-    std::fs::write(
-        files.path("code/hung_preload.py"),
-        "import time\ntime.sleep(3600)\n",
-    )
-    .unwrap();
-    let app = spawn_app_with(|s| s.standby_ready_timeout = Duration::from_secs(1)).await;
-    let id = app
-        .create_job(files.spec(1, 400, json!({"preload": ["hung_preload"]})))
-        .await;
-    let s = wait_for(Duration::from_secs(90), || async {
-        let s = app.summary(&id).await;
-        s["standby_off"].is_string().then_some(s)
-    })
-    .await
-    .expect("the job says standbys are off after three timed-out preloads");
-    let off = s["standby_off"].as_str().unwrap();
-    assert!(!off.is_empty(), "{s}");
-    // No standby process is left importing.
-    let instance = instance(&app);
-    let left: Vec<u32> = marked_processes(&instance)
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("standby"))
-                .unwrap_or(false)
-        })
-        .collect();
-    assert_eq!(app.stop(&id).await.status(), 200);
-    assert!(left.is_empty(), "standbys left: {left:?}");
 }
