@@ -239,10 +239,17 @@ async fn restore_plan(
         at: at.clone(),
     });
     let mut incidents = store::jobs::incidents(pool, id).await?;
-    // As the queued write will have them.
+    // As the queued write will have them (its SQL counts an open incident's loss up to `at`).
+    let ended = at.parse::<chrono::DateTime<chrono::Utc>>().ok();
     for open in incidents.iter_mut().filter(|i| i.end == "open") {
         open.end = "server_restart".into();
         open.ended_at = Some(at.clone());
+        if let (Some(end), Ok(start)) = (
+            ended,
+            open.detected_at.parse::<chrono::DateTime<chrono::Utc>>(),
+        ) {
+            open.seconds_lost = (end - start).num_milliseconds().max(0) as f64 / 1000.0;
+        }
     }
     let excluded_nodes = store::jobs::excluded_nodes(pool, id)
         .await?

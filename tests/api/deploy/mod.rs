@@ -102,11 +102,18 @@ fn generated_token(logs: &str) -> Option<String> {
 
 /// A small dataset in the container's volume (4 shards × 400 rows), made by the image's binary.
 fn small_dataset_in(c: &Container) -> &'static str {
+    make_small_dataset(c, "/data/small");
+    "/data/small"
+}
+
+/// The image's binary makes the tests' small dataset (4 shards × 400 rows) at `out`, a path in
+/// the container or an `s3://` URL its S3_* env reaches.
+fn make_small_dataset(c: &Container, out: &str) {
     c.exec(&[
         "trainvisor",
         "make-dataset",
         "--out",
-        "/data/small",
+        out,
         "--shards",
         "4",
         "--rows-per-shard",
@@ -120,7 +127,6 @@ fn small_dataset_in(c: &Container) -> &'static str {
         "--test-rows",
         "100",
     ]);
-    "/data/small"
 }
 
 /// The built-in trainer on the small dataset: long enough (sleep_sec) to be killed in flight.
@@ -451,24 +457,7 @@ async fn compose_with_s3_keeps_data_and_checkpoints_in_the_bucket() {
 
     // The dataset goes into the bucket with the image's own binary and the service's S3_* env.
     let dataset = format!("s3://{bucket}/datasets/small");
-    tv.exec(&[
-        "trainvisor",
-        "make-dataset",
-        "--out",
-        &dataset,
-        "--shards",
-        "4",
-        "--rows-per-shard",
-        "400",
-        "--features",
-        "8",
-        "--classes",
-        "3",
-        "--seed",
-        "7",
-        "--test-rows",
-        "100",
-    ]);
+    make_small_dataset(&tv, &dataset);
     let reference = app.create_job(trainer_spec(&dataset)).await;
     let job = app
         .wait_finished(&reference, Duration::from_secs(300))
